@@ -463,7 +463,8 @@ static const float *weight_row(const Tensor *w, size_t row, float *scratch) {
     case DT_Q8_0: {
         const int8_t *q = (const int8_t *)data + row * cols;
         const float *scale = (const float *)(data + w->rows * cols) + row * (cols / LR_Q8_BLOCK);
-        for (size_t i = 0; i < cols; i++) scratch[i] = scale[i / LR_Q8_BLOCK] * q[i];
+        for (size_t b = 0; b < cols / LR_Q8_BLOCK; b++)   // one block of 32 values per scale
+            for (size_t i = b * LR_Q8_BLOCK; i < (b + 1) * LR_Q8_BLOCK; i++) scratch[i] = scale[b] * q[i];
         return scratch;
     }
     default: return NULL; // unreachable: dtypes were validated when the file was opened
