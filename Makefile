@@ -20,10 +20,10 @@ SMOLLM2_GGUF = $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
 
 all: run
 
-run: run.c model.h
+run: run.c tokenizer.c tokenizer_unicode.h model.h
 	$(CC) $(CFLAGS) $(WARN) $(OPENMP) -o $@ run.c -lm
 
-run-asan: run.c model.h
+run-asan: run.c tokenizer.c tokenizer_unicode.h model.h
 	$(CC) $(SANITIZE) $(WARN) -o $@ run.c -lm
 
 # A venv of our own: nothing is installed into the system Python. torch is pinned (CPU build).

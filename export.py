@@ -1,6 +1,6 @@
 """export.py - write a longrun model file from a Hugging Face checkpoint or a GGUF file.
 
-    python export.py SOURCE OUT [--dtype f32|f16|bf16|q8_0]
+    python export.py SOURCE OUT [--dtype f32|f16|bf16|q8_0] [--tokenizer-only]
 
 SOURCE is a Hugging Face model directory (config.json + model.safetensors, or a sharded
 checkpoint with model.safetensors.index.json) or a llama-architecture .gguf file.
@@ -10,7 +10,8 @@ The output is the little-endian file that model.h defines and run.c mmaps:
     offset 0              FileHeader (128 bytes): dimensions, flags, section offsets, arch
     128                   LayerConfig[n_layers] (64 bytes each): attention kind, window, RoPE
     tensor_table_offset   TensorEntry[n_tensors] (80 bytes each): name, dtype, shape, offset, size
-    tokenizer_offset      tokenizer section (none yet: offset = size = 0)
+    tokenizer_offset      tokenizer section (model.h TokHeader...; from tokenizer.json,
+                          tokenizer.model or GGUF tokenizer.ggml.* metadata)
     ...                   tensor data, each tensor starting on a 64-byte boundary
 
 Weights keep the Hugging Face layout (rows = out features, rotate-half q/k order), so HF
@@ -22,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import re
 import struct
 import sys
 from functools import partial
@@ -496,11 +498,13 @@ def plan_tensors(h, factors, source, dtype):
     return out
 
 
-def write_model(path, header, layers, plan):
-    """Header, layer table and tensor table first (all sizes are known up front), then each
-    tensor loaded, encoded and written one at a time so memory stays at about one tensor."""
+def write_model(path, header, layers, plan, tokenizer=b""):
+    """Header, layer table, tensor table and tokenizer section first (all sizes are known up
+    front), then each tensor loaded, encoded and written one at a time so memory stays at
+    about one tensor."""
     table_offset = HEADER.size + LAYER.size * len(layers)
-    offset = align(table_offset + TENSOR.size * len(plan))
+    tok_offset = (table_offset + TENSOR.size * len(plan) + 7) // 8 * 8 if tokenizer else 0
+    offset = align(tok_offset + len(tokenizer) if tokenizer else table_offset + TENSOR.size * len(plan))
     entries = []
     for name, shape, dtype, _ in plan:
         rows, cols = shape if len(shape) == 2 else (shape[0], 1)
@@ -513,7 +517,7 @@ def write_model(path, header, layers, plan):
     file_size = entries[-1]["offset"] + entries[-1]["size"]
     header = {**header, "magic": LR_MAGIC, "version": LR_VERSION, "header_size": HEADER.size,
               "n_layers": len(layers), "n_tensors": len(plan), "tensor_table_offset": table_offset,
-              "tokenizer_offset": 0, "tokenizer_size": 0, "file_size": file_size}
+              "tokenizer_offset": tok_offset, "tokenizer_size": len(tokenizer), "file_size": file_size}
 
     tmp = path + ".tmp"  # written in full, then renamed: an error never leaves a partial OUT
     try:
@@ -523,6 +527,8 @@ def write_model(path, header, layers, plan):
                 f.write(pack(LAYER, LAYER_FIELDS, layer))
             for e in entries:
                 f.write(pack(TENSOR, TENSOR_FIELDS, e))
+            if tokenizer:
+                f.write(b"\0" * (tok_offset - f.tell()) + tokenizer)
             for e, (name, shape, dtype, load) in zip(entries, plan):
                 f.write(b"\0" * (e["offset"] - f.tell()))
                 for part in encode(np.asarray(load(), dtype=np.float32).reshape(shape), dtype, name):
@@ -536,6 +542,408 @@ def write_model(path, header, layers, plan):
     return file_size
 
 
+# ----------------------------------------------------------------------------
+# Tokenizer section (model.h "The tokenizer section"; read by tokenizer.c)
+#
+# Sources: a HF tokenizer.json (+ tokenizer_config.json), a SentencePiece tokenizer.model
+# (parsed by hand below, no sentencepiece import), or GGUF tokenizer.ggml.* metadata.
+# Anything the C tokenizer cannot reproduce exactly is refused with one line naming it.
+
+TOK_MAGIC, TOK_VERSION, TOK_HEADER_SIZE = 0x4B4F544C, 1, 96
+TOK_SPM, TOK_BYTE_BPE = 0, 1
+PRE_NONE, PRE_GPT2, PRE_LLAMA3, PRE_QWEN2, PRE_SMOLLM = 0, 1, 2, 3, 4
+PREFIX_NONE, PREFIX_ALL, PREFIX_ALWAYS, PREFIX_FIRST = 0, 1, 2, 3
+T_NORMAL, T_UNKNOWN, T_CONTROL, T_USER_DEFINED, T_UNUSED, T_BYTE = 1, 2, 3, 4, 5, 6
+CHAT_NONE, CHAT_CHATML, CHAT_LLAMA3, CHAT_LLAMA2_INST = 0, 1, 2, 3
+FLAG_ADD_BOS, FLAG_NFC, FLAG_IGNORE_MERGES = 1, 2, 4
+
+# The Split regexes of LONG_CONTEXT_SPEC.md §14.2, as they appear in tokenizer.json.
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
+GGUF_PRE = {"gpt2": PRE_GPT2, "gpt-2": PRE_GPT2, "default": PRE_GPT2, "llama-bpe": PRE_LLAMA3, "llama3": PRE_LLAMA3,
+            "qwen2": PRE_QWEN2, "smollm": PRE_SMOLLM}
+BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+class TokenizerError(ExportError):
+    """A tokenizer this exporter cannot reproduce exactly."""
+
+
+def byte_alphabet():
+    """GPT-2's byte -> unicode char map (tokenizers byte_level.rs bytes_char)."""
+    keep = list(range(0x21, 0x7F)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(0x100 + n)
+            n += 1
+    return table
+
+
+BYTE_DECODER = {c: b for b, c in byte_alphabet().items()}
+
+
+def unmap_bytes(s):
+    """A byte-level token string back to the bytes it stands for."""
+    try:
+        return bytes(BYTE_DECODER[c] for c in s)
+    except KeyError as e:
+        raise TokenizerError(f"byte-level token {s!r} has character {e.args[0]!r} outside the byte alphabet")
+
+
+def chat_template_id(template):
+    if not template:
+        return CHAT_NONE
+    if "<|im_start|>" in template:
+        return CHAT_CHATML
+    if "<|start_header_id|>" in template:
+        return CHAT_LLAMA3
+    if "[INST]" in template:
+        return CHAT_LLAMA2_INST
+    return CHAT_NONE
+
+
+def pack_tokenizer_section(kind, pre, prefix, flags, tokens, merges, bos, eos, eot, unk, chat):
+    """tokens: [(bytes, score, type)] in id order; merges: [(left, right, result, rank)]."""
+    n = len(tokens)
+    entries_off = TOK_HEADER_SIZE
+    merges_off = entries_off + 16 * n
+    strings_off = merges_off + 16 * len(merges)
+    blob, entries, offset = [], [], 0
+    for text, score, typ in tokens:
+        entries.append(struct.pack("<IIfI", offset, len(text), score, typ))
+        blob.append(text)
+        offset += len(text)
+    strings = b"".join(blob)
+    if len(strings) >= 1 << 32:
+        raise TokenizerError("tokenizer strings exceed 4 GB")
+    eot = eos if eot is None or eot < 0 else eot
+    header = struct.pack("<6I2I4iI3I4Q", TOK_MAGIC, TOK_VERSION, kind, pre, prefix, flags, n, len(merges),
+                         bos, eos, eot, unk, chat, 0, 0, 0, entries_off, merges_off, strings_off, len(strings))
+    assert len(header) == TOK_HEADER_SIZE
+    merge_bytes = b"".join(struct.pack("<4I", *m) for m in merges)
+    return header + b"".join(entries) + merge_bytes + strings
+
+
+def spm_merges(tokens):
+    """Merges of a SentencePiece BPE model from its scores: every split of a normal piece into
+    two pieces, all ranked by the score of the piece they make (best first), as sentencepiece
+    merges. tokens: [(bytes, score, type)]."""
+    ids = {}
+    for i, (text, _, typ) in enumerate(tokens):
+        if typ in (T_NORMAL, T_UNUSED) and text not in ids:
+            ids[text] = i
+    order = sorted((i for i, t in enumerate(tokens) if t[2] == T_NORMAL), key=lambda i: (-tokens[i][1], i))
+    merges = []
+    for rank, i in enumerate(order):
+        text = tokens[i][0]
+        s = text.decode("utf-8")
+        pos = 0
+        for ch in s[:-1]:
+            pos += len(ch.encode("utf-8"))
+            left, right = ids.get(text[:pos]), ids.get(text[pos:])
+            if left is not None and right is not None:
+                merges.append((left, right, i, rank))
+    return merges
+
+
+def token_ids(name, vocab):
+    return vocab.get(name, -1) if name is not None else -1
+
+
+# --- SentencePiece tokenizer.model: the protobuf, read by hand --------------------------
+
+def _varint(buf, i):
+    shift = result = 0
+    while True:
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, i
+        shift += 7
+
+
+def _fields(buf):
+    """Yield (field number, wire type, value) of one protobuf message."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 1:
+            value, i = buf[i:i + 8], i + 8
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            value, i = buf[i:i + n], i + n
+        elif wire == 5:
+            value, i = buf[i:i + 4], i + 4
+        else:
+            raise TokenizerError(f"tokenizer.model: unsupported protobuf wire type {wire}")
+        yield field, wire, value
+
+
+def parse_spm_model(data):
+    """The parts of sentencepiece_model.proto ModelProto we need, with the proto defaults."""
+    m = {"pieces": [], "model_type": 1, "byte_fallback": False, "unk_id": 0, "bos_id": 1, "eos_id": 2,
+         "normalizer_name": "", "precompiled_charsmap": b"", "add_dummy_prefix": True,
+         "remove_extra_whitespaces": True}
+    for field, _, value in _fields(data):
+        if field == 1:  # SentencePiece { piece = 1; score = 2; type = 3 }
+            piece, score, typ = "", 0.0, T_NORMAL
+            for f, _, v in _fields(value):
+                if f == 1:
+                    piece = v.decode("utf-8")
+                elif f == 2:
+                    score = struct.unpack("<f", v)[0]
+                elif f == 3:
+                    typ = v
+            m["pieces"].append((piece, score, typ))
+        elif field == 2:  # TrainerSpec
+            names = {3: "model_type", 35: "byte_fallback", 40: "unk_id", 41: "bos_id", 42: "eos_id"}
+            for f, _, v in _fields(value):
+                if f in names:
+                    v = v - (1 << 64) if v >= 1 << 63 else v  # int32 -1 is a 10-byte varint
+                    m[names[f]] = bool(v) if f == 35 else v
+        elif field == 3:  # NormalizerSpec
+            for f, _, v in _fields(value):
+                if f == 1:
+                    m["normalizer_name"] = v.decode("utf-8")
+                elif f == 2:
+                    m["precompiled_charsmap"] = v
+                elif f == 3:
+                    m["add_dummy_prefix"] = bool(v)
+                elif f == 4:
+                    m["remove_extra_whitespaces"] = bool(v)
+    return m
+
+
+def tokenizer_section_from_spm(path, config=None, prefix=None):
+    """A SentencePiece BPE tokenizer.model. prefix: a PREFIX_* to override the scheme that
+    tokenizer_config's "legacy" selects (legacy or absent: every segment, like sentencepiece;
+    legacy false: HF Metaspace "first")."""
+    config = config or {}
+    m = parse_spm_model(open(path, "rb").read())
+    if m["model_type"] != 2:
+        raise TokenizerError(f"{path}: SentencePiece model_type {m['model_type']} is not BPE (2); unigram is not supported")
+    if m["normalizer_name"] not in ("identity", "") or (m["normalizer_name"] == "" and m["precompiled_charsmap"]):
+        raise TokenizerError(f"{path}: SentencePiece normalizer {m['normalizer_name']!r} is not supported (only identity)")
+    if m["remove_extra_whitespaces"]:
+        raise TokenizerError(f"{path}: remove_extra_whitespaces is set; only models that keep whitespace are supported")
+    tokens = []
+    for piece, score, typ in m["pieces"]:
+        if typ == T_BYTE and not BYTE_TOKEN.fullmatch(piece):
+            raise TokenizerError(f"{path}: byte piece {piece!r} is not <0xNN>")
+        tokens.append((piece.encode("utf-8"), score, typ))
+    if prefix is None:
+        prefix = PREFIX_NONE if not m["add_dummy_prefix"] else PREFIX_FIRST if config.get("legacy") is False else PREFIX_ALL
+    vocab = {p: i for i, (p, _, _) in reversed(list(enumerate(m["pieces"])))}
+    bos, eos = m["bos_id"], m["eos_id"]
+    chat = chat_template_id(config.get("chat_template"))
+    flags = FLAG_ADD_BOS if config.get("add_bos_token", True) and bos >= 0 else 0
+    return pack_tokenizer_section(TOK_SPM, PRE_NONE, prefix, flags, tokens, spm_merges(tokens), bos, eos,
+                                  eot_id(chat, vocab, eos), m["unk_id"], chat)
+
+
+def eot_id(chat, vocab, eos):
+    name = {CHAT_CHATML: "<|im_end|>", CHAT_LLAMA3: "<|eot_id|>"}.get(chat)
+    return vocab.get(name, eos) if name else eos
+
+
+# --- HF tokenizer.json -----------------------------------------------------------------
+
+def _special_name(config, key):
+    v = config.get(key)
+    return v.get("content") if isinstance(v, dict) else v
+
+
+def _byte_level_pre(pre):
+    """TOK_PRE_* of a byte-level pre_tokenizer, or raise naming what is unsupported."""
+    items = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    types = [p.get("type") for p in items]
+    last = items[-1] if items else {}
+    if last.get("type") != "ByteLevel" or last.get("add_prefix_space", False):
+        raise TokenizerError(f"unsupported byte-level pre_tokenizer {json.dumps(pre)[:200]}")
+    if types == ["ByteLevel"] and last.get("use_regex", True):
+        return PRE_GPT2
+    if types == ["Digits", "ByteLevel"] and items[0].get("individual_digits") and last.get("use_regex", True):
+        return PRE_SMOLLM
+    if types == ["Split", "ByteLevel"] and not last.get("use_regex", True):
+        split = items[0]
+        regex = split.get("pattern", {}).get("Regex")
+        if split.get("behavior") == "Isolated" and not split.get("invert") and regex in (LLAMA3_REGEX, QWEN2_REGEX):
+            return PRE_LLAMA3 if regex == LLAMA3_REGEX else PRE_QWEN2
+    raise TokenizerError(f"unsupported byte-level pre_tokenizer {json.dumps(pre)[:300]}")
+
+
+def tokenizer_section_from_json(tok, config=None):
+    """A parsed tokenizer.json (dict) and its tokenizer_config.json (dict or None)."""
+    config = config or {}
+    model = tok.get("model", {})
+    if model.get("type") != "BPE":
+        raise TokenizerError(f"tokenizer.json model type {model.get('type')!r} is not supported (only BPE)")
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") or model.get("dropout"):
+        raise TokenizerError("tokenizer.json BPE with subword prefix/suffix or dropout is not supported")
+    norm, pre = tok.get("normalizer"), tok.get("pre_tokenizer") or {}
+    flags, prefix, pre_id = 0, PREFIX_NONE, PRE_NONE
+    pre_types = json.dumps(pre)
+    if '"ByteLevel"' in pre_types:
+        kind, pre_id = TOK_BYTE_BPE, _byte_level_pre(pre)
+        if norm and norm.get("type") == "NFC":
+            flags |= FLAG_NFC
+        elif norm:
+            raise TokenizerError(f"unsupported normalizer {json.dumps(norm)[:200]}")
+    else:
+        kind = TOK_SPM
+        legacy_norm = [{"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "},
+                                                                   "content": "\u2581"}]
+        if norm and norm.get("type") == "Sequence" and norm.get("normalizers") == legacy_norm and not pre:
+            prefix = PREFIX_ALL
+        elif norm is None and pre.get("type") == "Metaspace" and pre.get("replacement") == "\u2581" \
+                and not pre.get("split", False):
+            scheme = pre.get("prepend_scheme", "always" if pre.get("add_prefix_space", True) else "never")
+            prefix = {"always": PREFIX_ALWAYS, "first": PREFIX_FIRST, "never": PREFIX_NONE}[scheme]
+        else:
+            raise TokenizerError(f"unsupported SentencePiece-style normalizer/pre_tokenizer: "
+                                 f"{json.dumps(norm)[:150]} / {json.dumps(pre)[:150]}")
+    if model.get("ignore_merges"):
+        flags |= FLAG_IGNORE_MERGES
+    vocab = dict(model["vocab"])
+    added = tok.get("added_tokens", [])
+    for a in added:
+        if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
+            raise TokenizerError(f"added token {a['content']!r} uses lstrip/rstrip/single_word, which is not supported")
+    n = max([*vocab.values(), *(a["id"] for a in added)]) + 1
+    tokens = [(b"", 0.0, T_UNUSED)] * n
+    for text, i in vocab.items():
+        if kind == TOK_BYTE_BPE:
+            tokens[i] = (unmap_bytes(text), 0.0, T_NORMAL)
+        else:
+            byte = model.get("byte_fallback") and BYTE_TOKEN.fullmatch(text)
+            tokens[i] = (text.encode("utf-8"), -float(i), T_BYTE if byte else T_NORMAL)
+    for a in added:
+        tokens[a["id"]] = (a["content"].encode("utf-8"), 0.0, T_CONTROL if a.get("special") else T_USER_DEFINED)
+    unk = model.get("unk_token")
+    if unk is not None and unk in vocab:
+        tokens[vocab[unk]] = (tokens[vocab[unk]][0], 0.0, T_UNKNOWN)
+    merges = []
+    for rank, m in enumerate(model.get("merges", [])):
+        a, b = m.split(" ") if isinstance(m, str) else m
+        if a not in vocab or b not in vocab or a + b not in vocab:
+            raise TokenizerError(f"merge {a!r} {b!r} names a token that is not in the vocabulary")
+        merges.append((vocab[a], vocab[b], vocab[a + b], rank))
+
+    names = {a["content"]: a["id"] for a in added}
+    names.update({k: v for k, v in vocab.items() if k not in names})
+    bos, eos = token_ids(_special_name(config, "bos_token"), names), token_ids(_special_name(config, "eos_token"), names)
+    # The post-processor says whether HF prepends BOS (Llama: "<s>", Llama 3: "<|begin_of_text|>").
+    post = tok.get("post_processor") or {}
+    procs = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+    single = next((p.get("single") for p in procs if p.get("type") == "TemplateProcessing"), None) or []
+    first = single[0].get("SpecialToken", {}).get("id") if single else None
+    add_bos = config.get("add_bos_token", first is not None)
+    if first is not None and bos < 0:
+        bos = names.get(first, -1)
+    if add_bos and bos >= 0:
+        flags |= FLAG_ADD_BOS
+    chat = chat_template_id(config.get("chat_template"))
+    return pack_tokenizer_section(kind, pre_id, prefix, flags, tokens, merges, bos, eos,
+                                  eot_id(chat, names, eos), token_ids(unk, names), chat)
+
+
+def tokenizer_section_from_hf(model_dir):
+    """tokenizer.json (preferred) or tokenizer.model from a HF model directory, or None."""
+    cfg_path = os.path.join(model_dir, "tokenizer_config.json")
+    config = json.load(open(cfg_path, encoding="utf-8")) if os.path.exists(cfg_path) else {}
+    tj, tm = os.path.join(model_dir, "tokenizer.json"), os.path.join(model_dir, "tokenizer.model")
+    if os.path.exists(tj):
+        return tokenizer_section_from_json(json.load(open(tj, encoding="utf-8")), config)
+    if os.path.exists(tm):
+        return tokenizer_section_from_spm(tm, config)
+    return None
+
+
+# --- GGUF metadata ------------------------------------------------------------------------
+
+def _gguf_value(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def tokenizer_section_from_gguf(reader):
+    """tokenizer.ggml.* metadata of an open gguf.GGUFReader, or None if it has none."""
+    kind = _gguf_value(reader, "tokenizer.ggml.model")
+    if kind is None:
+        return None
+    texts = _gguf_value(reader, "tokenizer.ggml.tokens")
+    types = _gguf_value(reader, "tokenizer.ggml.token_type") or [T_NORMAL] * len(texts)
+    bos = _gguf_value(reader, "tokenizer.ggml.bos_token_id", -1)
+    eos = _gguf_value(reader, "tokenizer.ggml.eos_token_id", -1)
+    unk = _gguf_value(reader, "tokenizer.ggml.unknown_token_id", -1)
+    chat = chat_template_id(_gguf_value(reader, "tokenizer.chat_template"))
+    names = {t: i for i, t in reversed(list(enumerate(texts)))}
+    eot = _gguf_value(reader, "tokenizer.ggml.eot_token_id", eot_id(chat, names, eos))
+    if kind == "llama":
+        scores = _gguf_value(reader, "tokenizer.ggml.scores") or [0.0] * len(texts)
+        tokens = [(t.encode("utf-8"), float(s), int(ty)) for t, s, ty in zip(texts, scores, types)]
+        prefix = PREFIX_ALL if _gguf_value(reader, "tokenizer.ggml.add_space_prefix", True) else PREFIX_NONE
+        flags = FLAG_ADD_BOS if _gguf_value(reader, "tokenizer.ggml.add_bos_token", True) and bos >= 0 else 0
+        return pack_tokenizer_section(TOK_SPM, PRE_NONE, prefix, flags, tokens, spm_merges(tokens),
+                                      bos, eos, eot, unk, chat)
+    if kind != "gpt2":
+        raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported (only llama and gpt2)")
+    pre_name = _gguf_value(reader, "tokenizer.ggml.pre", "default")
+    if pre_name not in GGUF_PRE:
+        raise TokenizerError(f"GGUF pre-tokenizer {pre_name!r} is not supported ({', '.join(GGUF_PRE)})")
+    pre = GGUF_PRE[pre_name]
+    # Llama 3 sets ignore_merges in its tokenizer.json; Qwen2's tokenizer.json normalizes to NFC.
+    flags = (FLAG_IGNORE_MERGES if pre == PRE_LLAMA3 else 0) | (FLAG_NFC if pre == PRE_QWEN2 else 0)
+    if _gguf_value(reader, "tokenizer.ggml.add_bos_token", False) and bos >= 0:
+        flags |= FLAG_ADD_BOS
+    tokens = []
+    for t, ty in zip(texts, types):
+        ty = int(ty)
+        tokens.append((unmap_bytes(t) if ty in (T_NORMAL, T_UNUSED, T_BYTE) else t.encode("utf-8"), 0.0, ty))
+    merges = []
+    for rank, m in enumerate(_gguf_value(reader, "tokenizer.ggml.merges") or []):
+        a, b = m.split(" ")
+        if a not in names or b not in names or a + b not in names:
+            raise TokenizerError(f"GGUF merge {m!r} names a token that is not in the vocabulary")
+        merges.append((names[a], names[b], names[a + b], rank))
+    return pack_tokenizer_section(TOK_BYTE_BPE, pre, PREFIX_NONE, flags, tokens, merges, bos, eos, eot, unk, chat)
+
+
+def write_tokenizer_only(section, path, arch="tokenizer"):
+    """A file with no layers and no tensors: FileHeader, then the tokenizer section at 128.
+    run.c's tokenize mode reads it; loading it as a model fails (n_layers = 0)."""
+    vocab = struct.unpack_from("<I", section, 24)[0]
+    header = {name: 0 for name, _ in HEADER_FIELDS}
+    header.update({"magic": LR_MAGIC, "version": LR_VERSION, "header_size": HEADER.size, "vocab_size": vocab,
+                   "norm_eps": 0.0, "arch": arch, "tensor_table_offset": HEADER.size,
+                   "tokenizer_offset": HEADER.size, "tokenizer_size": len(section),
+                   "file_size": HEADER.size + len(section)})
+    with open(path, "wb") as f:
+        f.write(pack(HEADER, HEADER_FIELDS, header) + section)
+
+
+def read_tokenizer(source):
+    """The tokenizer section of an HF directory or a GGUF file, or None if it has no tokenizer."""
+    if os.path.isdir(source):
+        return tokenizer_section_from_hf(source)
+    try:
+        import gguf  # imported here so that HF exports need only numpy
+    except ImportError:
+        raise ExportError("reading GGUF needs the gguf package: pip install gguf") from None
+    return tokenizer_section_from_gguf(gguf.GGUFReader(source))
+
+
+
 def main():
     ap = argparse.ArgumentParser(
         description="Export a Hugging Face model directory (Llama, Mistral, Qwen2, Qwen3; safetensors) "
@@ -547,8 +955,21 @@ def main():
                     help="storage type of the weight matrices (default: q8_0, int8 with one f32 scale "
                          "per 32 values, ~4x smaller than f32; f32 is the exact reference). Norms and "
                          "biases are always f32.")
+    ap.add_argument("--tokenizer-only", action="store_true",
+                    help="write only the tokenizer (for ./run FILE -m tokenize), from tokenizer.json / "
+                         "tokenizer.model or the GGUF metadata")
     args = ap.parse_args()
     try:
+        if not os.path.exists(args.source):
+            raise ExportError(f"{args.source}: no such file or directory")
+        tokenizer = read_tokenizer(args.source)
+        if args.tokenizer_only:
+            if tokenizer is None:
+                raise ExportError(f"{args.source}: no tokenizer.json, tokenizer.model or GGUF tokenizer metadata")
+            write_tokenizer_only(tokenizer, args.out)
+            print(f"tokenizer: {struct.unpack_from('<I', tokenizer, 24)[0]} tokens, {len(tokenizer) / 1e6:.1f} MB "
+                  f"-> {args.out}")
+            return
         if os.path.isdir(args.source):
             header, layers, factors, source = read_hf(args.source)
         elif os.path.isfile(args.source):
@@ -556,8 +977,13 @@ def main():
         else:
             raise ExportError(f"{args.source}: no such file or directory")
         check_config(header)
+        if tokenizer is None:
+            print(f"note: {args.source} has no tokenizer; the model file will take token ids only", file=sys.stderr)
+        elif struct.unpack_from("<I", tokenizer, 24)[0] > header["vocab_size"]:
+            raise ExportError(f"the tokenizer has {struct.unpack_from('<I', tokenizer, 24)[0]} tokens, more than the "
+                              f"model's vocab_size {header['vocab_size']}")
         plan = plan_tensors(header, factors, source, args.dtype)
-        size = write_model(args.out, header, layers, plan)
+        size = write_model(args.out, header, layers, plan, tokenizer or b"")
     except (ExportError, OSError) as e:  # OSError names its own file
         sys.exit(f"error: {e}")
     except (ValueError, KeyError) as e:  # a malformed config.json, index or GGUF file

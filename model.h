@@ -122,4 +122,108 @@ _Static_assert(sizeof(FileHeader) == LR_HEADER_SIZE, "FileHeader has padding");
 _Static_assert(sizeof(LayerConfig) == LR_LAYER_CONFIG_SIZE, "LayerConfig has padding");
 _Static_assert(sizeof(TensorEntry) == LR_TENSOR_ENTRY_SIZE, "TensorEntry has padding");
 
+// ----------------------------------------------------------------------------
+// The tokenizer section (tokenizer.c reads it, export.py writes it)
+//
+// FileHeader.tokenizer_offset/size locate it; every offset below is relative to the
+// start of the section, and tokenizer.c checks every one against tokenizer_size.
+//
+//   0                TokHeader            (sizeof = LR_TOK_HEADER_SIZE)
+//   entries_offset   TokEntry[n_tokens]   one per token id, in id order
+//   merges_offset    TokMerge[n_merges]   every merge the BPE may make
+//   strings_offset   strings_size bytes   the token strings back to back, no terminators
+//
+// Token strings are stored as the bytes they decode to, with two exceptions that keep
+// the SentencePiece spelling: a SentencePiece piece keeps its "▁" (U+2581) for a space,
+// and a byte token is "<0xNN>" with type TOK_BYTE. Byte-level BPE strings are stored
+// already mapped back from the GPT-2 byte alphabet ("Ġthe" is stored as " the").
+// A tokenizer-only file (export.py --tokenizer-only) is a FileHeader with n_layers = 0,
+// n_tensors = 0 and this section.
+#define LR_TOK_MAGIC 0x4B4F544Cu   // bytes "LTOK"
+#define LR_TOK_VERSION 1
+
+typedef enum {
+    TOK_SPM = 0,        // SentencePiece BPE: pieces with "▁", byte fallback (Llama 2, Mistral)
+    TOK_BYTE_BPE = 1,   // byte-level BPE over the GPT-2 byte alphabet (GPT-2, Llama 3, Qwen2)
+    TOK_KIND_COUNT
+} TokKind;
+
+// The pre-tokenizer of a byte-level BPE model (LONG_CONTEXT_SPEC.md §14.2).
+typedef enum {
+    TOK_PRE_NONE = 0,   // TOK_SPM: no split
+    TOK_PRE_GPT2 = 1,   // 's|'t|... ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+    TOK_PRE_LLAMA3 = 2, // case-insensitive contractions, \p{N}{1,3}, newline runs
+    TOK_PRE_QWEN2 = 3,  // the Llama 3 regex with single digits \p{N}
+    TOK_PRE_SMOLLM = 4, // every digit alone, then the GPT-2 regex
+    TOK_PRE_COUNT
+} TokPre;
+
+// Where a SentencePiece model puts its dummy "▁" prefix (§14.1). A segment is a run of
+// text between special tokens.
+typedef enum {
+    TOK_PREFIX_NONE = 0,    // never
+    TOK_PREFIX_ALL = 1,     // every non-empty segment (sentencepiece; HF legacy Prepend normalizer)
+    TOK_PREFIX_ALWAYS = 2,  // HF Metaspace "always": every segment not already starting with a space
+    TOK_PREFIX_FIRST = 3,   // HF Metaspace "first": only a segment at text start not starting with a space
+    TOK_PREFIX_COUNT
+} TokPrefix;
+
+// Token types, numbered as sentencepiece and GGUF number them.
+typedef enum {
+    TOK_NORMAL = 1,
+    TOK_UNKNOWN = 2,       // <unk>
+    TOK_CONTROL = 3,       // special: <s>, <|im_start|>, ... matched whole in the text
+    TOK_USER_DEFINED = 4,  // added token: also matched whole in the text
+    TOK_UNUSED = 5,
+    TOK_BYTE = 6,          // "<0xNN>": SentencePiece byte fallback
+    TOK_TYPE_END
+} TokType;
+
+// The chat format, detected by export.py from the model's chat_template.
+typedef enum { CHAT_NONE = 0, CHAT_CHATML = 1, CHAT_LLAMA3 = 2, CHAT_LLAMA2_INST = 3, CHAT_COUNT } ChatTemplate;
+
+#define TOK_FLAG_ADD_BOS 1u        // encode() with add_bos prepends bos_id (tokenizer config)
+#define TOK_FLAG_NFC 2u            // normalize each segment to Unicode NFC first (Qwen2)
+#define TOK_FLAG_IGNORE_MERGES 4u  // a pre-token that is already a vocab entry is emitted whole (Llama 3)
+
+typedef struct {
+    uint32_t magic;            // LR_TOK_MAGIC
+    uint32_t version;          // LR_TOK_VERSION
+    uint32_t kind;             // TokKind
+    uint32_t pre;              // TokPre
+    uint32_t prefix;           // TokPrefix (TOK_SPM only)
+    uint32_t flags;            // TOK_FLAG_*
+    uint32_t n_tokens;         // vocabulary size (ids 0 .. n_tokens-1)
+    uint32_t n_merges;
+    int32_t bos_id;            // -1: none
+    int32_t eos_id;            // -1: none
+    int32_t eot_id;            // end of a chat turn (<|im_end|>, <|eot_id|>); eos_id if none
+    int32_t unk_id;            // -1: none
+    uint32_t chat_template;    // ChatTemplate
+    uint32_t reserved[3];      // 0
+    uint64_t entries_offset;   // TokEntry[n_tokens], 4-byte aligned
+    uint64_t merges_offset;    // TokMerge[n_merges], 4-byte aligned
+    uint64_t strings_offset;
+    uint64_t strings_size;
+} TokHeader;
+#define LR_TOK_HEADER_SIZE 96
+
+typedef struct {
+    uint32_t offset;   // of the string, from strings_offset
+    uint32_t len;      // bytes
+    float score;       // SentencePiece score (higher merges first); 0 for byte-level BPE
+    uint32_t type;     // TokType
+} TokEntry;
+
+// left + right -> result. Lower rank merges first; on equal rank the leftmost pair
+// merges first. Byte-level BPE: rank = position in the model's merges list.
+// SentencePiece: one rank per result piece, ordered by its score (best first).
+typedef struct {
+    uint32_t left, right, result, rank;
+} TokMerge;
+
+_Static_assert(sizeof(TokHeader) == LR_TOK_HEADER_SIZE, "TokHeader has padding");
+_Static_assert(sizeof(TokEntry) == 16, "TokEntry has padding");
+_Static_assert(sizeof(TokMerge) == 16, "TokMerge has padding");
+
 #endif // LONGRUN_MODEL_H

@@ -186,13 +186,17 @@ static void open_model_file(ModelFile *mf, const char *path) {
     if (h->file_size != size)
         die("%s: header says %llu bytes but the file has %zu; truncated or corrupt", path,
             (unsigned long long)h->file_size, size);
+    check_section(path, "tokenizer section", h->tokenizer_offset, h->tokenizer_size, size);
+    if (h->n_layers == 0 && h->n_tensors == 0) {   // a tokenizer-only file (export.py --tokenizer-only)
+        if (h->tokenizer_size == 0) die("%s: the file has neither weights nor a tokenizer", path);
+        return;
+    }
     if (h->n_layers == 0 || h->n_layers > 4096) die("%s: n_layers %u out of range [1, 4096]", path, h->n_layers);
     check_section(path, "layer table", h->header_size, (uint64_t)h->n_layers * LR_LAYER_CONFIG_SIZE, size);
     if (h->n_tensors == 0 || h->n_tensors > 1000000) die("%s: n_tensors %u out of range", path, h->n_tensors);
     if (h->tensor_table_offset % 8) die("%s: tensor table offset %llu is not 8-byte aligned", path,
                                        (unsigned long long)h->tensor_table_offset);
     check_section(path, "tensor table", h->tensor_table_offset, (uint64_t)h->n_tensors * LR_TENSOR_ENTRY_SIZE, size);
-    check_section(path, "tokenizer section", h->tokenizer_offset, h->tokenizer_size, size);
     mf->tensors = (const TensorEntry *)(mf->bytes + h->tensor_table_offset);
 
     // Every tensor: a terminated name, a known dtype, a size that matches its shape, aligned
@@ -603,10 +607,11 @@ static void free_state(RunState *s) {
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
 }
 
-// Open and validate the model, then allocate everything a run needs, once: n_slots cache
-// slots, chunks of up to max_T tokens, logits for every row or only the last.
-static void build_transformer(Transformer *t, const char *path, size_t n_slots, int max_T, int all_logits) {
-    open_model_file(&t->file, path);
+// Point into the opened, validated file and allocate everything a run needs, once: n_slots
+// cache slots, chunks of up to max_T tokens, logits for every row or only the last.
+static void build_transformer(Transformer *t, const ModelFile *mf, const char *path, size_t n_slots, int max_T,
+                              int all_logits) {
+    t->file = *mf;
     read_config(&t->config, &t->file, path);
     build_weights(&t->weights, &t->config, &t->file, path);
     build_rope(&t->rope, &t->config);
@@ -620,7 +625,6 @@ static void free_transformer(Transformer *t) {
     free_rope(&t->rope);
     free(t->weights.layers);
     free(t->config.layers);
-    close_model_file(&t->file);
 }
 
 // The memory bill, printed once at start: what is mapped and what is allocated.
@@ -705,6 +709,23 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
 }
 
 // ----------------------------------------------------------------------------
+// The tokenizer: text <-> ids, in tokenizer.c (one translation unit with this file)
+
+#include "tokenizer.c"
+
+// Load the tokenizer section of the file into tok. Returns 0 when the file has none.
+static int load_tokenizer(Tokenizer *tok, const ModelFile *mf, const char *path) {
+    const FileHeader *h = mf->header;
+    if (h->tokenizer_size == 0) return 0;
+    char err[256];
+    if (tokenizer_load(tok, mf->bytes + h->tokenizer_offset, h->tokenizer_size, err, sizeof(err)) != 0)
+        die("%s: tokenizer section: %s", path, err);
+    if (h->n_layers && tokenizer_vocab_size(tok) > (int)h->vocab_size)
+        die("%s: the tokenizer has %d tokens but the model only %u", path, tokenizer_vocab_size(tok), h->vocab_size);
+    return 1;
+}
+
+// ----------------------------------------------------------------------------
 // The sampler: logits -> next token
 
 typedef struct {
@@ -771,10 +792,12 @@ static int sample(Sampler *sp, float *logits, int vocab) {
 
 typedef struct {
     const char *model_path;
-    const char *mode;         // generate | logits
-    const char *input;        // -i: the prompt (token ids with --ids)
-    int input_is_ids;         // --ids
-    int steps;                // -n: tokens to generate
+    const char *mode;         // generate | tokenize | logits
+    const char *input;        // -i: the prompt text (token ids with --ids)
+    const char *input_path;   // -f: read the prompt from this file ("-": stdin)
+    int input_is_ids;         // --ids: the prompt is token ids, and generate prints ids
+    int bos;                  // --bos: prepend BOS (tokenize); generate follows the model's policy
+    int steps;                // -n: tokens to generate; -1 = until end of text or context
     float temperature;        // -t
     float top_p;              // -p
     uint64_t seed;            // -s
@@ -785,24 +808,49 @@ typedef struct {
 } Options;
 
 // Parse "12 7 99" into ids, each checked against the vocabulary. Returns the count.
-static int parse_ids(const char *text, int vocab, int **ids_out) {
-    size_t cap = strlen(text) / 2 + 1;
-    int *ids = xcalloc(cap, sizeof(int), "token ids"), n = 0;
+static size_t parse_ids(const char *text, int vocab, int **ids_out) {
+    size_t cap = strlen(text) / 2 + 1, n = 0;
+    int *ids = xcalloc(cap, sizeof(int), "token ids");
     const char *p = text;
     for (;;) {
-        while (*p == ' ' || *p == '\t' || *p == '\n' || *p == ',') p++;
+        while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r' || *p == ',') p++;
         if (!*p) break;
         char *end;
         errno = 0;
         long v = strtol(p, &end, 10);
-        if (end == p || errno) die("--ids: '%.20s' is not a token id", p);
-        if (v < 0 || v >= vocab) die("--ids: token id %ld is outside the vocabulary [0, %d)", v, vocab);
+        if (end == p || errno) die("token ids: '%.20s' is not a token id", p);
+        if (v < 0 || v >= vocab) die("token ids: %ld is outside the vocabulary [0, %d)", v, vocab);
         ids[n++] = (int)v;
         p = end;
     }
-    if (n == 0) die("the prompt is empty: give at least one token id with -i");
     *ids_out = ids;
     return n;
+}
+
+// The prompt's bytes, verbatim: -i TEXT, or -f FILE ("-" = stdin). NUL-terminated for --ids.
+static char *read_prompt(const Options *o, size_t *len) {
+    if (!o->input_path) {
+        *len = strlen(o->input);
+        char *text = xcalloc(*len + 1, 1, "the prompt");
+        memcpy(text, o->input, *len);
+        return text;
+    }
+    FILE *f = strcmp(o->input_path, "-") ? fopen(o->input_path, "rb") : stdin;
+    if (!f) die("%s: cannot open: %s", o->input_path, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) die("%s: is a directory, not a prompt file", o->input_path);
+    size_t cap = 1 << 16, n = 0;
+    char *text = malloc(cap);
+    for (size_t got; text && (got = fread(text + n, 1, cap - n - 1, f)) > 0;) {
+        n += got;
+        if (n + 1 == cap) text = realloc(text, cap = mul_size(cap, 2, "the prompt"));
+    }
+    if (!text) die("cannot allocate memory for the prompt file %s", o->input_path);
+    if (ferror(f)) die("%s: read failed: %s", o->input_path, strerror(errno));
+    if (f != stdin) fclose(f);
+    text[n] = 0;
+    *len = n;
+    return text;
 }
 
 static double peak_rss_mb(void) {
@@ -816,47 +864,61 @@ static double peak_rss_mb(void) {
 }
 
 // Feed n tokens to the model from position pos0 in chunks; return the last token's logits.
-static float *prefill(Transformer *t, const int *tokens, int n, size_t pos0) {
+static float *prefill(Transformer *t, const int *tokens, size_t n, size_t pos0) {
     float *logits = NULL;
-    for (int done = 0; done < n; done += t->state.max_T) {
-        int T = n - done < t->state.max_T ? n - done : t->state.max_T;
+    for (size_t done = 0; done < n; done += t->state.max_T) {
+        int T = n - done < (size_t)t->state.max_T ? (int)(n - done) : t->state.max_T;
         logits = forward(t, tokens + done, T, pos0 + done);
     }
     return logits;
 }
 
-// -m generate: prefill the prompt, then sample one token at a time.
-static void generate(Transformer *t, Sampler *sp, const int *prompt, int n_prompt, int steps) {
+// -m generate: prefill the prompt, then sample one token at a time until -n tokens, the
+// model's end of text, or a full context. Text streams through the tokenizer (tok != NULL);
+// without one, ids are printed.
+static void generate(Transformer *t, Tokenizer *tok, Sampler *sp, const int *prompt, size_t n_prompt, int steps) {
     int V = t->config.vocab_size;
+    TokenStream stream;
+    if (tok) tokenizer_stream_init(&stream, tok, 1);
     double t0 = now_seconds();
     float *logits = prefill(t, prompt, n_prompt, 0);
     double t1 = now_seconds();
     int generated = 0;
-    for (size_t pos = n_prompt; generated < steps; pos++) {
+    for (size_t pos = n_prompt; steps < 0 || generated < steps; pos++) {
         int next = sample(sp, logits, V);
-        printf(generated ? " %d" : "%d", next);
-        fflush(stdout);
         generated++;
-        if (generated == steps) break;
+        if (tok && (next == tokenizer_eos_id(tok) || next == tokenizer_eot_id(tok))) break;
+        if (tok) tokenizer_stream_put(&stream, next, stdout);
+        else printf(generated > 1 ? " %d" : "%d", next);
+        fflush(stdout);
+        if (generated == steps || pos + 1 >= t->cache.n_slots) break;
         logits = forward(t, &next, 1, pos);
     }
+    if (tok) tokenizer_stream_flush(&stream, stdout);
     printf("\n");
     double t2 = now_seconds();
-    fprintf(stderr, "prompt %d tokens, prefill %.1f tok/s, decode %.1f tok/s (%d tokens), peak RSS %.0f MB\n",
-            n_prompt, n_prompt / (t1 - t0), generated > 1 ? (generated - 1) / (t2 - t1) : 0.0, generated, peak_rss_mb());
+    fprintf(stderr, "prompt %zu tokens, prefill %.1f tok/s (%.2f s to first token), decode %.1f tok/s (%d tokens), "
+            "peak RSS %.0f MB\n", n_prompt, n_prompt / (t1 - t0), t1 - t0,
+            generated > 1 ? (generated - 1) / (t2 - t1) : 0.0, generated, peak_rss_mb());
 }
 
 // -m logits: run the ids in chunks and write every position's logits as raw float32 (n, V).
-static void write_logits(Transformer *t, const int *tokens, int n, const char *out_path) {
+static void write_logits(Transformer *t, const int *tokens, size_t n, const char *out_path) {
     FILE *f = fopen(out_path, "wb");
     if (!f) die("%s: cannot write: %s", out_path, strerror(errno));
     int V = t->config.vocab_size;
-    for (int done = 0; done < n; done += t->state.max_T) {
-        int T = n - done < t->state.max_T ? n - done : t->state.max_T;
+    for (size_t done = 0; done < n; done += t->state.max_T) {
+        int T = n - done < (size_t)t->state.max_T ? (int)(n - done) : t->state.max_T;
         float *logits = forward(t, tokens + done, T, done);
         if (fwrite(logits, sizeof(float) * V, T, f) != (size_t)T) die("%s: write failed", out_path);
     }
     if (fclose(f) != 0) die("%s: write failed: %s", out_path, strerror(errno));
+}
+
+// -m tokenize: the ids of the prompt on one line, as HF's encode(text, add_special_tokens=False).
+static void print_ids(const int *ids, size_t n) {
+    for (size_t i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+    printf("\n");
 }
 
 // ----------------------------------------------------------------------------
@@ -865,10 +927,12 @@ static void write_logits(Transformer *t, const int *tokens, int n, const char *o
 static void usage(FILE *out) {
     fprintf(out,
         "usage: run MODEL [options]\n"
-        "  -m MODE          generate | logits                              (default generate)\n"
-        "  -i TEXT          the prompt; with --ids, space-separated token ids\n"
-        "  --ids            read -i as token ids and print generated ids\n"
-        "  -n N             tokens to generate                             (default 256)\n"
+        "  -m MODE          generate | tokenize | logits                   (default generate)\n"
+        "  -i TEXT          the prompt\n"
+        "  -f FILE          read the prompt from FILE, bytes verbatim; - for stdin\n"
+        "  --ids            the prompt is token ids (\"1 2 3\"); generate prints ids\n"
+        "  --bos            tokenize: prepend the model's BOS token\n"
+        "  -n N             tokens to generate; -1 = until end of text      (default 256)\n"
         "  -t T             temperature; 0 = greedy                         (default 1.0)\n"
         "  -p P             top-p (nucleus) threshold in (0, 1]            (default 0.9)\n"
         "  -s SEED          random seed                                    (default: time)\n"
@@ -876,7 +940,7 @@ static void usage(FILE *out) {
         "                   at most the model's trained context)\n"
         "  --chunk N        tokens per forward pass in prefill             (default 256; logits: all)\n"
         "  --threads N      worker threads                                 (default: all cores)\n"
-        "  --logits-out F   logits mode: write (n_tokens, vocab) float32 here\n"
+        "  --logits-out F   logits mode: write (n_tokens, vocab) float32 here; the prompt is ids\n"
         "  -h, --help       this text\n");
 }
 
@@ -919,11 +983,13 @@ static Options parse_options(int argc, char **argv) {
         const char *flag = argv[i];
         if (!strcmp(flag, "-h") || !strcmp(flag, "--help")) { usage(stdout); exit(0); }
         if (!strcmp(flag, "--ids")) { o.input_is_ids = 1; continue; }
+        if (!strcmp(flag, "--bos")) { o.bos = 1; continue; }
         if (i + 1 >= argc) usage_error("%s needs a value", flag);
         const char *val = argv[++i];
         if (!strcmp(flag, "-m")) o.mode = val;
         else if (!strcmp(flag, "-i")) o.input = val;
-        else if (!strcmp(flag, "-n")) o.steps = (int)parse_long(flag, val, 0, INT32_MAX);
+        else if (!strcmp(flag, "-f")) o.input_path = val;
+        else if (!strcmp(flag, "-n")) o.steps = (int)parse_long(flag, val, -1, INT32_MAX);
         else if (!strcmp(flag, "-t")) o.temperature = parse_float(flag, val, 0, 100);
         else if (!strcmp(flag, "-p")) o.top_p = parse_float(flag, val, 1e-6f, 1);
         else if (!strcmp(flag, "-s")) o.seed = (uint64_t)parse_long(flag, val, 0, INT64_MAX);
@@ -933,47 +999,70 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(flag, "--logits-out")) o.logits_out = val;
         else usage_error("unknown option %s", flag);
     }
-    if (strcmp(o.mode, "generate") && strcmp(o.mode, "logits")) usage_error("unknown mode '%s'", o.mode);
-    if (!o.input) usage_error("%s needs a prompt: give -i", o.mode);
-    if (!strcmp(o.mode, "logits") && !o.logits_out) usage_error("%s", "logits mode needs --logits-out FILE");
-    if (!strcmp(o.mode, "generate") && !o.input_is_ids)
-        usage_error("%s", "this model file has no tokenizer yet: give the prompt as token ids with --ids");
+    if (strcmp(o.mode, "generate") && strcmp(o.mode, "tokenize") && strcmp(o.mode, "logits"))
+        usage_error("unknown mode '%s' (generate, tokenize, logits)", o.mode);
+    if (!o.input == !o.input_path) usage_error("%s", "give the prompt with exactly one of -i TEXT or -f FILE");
+    if (!strcmp(o.mode, "logits")) {
+        if (!o.logits_out) usage_error("%s", "logits mode needs --logits-out FILE");
+        o.input_is_ids = 1;
+    }
     return o;
 }
 
 int main(int argc, char **argv) {
     Options o = parse_options(argc, argv);
     if (o.threads) set_threads(o.threads);
+    ModelFile mf;
+    open_model_file(&mf, o.model_path);
+    Tokenizer tok = {0};
+    int has_tokenizer = load_tokenizer(&tok, &mf, o.model_path);
 
-    // Read the config first: the prompt's ids are checked against the vocabulary, and the
-    // cache is sized to what this run needs (prompt + generated), at most the trained context.
-    Transformer t = {0};
-    ModelFile probe;
-    open_model_file(&probe, o.model_path);
-    int vocab = (int)probe.header->vocab_size, trained = (int)probe.header->max_seq_len;
-    close_model_file(&probe);
+    // The prompt as ids: given as ids, or encoded (tokenize: BOS only with --bos; generate:
+    // the model's own BOS policy, as HF's encode with special tokens).
+    size_t len, n_prompt;
+    char *text = read_prompt(&o, &len);
     int *prompt;
-    int n_prompt = parse_ids(o.input, vocab, &prompt);
-    int logits_mode = !strcmp(o.mode, "logits");
-    size_t needed = (size_t)n_prompt + (logits_mode ? 0 : (size_t)o.steps);
-    size_t n_slots = o.context ? (size_t)o.context : (needed < (size_t)trained ? needed : (size_t)trained);
-    if (needed > n_slots)
-        die("%zu tokens (prompt %d + %d to generate) do not fit in a context of %zu; raise -c or lower -n", needed,
-            n_prompt, logits_mode ? 0 : o.steps, n_slots);
-    int chunk = o.chunk ? o.chunk : (logits_mode ? n_prompt : 256);
-    if (chunk > n_prompt) chunk = n_prompt;
-
-    build_transformer(&t, o.model_path, n_slots, chunk, logits_mode);
-    print_memory(&t);
-    if (logits_mode) {
-        write_logits(&t, prompt, n_prompt, o.logits_out);
+    if (o.input_is_ids) {
+        int vocab = mf.header->n_layers ? (int)mf.header->vocab_size : tokenizer_vocab_size(&tok);
+        n_prompt = parse_ids(text, vocab, &prompt);
     } else {
-        Sampler sp;
-        build_sampler(&sp, vocab, o.temperature, o.top_p, o.seed);
-        generate(&t, &sp, prompt, n_prompt, o.steps);
-        free_sampler(&sp);
+        if (!has_tokenizer) die("%s has no tokenizer: re-export it, or give token ids with --ids", o.model_path);
+        int add_bos = !strcmp(o.mode, "tokenize") ? o.bos : o.bos || tokenizer_add_bos(&tok);
+        n_prompt = tokenizer_encode(&tok, text, len, add_bos, &prompt);
+        if (!prompt) die("out of memory tokenizing the prompt");
+    }
+    free(text);
+
+    if (!strcmp(o.mode, "tokenize")) {
+        print_ids(prompt, n_prompt);
+    } else {
+        if (mf.header->n_layers == 0) die("%s is a tokenizer-only file: it can only -m tokenize", o.model_path);
+        if (n_prompt == 0) die("the prompt is empty: it has no tokens to start from");
+        // Size the cache to what this run needs (prompt + generated), at most the trained context.
+        int logits_mode = !strcmp(o.mode, "logits");
+        size_t trained = mf.header->max_seq_len;
+        size_t needed = n_prompt + (logits_mode ? 0 : o.steps < 0 ? trained : (size_t)o.steps);
+        size_t n_slots = o.context ? (size_t)o.context : needed < trained ? needed : trained;
+        if (n_prompt > n_slots || (o.steps >= 0 && needed > n_slots))
+            die("%zu tokens (prompt %zu + %d to generate) do not fit in a context of %zu; raise -c or lower -n",
+                needed, n_prompt, logits_mode ? 0 : o.steps, n_slots);
+        int chunk = o.chunk ? o.chunk : logits_mode ? (int)(n_prompt < 65536 ? n_prompt : 65536) : 256;
+        if ((size_t)chunk > n_prompt) chunk = (int)n_prompt;
+        Transformer t = {0};
+        build_transformer(&t, &mf, o.model_path, n_slots, chunk, logits_mode);
+        print_memory(&t);
+        if (logits_mode) {
+            write_logits(&t, prompt, n_prompt, o.logits_out);
+        } else {
+            Sampler sp;
+            build_sampler(&sp, t.config.vocab_size, o.temperature, o.top_p, o.seed);
+            generate(&t, o.input_is_ids || !has_tokenizer ? NULL : &tok, &sp, prompt, n_prompt, o.steps);
+            free_sampler(&sp);
+        }
+        free_transformer(&t);
     }
     free(prompt);
-    free_transformer(&t);
+    if (has_tokenizer) tokenizer_free(&tok);
+    close_model_file(&mf);
     return 0;
 }
