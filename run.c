@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -729,20 +730,32 @@ static int load_tokenizer(Tokenizer *tok, const ModelFile *mf, const char *path)
 // The sampler: logits -> next token
 
 typedef struct {
-    float temperature;   // 0 = greedy
-    float top_p;         // nucleus sampling threshold in (0, 1]; 1 = off
-    uint64_t rng;        // xorshift64* state
-    int *order;          // (V) candidate ids, for top-p
+    float temperature;    // 0 = greedy (argmax)
+    int top_k;            // keep the k most likely tokens; 0 = off
+    float top_p;          // keep the smallest set whose probability reaches top_p; 1 = off
+    float min_p;          // drop tokens less likely than min_p x the most likely; 0 = off
+    float repeat_penalty; // divide positive (multiply negative) logits of recent tokens; 1 = off
+    int repeat_last_n;    // how many recent tokens the penalty looks at
+    int *recent;          // (repeat_last_n) ring of the last tokens
+    size_t n_seen;        // tokens accepted so far
+    uint64_t rng;         // xorshift64* state
+    int *order;           // (V) candidate ids, most likely first
 } Sampler;
 
-static void build_sampler(Sampler *sp, int vocab, float temperature, float top_p, uint64_t seed) {
-    sp->temperature = temperature;
-    sp->top_p = top_p;
+static void build_sampler(Sampler *sp, int vocab, uint64_t seed) {
     sp->rng = seed ? seed : 0x9E3779B97F4A7C15ull;
     sp->order = xcalloc(vocab, sizeof(int), "sampler");
+    sp->recent = xcalloc(sp->repeat_last_n > 0 ? sp->repeat_last_n : 1, sizeof(int), "sampler");
+    sp->n_seen = 0;
 }
 
-static void free_sampler(Sampler *sp) { free(sp->order); }
+static void free_sampler(Sampler *sp) { free(sp->order); free(sp->recent); }
+
+// Record a token of the text (prompt or generated) for the repetition penalty.
+static void sampler_accept(Sampler *sp, int token) {
+    if (sp->repeat_last_n > 0) sp->recent[sp->n_seen % sp->repeat_last_n] = token;
+    sp->n_seen++;
+}
 
 static float random_f32(uint64_t *state) { // xorshift64*, uniform in [0, 1)
     *state ^= *state >> 12; *state ^= *state << 25; *state ^= *state >> 27;
@@ -758,33 +771,68 @@ static int argmax(const float *x, int n) {
 static const float *sort_probs; // qsort has no context argument
 static int by_prob_desc(const void *a, const void *b) {
     float x = sort_probs[*(const int *)a], y = sort_probs[*(const int *)b];
-    return (x < y) - (x > y);
+    return x < y ? 1 : x > y ? -1 : *(const int *)a - *(const int *)b;
 }
 
-// Pick the next token from logits (V), which this overwrites with probabilities.
+// The k most likely ids of p (V), most likely first, by insertion into a sorted list of k.
+static int top_k_ids(const float *p, int vocab, int k, int *out) {
+    int n = 0;
+    for (int i = 0; i < vocab; i++) {
+        if (n == k && p[i] <= p[out[k - 1]]) continue;
+        int j = n < k ? n++ : k - 1;
+        for (; j > 0 && p[out[j - 1]] < p[i]; j--) out[j] = out[j - 1];
+        out[j] = i;
+    }
+    return n;
+}
+
+// Repetition penalty (Keskar et al. 2019, CTRL), as HF applies it: each distinct token of the
+// last repeat_last_n is penalised once, a positive logit divided and a negative multiplied.
+static void apply_repeat_penalty(const Sampler *sp, float *logits) {
+    size_t n = sp->n_seen < (size_t)sp->repeat_last_n ? sp->n_seen : (size_t)sp->repeat_last_n;
+    for (size_t i = 0; i < n; i++) {
+        int id = sp->recent[i], seen = 0;
+        for (size_t j = 0; j < i && !seen; j++) seen = sp->recent[j] == id;
+        if (!seen) logits[id] = logits[id] > 0 ? logits[id] / sp->repeat_penalty : logits[id] * sp->repeat_penalty;
+    }
+}
+
+// Pick the next token from logits (V), which this overwrites. The steps run in HF's order,
+// each on what the previous left: repetition penalty, temperature, top-k, top-p (Holtzman
+// et al. 2019), min-p (Nguyen et al. 2024).
 static int sample(Sampler *sp, float *logits, int vocab) {
+    if (sp->repeat_penalty != 1) apply_repeat_penalty(sp, logits);
     if (sp->temperature == 0) return argmax(logits, vocab);
     for (int i = 0; i < vocab; i++) logits[i] /= sp->temperature;
-    softmax(logits, vocab);
-    float r = random_f32(&sp->rng);
-    if (sp->top_p >= 1) {   // sample from the whole distribution
-        float cdf = 0;
+    softmax(logits, vocab);   // logits now hold probabilities
+    float pmax = logits[argmax(logits, vocab)], mass = 1;   // mass: of the candidates before top-p
+    int n = 0;
+    if (sp->top_k > 0) {
+        n = top_k_ids(logits, vocab, sp->top_k, sp->order);
+        mass = 0;
+        for (int i = 0; i < n; i++) mass += logits[sp->order[i]];
+    } else if (sp->top_p >= 1 && sp->min_p <= 0) {   // the whole distribution: no sorting needed
+        float r = random_f32(&sp->rng), cdf = 0;
         for (int i = 0; i < vocab; i++) { cdf += logits[i]; if (r < cdf) return i; }
         return vocab - 1;
+    } else {   // sort only tokens that can survive: below (1-top_p)/(V-1) none is in the nucleus
+        float floor = sp->top_p < 1 ? (1 - sp->top_p) / (vocab - 1) : sp->min_p * pmax;
+        for (int i = 0; i < vocab; i++) if (logits[i] >= floor) sp->order[n++] = i;
+        sort_probs = logits;
+        qsort(sp->order, n, sizeof(int), by_prob_desc);
     }
-    // top-p (Holtzman et al. 2019): sample among the most likely tokens whose mass reaches top_p
-    int n = 0;
-    float floor = (1.0f - sp->top_p) / (vocab - 1); // tokens below this can never be in the nucleus
-    for (int i = 0; i < vocab; i++) if (logits[i] >= floor) sp->order[n++] = i;
-    sort_probs = logits;
-    qsort(sp->order, n, sizeof(int), by_prob_desc);
-    float mass = 0;
-    int last = n - 1;
-    for (int i = 0; i < n; i++) { mass += logits[sp->order[i]]; if (mass > sp->top_p) { last = i; break; } }
-    float cdf = 0;
-    r *= mass;
-    for (int i = 0; i <= last; i++) { cdf += logits[sp->order[i]]; if (r < cdf) return sp->order[i]; }
-    return sp->order[last];
+    if (sp->top_p < 1) {   // top-p: keep tokens while the mass before them is below top_p
+        float before = 0;
+        int keep = 0;
+        while (keep < n && before < sp->top_p * mass) before += logits[sp->order[keep++]];
+        n = keep;
+    }
+    while (n > 1 && logits[sp->order[n - 1]] < sp->min_p * pmax) n--;   // min-p: a ratio to the best
+    float total = 0;
+    for (int i = 0; i < n; i++) total += logits[sp->order[i]];
+    float r = random_f32(&sp->rng) * total, cdf = 0;
+    for (int i = 0; i < n; i++) { cdf += logits[sp->order[i]]; if (r < cdf) return sp->order[i]; }
+    return sp->order[n - 1];
 }
 
 // ----------------------------------------------------------------------------
@@ -792,15 +840,15 @@ static int sample(Sampler *sp, float *logits, int vocab) {
 
 typedef struct {
     const char *model_path;
-    const char *mode;         // generate | tokenize | logits
+    const char *mode;         // generate | chat | tokenize | logits
     const char *input;        // -i: the prompt text (token ids with --ids)
     const char *input_path;   // -f: read the prompt from this file ("-": stdin)
     int input_is_ids;         // --ids: the prompt is token ids, and generate prints ids
     int bos;                  // --bos: prepend BOS (tokenize); generate follows the model's policy
     int steps;                // -n: tokens to generate; -1 = until end of text or context
-    float temperature;        // -t
-    float top_p;              // -p
+    Sampler sampler;          // -t -k -p --min-p --repeat-penalty --repeat-last-n settings
     uint64_t seed;            // -s
+    const char *system;       // --system: the chat's system prompt
     long context;             // -c: cache slots to allocate (0 = what the run needs, up to the trained context)
     int chunk;                // --chunk: prefill chunk size (0 = mode default)
     int threads;              // --threads (0 = OpenMP default)
@@ -863,43 +911,141 @@ static double peak_rss_mb(void) {
 #endif
 }
 
+// Ctrl-C stops generation cleanly (the stats still print); a second Ctrl-C exits at once.
+static volatile sig_atomic_t interrupted = 0;
+static void on_sigint(int sig) {
+    (void)sig;
+    if (interrupted) _exit(130);
+    interrupted = 1;
+}
+
 // Feed n tokens to the model from position pos0 in chunks; return the last token's logits.
+// Long prompts show their progress on stderr.
 static float *prefill(Transformer *t, const int *tokens, size_t n, size_t pos0) {
     float *logits = NULL;
-    for (size_t done = 0; done < n; done += t->state.max_T) {
+    double start = now_seconds();
+    for (size_t done = 0; done < n && !interrupted; done += t->state.max_T) {
         int T = n - done < (size_t)t->state.max_T ? (int)(n - done) : t->state.max_T;
         logits = forward(t, tokens + done, T, pos0 + done);
+        if (n >= 4096)
+            fprintf(stderr, "\rprefill %zu / %zu tokens, %.0f tok/s", done + T, n, (done + T) / (now_seconds() - start));
     }
+    if (n >= 4096) fprintf(stderr, "\n");
+    if (interrupted) die("interrupted during prefill");
     return logits;
 }
 
-// -m generate: prefill the prompt, then sample one token at a time until -n tokens, the
-// model's end of text, or a full context. Text streams through the tokenizer (tok != NULL);
-// without one, ids are printed.
-static void generate(Transformer *t, Tokenizer *tok, Sampler *sp, const int *prompt, size_t n_prompt, int steps) {
-    int V = t->config.vocab_size;
+// Sample up to steps tokens (-1: no limit) after logits, printing each and feeding it back at
+// *pos. Stops at the model's end-of-text or end-of-turn token (not fed back), a full cache or
+// Ctrl-C. Text goes through the tokenizer's stream (tok != NULL), else ids are printed.
+// Returns the number of tokens sampled.
+static int decode(Transformer *t, Tokenizer *tok, Sampler *sp, float *logits, size_t *pos, int steps) {
     TokenStream stream;
-    if (tok) tokenizer_stream_init(&stream, tok, 1);
-    double t0 = now_seconds();
-    float *logits = prefill(t, prompt, n_prompt, 0);
-    double t1 = now_seconds();
+    if (tok) tokenizer_stream_init(&stream, tok, 0);
     int generated = 0;
-    for (size_t pos = n_prompt; steps < 0 || generated < steps; pos++) {
-        int next = sample(sp, logits, V);
+    while ((steps < 0 || generated < steps) && !interrupted) {
+        int next = sample(sp, logits, t->config.vocab_size);
         generated++;
         if (tok && (next == tokenizer_eos_id(tok) || next == tokenizer_eot_id(tok))) break;
         if (tok) tokenizer_stream_put(&stream, next, stdout);
         else printf(generated > 1 ? " %d" : "%d", next);
         fflush(stdout);
-        if (generated == steps || pos + 1 >= t->cache.n_slots) break;
-        logits = forward(t, &next, 1, pos);
-    }
+        sampler_accept(sp, next);
+        if (*pos >= t->cache.n_slots) break;
+        logits = forward(t, &next, 1, (*pos)++);   // fed back even when it is the last, so a chat
+    }                                              // continues from a cache holding the whole reply
     if (tok) tokenizer_stream_flush(&stream, stdout);
+    return generated;
+}
+
+static void print_stats(size_t n_prompt, double prefill_s, int generated, double decode_s) {
+    fprintf(stderr, "prompt %zu tokens, prefill %.1f tok/s, first token after %.2f s, decode %.1f tok/s (%d tokens), "
+            "peak RSS %.0f MB\n", n_prompt, n_prompt / prefill_s, prefill_s,
+            generated / decode_s, generated, peak_rss_mb());
+}
+
+// -m generate: prefill the prompt, then sample until -n tokens, end of text, a full context or
+// Ctrl-C. Stats on stderr.
+static void generate(Transformer *t, Tokenizer *tok, Sampler *sp, const int *prompt, size_t n_prompt, int steps) {
+    for (size_t i = 0; i < n_prompt; i++) sampler_accept(sp, prompt[i]);
+    double t0 = now_seconds();
+    float *logits = prefill(t, prompt, n_prompt, 0);
+    double t1 = now_seconds();
+    size_t pos = n_prompt;
+    int generated = decode(t, tok, sp, logits, &pos, steps);
     printf("\n");
-    double t2 = now_seconds();
-    fprintf(stderr, "prompt %zu tokens, prefill %.1f tok/s (%.2f s to first token), decode %.1f tok/s (%d tokens), "
-            "peak RSS %.0f MB\n", n_prompt, n_prompt / (t1 - t0), t1 - t0,
-            generated > 1 ? (generated - 1) / (t2 - t1) : 0.0, generated, peak_rss_mb());
+    print_stats(n_prompt, t1 - t0, generated, now_seconds() - t1);
+}
+
+// Chat formats, chosen by the template id export.py recorded from the model's chat_template.
+// A turn is: [close the previous reply] [system, first turn only] user message, assistant cue.
+typedef struct {
+    const char *system;    // printf format with the system prompt
+    const char *user;      // printf format with the user message, ending with the assistant cue
+    const char *close;     // what ends an assistant reply (its end-of-turn token and after)
+} ChatFormat;
+
+static const ChatFormat chat_formats[CHAT_COUNT] = {
+    [CHAT_CHATML] = {"<|im_start|>system\n%s<|im_end|>\n", "<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n",
+                     "<|im_end|>\n"},
+    [CHAT_LLAMA3] = {"<|start_header_id|>system<|end_header_id|>\n\n%s<|eot_id|>",
+                     "<|start_header_id|>user<|end_header_id|>\n\n%s<|eot_id|>"
+                     "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"},
+    [CHAT_LLAMA2_INST] = {"[INST] <<SYS>>\n%s\n<</SYS>>\n\n", "[INST] %s [/INST]", " </s><s>"},
+};
+
+// printf into a growing heap string (no fixed-size buffers): appends to *buf.
+static void append_format(char **buf, size_t *len, const char *fmt, const char *arg) {
+    int n = snprintf(NULL, 0, fmt, arg);
+    if (n < 0) die("cannot format the chat turn");
+    char *grown = realloc(*buf, add_size(add_size(*len, (size_t)n, "chat turn"), 1, "chat turn"));
+    if (!grown) die("out of memory building the chat turn");
+    snprintf(grown + *len, (size_t)n + 1, fmt, arg);
+    *buf = grown;
+    *len += (size_t)n;
+}
+
+// -m chat: read one user message per line from stdin until EOF; the KV cache keeps the whole
+// conversation, so each turn only prefills its own new tokens.
+static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *system, int steps) {
+    int id = tokenizer_chat_template(tok);
+    if (id <= CHAT_NONE || id >= CHAT_COUNT) die("this model has no known chat format; use -m generate");
+    const ChatFormat *fmt = &chat_formats[id];
+    int interactive = isatty(fileno(stdin));
+    char *line = NULL;
+    size_t line_cap = 0, pos = 0;
+    for (int turn = 0;; turn++) {
+        if (interactive) { fprintf(stderr, "> "); fflush(stderr); }
+        ssize_t got = getline(&line, &line_cap, stdin);
+        if (got < 0) break;
+        while (got > 0 && (line[got - 1] == '\n' || line[got - 1] == '\r')) line[--got] = 0;
+        char *text = NULL;
+        size_t len = 0;
+        if (turn > 0) append_format(&text, &len, "%s", fmt->close);
+        if (turn == 0 && system) append_format(&text, &len, fmt->system, system);
+        if (id == CHAT_LLAMA2_INST && turn == 0 && system)   // Llama 2 puts the system block inside [INST]
+            append_format(&text, &len, "%s [/INST]", line);
+        else
+            append_format(&text, &len, fmt->user, line);
+        int *ids;
+        size_t n = tokenizer_encode(tok, text, len, turn == 0 && tokenizer_add_bos(tok), &ids);
+        free(text);
+        if (!ids) die("out of memory tokenizing the chat turn");
+        if (pos + n >= t->cache.n_slots)
+            die("the conversation (%zu tokens) no longer fits the context of %zu; raise -c", pos + n, t->cache.n_slots);
+        for (size_t i = 0; i < n; i++) sampler_accept(sp, ids[i]);
+        double t0 = now_seconds();
+        float *logits = prefill(t, ids, n, pos);
+        double t1 = now_seconds();
+        pos += n;
+        free(ids);
+        int generated = decode(t, tok, sp, logits, &pos, steps);
+        printf("\n");
+        fflush(stdout);
+        if (interactive) print_stats(n, t1 - t0, generated, now_seconds() - t1);
+        interrupted = 0;   // Ctrl-C ends a reply, not the conversation
+    }
+    free(line);
 }
 
 // -m logits: run the ids in chunks and write every position's logits as raw float32 (n, V).
@@ -927,17 +1073,22 @@ static void print_ids(const int *ids, size_t n) {
 static void usage(FILE *out) {
     fprintf(out,
         "usage: run MODEL [options]\n"
-        "  -m MODE          generate | tokenize | logits                   (default generate)\n"
+        "  -m MODE          generate | chat | tokenize | logits            (default generate)\n"
         "  -i TEXT          the prompt\n"
         "  -f FILE          read the prompt from FILE, bytes verbatim; - for stdin\n"
         "  --ids            the prompt is token ids (\"1 2 3\"); generate prints ids\n"
         "  --bos            tokenize: prepend the model's BOS token\n"
         "  -n N             tokens to generate; -1 = until end of text      (default 256)\n"
-        "  -t T             temperature; 0 = greedy                         (default 1.0)\n"
-        "  -p P             top-p (nucleus) threshold in (0, 1]            (default 0.9)\n"
-        "  -s SEED          random seed                                    (default: time)\n"
+        "  -t T             temperature; 0 = greedy                         (default 0.8)\n"
+        "  -k K             top-k: sample among the K most likely; 0 = off (default 40)\n"
+        "  -p P             top-p (nucleus) threshold in (0, 1]; 1 = off   (default 0.95)\n"
+        "  --min-p P        drop tokens below P x the most likely; 0 = off (default 0.05)\n"
+        "  --repeat-penalty R  penalise recent tokens' logits; 1 = off     (default 1.0)\n"
+        "  --repeat-last-n N   how many recent tokens it looks at          (default 64)\n"
+        "  -s SEED          random seed; same seed, same output            (default: time)\n"
+        "  --system TEXT    chat: the system prompt                        (default: none)\n"
         "  -c N             context: KV cache slots to allocate            (default: what the run needs,\n"
-        "                   at most the model's trained context)\n"
+        "                   at most the model's trained context; chat: 4096 at most)\n"
         "  --chunk N        tokens per forward pass in prefill             (default 256; logits: all)\n"
         "  --threads N      worker threads                                 (default: all cores)\n"
         "  --logits-out F   logits mode: write (n_tokens, vocab) float32 here; the prompt is ids\n"
@@ -974,8 +1125,9 @@ static float parse_float(const char *flag, const char *s, float lo, float hi) {
 }
 
 static Options parse_options(int argc, char **argv) {
-    Options o = {.mode = "generate", .steps = 256, .temperature = 1.0f, .top_p = 0.9f,
-                 .seed = (uint64_t)time(NULL)};
+    Options o = {.mode = "generate", .steps = 256, .seed = (uint64_t)time(NULL),
+                 .sampler = {.temperature = 0.8f, .top_k = 40, .top_p = 0.95f, .min_p = 0.05f,
+                             .repeat_penalty = 1.0f, .repeat_last_n = 64}};
     if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) { usage(stdout); exit(0); }
     if (argc < 2 || argv[1][0] == '-') { usage(stderr); exit(2); }
     o.model_path = argv[1];
@@ -990,8 +1142,13 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(flag, "-i")) o.input = val;
         else if (!strcmp(flag, "-f")) o.input_path = val;
         else if (!strcmp(flag, "-n")) o.steps = (int)parse_long(flag, val, -1, INT32_MAX);
-        else if (!strcmp(flag, "-t")) o.temperature = parse_float(flag, val, 0, 100);
-        else if (!strcmp(flag, "-p")) o.top_p = parse_float(flag, val, 1e-6f, 1);
+        else if (!strcmp(flag, "-t")) o.sampler.temperature = parse_float(flag, val, 0, 100);
+        else if (!strcmp(flag, "-k")) o.sampler.top_k = (int)parse_long(flag, val, 0, INT32_MAX);
+        else if (!strcmp(flag, "-p")) o.sampler.top_p = parse_float(flag, val, 1e-6f, 1);
+        else if (!strcmp(flag, "--min-p")) o.sampler.min_p = parse_float(flag, val, 0, 1);
+        else if (!strcmp(flag, "--repeat-penalty")) o.sampler.repeat_penalty = parse_float(flag, val, 1e-3f, 1e3f);
+        else if (!strcmp(flag, "--repeat-last-n")) o.sampler.repeat_last_n = (int)parse_long(flag, val, 0, 1 << 20);
+        else if (!strcmp(flag, "--system")) o.system = val;
         else if (!strcmp(flag, "-s")) o.seed = (uint64_t)parse_long(flag, val, 0, INT64_MAX);
         else if (!strcmp(flag, "-c")) o.context = parse_long(flag, val, 1, INT32_MAX);
         else if (!strcmp(flag, "--chunk")) o.chunk = (int)parse_long(flag, val, 1, 1 << 16);
@@ -999,14 +1156,28 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(flag, "--logits-out")) o.logits_out = val;
         else usage_error("unknown option %s", flag);
     }
-    if (strcmp(o.mode, "generate") && strcmp(o.mode, "tokenize") && strcmp(o.mode, "logits"))
-        usage_error("unknown mode '%s' (generate, tokenize, logits)", o.mode);
-    if (!o.input == !o.input_path) usage_error("%s", "give the prompt with exactly one of -i TEXT or -f FILE");
+    if (strcmp(o.mode, "generate") && strcmp(o.mode, "chat") && strcmp(o.mode, "tokenize") && strcmp(o.mode, "logits"))
+        usage_error("unknown mode '%s' (generate, chat, tokenize, logits)", o.mode);
+    if (!strcmp(o.mode, "chat")) {
+        if (o.input || o.input_path || o.input_is_ids) usage_error("%s", "chat reads its messages from stdin, one per line");
+    } else if (!o.input == !o.input_path) {
+        usage_error("%s", "give the prompt with exactly one of -i TEXT or -f FILE");
+    }
     if (!strcmp(o.mode, "logits")) {
         if (!o.logits_out) usage_error("%s", "logits mode needs --logits-out FILE");
         o.input_is_ids = 1;
     }
     return o;
+}
+
+// How many cache slots a run allocates: -c if given, else what it needs (prompt + tokens to
+// generate), at most the trained context (chat: at most 4096, as its length is unknown).
+static size_t context_slots(const Options *o, const FileHeader *h, size_t n_prompt) {
+    size_t trained = h->max_seq_len, cap = !strcmp(o->mode, "chat") && trained > 4096 ? 4096 : trained;
+    if (o->context) return (size_t)o->context;
+    if (!strcmp(o->mode, "logits")) return n_prompt;
+    size_t needed = o->steps < 0 || !strcmp(o->mode, "chat") ? SIZE_MAX : n_prompt + (size_t)o->steps;
+    return needed < cap ? needed : cap;
 }
 
 int main(int argc, char **argv) {
@@ -1016,47 +1187,51 @@ int main(int argc, char **argv) {
     open_model_file(&mf, o.model_path);
     Tokenizer tok = {0};
     int has_tokenizer = load_tokenizer(&tok, &mf, o.model_path);
+    int chat_mode = !strcmp(o.mode, "chat"), logits_mode = !strcmp(o.mode, "logits");
+    if (chat_mode && !has_tokenizer) die("%s has no tokenizer, which chat needs; re-export it", o.model_path);
 
     // The prompt as ids: given as ids, or encoded (tokenize: BOS only with --bos; generate:
     // the model's own BOS policy, as HF's encode with special tokens).
-    size_t len, n_prompt;
-    char *text = read_prompt(&o, &len);
-    int *prompt;
-    if (o.input_is_ids) {
-        int vocab = mf.header->n_layers ? (int)mf.header->vocab_size : tokenizer_vocab_size(&tok);
-        n_prompt = parse_ids(text, vocab, &prompt);
-    } else {
-        if (!has_tokenizer) die("%s has no tokenizer: re-export it, or give token ids with --ids", o.model_path);
-        int add_bos = !strcmp(o.mode, "tokenize") ? o.bos : o.bos || tokenizer_add_bos(&tok);
-        n_prompt = tokenizer_encode(&tok, text, len, add_bos, &prompt);
-        if (!prompt) die("out of memory tokenizing the prompt");
+    size_t n_prompt = 0;
+    int *prompt = NULL;
+    if (!chat_mode) {
+        size_t len;
+        char *text = read_prompt(&o, &len);
+        if (o.input_is_ids) {
+            int vocab = mf.header->n_layers ? (int)mf.header->vocab_size : tokenizer_vocab_size(&tok);
+            n_prompt = parse_ids(text, vocab, &prompt);
+        } else {
+            if (!has_tokenizer) die("%s has no tokenizer: re-export it, or give token ids with --ids", o.model_path);
+            int add_bos = !strcmp(o.mode, "tokenize") ? o.bos : o.bos || tokenizer_add_bos(&tok);
+            n_prompt = tokenizer_encode(&tok, text, len, add_bos, &prompt);
+            if (!prompt) die("out of memory tokenizing the prompt");
+        }
+        free(text);
     }
-    free(text);
 
     if (!strcmp(o.mode, "tokenize")) {
         print_ids(prompt, n_prompt);
     } else {
         if (mf.header->n_layers == 0) die("%s is a tokenizer-only file: it can only -m tokenize", o.model_path);
-        if (n_prompt == 0) die("the prompt is empty: it has no tokens to start from");
-        // Size the cache to what this run needs (prompt + generated), at most the trained context.
-        int logits_mode = !strcmp(o.mode, "logits");
-        size_t trained = mf.header->max_seq_len;
-        size_t needed = n_prompt + (logits_mode ? 0 : o.steps < 0 ? trained : (size_t)o.steps);
-        size_t n_slots = o.context ? (size_t)o.context : needed < trained ? needed : trained;
-        if (n_prompt > n_slots || (o.steps >= 0 && needed > n_slots))
-            die("%zu tokens (prompt %zu + %d to generate) do not fit in a context of %zu; raise -c or lower -n",
-                needed, n_prompt, logits_mode ? 0 : o.steps, n_slots);
+        if (!chat_mode && n_prompt == 0) die("the prompt is empty: it has no tokens to start from");
+        size_t n_slots = context_slots(&o, mf.header, n_prompt);
+        if (n_prompt > n_slots || (!chat_mode && !logits_mode && o.steps >= 0 && n_prompt + o.steps > n_slots))
+            die("the prompt (%zu tokens) and %d tokens to generate do not fit in a context of %zu; raise -c or lower -n",
+                n_prompt, logits_mode ? 0 : o.steps, n_slots);
         int chunk = o.chunk ? o.chunk : logits_mode ? (int)(n_prompt < 65536 ? n_prompt : 65536) : 256;
-        if ((size_t)chunk > n_prompt) chunk = (int)n_prompt;
+        if (!chat_mode && (size_t)chunk > n_prompt) chunk = (int)n_prompt;
         Transformer t = {0};
         build_transformer(&t, &mf, o.model_path, n_slots, chunk, logits_mode);
         print_memory(&t);
         if (logits_mode) {
             write_logits(&t, prompt, n_prompt, o.logits_out);
         } else {
-            Sampler sp;
-            build_sampler(&sp, t.config.vocab_size, o.temperature, o.top_p, o.seed);
-            generate(&t, o.input_is_ids || !has_tokenizer ? NULL : &tok, &sp, prompt, n_prompt, o.steps);
+            Sampler sp = o.sampler;
+            build_sampler(&sp, t.config.vocab_size, o.seed);
+            signal(SIGINT, on_sigint);
+            Tokenizer *text_out = o.input_is_ids || !has_tokenizer ? NULL : &tok;
+            if (chat_mode) chat(&t, &tok, &sp, o.system, o.steps);
+            else generate(&t, text_out, &sp, prompt, n_prompt, o.steps);
             free_sampler(&sp);
         }
         free_transformer(&t);
