@@ -205,7 +205,6 @@ static void open_model_file(ModelFile *mf, const char *path) {
     uint64_t data_start = h->tensor_table_offset + (uint64_t)h->n_tensors * LR_TENSOR_ENTRY_SIZE;
     if (h->tokenizer_size && h->tokenizer_offset + h->tokenizer_size > data_start)
         data_start = h->tokenizer_offset + h->tokenizer_size;
-    const TensorEntry **sorted = xcalloc(h->n_tensors, sizeof(*sorted), "tensor table");
     for (uint32_t i = 0; i < h->n_tensors; i++) {
         const TensorEntry *e = &mf->tensors[i];
         if (memchr(e->name, 0, LR_NAME_LEN) == NULL || e->name[0] == 0)
@@ -226,13 +225,16 @@ static void open_model_file(ModelFile *mf, const char *path) {
         if (e->offset % LR_ALIGN) die("%s: tensor %s data is not %d-byte aligned", path, e->name, LR_ALIGN);
         if (e->offset < data_start) die("%s: tensor %s data overlaps the file's metadata", path, e->name);
         check_section(path, e->name, e->offset, e->size, size);
-        sorted[i] = e;
     }
+    const TensorEntry **sorted = xcalloc(h->n_tensors, sizeof(*sorted), "tensor table");
+    for (uint32_t i = 0; i < h->n_tensors; i++) sorted[i] = &mf->tensors[i];
     qsort(sorted, h->n_tensors, sizeof(*sorted), compare_offsets);
-    for (uint32_t i = 1; i < h->n_tensors; i++)
-        if (sorted[i - 1]->offset + sorted[i - 1]->size > sorted[i]->offset)
-            die("%s: tensors %s and %s overlap", path, sorted[i - 1]->name, sorted[i]->name);
+    uint32_t overlap = 0;
+    for (uint32_t i = 1; i < h->n_tensors && !overlap; i++)
+        if (sorted[i - 1]->offset + sorted[i - 1]->size > sorted[i]->offset) overlap = i;
+    const char *first = overlap ? sorted[overlap - 1]->name : NULL, *second = overlap ? sorted[overlap]->name : NULL;
     free(sorted);
+    if (overlap) die("%s: tensors %s and %s overlap", path, first, second);
 }
 
 static void close_model_file(ModelFile *mf) { munmap((void *)mf->bytes, mf->size); }

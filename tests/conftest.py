@@ -1,0 +1,49 @@
+"""Shared helpers: where the binaries are, exporting, running ./run, reading logits."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.environ.get("LONGRUN_BIN", os.path.join(ROOT, "run"))
+RUN_ASAN = os.environ.get("LONGRUN_ASAN_BIN", os.path.join(ROOT, "run-asan"))
+SMOLLM2_GGUF = os.environ.get("SMOLLM2_GGUF", os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def need(path, how):
+    """A missing prerequisite fails the test (make test always provides it), never skips it."""
+    assert os.path.exists(path), f"{path} is missing: {how}"
+    return path
+
+
+def export(source, out, dtype="f32", *extra):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), str(source), str(out), "--dtype", dtype, *extra],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, f"export.py failed: {r.stderr}"
+    return str(out)
+
+
+def run(model, *args, binary=None, check=True, **kw):
+    """Run ./run MODEL ARGS; returns the CompletedProcess (text mode)."""
+    binary = binary or need(RUN, "build it with make")
+    r = subprocess.run([binary, str(model), *map(str, args)], capture_output=True, text=True, **kw)
+    if check:
+        assert r.returncode == 0, f"run failed ({r.returncode}): {r.stderr}"
+    return r
+
+
+def engine_logits(model, ids, tmp_path, chunk=None, binary=None):
+    """Logits (n, vocab) of every position, from ./run -m logits."""
+    out = os.path.join(str(tmp_path), f"logits_{chunk}.f32")
+    args = ["-m", "logits", "-i", " ".join(map(str, ids)), "--logits-out", out]
+    if chunk:
+        args += ["--chunk", chunk]
+    run(model, *args, binary=binary)
+    return np.fromfile(out, dtype="<f4").reshape(len(ids), -1)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    return need(SMOLLM2_GGUF, "make test downloads it (or set SMOLLM2_GGUF)")
