@@ -193,6 +193,7 @@ static void open_model_file(ModelFile *mf, const char *path) {
         return;
     }
     if (h->n_layers == 0 || h->n_layers > 4096) die("%s: n_layers %u out of range [1, 4096]", path, h->n_layers);
+    if (h->vocab_size == 0 || h->vocab_size > (1u << 24)) die("%s: vocab_size %u out of range", path, h->vocab_size);
     check_section(path, "layer table", h->header_size, (uint64_t)h->n_layers * LR_LAYER_CONFIG_SIZE, size);
     if (h->n_tensors == 0 || h->n_tensors > 1000000) die("%s: n_tensors %u out of range", path, h->n_tensors);
     if (h->tensor_table_offset % 8) die("%s: tensor table offset %llu is not 8-byte aligned", path,
@@ -249,7 +250,6 @@ static void read_config(Config *c, const ModelFile *mf, const char *path) {
     for (size_t i = 0; i < sizeof(dims) / sizeof(dims[0]); i++)
         if (dims[i].value == 0 || dims[i].value > limit)
             die("%s: %s = %u is out of range [1, %u]", path, dims[i].name, dims[i].value, limit);
-    if (h->vocab_size == 0 || h->vocab_size > (1u << 24)) die("%s: vocab_size %u out of range", path, h->vocab_size);
     if (h->n_heads % h->n_kv_heads) die("%s: n_heads %u is not a multiple of n_kv_heads %u", path, h->n_heads, h->n_kv_heads);
     if ((uint64_t)h->n_heads * h->head_dim > limit) die("%s: n_heads * head_dim is too large", path);
     if (!(h->norm_eps >= 0 && h->norm_eps < 1)) die("%s: norm_eps %g out of range", path, h->norm_eps);
@@ -822,8 +822,9 @@ static int sample(Sampler *sp, float *logits, int vocab) {
         float r = random_f32(&sp->rng), cdf = 0;
         for (int i = 0; i < vocab; i++) { cdf += logits[i]; if (r < cdf) return i; }
         return vocab - 1;
-    } else {   // sort only tokens that can survive: below (1-top_p)/(V-1) none is in the nucleus
-        float floor = sp->top_p < 1 ? (1 - sp->top_p) / (vocab - 1) : sp->min_p * pmax;
+    } else {   // sort only tokens that can survive: below (1-top_p)/V none is in the nucleus
+        // (the tokens beneath it hold less than 1-top_p together); the margin covers rounding
+        float floor = sp->top_p < 1 ? (1 - sp->top_p) / vocab * 0.999f : sp->min_p * pmax;
         for (int i = 0; i < vocab; i++) if (logits[i] >= floor) sp->order[n++] = i;
         sort_probs = logits;
         qsort(sp->order, n, sizeof(int), by_prob_desc);

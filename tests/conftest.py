@@ -1,5 +1,6 @@
 """Shared helpers: where the binaries are, exporting, running ./run, reading logits."""
 import os
+import struct
 import subprocess
 import sys
 
@@ -10,6 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.environ.get("LONGRUN_BIN", os.path.join(ROOT, "run"))
 RUN_ASAN = os.environ.get("LONGRUN_ASAN_BIN", os.path.join(ROOT, "run-asan"))
 SMOLLM2_GGUF = os.environ.get("SMOLLM2_GGUF", os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+PYTHON = os.environ.get("LONGRUN_PYTHON", sys.executable)   # the Python that runs export.py
+DTYPE_NAMES = ["f32", "f16", "bf16", "q8_0"]                 # model.h DType, by value
 
 
 def need(path, how):
@@ -19,10 +22,22 @@ def need(path, how):
 
 
 def export(source, out, dtype="f32", *extra):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), str(source), str(out), "--dtype", dtype, *extra],
-                       capture_output=True, text=True)
+    script = need(os.path.join(ROOT, "export.py"), "export.py is part of the repo")
+    r = subprocess.run([PYTHON, script, str(source), str(out), "--dtype", dtype, *extra], capture_output=True, text=True)
     assert r.returncode == 0, f"export.py failed: {r.stderr}"
     return str(out)
+
+
+def stored_dtypes(model):
+    """{tensor name: (dtype name, rows, cols)} read from a model file's tensor table (model.h layout)."""
+    with open(model, "rb") as f:
+        blob = f.read()
+    n_tensors, table = struct.unpack_from("<IQ", blob, 60)   # FileHeader.n_tensors, .tensor_table_offset
+    out = {}
+    for i in range(n_tensors):
+        name, dtype, _, rows, cols = struct.unpack_from("<40sIIQQ", blob, table + 80 * i)
+        out[name.rstrip(b"\0").decode()] = (DTYPE_NAMES[dtype], rows, cols)
+    return out
 
 
 def run(model, *args, binary=None, check=True, **kw):

@@ -50,6 +50,25 @@ def section_ends(blob):
     return h["header_size"], h["tensor_table_offset"], h["tokenizer_offset"] or h["tensor_table_offset"]
 
 
+def layer_set(blob, layer, name, value):
+    off, fmt = field_offset(ex.LAYER_FIELDS, name)
+    off += struct.unpack_from("<I", blob, field_offset(ex.HEADER_FIELDS, "header_size")[0])[0] + layer * ex.LAYER.size
+    return blob[:off] + struct.pack(fmt, value) + blob[off + struct.calcsize(fmt):]
+
+
+def tensor_index(blob, wanted):
+    table = section_ends(blob)[1]
+    n = struct.unpack_from("<I", blob, field_offset(ex.HEADER_FIELDS, "n_tensors")[0])[0]
+    names = [ex.TENSOR.unpack_from(blob, table + i * ex.TENSOR.size)[0].rstrip(b"\0").decode() for i in range(n)]
+    return names.index(wanted)
+
+
+def vector_as_f16(b):
+    """blk.0.attn_norm stored as f16 with a consistent size: only the 'vectors are f32' rule refuses it."""
+    i = tensor_index(b, "blk.0.attn_norm")
+    return tensor_set(tensor_set(b, i, "dtype", 1), i, "size", 2 * 64)
+
+
 CASES = {
     # name: (how to damage the bytes, what the error must mention)
     "empty": (lambda b: b"", "too short"),
@@ -58,12 +77,17 @@ CASES = {
     "truncated_table": (lambda b: b[:section_ends(b)[1] + 40], "bytes"),
     "truncated_data": (lambda b: b[:len(b) - 1000], "bytes"),
     "truncated_keep_size": (lambda b: header_set(b[:len(b) - 1000], "file_size", len(b) - 1000), "past the end"),
+    # cut inside the layer configs / tensor table with file_size fixed up: the section checks must catch it
+    "truncated_layers_keep_size": (lambda b: header_set(b[:section_ends(b)[0] + 10], "file_size",
+                                                        section_ends(b)[0] + 10), "layer table"),
+    "truncated_table_keep_size": (lambda b: header_set(b[:section_ends(b)[1] + 40], "file_size",
+                                                       section_ends(b)[1] + 40), "tensor table"),
     "wrong_magic": (lambda b: b"GGUF" + b[4:], "magic"),
     "future_version": (lambda b: header_set(b, "version", ex.LR_VERSION + 1), "version"),
     "header_size": (lambda b: header_set(b, "header_size", 200), "header size"),
     "n_layers_huge": (lambda b: header_set(b, "n_layers", 2**31), "n_layers"),
     "dim_huge": (lambda b: header_set(b, "dim", 2**31), "dim"),
-    "vocab_huge": (lambda b: header_set(b, "vocab_size", 2**32 - 1), "vocab"),
+    "vocab_huge": (lambda b: header_set(b, "vocab_size", 2**32 - 1), "vocab_size"),
     "heads_not_divisible": (lambda b: header_set(b, "n_kv_heads", 3), "multiple"),
     "head_dim_zero": (lambda b: header_set(b, "head_dim", 0), "head_dim"),
     "n_tensors_huge": (lambda b: header_set(b, "n_tensors", 2**31), "n_tensors"),
@@ -79,6 +103,28 @@ CASES = {
     "tensor_huge_rows": (lambda b: tensor_set(b, 0, "rows", 2**62), "shape"),
     "tensor_missing": (lambda b: tensor_set(b, 3, "name", b"blk.0.nothing"), "missing"),
     "tensor_wrong_shape": (lambda b: tensor_set(b, 0, "rows", 255), "needs"),
+    # the header's file size disagrees with an intact file, in both directions
+    "file_size_too_big": (lambda b: header_set(b, "file_size", len(b) + 64), "header says"),
+    "trailing_bytes": (lambda b: b + bytes(64), "header says"),
+    "tokenizer_past_end": (lambda b: header_set(header_set(b, "tokenizer_offset", len(b) - 8), "tokenizer_size", 64),
+                           "tokenizer section"),
+    # zero or absurd dimensions: each would divide by zero, allocate nothing or overflow later
+    "n_kv_heads_zero": (lambda b: header_set(b, "n_kv_heads", 0), "n_kv_heads"),
+    "max_seq_len_zero": (lambda b: header_set(b, "max_seq_len", 0), "max_seq_len"),
+    "q_dim_huge": (lambda b: header_set(b, "head_dim", 2**20), "too large"),
+    "norm_eps_nan": (lambda b: header_set(b, "norm_eps", float("nan")), "norm_eps"),
+    "qkv_bias_without_tensors": (lambda b: header_set(b, "qkv_bias", 1), "missing"),
+    # layer configs
+    "layer_bad_attn_kind": (lambda b: layer_set(b, 1, "attn_kind", 7), "attention kind"),
+    "layer_window_zero": (lambda b: layer_set(layer_set(b, 1, "attn_kind", 1), 1, "window", 0), "window 0"),
+    "layer_bad_rope_type": (lambda b: layer_set(b, 0, "rope_type", 99), "rope type"),
+    "layer_rotary_odd": (lambda b: layer_set(b, 1, "rotary_dim", 15), "rotary_dim"),
+    "layer_rotary_too_big": (lambda b: layer_set(b, 0, "rotary_dim", 18), "rotary_dim"),
+    "layer_theta_nan": (lambda b: layer_set(b, 0, "rope_theta", float("nan")), "rope_theta"),
+    # tensor table entries
+    "tensor_name_unterminated": (lambda b: tensor_set(b, 2, "name", b"x" * 40), "name"),
+    "tensor_bad_ndims": (lambda b: tensor_set(b, 2, "n_dims", 3), "shape"),
+    "vector_not_f32": (vector_as_f16, "must be f32"),
 }
 
 
@@ -118,3 +164,16 @@ def test_token_id_out_of_range(good):
     r = run(d / "good.bin", "-m", "logits", "-i", "1 256", "--logits-out", d / "l.f32",
             binary=need(RUN_ASAN, "make run-asan"), check=False)
     assert r.returncode == 1 and "outside the vocabulary" in r.stderr, r.stderr
+
+
+def test_huge_window_is_full_attention(good):
+    """A sliding window of 2^32-1 keys on every layer (no overflow in q - k < window) equals full attention."""
+    d, blob = good
+    for layer in range(2):
+        blob = layer_set(layer_set(blob, layer, "attn_kind", 1), layer, "window", 2**32 - 1)
+    (d / "wide.bin").write_bytes(blob)
+    asan = need(RUN_ASAN, "make run-asan")
+    ids = " ".join(str(i) for i in range(0, 256, 7))
+    run(d / "good.bin", "-m", "logits", "-i", ids, "--logits-out", d / "full.f32", "--chunk", 5, binary=asan)
+    run(d / "wide.bin", "-m", "logits", "-i", ids, "--logits-out", d / "wide.f32", "--chunk", 5, binary=asan)
+    assert (d / "full.f32").read_bytes() == (d / "wide.f32").read_bytes()

@@ -52,7 +52,9 @@ def test_greedy_generation_matches_transformers(smol):
     f32 = d / "f32.bin"
     ids = tok(CHAT, add_special_tokens=False).input_ids
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=64,
+        # an explicit all-ones mask: the prompt holds <|im_end|>, which is also the pad token
+        x = torch.tensor([ids])
+        out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=64,
                              pad_token_id=tok.eos_token_id)
     want = out[0, len(ids):].tolist()
     assert len(want) == 64, "HF stopped early at EOS: pick a prompt that asks for more text"

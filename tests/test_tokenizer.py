@@ -300,8 +300,10 @@ def spm_model(workdir):
 def hf_from_spm(workdir, model_path, legacy):
     """HF's own conversion of the .model (LlamaTokenizer), with protobuf parsing done by our reader,
     since the protobuf package is not a test dependency."""
+    import importlib
     import shutil
-    import transformers.convert_slow_tokenizer as cst
+    # by module path: once loaded, `transformers.convert_slow_tokenizer` is also the name of a function
+    cst = importlib.import_module("transformers.convert_slow_tokenizer")
     from transformers import AutoTokenizer
 
     class Proto:  # the attributes SentencePieceExtractor reads from a ModelProto

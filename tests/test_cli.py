@@ -1,0 +1,209 @@
+"""The command line of ./run: --help lists exactly the options the parser knows, every option is
+accepted (and does what it says, where that is cheap to see), bad command lines exit 2 with one
+`error:` line, seeds reproduce, -n 0, -f - and -f DIR. On SmolLM2-135M-Instruct exported at q8_0."""
+import os
+import re
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import ROOT, RUN, export, need, run
+
+PROMPT = "Once upon a time"
+COUNT = "1, 2, 3, 4, 5, 6, 7, 8,"
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_gguf, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    return export(smollm2_gguf, d / "q8.bin", "q8_0")
+
+
+def raw(*args, input=None):
+    """./run ARGS (model included, or not), unchecked."""
+    return subprocess.run([need(RUN, "build it with make"), *map(str, args)], capture_output=True, text=True,
+                          input=input)
+
+
+def ids_of(r):
+    return [int(x) for x in r.stdout.split()]
+
+
+def usage_flags(text):
+    flags = set()
+    for line in text.splitlines():
+        m = re.match(r"\s+(-[-\w]+)(?:,\s+(-[-\w]+))?", line)
+        if m:
+            flags.update(f for f in m.groups() if f)
+    return flags
+
+
+def parser_flags():
+    src = open(os.path.join(ROOT, "run.c")).read()
+    body = src[src.index("static Options parse_options("):]
+    body = body[:body.index("\n}\n")]
+    return set(re.findall(r'strcmp\((?:flag|argv\[1\]), "(-[^"]+)"\)', body))
+
+
+def test_help_lists_every_option_the_parser_accepts(model):
+    r = raw("--help")
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout.startswith("usage: run MODEL")
+    listed, parsed = usage_flags(r.stdout), parser_flags()
+    print(f"\n[cli] --help lists {len(listed)} options: {' '.join(sorted(listed))}")
+    assert len(parsed) >= 19
+    assert listed == parsed, f"only in --help: {listed - parsed}; only in parse_options: {parsed - listed}"
+    for args in [("-h",), (model, "--help"), (model, "-i", "x", "-h"), (model, "-n", "5", "--help")]:
+        r2 = raw(*args)
+        assert r2.returncode == 0 and r2.stdout == r.stdout, args
+    for args in [(), ("-i", "x"), ("--ids",)]:   # no model: the usage, on stderr, exit 2
+        r2 = raw(*args)
+        assert r2.returncode == 2 and r2.stdout == "" and r2.stderr == r.stdout, args
+
+
+# Every flag of --help with a valid value: (flag, extra args making a complete, tiny run)
+ACCEPTED = {
+    "-m": ["-m", "generate", "-i", PROMPT, "-n", "2"],
+    "-i": ["-i", PROMPT, "-n", "2"],
+    "-f": ["-f", "{prompt_file}", "-n", "2"],
+    "--ids": ["--ids", "-i", "1 2 3", "-n", "2"],
+    "--bos": ["-m", "tokenize", "--bos", "-i", PROMPT],
+    "-n": ["-n", "3", "-i", PROMPT],
+    "-t": ["-t", "0.5", "-i", PROMPT, "-n", "2"],
+    "-k": ["-k", "5", "-i", PROMPT, "-n", "2"],
+    "-p": ["-p", "0.5", "-i", PROMPT, "-n", "2"],
+    "--min-p": ["--min-p", "0.2", "-i", PROMPT, "-n", "2"],
+    "--repeat-penalty": ["--repeat-penalty", "1.3", "-i", PROMPT, "-n", "2"],
+    "--repeat-last-n": ["--repeat-last-n", "8", "-i", PROMPT, "-n", "2"],
+    "-s": ["-s", "42", "-i", PROMPT, "-n", "2"],
+    "--system": ["-m", "chat", "--system", "Be brief.", "-n", "2"],
+    "-c": ["-c", "64", "-i", PROMPT, "-n", "2"],
+    "--chunk": ["--chunk", "2", "-i", PROMPT, "-n", "2"],
+    "--threads": ["--threads", "1", "-i", PROMPT, "-n", "2"],
+    "--logits-out": ["-m", "logits", "-i", "1 2 3", "--logits-out", "{logits_file}"],
+    "-h": ["-h"],
+    "--help": ["--help"],
+}
+
+
+def test_every_option_is_accepted(model, tmp_path):
+    listed = usage_flags(raw("--help").stdout)
+    assert set(ACCEPTED) == listed, "ACCEPTED must cover exactly the options of --help"
+    prompt_file, logits_file = tmp_path / "prompt.txt", tmp_path / "logits.f32"
+    prompt_file.write_text(PROMPT)
+    for flag, args in ACCEPTED.items():
+        args = [a.format(prompt_file=prompt_file, logits_file=logits_file) for a in args]
+        r = run(model, *args, check=False, input="Hi\n")
+        assert r.returncode == 0, f"{flag}: {args} exited {r.returncode}: {r.stderr}"
+        assert "error" not in r.stderr, f"{flag}: {r.stderr}"
+        if flag not in ("-h", "--help", "--bos", "--logits-out"):
+            assert r.stdout.strip(), f"{flag}: nothing generated"
+    for mode in ["generate", "chat", "tokenize", "logits"]:
+        extra = {"chat": [], "logits": ["--logits-out", logits_file, "-i", "1 2"]}.get(mode, ["-i", PROMPT])
+        r = run(model, "-m", mode, "-n", "2", *extra, input="Hi\n")
+        assert r.returncode == 0
+
+
+def test_options_do_what_they_say(model, tmp_path):
+    text = lambda *a: run(model, *a).stdout   # noqa: E731
+    # --bos prepends one token to what tokenize prints
+    plain, bos = ids_of(run(model, "-m", "tokenize", "-i", PROMPT)), ids_of(run(model, "-m", "tokenize", "--bos", "-i", PROMPT))
+    assert bos[1:] == plain and len(bos) == len(plain) + 1
+    # --ids: the prompt is ids and generate prints ids; -n: exactly that many
+    assert len(ids_of(run(model, "--ids", "-i", " ".join(map(str, plain)), "-n", 5, "-t", 0))) == 5
+    greedy = text("-i", PROMPT, "-n", 12, "-t", 0)
+    assert greedy.strip()
+    # -t 0 ignores the seed; -k 1, -p tiny and --min-p 1 all leave only the most likely token
+    assert text("-i", PROMPT, "-n", 12, "-t", 0, "-s", 99) == greedy
+    assert text("-i", PROMPT, "-n", 12, "-t", 1.5, "-k", 1, "-s", 3) == greedy
+    assert text("-i", PROMPT, "-n", 12, "-t", 1.5, "-k", 0, "-p", 1e-6, "-s", 3) == greedy
+    assert text("-i", PROMPT, "-n", 12, "-t", 1.5, "--min-p", 1, "-s", 3) == greedy
+    # --threads and --chunk do not change the result
+    assert text("-i", PROMPT, "-n", 12, "-t", 0, "--threads", 1) == greedy
+    assert text("-i", PROMPT, "-n", 12, "-t", 0, "--chunk", 1) == greedy
+    # the repetition penalty changes a counting continuation; --repeat-last-n 0 switches it off
+    count = text("-i", COUNT, "-n", 12, "-t", 0)
+    assert text("-i", COUNT, "-n", 12, "-t", 0, "--repeat-penalty", 3) != count
+    assert text("-i", COUNT, "-n", 12, "-t", 0, "--repeat-penalty", 3, "--repeat-last-n", 0) == count
+    # -c: the run must fit in the context it allocates
+    r = run(model, "-i", PROMPT, "-n", 8, "-c", len(plain) + 2, check=False)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "raise -c" in r.stderr
+    assert text("-i", PROMPT, "-n", 12, "-t", 0, "-c", len(plain) + 12) == greedy
+    # --logits-out writes (n, vocab) float32, the same with any --chunk
+    a, b = tmp_path / "a.f32", tmp_path / "b.f32"
+    run(model, "-m", "logits", "-i", " ".join(map(str, plain)), "--logits-out", a)
+    run(model, "-m", "logits", "-i", " ".join(map(str, plain)), "--logits-out", b, "--chunk", 1)
+    la, lb = np.fromfile(a, "<f4"), np.fromfile(b, "<f4")
+    assert la.size == len(plain) * 49152 and np.isfinite(la).all()
+    assert np.abs(la - lb).max() <= 1e-4 * np.abs(la).max()
+
+
+BAD = [
+    ["--bogus"], ["--bogus", "1"], ["-x", "1"], ["-i", PROMPT, "--temperature", "1"],
+    ["-i", PROMPT, "-n"], ["-i"], ["-i", PROMPT, "--system"], ["-i", PROMPT, "--logits-out"],
+    ["-i", PROMPT, "-n", "abc"], ["-i", PROMPT, "-n", "1.5"], ["-i", PROMPT, "-n", "-2"], ["-i", PROMPT, "-n", ""],
+    ["-i", PROMPT, "-n", "99999999999999999999"], ["-i", PROMPT, "-n", "5x"],
+    ["-i", PROMPT, "-t", "-1"], ["-i", PROMPT, "-t", "abc"], ["-i", PROMPT, "-t", "nan"], ["-i", PROMPT, "-t", "101"],
+    ["-i", PROMPT, "-p", "0"], ["-i", PROMPT, "-p", "1.5"], ["-i", PROMPT, "-p", "inf"], ["-i", PROMPT, "-p", "-0.5"],
+    ["-i", PROMPT, "-k", "-1"], ["-i", PROMPT, "-k", "2.5"],
+    ["-i", PROMPT, "--min-p", "1.01"], ["-i", PROMPT, "--min-p", "-0.1"],
+    ["-i", PROMPT, "--repeat-penalty", "0"], ["-i", PROMPT, "--repeat-penalty", "-1"],
+    ["-i", PROMPT, "--repeat-last-n", "-1"],
+    ["-i", PROMPT, "-s", "-1"], ["-i", PROMPT, "-s", "abc"],
+    ["-i", PROMPT, "--threads", "0"], ["-i", PROMPT, "-c", "0"], ["-i", PROMPT, "-c", "-5"],
+    ["-i", PROMPT, "--chunk", "0"], ["-i", PROMPT, "--chunk", "-1"],
+    ["-m", "bogus", "-i", PROMPT], ["-m", "Generate", "-i", PROMPT],
+    ["-i", PROMPT, "-f", "/dev/null"], [], ["-n", "5"],
+    ["-m", "logits", "-i", "1 2 3"], ["-m", "chat", "-i", "hello"], ["-m", "chat", "-f", "-"],
+]
+
+
+@pytest.mark.parametrize("args", BAD, ids=[" ".join(a) or "(nothing)" for a in BAD])
+def test_bad_command_line_exits_2_with_one_error_line(model, args):
+    r = raw(model, *args, input="")
+    assert r.returncode == 2, f"{args}: exit {r.returncode}, stderr {r.stderr!r}"
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"{args}: {r.stderr!r}"
+
+
+def test_same_seed_same_text(model):
+    gen = lambda seed: run(model, "-i", PROMPT, "-n", 24, "-t", 1.0, "-s", seed).stdout   # noqa: E731
+    a, b = gen(5), gen(5)
+    assert a == b and a.strip()
+    others = [gen(s) for s in (6, 7, 8)]
+    print(f"\n[cli] -s 5: {a.strip()[:60]!r}; -s 6: {others[0].strip()[:60]!r}")
+    assert sum(o != a for o in others) >= 2, "three other seeds (nearly) all reproduce seed 5's text"
+
+
+def test_n_0_generates_nothing(model):
+    r = run(model, "-i", PROMPT, "-n", 0)
+    assert r.stdout.strip() == ""
+    assert "(0 tokens)" in r.stderr
+    r = run(model, "--ids", "-i", "1 2 3", "-n", 0)
+    assert r.stdout.strip() == ""
+
+
+def test_prompt_from_stdin_and_file(model, tmp_path):
+    want = run(model, "-i", PROMPT, "-n", 10, "-t", 0).stdout
+    assert want.strip()
+    assert run(model, "-f", "-", "-n", 10, "-t", 0, input=PROMPT).stdout == want
+    f = tmp_path / "p.txt"
+    f.write_text(PROMPT)
+    assert run(model, "-f", f, "-n", 10, "-t", 0).stdout == want
+    # the bytes are verbatim: a trailing newline is part of the prompt
+    got_nl = run(model, "-m", "tokenize", "-f", "-", input=PROMPT + "\n").stdout.split()
+    assert got_nl[:-1] == run(model, "-m", "tokenize", "-i", PROMPT).stdout.split()
+    # ids from stdin too
+    ids = run(model, "-m", "tokenize", "-i", PROMPT).stdout
+    assert ids_of(run(model, "--ids", "-f", "-", "-n", 4, "-t", 0, input=ids)) == \
+        ids_of(run(model, "--ids", "-i", ids, "-n", 4, "-t", 0))
+
+
+def test_prompt_file_errors_exit_1(model, tmp_path):
+    for path, what in [(tmp_path, "is a directory"), (tmp_path / "missing.txt", "cannot open")]:
+        r = run(model, "-f", path, "-n", 2, check=False)
+        assert r.returncode == 1, f"-f {path}: exit {r.returncode}"
+        assert r.stdout == ""
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and what in lines[0], r.stderr
