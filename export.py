@@ -15,7 +15,8 @@ The output is the little-endian file that model.h defines and run.c mmaps:
     ...                   tensor data, each tensor starting on a 64-byte boundary
 
 Weights keep the Hugging Face layout (rows = out features, rotate-half q/k order), so HF
-tensors are copied as they are; GGUF q/k rows are un-permuted back to that order.
+tensors are copied as they are (Phi-3's fused qkv_proj / gate_up_proj are split by rows); GGUF
+q/k rows are un-permuted back to that order.
 Vectors (norms, biases, RoPE factor lists) are always f32; matrices take --dtype.
 Only numpy and the standard library are needed, plus the `gguf` package for GGUF input.
 """
@@ -221,13 +222,62 @@ class Safetensors:
         return entry and entry[3]
 
     def load(self, name):
-        path, offset, dtype, shape = self.entries[self.describe(name)]
+        return self.read(self.describe(name))
+
+    def read(self, hf_name):
+        """One HF tensor as float32 (a view of the file when it is stored as F32)."""
+        path, offset, dtype, shape = self.entries[hf_name]
         raw = np.memmap(path, dtype=ST_DTYPES[dtype], mode="r", offset=offset, shape=(math.prod(shape),))
         if dtype == "BF16":  # bfloat16 is the top half of a float32
             bits = raw.astype(np.uint32)
             bits <<= 16
             return bits.view(np.float32).reshape(shape)
         return raw.astype(np.float32, copy=False).reshape(shape)  # F32 stays a view of the file
+
+
+class Phi3Safetensors(Safetensors):
+    """Phi-3 fuses q, k, v into one qkv_proj (rows: q, then k, then v) and gate, up into one
+    gate_up_proj (rows: gate, then up), as Phi3Attention and Phi3MLP slice them; our wq, wk, wv,
+    w_gate, w_up are row ranges of those two tensors."""
+
+    def __init__(self, model_dir, h):
+        super().__init__(model_dir)
+        Q, K, F = h["n_heads"] * h["head_dim"], h["n_kv_heads"] * h["head_dim"], h["hidden_dim"]
+        qkv, gate_up = "self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight"
+        self.parts = {"wq": (qkv, 0, Q), "wk": (qkv, Q, Q + K), "wv": (qkv, Q + K, Q + 2 * K),
+                      "w_gate": (gate_up, 0, F), "w_up": (gate_up, F, 2 * F)}
+        self.fused_rows = {qkv: Q + 2 * K, gate_up: 2 * F}
+
+    def part(self, name):
+        """(HF name of the fused tensor, first row, end row), or None for an unfused tensor."""
+        _, layer, role = name.split(".") if name.startswith("blk.") else ("", "", "")
+        if role not in self.parts:
+            return None
+        fused, begin, end = self.parts[role]
+        return f"model.layers.{layer}.{fused}", begin, end
+
+    def describe(self, name):
+        p = self.part(name)
+        return f"{p[0]} rows {p[1]}:{p[2]}" if p else super().describe(name)
+
+    def shape(self, name):
+        p = self.part(name)
+        if not p:
+            return super().shape(name)
+        entry = self.entries.get(p[0])
+        if entry is None:
+            return None
+        if entry[2] not in ST_DTYPES:
+            raise ExportError(f"{p[0]}: dtype {entry[2]} is not supported (F32, F16, BF16 are)")
+        rows = self.fused_rows[p[0].split(".", 3)[3]]
+        if len(entry[3]) != 2 or entry[3][0] != rows:
+            raise ExportError(f"tensor {p[0]} has shape {list(entry[3])}, expected {rows} rows "
+                              f"(the fused parts the config implies)")
+        return (p[2] - p[1], entry[3][1])
+
+    def load(self, name):
+        p = self.part(name)
+        return self.read(p[0])[p[1]:p[2]] if p else super().load(name)
 
 
 # Per architecture: our arch name, and transformers 5.23's config-class defaults for the keys
@@ -242,10 +292,14 @@ ARCHS = {
                                        "sliding_window": 4096}),
     "Qwen2ForCausalLM": ("qwen2", QWEN_DEFAULTS),
     "Qwen3ForCausalLM": ("qwen3", {**QWEN_DEFAULTS, "head_dim": 128, "attention_bias": False}),
+    # Phi-3-mini-4k/128k, Phi-3.5-mini, Phi-3-medium: fused qkv and gate_up; Phi3Config has its own
+    # original_max_position_embeddings (4096), which takes priority over the rope dict's
+    "Phi3ForCausalLM": ("phi3", {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+                                 "original_max_position_embeddings": 4096, "sliding_window": None}),
 }
 
 
-def hf_rope(cfg, head_dim):
+def hf_rope(cfg, arch, head_dim):
     """LayerConfig RoPE fields (+ longrope factor tensors) from v4 `rope_scaling` + `rope_theta`
     or v5 `rope_parameters`, following transformers' standardize_rope_params (spec §2.2)."""
     rp = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})  # HF: rope_scaling wins
@@ -253,15 +307,22 @@ def hf_rope(cfg, head_dim):
         raise ExportError("per-layer-type rope_parameters are not supported for this architecture")
     kind = rp.get("rope_type", rp.get("type", "default"))
     kind = "longrope" if kind == "su" else kind  # "su": Phi-3's early name for LongRoPE
+    if arch == "phi3":  # Phi3Config renames "yarn" to longrope too and accepts nothing else
+        kind = "longrope" if kind == "yarn" else kind
+        if kind not in ("default", "longrope"):
+            raise ExportError(f"RoPE type '{kind}' is not supported for Phi3ForCausalLM (transformers takes "
+                              "default and longrope)")
     if kind not in ROPE_TYPES:
         raise ExportError(f"RoPE type '{kind}' is not supported (known: {', '.join(ROPE_TYPES)})")
     theta = rp.get("rope_theta") or cfg["rope_theta"] or 10000.0  # the dict's value wins, as in HF
     prf = rp.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0
-    if prf != 1.0:  # HF's rotary code for these classes rotates the whole head, whatever prf says
-        raise ExportError(f"partial_rotary_factor {prf} is not supported for {cfg['architectures'][0]}")
+    if prf != 1.0 and arch != "phi3":  # only Phi3's rotary code honours it: Llama, Mistral and Qwen
+        # rotate the whole head with default RoPE and fail on a shape mismatch with a scaled one
+        raise ExportError(f"partial_rotary_factor {prf} is not supported for {cfg['architectures'][0]} "
+                          "(transformers rotates the whole head for it)")
     rotary_dim = int(head_dim * prf)
-    if rotary_dim % 2:
-        raise ExportError(f"rotary dimension {rotary_dim} (head_dim {head_dim} x {prf}) is odd")
+    if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+        raise ExportError(f"rotary dimension {rotary_dim} (head_dim {head_dim} x {prf}) must be even, 2..head_dim")
     rope = {"rope_type": ROPE_TYPES[kind], "rotary_dim": rotary_dim, "rope_theta": theta}
 
     def need(key):
@@ -273,11 +334,16 @@ def hf_rope(cfg, head_dim):
     orig = cfg.get("original_max_position_embeddings") or rp.get("original_max_position_embeddings") or max_pos
     if kind in ("linear", "dynamic", "llama3"):
         rope["factor"] = need("factor")
+    if kind == "dynamic":  # HF's dynamic NTK grows from max_position_embeddings, whatever L0 says
+        rope["orig_ctx"] = max_pos
     if kind in ("yarn", "llama3", "longrope"):
         rope["orig_ctx"] = orig  # Phi-3 keeps it top-level, and that copy takes priority
     if kind in ("yarn", "longrope"):
         rope["factor"] = rp.get("factor") or max_pos / orig  # v5: explicit factor, else M / L0
-        rope["attention_factor"] = rp.get("attention_factor") or 0.0  # 0: run.c derives it
+        attention_factor = rp.get("attention_factor")
+        if attention_factor is not None and not attention_factor > 0:
+            raise ExportError(f"{kind} attention_factor {attention_factor} is not supported (it must be > 0)")
+        rope["attention_factor"] = attention_factor or 0.0  # 0: run.c derives it
     if kind == "yarn":  # HF reads these with `or`, so 0 / null mean the default
         rope.update(beta_fast=rp.get("beta_fast") or 32.0, beta_slow=rp.get("beta_slow") or 1.0,
                     mscale=rp.get("mscale") or 0.0, mscale_all_dim=rp.get("mscale_all_dim") or 0.0,
@@ -290,6 +356,8 @@ def hf_rope(cfg, head_dim):
             values = np.asarray(need(key), dtype=np.float32)
             if values.shape != (rotary_dim // 2,):
                 raise ExportError(f"longrope {key} has {values.size} values, rotary_dim/2 = {rotary_dim // 2}")
+            if not (np.isfinite(values).all() and (values > 0).all()):
+                raise ExportError(f"longrope {key} must hold positive finite numbers")
             factors["rope." + key] = values
     return rope, factors
 
@@ -300,6 +368,11 @@ def hf_windows(cfg, arch, n_layers):
     if arch == "mistral":  # every layer slides when sliding_window is set; layer_types is ignored
         w = cfg["sliding_window"]
         return [(ATTN_SLIDING, w)] * n_layers if w else full
+    if arch == "phi3":  # Phi3Model masks every layer with sliding_window unless it is null
+        w = cfg["sliding_window"]  # (Phi-3-mini-4k has 2047, within its trained 4096; the 128k ones 262144)
+        if w is not None and (not isinstance(w, int) or w < 1):
+            raise ExportError(f"sliding_window {w!r} is not supported (a positive integer or null)")
+        return [(ATTN_SLIDING, w)] * n_layers if w is not None else full
     if arch in ("qwen2", "qwen3"):  # Qwen2Config.__post_init__: no window unless use_sliding_window
         w = cfg["sliding_window"] if cfg["use_sliding_window"] else None
         types = cfg.get("layer_types") or [
@@ -328,11 +401,14 @@ def read_hf(model_dir):
             raise ExportError(f"config.json has no '{key}'")
     if cfg["hidden_act"] != "silu":
         raise ExportError(f"hidden_act '{cfg['hidden_act']}' is not supported (only silu)")
-    if cfg.get("mlp_bias"):
+    if cfg.get("mlp_bias") and arch != "phi3":  # Phi3's layers never have biases, whatever the config says
         raise ExportError("mlp_bias: true is not supported (the model file has no MLP biases)")
-    if cfg.get("attention_bias"):  # in HF this also gives o_proj a bias, which model.h has no slot for
+    if cfg.get("attention_bias") and arch != "phi3":  # HF gives o_proj a bias too, which model.h has no slot for
         raise ExportError("attention_bias: true is not supported (o_proj bias has no place in the model file)")
     heads = cfg["num_attention_heads"]
+    if arch == "phi3" and cfg["head_dim"] not in (None, cfg["hidden_size"] // heads):
+        # Phi3Config has no head_dim: its factor lists are checked against hidden_size / heads
+        raise ExportError(f"head_dim {cfg['head_dim']} != hidden_size / num_attention_heads is not supported for Phi-3")
     header = {"arch": arch, "n_layers": cfg["num_hidden_layers"], "dim": cfg["hidden_size"],
               "hidden_dim": cfg["intermediate_size"], "n_heads": heads,
               "n_kv_heads": cfg["num_key_value_heads"] or heads,
@@ -340,9 +416,10 @@ def read_hf(model_dir):
               "vocab_size": cfg["vocab_size"], "max_seq_len": cfg["max_position_embeddings"],
               "norm_eps": cfg["rms_norm_eps"], "tied_embeddings": int(bool(cfg["tie_word_embeddings"])),
               "qkv_bias": int(arch == "qwen2"), "qk_norm": int(arch == "qwen3")}
-    rope, factors = hf_rope(cfg, header["head_dim"])
+    rope, factors = hf_rope(cfg, arch, header["head_dim"])
     layers = [{**rope, "attn_kind": kind, "window": w} for kind, w in hf_windows(cfg, arch, header["n_layers"])]
-    return header, layers, factors, Safetensors(model_dir)
+    source = Phi3Safetensors(model_dir, header) if arch == "phi3" else Safetensors(model_dir)
+    return header, layers, factors, source
 
 
 # ----------------------------------------------------------------------------
@@ -399,8 +476,6 @@ def read_gguf(path):
     if meta("llama.expert_count", 0):
         raise ExportError("mixture-of-experts GGUF models are not supported")
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-        raise ExportError("rope_freqs tensor (llama3 scaling) not supported yet")
     if any(n.endswith(".bias") for n in names):
         raise ExportError("GGUF bias tensors are not supported")
     dim, heads = meta("llama.embedding_length"), meta("llama.attention.head_count")
@@ -418,28 +493,61 @@ def read_gguf(path):
               "vocab_size": vocab, "max_seq_len": meta("llama.context_length"),
               "norm_eps": meta("llama.attention.layer_norm_rms_epsilon"),
               "tied_embeddings": int("output.weight" not in names), "qkv_bias": 0, "qk_norm": 0}
-    rope = gguf_rope(meta, head_dim, header["max_seq_len"])
+    source = GgufSource(reader, gguf.quants.dequantize, heads, header["n_kv_heads"])
+    rope_freqs = None
+    if "rope_freqs.weight" in names:  # llama.cpp's Llama 3.1 scaling: one divisor per channel pair
+        t = source.tensors["rope_freqs.weight"]
+        rope_freqs = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(-1)
+    rope, factors = gguf_rope(meta, head_dim, header["max_seq_len"], rope_freqs)
     layers = [{**rope, "attn_kind": ATTN_FULL, "window": 0} for _ in range(header["n_layers"])]
-    return header, layers, {}, GgufSource(reader, gguf.quants.dequantize, heads, header["n_kv_heads"])
+    return header, layers, factors, source
 
 
-def gguf_rope(meta, head_dim, max_seq_len):
-    """LayerConfig RoPE fields from llama.cpp's rope keys (spec §6.7); llama.cpp's YaRN uses
-    HF's defaults (beta 32/1, floor/ceil range, attention factor 0.1 ln s + 1)."""
+def gguf_rope(meta, head_dim, max_seq_len, rope_freqs=None):
+    """LayerConfig RoPE fields (+ factor tensors) from llama.cpp's rope keys and its rope_freqs
+    tensor, as llama.cpp applies them (spec §6.7, §7). Its kernel computes, per pair i,
+        theta = p b^(-2i/d) / ff_i / s        (ff_i = rope_freqs, 1 without it; s = 1 for none)
+    and scales cos/sin by attn_factor (rope.scaling.attn_factor, default 1); YaRN ramps between
+    the /s and unscaled angles with HF's range and multiplies the scale by 0.1 ln s + 1.
+    A per-pair divisor with a fixed scale is exactly our longrope with equal short and long
+    lists, so llama3's rope_freqs (and a linear scale with an attn_factor) is stored that way."""
     rope = {"rope_type": ROPE_TYPES["default"], "rotary_dim": head_dim,
             "rope_theta": meta("llama.rope.freq_base", 10000.0)}
-    kind = meta("llama.rope.scaling.type", "none")
-    factor = meta("llama.rope.scaling.factor", 0.0) or meta("llama.rope.scale_linear", 0.0)  # older key
-    if kind == "linear" or (kind == "none" and factor not in (0.0, 1.0)):
-        rope.update(rope_type=ROPE_TYPES["linear"], factor=factor)
-    elif kind == "yarn":
-        if meta("llama.rope.scaling.attn_factor", 1.0) != 1.0:  # its meaning changed across llama.cpp versions
-            raise ExportError("GGUF yarn rope.scaling.attn_factor != 1 is not supported")
-        rope.update(rope_type=ROPE_TYPES["yarn"], factor=factor, beta_fast=32.0, beta_slow=1.0, yarn_truncate=1,
-                    orig_ctx=meta("llama.rope.scaling.original_context_length", max_seq_len))
-    elif kind != "none":
+    kind = meta("llama.rope.scaling.type", "linear")  # llama.cpp's default when the key is absent
+    factor = meta("llama.rope.scaling.factor", 0.0) or meta("llama.rope.scale_linear", 0.0) or 1.0  # older key
+    attn = meta("llama.rope.scaling.attn_factor", 1.0)
+    orig = meta("llama.rope.scaling.original_context_length", 0) or max_seq_len
+    if kind not in ("none", "linear", "yarn"):
         raise ExportError(f"GGUF rope scaling '{kind}' is not supported (none, linear, yarn are)")
-    return rope
+    if not (factor > 0 and attn > 0):
+        raise ExportError(f"GGUF rope.scaling.factor {factor} / attn_factor {attn} must be > 0")
+    if kind == "none":
+        factor = 1.0  # llama.cpp ignores the factor then
+    for key, unset in (("yarn_log_multiplier", 0.0), ("yarn_attn_factor", 1.0)):
+        if meta(f"llama.rope.scaling.{key}", unset) != unset:  # DeepSeek-style, version dependent
+            raise ExportError(f"GGUF rope.scaling.{key} is not supported")
+    if kind == "yarn":
+        if rope_freqs is not None:
+            raise ExportError("GGUF rope_freqs together with yarn scaling is not supported")
+        ext_factor = meta("llama.rope.scaling.yarn_ext_factor", -1.0)  # < 0: unset, which is 1 for yarn
+        if not (ext_factor < 0 or ext_factor == 1.0):
+            raise ExportError("GGUF rope.scaling.yarn_ext_factor other than 1 is not supported")
+        # a = attn_factor (0.1 ln s + 1): llama.cpp multiplies its attn_factor by YaRN's own scale
+        rope.update(rope_type=ROPE_TYPES["yarn"], factor=factor, orig_ctx=orig, yarn_truncate=1,
+                    attention_factor=0.0 if attn == 1.0 else attn * (0.1 * math.log(factor) + 1 if factor > 1 else 1),
+                    beta_fast=meta("llama.rope.scaling.yarn_beta_fast", 32.0),
+                    beta_slow=meta("llama.rope.scaling.yarn_beta_slow", 1.0))
+        return rope, {}
+    if rope_freqs is None and attn == 1.0:
+        if factor != 1.0:
+            rope.update(rope_type=ROPE_TYPES["linear"], factor=factor)
+        return rope, {}
+    ff = np.ones(head_dim // 2, np.float32) if rope_freqs is None else np.asarray(rope_freqs, np.float32)
+    if ff.shape != (head_dim // 2,) or not (np.isfinite(ff).all() and (ff > 0).all()):
+        raise ExportError(f"GGUF rope_freqs must hold {head_dim // 2} positive numbers (head_dim / 2), got {ff.size}")
+    ff = ff * np.float32(factor)  # 1 / (ff s b^(2i/d)): the divisor and the linear scale in one
+    rope.update(rope_type=ROPE_TYPES["longrope"], factor=1.0, attention_factor=attn, orig_ctx=orig)
+    return rope, {"rope.short_factor": ff, "rope.long_factor": ff.copy()}
 
 
 # ----------------------------------------------------------------------------
@@ -946,7 +1054,7 @@ def read_tokenizer(source):
 
 def main():
     ap = argparse.ArgumentParser(
-        description="Export a Hugging Face model directory (Llama, Mistral, Qwen2, Qwen3; safetensors) "
+        description="Export a Hugging Face model directory (Llama, Mistral, Qwen2, Qwen3, Phi-3; safetensors) "
                     "or a llama-architecture GGUF file to a longrun model file.",
         epilog="example: python export.py ./SmolLM2-135M-Instruct model.bin --dtype q8_0")
     ap.add_argument("source", help="HF model directory (config.json + *.safetensors) or a .gguf file")

@@ -278,6 +278,7 @@ static void read_config(Config *c, const ModelFile *mf, const char *path) {
             die("%s: layer %d rotary_dim %u must be even and at most head_dim %u", path, l, lc->rotary_dim, h->head_dim);
         if (lc->rotary_dim && !(lc->rope_theta > 1 && isfinite(lc->rope_theta)))
             die("%s: layer %d rope_theta %g out of range", path, l, lc->rope_theta);
+        if (lc->orig_ctx == 0) c->layers[l].orig_ctx = h->max_seq_len;   // dynamic NTK's M, as HF
     }
 }
 
@@ -335,9 +336,12 @@ static void build_weights(Weights *w, const Config *c, const ModelFile *mf, cons
 // RoPE: rotation frequencies per layer, and the rotation itself
 
 typedef struct {
-    float *inv_freq;    // (n_layers, max rotary_dim / 2) angular frequency of each channel pair
-    float *attn_factor; // (n_layers) multiplies cos and sin, so q.k grows by its square
-    int stride;         // floats per layer in inv_freq
+    float *inv_freq;           // (n_layers, head_dim / 2) angular frequency of each channel pair
+    float *attn_factor;        // (n_layers) multiplies cos and sin, so q.k grows by its square
+    size_t *table_len;         // (n_layers) the sequence length each table was computed for
+    int stride;                // floats per layer in inv_freq
+    const float *short_factor; // (rotary_dim / 2) LongRoPE lists from the file, else NULL
+    const float *long_factor;
 } Rope;
 
 static const char *rope_type_name(uint32_t type) {
@@ -345,35 +349,195 @@ static const char *rope_type_name(uint32_t type) {
     return type < ROPE_COUNT ? names[type] : "unknown";
 }
 
-// The frequency table of one layer, computed in float32 exactly as HF does
-// (LONG_CONTEXT_SPEC.md §3.1): inv_freq[i] = 1 / theta^(2i/d), d = rotary_dim.
-//   default  RoFormer (Su et al. 2021): the table above, attention factor 1.
-//   linear   Position Interpolation (Chen et al. 2023): inv_freq / factor, i.e. positions p/s.
-static void rope_frequencies(const LayerConfig *lc, float *inv_freq, float *attn_factor) {
+static const double PI = 3.14159265358979323846;
+
+// YaRN's magnitude rule g(s, m) = 0.1 m ln s + 1 (1 for s <= 1).
+static double yarn_mscale(double s, double m) { return s <= 1 ? 1 : 0.1 * m * log(s) + 1; }
+
+// YaRN's correction dimension: the pair index whose wavelength turns `rotations` times over
+// the original context L0: d ln(L0 / (2 pi r)) / (2 ln b).
+static double yarn_corr_dim(double rotations, const LayerConfig *lc) {
+    return lc->rotary_dim * log(lc->orig_ctx / (rotations * 2 * PI)) / (2 * log(lc->rope_theta));
+}
+
+// One layer's frequency table inv_freq (rotary_dim / 2) and attention factor a (the return
+// value), in float32 exactly as HF computes them (LONG_CONTEXT_SPEC.md §3-§8). seq_len is the
+// length the length-dependent methods see: the last position of the forward call + 1.
+// b = rope_theta, d = rotary_dim, s = factor, L0 = orig_ctx, base table f_i = 1 / b^(2i/d).
+static float rope_frequencies(const LayerConfig *lc, const float *short_factor, const float *long_factor,
+                              size_t seq_len, float *inv_freq) {
     int half = lc->rotary_dim / 2;
-    for (int i = 0; i < half; i++)
-        inv_freq[i] = 1.0f / powf(lc->rope_theta, (float)(2 * i) / (float)lc->rotary_dim);
-    *attn_factor = 1.0f;
+    float d = (float)lc->rotary_dim, s = lc->factor, b = lc->rope_theta;
+    double a = 1;
     switch ((RopeType)lc->rope_type) {
-    case ROPE_DEFAULT: break;
-    case ROPE_LINEAR:
-        if (!(lc->factor >= 1)) die("linear RoPE scaling needs factor >= 1, got %g", lc->factor);
-        for (int i = 0; i < half; i++) inv_freq[i] /= lc->factor;
+    case ROPE_DEFAULT:   // RoFormer (Su et al. 2021): f_i, a = 1
+    case ROPE_LINEAR:    // Position Interpolation (Chen et al. 2023): f_i / s, i.e. positions p / s
+        for (int i = 0; i < half; i++) inv_freq[i] = 1.0f / powf(b, (float)(2 * i) / d);
+        if (lc->rope_type == ROPE_LINEAR)
+            for (int i = 0; i < half; i++) inv_freq[i] /= s;
         break;
-    default:
-        die("RoPE scaling '%s' is not implemented yet; re-export without it", rope_type_name(lc->rope_type));
+    case ROPE_DYNAMIC: { // dynamic NTK (bloc97 2023, as HF): a larger base once the text
+                         // outgrows M = L0: b' = b (s L / M - (s - 1))^(d / (d - 2)), L = max(seq_len, M)
+        float M = (float)lc->orig_ctx, L = seq_len > lc->orig_ctx ? (float)seq_len : M;
+        float base = b * powf(s * L / M - (s - 1), d / (d - 2));
+        for (int i = 0; i < half; i++) inv_freq[i] = 1.0f / powf(base, (float)(2 * i) / d);
+        break;
+    }
+    case ROPE_YARN: {    // YaRN (Peng et al. 2023): pairs below the correction range keep f_i,
+                         // pairs above it get f_i / s, a linear ramp in between; a = 0.1 ln s + 1
+        double lo = yarn_corr_dim(lc->beta_fast, lc), hi = yarn_corr_dim(lc->beta_slow, lc);
+        if (lc->yarn_truncate) { lo = floor(lo); hi = ceil(hi); }
+        if (lo < 0) lo = 0;
+        if (hi > lc->rotary_dim - 1) hi = lc->rotary_dim - 1;
+        if (lo == hi) hi += 0.001;
+        for (int i = 0; i < half; i++) {
+            float pos_freq = powf(b, (float)(2 * i) / d), extrap = 1.0f / pos_freq, interp = 1.0f / (s * pos_freq);
+            float ramp = ((float)i - (float)lo) / (float)(hi - lo);
+            ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+            float keep = 1 - ramp;   // the share of the original frequency
+            inv_freq[i] = interp * (1 - keep) + extrap * keep;
+        }
+        if (lc->attention_factor > 0) a = lc->attention_factor;
+        else if (lc->mscale != 0 && lc->mscale_all_dim != 0) a = yarn_mscale(s, lc->mscale) / yarn_mscale(s, lc->mscale_all_dim);
+        else a = yarn_mscale(s, 1);
+        break;
+    }
+    case ROPE_LLAMA3: {  // Llama 3.1 (Meta 2024): wavelengths 2 pi / f_i below L0 / high_freq_factor
+                         // keep f_i, above L0 / low_freq_factor get f_i / s, and in between
+                         // mu = (L0 / wavelength - lf) / (hf - lf) blends (1 - mu) f_i / s + mu f_i
+        float lf = lc->low_freq_factor, hf = lc->high_freq_factor, L0 = (float)lc->orig_ctx;
+        float long_wave = L0 / lf, short_wave = L0 / hf;
+        for (int i = 0; i < half; i++) {
+            float f = 1.0f / powf(b, (float)(2 * i) / d), wavelen = (float)(2 * PI) / f;
+            if (wavelen < short_wave) inv_freq[i] = f;
+            else if (wavelen > long_wave) inv_freq[i] = f / s;
+            else {
+                float mu = (L0 / wavelen - lf) / (hf - lf);
+                inv_freq[i] = (1 - mu) * f / s + mu * f;
+            }
+        }
+        break;
+    }
+    case ROPE_LONGROPE: { // LongRoPE (Ding et al. 2024; Phi-3): f_i / ext_i with the long list once
+                          // seq_len > L0, else the short one; a = sqrt(1 + ln s / ln L0) for s > 1
+        const float *ext = seq_len > lc->orig_ctx ? long_factor : short_factor;
+        for (int i = 0; i < half; i++) inv_freq[i] = 1.0f / (ext[i] * powf(b, (float)(2 * i) / d));
+        if (lc->attention_factor > 0) a = lc->attention_factor;
+        else if (s > 1) a = sqrt(1 + log(s) / log((double)lc->orig_ctx));
+        break;
+    }
+    case ROPE_COUNT: break;
+    }
+    return (float)a;
+}
+
+// Recompute the tables a forward call over positions ..seq_len-1 needs, by HF's per-call rules
+// (its dynamic_rope_update): dynamic NTK grows its table when seq_len exceeds the longest
+// length seen so far and returns to the original once a call is shorter than L0; LongRoPE
+// uses the long list exactly when seq_len > L0. Keys already in the cache keep the rotation
+// they were written with, as in HF, so results depend on how a text is split into calls.
+static void rope_update(Rope *r, const Config *c, size_t seq_len) {
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerConfig *lc = &c->layers[l];
+        size_t want = r->table_len[l], L0 = lc->orig_ctx;
+        if (lc->rope_type == ROPE_DYNAMIC) {
+            if (seq_len > want) want = seq_len;
+            else if (seq_len < L0 && want > L0) want = L0;
+        } else if (lc->rope_type == ROPE_LONGROPE) {
+            want = seq_len > L0 ? L0 + 1 : L0;
+        }
+        if (want == r->table_len[l]) continue;
+        r->attn_factor[l] = rope_frequencies(lc, r->short_factor, r->long_factor, want, r->inv_freq + (size_t)l * r->stride);
+        r->table_len[l] = want;
     }
 }
 
-static void build_rope(Rope *r, const Config *c) {
+// Command-line RoPE settings (0 / NULL = keep the file's). A new --rope-scaling starts from
+// that method's defaults (HF's), so any model can take any method without re-export.
+typedef struct {
+    const char *scaling;          // none | linear | dynamic | yarn | llama3
+    float theta, factor;          // --rope-theta, --rope-factor
+    long orig_ctx;                // --rope-orig-ctx; default: the trained context
+    float beta_fast, beta_slow;   // --yarn-beta-fast, --yarn-beta-slow
+    float attn_factor;            // --yarn-attn-factor
+} RopeOptions;
+
+static int rope_type_from_name(const char *name) {
+    if (!strcmp(name, "none")) return ROPE_DEFAULT;
+    for (int t = ROPE_LINEAR; t < ROPE_LONGROPE; t++)
+        if (!strcmp(name, rope_type_name(t))) return t;
+    return -1;
+}
+
+static void apply_rope_options(Config *c, const RopeOptions *o) {
+    for (int l = 0; l < c->n_layers; l++) {
+        LayerConfig *lc = &c->layers[l];
+        if (lc->rotary_dim == 0) continue;   // NoPE layers stay so
+        if (o->scaling) {
+            LayerConfig fresh = {.attn_kind = lc->attn_kind, .window = lc->window, .rotary_dim = lc->rotary_dim,
+                                 .rope_theta = lc->rope_theta, .rope_type = (uint32_t)rope_type_from_name(o->scaling),
+                                 .factor = 1, .orig_ctx = (uint32_t)c->max_seq_len, .beta_fast = 32, .beta_slow = 1,
+                                 .yarn_truncate = 1, .low_freq_factor = 1, .high_freq_factor = 4};
+            *lc = fresh;
+        }
+        if ((o->factor || o->orig_ctx) && lc->rope_type == ROPE_DEFAULT)
+            die("--rope-factor and --rope-orig-ctx need a scaling method: add --rope-scaling");
+        if ((o->beta_fast || o->beta_slow || o->attn_factor) && lc->rope_type != ROPE_YARN)
+            die("--yarn-* options need yarn scaling (this model has '%s'): add --rope-scaling yarn",
+                rope_type_name(lc->rope_type));
+        if (o->theta) lc->rope_theta = o->theta;
+        if (o->factor) lc->factor = o->factor;
+        if (o->orig_ctx) lc->orig_ctx = (uint32_t)o->orig_ctx;
+        if (o->beta_fast) lc->beta_fast = o->beta_fast;
+        if (o->beta_slow) lc->beta_slow = o->beta_slow;
+        if (o->attn_factor) lc->attention_factor = o->attn_factor;
+    }
+}
+
+// Refuse RoPE parameters that make no sense, from the file or the command line.
+static void check_rope_config(const Config *c, const char *path) {
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerConfig *lc = &c->layers[l];
+        const char *name = rope_type_name(lc->rope_type);
+        if (lc->rotary_dim == 0 || lc->rope_type == ROPE_DEFAULT) continue;
+        if (!(lc->factor >= 1 && lc->factor < 1e6f) && !(lc->rope_type == ROPE_LONGROPE && lc->factor > 0))
+            die("%s: layer %d: %s RoPE scaling needs a factor >= 1 (--rope-factor), got %g", path, l, name, lc->factor);
+        if (lc->orig_ctx == 0) die("%s: layer %d: %s RoPE scaling needs the original context length", path, l, name);
+        if (!(lc->attention_factor >= 0 && lc->attention_factor < 100))
+            die("%s: layer %d: attention factor %g out of range", path, l, lc->attention_factor);
+        if (lc->rope_type == ROPE_YARN && !(lc->beta_fast > lc->beta_slow && lc->beta_slow > 0))
+            die("%s: layer %d: yarn needs beta_fast > beta_slow > 0, got %g and %g", path, l, lc->beta_fast, lc->beta_slow);
+        if (lc->rope_type == ROPE_LLAMA3 && !(lc->high_freq_factor > lc->low_freq_factor && lc->low_freq_factor > 0))
+            die("%s: layer %d: llama3 needs high_freq_factor > low_freq_factor > 0", path, l);
+    }
+}
+
+// The context a layer's RoPE setting is meant to reach: s L0 for a scaled method, else the
+// trained context.
+static size_t rope_target_context(const LayerConfig *lc, int max_seq_len) {
+    if (lc->rope_type == ROPE_DEFAULT || lc->rope_type == ROPE_LONGROPE || lc->orig_ctx == 0) return (size_t)max_seq_len;
+    return (size_t)(lc->factor * lc->orig_ctx);
+}
+
+// The tables as HF builds them at load: at the original length L0 (LongRoPE: the short list).
+static void build_rope(Rope *r, const Config *c, const ModelFile *mf, const char *path) {
     r->stride = c->head_dim / 2;
     r->inv_freq = xcalloc(mul_size(c->n_layers, r->stride, "rope table"), sizeof(float), "rope table");
     r->attn_factor = xcalloc(c->n_layers, sizeof(float), "rope table");
-    for (int l = 0; l < c->n_layers; l++)
-        rope_frequencies(&c->layers[l], r->inv_freq + (size_t)l * r->stride, &r->attn_factor[l]);
+    r->table_len = xcalloc(c->n_layers, sizeof(size_t), "rope table");
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerConfig *lc = &c->layers[l];
+        if (lc->rope_type == ROPE_LONGROPE && !r->short_factor) {
+            r->short_factor = (const float *)get_tensor(mf, path, "rope.short_factor", lc->rotary_dim / 2, 1).data;
+            r->long_factor = (const float *)get_tensor(mf, path, "rope.long_factor", lc->rotary_dim / 2, 1).data;
+        }
+        r->table_len[l] = lc->orig_ctx;
+        r->attn_factor[l] = rope_frequencies(lc, r->short_factor, r->long_factor, lc->orig_ctx,
+                                             r->inv_freq + (size_t)l * r->stride);
+    }
 }
 
-static void free_rope(Rope *r) { free(r->inv_freq); free(r->attn_factor); }
+static void free_rope(Rope *r) { free(r->inv_freq); free(r->attn_factor); free(r->table_len); }
 
 // Rotate each head of vec (n_heads, head_dim) to position pos, rotate-half style (GPT-NeoX,
 // as HF): channel pair i is (i, i + d/2), d = rotary_dim; channels d..head_dim-1 pass through.
@@ -612,12 +776,14 @@ static void free_state(RunState *s) {
 
 // Point into the opened, validated file and allocate everything a run needs, once: n_slots
 // cache slots, chunks of up to max_T tokens, logits for every row or only the last.
-static void build_transformer(Transformer *t, const ModelFile *mf, const char *path, size_t n_slots, int max_T,
-                              int all_logits) {
+static void build_transformer(Transformer *t, const ModelFile *mf, const char *path, const RopeOptions *rope,
+                              size_t n_slots, int max_T, int all_logits) {
     t->file = *mf;
     read_config(&t->config, &t->file, path);
+    apply_rope_options(&t->config, rope);
+    check_rope_config(&t->config, path);
     build_weights(&t->weights, &t->config, &t->file, path);
-    build_rope(&t->rope, &t->config);
+    build_rope(&t->rope, &t->config, &t->file, path);
     build_cache(&t->cache, &t->config, n_slots);
     build_state(&t->state, &t->config, max_T, all_logits, n_slots);
 }
@@ -643,6 +809,11 @@ static void print_model_summary(const Transformer *t, const char *path) {
     fprintf(stderr, "%s: %.32s, %.1fM params, %s weights, %d layers, dim %d, %d heads (%d kv) x %d, vocab %d, "
             "trained context %d\n", path, h->arch, params / 1e6, dtype_name(t->weights.layers[0].wq.dtype), c->n_layers,
             c->dim, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size, c->max_seq_len);
+    const LayerConfig *lc = &c->layers[0];
+    fprintf(stderr, "RoPE %s", rope_type_name(lc->rope_type));
+    if (lc->rope_type != ROPE_DEFAULT) fprintf(stderr, " x%g from %u", lc->factor, lc->orig_ctx);
+    fprintf(stderr, ", theta %g, %d of %d channels rotated: meant for %zu tokens\n", lc->rope_theta,
+            lc->rotary_dim, c->head_dim, rope_target_context(lc, c->max_seq_len));
     fprintf(stderr, "context %zu tokens; memory: weights %.1f MB (mapped), KV cache %.1f MB (%zu bytes/token), "
             "activations %.1f MB\n", t->cache.n_slots, t->file.size / 1e6, (double)kv_per_token * t->cache.n_slots / 1e6,
             kv_per_token, act / 1e6);
@@ -661,6 +832,7 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
     if (T < 1 || T > s->max_T) die("forward: chunk of %d tokens, limit %d", T, s->max_T);
     if (pos0 + T > kv->n_slots) die("context full: %zu tokens do not fit in %zu slots; raise -c", pos0 + T, kv->n_slots);
 
+    rope_update(&tr->rope, c, pos0 + T);
     for (int t = 0; t < T; t++) {   // token embeddings
         const float *row = weight_row(&w->tok_embd, tokens[t], s->scratch);
         memcpy(s->x + (size_t)t * D, row, D * sizeof(float));
@@ -846,9 +1018,11 @@ static int sample(Sampler *sp, float *logits, int vocab) {
 // ----------------------------------------------------------------------------
 // Modes
 
+#define MAX_LIST 16   // values in a comma-separated option
+
 typedef struct {
     const char *model_path;
-    const char *mode;         // generate | chat | tokenize | logits
+    const char *mode;         // generate | chat | tokenize | logits | ppl | passkey | bench
     const char *input;        // -i: the prompt text (token ids with --ids)
     const char *input_path;   // -f: read the prompt from this file ("-": stdin)
     int input_is_ids;         // --ids: the prompt is token ids, and generate prints ids
@@ -861,6 +1035,15 @@ typedef struct {
     int chunk;                // --chunk: prefill chunk size (0 = mode default)
     int threads;              // --threads (0 = OpenMP default)
     const char *logits_out;   // --logits-out FILE
+    RopeOptions rope;         // --rope-* and --yarn-*: RoPE settings over the file's
+    const char *ppl_csv;      // ppl: --ppl-csv FILE, per-bucket rows
+    long ppl_bucket;          // ppl: --ppl-bucket, predicted tokens per CSV row
+    long ppl_tokens;          // ppl: --ppl-tokens, evaluate only the first N tokens (0 = all)
+    long passkey_len[MAX_LIST];   // passkey: --passkey-len, prompt lengths in tokens
+    float passkey_depth[MAX_LIST];// passkey: --passkey-depth, where the key sits (0 = start, 1 = end)
+    int n_passkey_len, n_passkey_depth, passkey_trials;
+    long bench_pp[MAX_LIST], bench_tg[MAX_LIST], bench_depth[MAX_LIST];   // bench: --bench-pp/-tg/-depth
+    int n_bench_pp, n_bench_tg, n_bench_depth, reps, json;                // bench: -r, --json
 } Options;
 
 // Parse "12 7 99" into ids, each checked against the vocabulary. Returns the count.
@@ -946,8 +1129,9 @@ static float *prefill(Transformer *t, const int *tokens, size_t n, size_t pos0) 
 // Sample up to steps tokens (-1: no limit) after logits, printing each and feeding it back at
 // *pos. Stops at the model's end-of-text or end-of-turn token (not fed back; known only with a
 // tokenizer), a full cache or Ctrl-C. Prints text through the tokenizer's stream, or ids.
-// Returns the number of tokens sampled.
-static int decode(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, float *logits, size_t *pos, int steps) {
+// Returns the number of tokens sampled. Output goes to out.
+static int decode(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, float *logits, size_t *pos, int steps,
+                  FILE *out) {
     TokenStream stream;
     print_text = print_text && tok;
     if (print_text) tokenizer_stream_init(&stream, tok, 0);
@@ -956,14 +1140,14 @@ static int decode(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, f
         int next = sample(sp, logits, t->config.vocab_size);
         generated++;
         if (tok && (next == tokenizer_eos_id(tok) || next == tokenizer_eot_id(tok))) break;
-        if (print_text) tokenizer_stream_put(&stream, next, stdout);
-        else printf(generated > 1 ? " %d" : "%d", next);
-        fflush(stdout);
+        if (print_text) tokenizer_stream_put(&stream, next, out);
+        else fprintf(out, generated > 1 ? " %d" : "%d", next);
+        fflush(out);
         sampler_accept(sp, next);
         if (*pos >= t->cache.n_slots) break;
         logits = forward(t, &next, 1, (*pos)++);   // fed back even when it is the last, so a chat
     }                                              // continues from a cache holding the whole reply
-    if (print_text) tokenizer_stream_flush(&stream, stdout);
+    if (print_text) tokenizer_stream_flush(&stream, out);
     return generated;
 }
 
@@ -982,7 +1166,7 @@ static void generate(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp
     float *logits = prefill(t, prompt, n_prompt, 0);
     double t1 = now_seconds();
     size_t pos = n_prompt;
-    int generated = decode(t, tok, print_text, sp, logits, &pos, steps);
+    int generated = decode(t, tok, print_text, sp, logits, &pos, steps, stdout);
     printf("\n");
     print_stats(n_prompt, t1 - t0, generated, now_seconds() - t1);
 }
@@ -1050,7 +1234,7 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *system
         double t1 = now_seconds();
         pos += n;
         free(ids);
-        int generated = decode(t, tok, !print_ids, sp, logits, &pos, steps);
+        int generated = decode(t, tok, !print_ids, sp, logits, &pos, steps, stdout);
         printf("\n");
         fflush(stdout);
         print_stats(n, t1 - t0, generated, now_seconds() - t1);
@@ -1079,12 +1263,191 @@ static void print_ids(const int *ids, size_t n) {
 }
 
 // ----------------------------------------------------------------------------
+// Long-context measurement: perplexity, pass-key retrieval, speed at depth
+
+// log p(target | logits) for one row of V logits, as log-softmax with a float64 sum.
+static double token_log_prob(const float *logits, int V, int target) {
+    float max = logits[0];
+    for (int i = 1; i < V; i++) max = logits[i] > max ? logits[i] : max;
+    double sum = 0;
+    for (int i = 0; i < V; i++) sum += expf(logits[i] - max);
+    return (double)(logits[target] - max) - log(sum);
+}
+
+// -m ppl: perplexity exp(mean NLL) of a text, every token predicted from all before it that
+// the cache settings keep, in one pass of chunked prefill. Memory is the cache plus one
+// chunk's logits, whatever the text's length. With csv_path, one row per `bucket` predicted
+// positions: first,last,tokens,mean_nll,ppl.
+static void perplexity(Transformer *t, const int *tokens, size_t n, size_t bucket, const char *csv_path) {
+    int V = t->config.vocab_size, max_T = t->state.max_T;
+    FILE *csv = NULL;
+    if (csv_path) {
+        if (!(csv = fopen(csv_path, "w"))) die("%s: cannot write: %s", csv_path, strerror(errno));
+        fprintf(csv, "first,last,tokens,mean_nll,ppl\n");
+    }
+    double *nll = xcalloc(max_T, sizeof(double), "nll row");
+    double total = 0, bucket_sum = 0, start = now_seconds();
+    size_t bucket_n = 0, predicted = 0;
+    for (size_t done = 0; done + 1 < n && !interrupted; done += max_T) {
+        int T = n - 1 - done < (size_t)max_T ? (int)(n - 1 - done) : max_T;   // rows with a next token
+        const float *logits = forward(t, tokens + done, T, done);
+        PARALLEL_FOR
+        for (int r = 0; r < T; r++) nll[r] = -token_log_prob(logits + (size_t)r * V, V, tokens[done + r + 1]);
+        for (int r = 0; r < T; r++) {   // position done + r + 1 is predicted
+            total += nll[r], bucket_sum += nll[r], bucket_n++, predicted++;
+            if (csv && (predicted % bucket == 0 || predicted == n - 1)) {
+                fprintf(csv, "%zu,%zu,%zu,%.6f,%.4f\n", predicted - bucket_n + 1, predicted, bucket_n,
+                        bucket_sum / bucket_n, exp(bucket_sum / bucket_n));
+                bucket_sum = 0, bucket_n = 0;
+            }
+        }
+        if (n >= 4096)
+            fprintf(stderr, "\rppl %zu / %zu tokens, %.0f tok/s, ppl so far %.3f", predicted + 1, n,
+                    predicted / (now_seconds() - start), exp(total / predicted));
+    }
+    if (n >= 4096) fprintf(stderr, "\n");
+    free(nll);
+    if (csv && fclose(csv) != 0) die("%s: write failed", csv_path);
+    if (interrupted) die("interrupted after %zu tokens (perplexity so far %.4f)", predicted, exp(total / predicted));
+    printf("perplexity %.4f over %zu predicted tokens (mean NLL %.6f), %.1f tok/s\n", exp(total / predicted), predicted,
+           total / predicted, predicted / (now_seconds() - start));
+}
+
+// The pass-key prompt (Mohtashami & Jaggi 2023, "Landmark Attention"): a key hidden at
+// fraction `depth` of filler text of about `length` tokens, then the question.
+static const char *PASSKEY_INTRO = "There is an important pass key hidden inside a lot of irrelevant text. "
+                                   "Find it and memorize it. I will quiz you about the pass key.\n";
+static const char *PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+static const char *PASSKEY_NEEDLE = "The pass key is %s. Remember it. %s is the pass key. ";
+static const char *PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is";
+
+static size_t count_tokens(Tokenizer *tok, const char *text) {
+    int *ids;
+    size_t n = tokenizer_encode(tok, text, strlen(text), 0, &ids);
+    free(ids);
+    return n;
+}
+
+static int *passkey_prompt(Tokenizer *tok, size_t length, float depth, const char *key, size_t *n) {
+    char needle[128];
+    snprintf(needle, sizeof(needle), PASSKEY_NEEDLE, key, key);
+    size_t fixed = count_tokens(tok, PASSKEY_INTRO) + count_tokens(tok, needle) + count_tokens(tok, PASSKEY_QUESTION) + 1;
+    size_t unit = count_tokens(tok, PASSKEY_FILLER), units = length > fixed ? (length - fixed) / unit : 0;
+    size_t before = (size_t)(units * depth + 0.5f), filler_len = strlen(PASSKEY_FILLER);
+    size_t len = strlen(PASSKEY_INTRO) + strlen(needle) + strlen(PASSKEY_QUESTION) + units * filler_len;
+    char *text = xcalloc(add_size(len, 1, "pass-key prompt"), 1, "pass-key prompt"), *p = text;
+    p += sprintf(p, "%s", PASSKEY_INTRO);
+    for (size_t u = 0; u <= units; u++) {
+        if (u == before) p += sprintf(p, "%s", needle);
+        if (u < units) p += sprintf(p, "%s", PASSKEY_FILLER);
+    }
+    sprintf(p, "%s", PASSKEY_QUESTION);
+    int *ids;
+    *n = tokenizer_encode(tok, text, strlen(text), tokenizer_add_bos(tok), &ids);
+    free(text);
+    return ids;
+}
+
+// -m passkey: for each length and depth, `trials` random 5-digit keys; a trial passes when
+// the greedy answer (up to 8 tokens) contains the key. Prints a markdown table of accuracy.
+static void passkey(Transformer *t, Tokenizer *tok, const long *lengths, int n_lengths, const float *depths,
+                    int n_depths, int trials, uint64_t seed) {
+    Sampler greedy = {.temperature = 0, .top_p = 1, .repeat_penalty = 1};
+    build_sampler(&greedy, t->config.vocab_size, seed);
+    int *passed = xcalloc((size_t)n_lengths * n_depths, sizeof(int), "pass-key table");
+    for (int li = 0; li < n_lengths; li++)
+        for (int di = 0; di < n_depths; di++)
+            for (int trial = 0; trial < trials && !interrupted; trial++) {
+                char key[16], *answer;
+                size_t n, answer_len, pos;
+                snprintf(key, sizeof(key), "%05u", (unsigned)(random_f32(&greedy.rng) * 100000));
+                int *prompt = passkey_prompt(tok, (size_t)lengths[li], depths[di], key, &n);
+                if (n + 8 > t->cache.n_slots) die("a pass-key prompt of %zu tokens does not fit in %zu slots", n, t->cache.n_slots);
+                double t0 = now_seconds();
+                float *logits = prefill(t, prompt, n, 0);
+                FILE *out = open_memstream(&answer, &answer_len);   // the answer, as text
+                if (!out) die("out of memory");
+                pos = n;
+                decode(t, tok, 1, &greedy, logits, &pos, 8, out);
+                fclose(out);
+                int ok = strstr(answer, key) != NULL;
+                passed[li * n_depths + di] += ok;
+                fprintf(stderr, "passkey: %zu tokens, depth %.2f, key %s: %s -> \"%s\" (%.1f s)\n", n, depths[di], key,
+                        ok ? "found" : "missed", answer, now_seconds() - t0);
+                free(answer);
+                free(prompt);
+            }
+    printf("| tokens |");
+    for (int di = 0; di < n_depths; di++) printf(" depth %.2f |", depths[di]);
+    printf(" all |\n|---|");
+    for (int di = 0; di <= n_depths; di++) printf("---|");
+    printf("\n");
+    for (int li = 0; li < n_lengths; li++) {
+        int sum = 0;
+        printf("| %ld |", lengths[li]);
+        for (int di = 0; di < n_depths; di++) {
+            sum += passed[li * n_depths + di];
+            printf(" %d/%d |", passed[li * n_depths + di], trials);
+        }
+        printf(" %.0f%% |\n", 100.0 * sum / (trials * n_depths));
+    }
+    free(passed);
+    free_sampler(&greedy);
+}
+
+// -m bench, after llama-bench: prompt processing (ppN: N tokens in chunks) and text generation
+// (tgN: N tokens one at a time), each after `depth` tokens already in the cache, `reps`
+// times; random token ids. Prints a markdown table (or JSON) of tokens/s, mean ± sd.
+static void bench(Transformer *t, const long *pp, int n_pp, const long *tg, int n_tg, const long *depths, int n_depths,
+                  int reps, int json) {
+    size_t kv_per_token = (size_t)2 * t->config.n_layers * t->config.kv_dim * sizeof(float), max_len = 0;
+    for (int i = 0; i < n_pp; i++) max_len = (size_t)pp[i] > max_len ? (size_t)pp[i] : max_len;
+    for (int i = 0; i < n_tg; i++) max_len = (size_t)tg[i] > max_len ? (size_t)tg[i] : max_len;
+    int *ids = xcalloc(max_len + 1, sizeof(int), "bench tokens");
+    uint64_t rng = 42;
+    if (json) printf("{\"kv_bytes_per_token\": %zu, \"results\": [", kv_per_token);
+    else printf("| test | depth | tokens/s |\n|---|---:|---:|\n");
+    int first = 1;
+    for (int di = 0; di < n_depths; di++) {
+        size_t depth = (size_t)depths[di];
+        for (size_t i = 0; i < max_len + 1; i++) ids[i] = (int)(random_f32(&rng) * t->config.vocab_size);
+        int *fill = xcalloc(depth + 1, sizeof(int), "bench depth");
+        for (size_t i = 0; i < depth; i++) fill[i] = (int)(random_f32(&rng) * t->config.vocab_size);
+        if (depth) prefill(t, fill, depth, 0);   // the depth stays in the cache; every test runs after it
+        free(fill);
+        for (int kind = 0; kind < 2; kind++)
+            for (int ti = 0; ti < (kind ? n_tg : n_pp); ti++) {
+                size_t n = (size_t)(kind ? tg[ti] : pp[ti]);
+                double sum = 0, sum2 = 0;
+                for (int r = 0; r < reps && !interrupted; r++) {
+                    double t0 = now_seconds();
+                    if (kind == 0) prefill(t, ids, n, depth);
+                    else for (size_t i = 0; i < n; i++) forward(t, &ids[i], 1, depth + i);
+                    double rate = n / (now_seconds() - t0);
+                    sum += rate, sum2 += rate * rate;
+                }
+                double mean = sum / reps, sd = reps > 1 ? sqrt(fmax(0, (sum2 - reps * mean * mean) / (reps - 1))) : 0;
+                if (json)
+                    printf("%s\n  {\"test\": \"%s%zu\", \"depth\": %zu, \"reps\": %d, \"tokens_per_s\": %.2f, \"sd\": %.2f}",
+                           first ? "" : ",", kind ? "tg" : "pp", n, depth, reps, mean, sd);
+                else printf("| %s%zu | %zu | %.2f ± %.2f |\n", kind ? "tg" : "pp", n, depth, mean, sd);
+                fflush(stdout);
+                first = 0;
+            }
+    }
+    if (json) printf("\n], \"peak_rss_mb\": %.0f}\n", peak_rss_mb());
+    else printf("\nKV cache %zu bytes/token, peak RSS %.0f MB, %d threads, chunk %d\n", kv_per_token, peak_rss_mb(),
+                n_threads(), t->state.max_T);
+    free(ids);
+}
+
+// ----------------------------------------------------------------------------
 // Command line
 
 static void usage(FILE *out) {
     fprintf(out,
         "usage: run MODEL [options]\n"
-        "  -m MODE          generate | chat | tokenize | logits            (default generate)\n"
+        "  -m MODE          generate | chat | tokenize | logits | ppl | passkey | bench  (default generate)\n"
         "  -i TEXT          the prompt\n"
         "  -f FILE          read the prompt from FILE, bytes verbatim; - for stdin\n"
         "  --ids            the prompt is token ids (\"1 2 3\"); generate and chat print ids\n"
@@ -1103,6 +1466,28 @@ static void usage(FILE *out) {
         "  --chunk N        tokens per forward pass in prefill             (default 256; logits: all)\n"
         "  --threads N      worker threads                                 (default: all cores)\n"
         "  --logits-out F   logits mode: write (n_tokens, vocab) float32 here; the prompt is ids\n"
+        "ppl: perplexity of the text of -f or -i\n"
+        "  --ppl-csv FILE   write first,last,tokens,mean_nll,ppl per bucket of predicted tokens\n"
+        "  --ppl-bucket N   predicted tokens per CSV row                     (default 1024)\n"
+        "  --ppl-tokens N   evaluate only the first N tokens of the text     (default: all)\n"
+        "passkey: find a random key hidden in filler text\n"
+        "  --passkey-len L,..    prompt lengths in tokens                    (default 1024,2048)\n"
+        "  --passkey-depth D,..  where the key sits, 0 = start .. 1 = end    (default 0,0.25,0.5,0.75,1)\n"
+        "  --passkey-trials N    random keys per length and depth            (default 3)\n"
+        "bench: tokens/s of prompt processing and generation at a depth\n"
+        "  --bench-pp N,..  prompt lengths                                   (default 512)\n"
+        "  --bench-tg N,..  tokens generated one by one                      (default 128)\n"
+        "  --bench-depth N,..  tokens already in the cache before each test  (default 0)\n"
+        "  -r N             repetitions, reported as mean ± sd               (default 3)\n"
+        "  --json           JSON instead of a markdown table\n"
+        "RoPE (override the file's setting; see README, \"Longer contexts\"):\n"
+        "  --rope-scaling S none | linear | dynamic | yarn | llama3         (default: the file's)\n"
+        "  --rope-theta B   RoPE base                                      (default: the file's)\n"
+        "  --rope-factor S  context extension factor                       (default: the file's)\n"
+        "  --rope-orig-ctx N  original context L0 of the scaling            (default: trained context)\n"
+        "  --yarn-beta-fast B  YaRN: fast end of the correction range     (default 32)\n"
+        "  --yarn-beta-slow B  YaRN: slow end of the correction range     (default 1)\n"
+        "  --yarn-attn-factor A  YaRN attention factor                     (default 0.1 ln(s) + 1)\n"
         "  -h, --help       this text\n");
 }
 
@@ -1135,10 +1520,45 @@ static float parse_float(const char *flag, const char *s, float lo, float hi) {
     return (float)v;
 }
 
+// Split a comma-separated option value into items (at most MAX_LIST); returns how many.
+static int split_list(const char *flag, const char *s, char items[MAX_LIST][64]) {
+    for (int n = 0; n < MAX_LIST; n++) {
+        size_t len = strcspn(s, ",");
+        if (len >= sizeof(items[n])) break;
+        memcpy(items[n], s, len), items[n][len] = 0;
+        if (!s[len]) return n + 1;
+        s += len + 1;
+    }
+    usage_error("%s: at most 16 comma-separated values", flag);
+    return 0;
+}
+
+static int parse_long_list(const char *flag, const char *s, long *out, long lo, long hi) {
+    char items[MAX_LIST][64];
+    int n = split_list(flag, s, items);
+    for (int i = 0; i < n; i++) out[i] = parse_long(flag, items[i], lo, hi);
+    return n;
+}
+
+static int parse_float_list(const char *flag, const char *s, float *out, float lo, float hi) {
+    char items[MAX_LIST][64];
+    int n = split_list(flag, s, items);
+    for (int i = 0; i < n; i++) out[i] = parse_float(flag, items[i], lo, hi);
+    return n;
+}
+
+// chat reads stdin, passkey and bench make their own prompts; the others read -i or -f.
+static int mode_reads_prompt(const char *mode) {
+    return strcmp(mode, "chat") && strcmp(mode, "passkey") && strcmp(mode, "bench");
+}
+
 static Options parse_options(int argc, char **argv) {
     Options o = {.mode = "generate", .steps = 256, .seed = (uint64_t)time(NULL),
                  .sampler = {.temperature = 0.8f, .top_k = 40, .top_p = 0.95f, .min_p = 0.05f,
-                             .repeat_penalty = 1.0f, .repeat_last_n = 64}};
+                             .repeat_penalty = 1.0f, .repeat_last_n = 64},
+                 .ppl_bucket = 1024, .passkey_len = {1024, 2048}, .n_passkey_len = 2,
+                 .passkey_depth = {0, 0.25f, 0.5f, 0.75f, 1}, .n_passkey_depth = 5, .passkey_trials = 3,
+                 .bench_pp = {512}, .n_bench_pp = 1, .bench_tg = {128}, .n_bench_tg = 1, .n_bench_depth = 1, .reps = 3};
     if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) { usage(stdout); exit(0); }
     if (argc < 2 || argv[1][0] == '-') { usage(stderr); exit(2); }
     o.model_path = argv[1];
@@ -1147,6 +1567,7 @@ static Options parse_options(int argc, char **argv) {
         if (!strcmp(flag, "-h") || !strcmp(flag, "--help")) { usage(stdout); exit(0); }
         if (!strcmp(flag, "--ids")) { o.input_is_ids = 1; continue; }
         if (!strcmp(flag, "--bos")) { o.bos = 1; continue; }
+        if (!strcmp(flag, "--json")) { o.json = 1; continue; }
         if (i + 1 >= argc) usage_error("%s needs a value", flag);
         const char *val = argv[++i];
         if (!strcmp(flag, "-m")) o.mode = val;
@@ -1165,15 +1586,36 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(flag, "--chunk")) o.chunk = (int)parse_long(flag, val, 1, 1 << 16);
         else if (!strcmp(flag, "--threads")) o.threads = (int)parse_long(flag, val, 1, 1024);
         else if (!strcmp(flag, "--logits-out")) o.logits_out = val;
+        else if (!strcmp(flag, "--ppl-csv")) o.ppl_csv = val;
+        else if (!strcmp(flag, "--ppl-bucket")) o.ppl_bucket = parse_long(flag, val, 1, INT32_MAX);
+        else if (!strcmp(flag, "--ppl-tokens")) o.ppl_tokens = parse_long(flag, val, 2, INT32_MAX);
+        else if (!strcmp(flag, "--passkey-len")) o.n_passkey_len = parse_long_list(flag, val, o.passkey_len, 64, 1 << 24);
+        else if (!strcmp(flag, "--passkey-depth")) o.n_passkey_depth = parse_float_list(flag, val, o.passkey_depth, 0, 1);
+        else if (!strcmp(flag, "--passkey-trials")) o.passkey_trials = (int)parse_long(flag, val, 1, 100000);
+        else if (!strcmp(flag, "--bench-pp")) o.n_bench_pp = parse_long_list(flag, val, o.bench_pp, 1, 1 << 24);
+        else if (!strcmp(flag, "--bench-tg")) o.n_bench_tg = parse_long_list(flag, val, o.bench_tg, 1, 1 << 24);
+        else if (!strcmp(flag, "--bench-depth")) o.n_bench_depth = parse_long_list(flag, val, o.bench_depth, 0, 1 << 24);
+        else if (!strcmp(flag, "-r")) o.reps = (int)parse_long(flag, val, 1, 1000);
+        else if (!strcmp(flag, "--rope-scaling")) o.rope.scaling = val;
+        else if (!strcmp(flag, "--rope-theta")) o.rope.theta = parse_float(flag, val, 1.0001f, 1e12f);
+        else if (!strcmp(flag, "--rope-factor")) o.rope.factor = parse_float(flag, val, 1, 1e5f);
+        else if (!strcmp(flag, "--rope-orig-ctx")) o.rope.orig_ctx = parse_long(flag, val, 1, INT32_MAX);
+        else if (!strcmp(flag, "--yarn-beta-fast")) o.rope.beta_fast = parse_float(flag, val, 1e-3f, 1e4f);
+        else if (!strcmp(flag, "--yarn-beta-slow")) o.rope.beta_slow = parse_float(flag, val, 1e-3f, 1e4f);
+        else if (!strcmp(flag, "--yarn-attn-factor")) o.rope.attn_factor = parse_float(flag, val, 1e-3f, 100);
         else usage_error("unknown option %s", flag);
     }
-    if (strcmp(o.mode, "generate") && strcmp(o.mode, "chat") && strcmp(o.mode, "tokenize") && strcmp(o.mode, "logits"))
-        usage_error("unknown mode '%s' (generate, chat, tokenize, logits)", o.mode);
-    if (!strcmp(o.mode, "chat")) {
-        if (o.input || o.input_path) usage_error("%s", "chat reads its messages from stdin, one per line");
+    static const char *modes[] = {"generate", "chat", "tokenize", "logits", "ppl", "passkey", "bench"};
+    int known = 0;
+    for (size_t m = 0; m < sizeof(modes) / sizeof(modes[0]); m++) known |= !strcmp(o.mode, modes[m]);
+    if (!known) usage_error("unknown mode '%s' (generate, chat, tokenize, logits, ppl, passkey, bench)", o.mode);
+    if (!mode_reads_prompt(o.mode)) {
+        if (o.input || o.input_path) usage_error("-m %s takes no prompt: -i and -f do not apply", o.mode);
     } else if (!o.input == !o.input_path) {
         usage_error("%s", "give the prompt with exactly one of -i TEXT or -f FILE");
     }
+    if (o.rope.scaling && rope_type_from_name(o.rope.scaling) < 0)
+        usage_error("unknown --rope-scaling '%s' (none, linear, dynamic, yarn, llama3)", o.rope.scaling);
     if (!strcmp(o.mode, "logits")) {
         if (!o.logits_out) usage_error("%s", "logits mode needs --logits-out FILE");
         o.input_is_ids = 1;
@@ -1181,12 +1623,25 @@ static Options parse_options(int argc, char **argv) {
     return o;
 }
 
+static long max_of(const long *values, int n) {
+    long m = 0;
+    for (int i = 0; i < n; i++) m = values[i] > m ? values[i] : m;
+    return m;
+}
+
 // How many cache slots a run allocates: -c if given, else what it needs (prompt + tokens to
-// generate), at most the trained context (chat: at most 4096, as its length is unknown).
+// generate; ppl: the text; passkey: the longest prompt; bench: depth + test), at most the
+// trained context for generate and ppl (chat: at most 4096, as its length is unknown).
 static size_t context_slots(const Options *o, const FileHeader *h, size_t n_prompt) {
     size_t trained = h->max_seq_len, cap = !strcmp(o->mode, "chat") && trained > 4096 ? 4096 : trained;
     if (o->context) return (size_t)o->context;
     if (!strcmp(o->mode, "logits")) return n_prompt;
+    if (!strcmp(o->mode, "passkey")) return (size_t)max_of(o->passkey_len, o->n_passkey_len) + 64;
+    if (!strcmp(o->mode, "bench")) {
+        long pp = max_of(o->bench_pp, o->n_bench_pp), tg = max_of(o->bench_tg, o->n_bench_tg);
+        return (size_t)max_of(o->bench_depth, o->n_bench_depth) + (size_t)(pp > tg ? pp : tg);
+    }
+    if (!strcmp(o->mode, "ppl")) return n_prompt < trained ? n_prompt : trained;
     size_t needed = o->steps < 0 || !strcmp(o->mode, "chat") ? SIZE_MAX : n_prompt + (size_t)o->steps;
     return needed < cap ? needed : cap;
 }
@@ -1198,54 +1653,65 @@ int main(int argc, char **argv) {
     open_model_file(&mf, o.model_path);
     Tokenizer tok = {0};
     int has_tokenizer = load_tokenizer(&tok, &mf, o.model_path);
-    int chat_mode = !strcmp(o.mode, "chat"), logits_mode = !strcmp(o.mode, "logits");
-    if (chat_mode && !has_tokenizer) die("%s has no tokenizer, which chat needs; re-export it", o.model_path);
+    const char *mode = o.mode;
+    int all_logits = !strcmp(mode, "logits") || !strcmp(mode, "ppl");
+    if ((!strcmp(mode, "chat") || !strcmp(mode, "passkey")) && !has_tokenizer)
+        die("%s has no tokenizer, which -m %s needs; re-export it", o.model_path, mode);
 
-    // The prompt as ids: given as ids, or encoded (tokenize: BOS only with --bos; generate:
-    // the model's own BOS policy, as HF's encode with special tokens).
+    // The prompt as ids: given as ids, or encoded (tokenize: BOS only with --bos; the other
+    // modes: the model's own BOS policy, as HF's encode with special tokens).
     size_t n_prompt = 0;
     int *prompt = NULL;
-    if (!chat_mode) {
+    if (mode_reads_prompt(mode)) {
         size_t len;
         char *text = read_prompt(&o, &len);
         if (o.input_is_ids) {
-            int vocab = mf.header->n_layers ? (int)mf.header->vocab_size : tokenizer_vocab_size(&tok);
-            n_prompt = parse_ids(text, vocab, &prompt);
+            n_prompt = parse_ids(text, mf.header->n_layers ? (int)mf.header->vocab_size : tokenizer_vocab_size(&tok), &prompt);
         } else {
             if (!has_tokenizer) die("%s has no tokenizer: re-export it, or give token ids with --ids", o.model_path);
-            int add_bos = !strcmp(o.mode, "tokenize") ? o.bos : o.bos || tokenizer_add_bos(&tok);
+            int add_bos = !strcmp(mode, "tokenize") ? o.bos : o.bos || tokenizer_add_bos(&tok);
             n_prompt = tokenizer_encode(&tok, text, len, add_bos, &prompt);
             if (!prompt) die("out of memory tokenizing the prompt");
         }
         free(text);
+        if (o.ppl_tokens && (size_t)o.ppl_tokens < n_prompt) n_prompt = (size_t)o.ppl_tokens;
+        if (n_prompt == 0 && strcmp(mode, "tokenize")) die("the prompt is empty: it has no tokens to start from");
+    }
+    if (!strcmp(mode, "tokenize")) {
+        print_ids(prompt, n_prompt);
+        free(prompt);
+        tokenizer_free(&tok);
+        close_model_file(&mf);
+        return 0;
     }
 
-    if (!strcmp(o.mode, "tokenize")) {
-        print_ids(prompt, n_prompt);
-    } else {
-        if (mf.header->n_layers == 0) die("%s is a tokenizer-only file: it can only -m tokenize", o.model_path);
-        if (!chat_mode && n_prompt == 0) die("the prompt is empty: it has no tokens to start from");
-        size_t n_slots = context_slots(&o, mf.header, n_prompt);
-        if (n_prompt > n_slots || (!chat_mode && !logits_mode && o.steps >= 0 && n_prompt + o.steps > n_slots))
-            die("the prompt (%zu tokens) and %d tokens to generate do not fit in a context of %zu; raise -c or lower -n",
-                n_prompt, logits_mode ? 0 : o.steps, n_slots);
-        int chunk = o.chunk ? o.chunk : logits_mode ? (int)(n_prompt < 65536 ? n_prompt : 65536) : 256;
-        if (!chat_mode && (size_t)chunk > n_prompt) chunk = (int)n_prompt;
-        Transformer t = {0};
-        build_transformer(&t, &mf, o.model_path, n_slots, chunk, logits_mode);
-        print_model_summary(&t, o.model_path);
-        if (logits_mode) {
-            write_logits(&t, prompt, n_prompt, o.logits_out);
-        } else {
-            Sampler sp = o.sampler;
-            build_sampler(&sp, t.config.vocab_size, o.seed);
-            signal(SIGINT, on_sigint);
-            if (chat_mode) chat(&t, &tok, &sp, o.system, o.steps, o.input_is_ids);
-            else generate(&t, has_tokenizer ? &tok : NULL, !o.input_is_ids, &sp, prompt, n_prompt, o.steps);
-            free_sampler(&sp);
-        }
-        free_transformer(&t);
-    }
+    if (mf.header->n_layers == 0) die("%s is a tokenizer-only file: it can only -m tokenize", o.model_path);
+    size_t n_slots = context_slots(&o, mf.header, n_prompt);
+    if (!strcmp(mode, "ppl") && n_prompt > n_slots)
+        die("the text has %zu tokens but the context holds %zu: raise -c (full attention keeps every token), "
+            "or evaluate the first N with --ppl-tokens N", n_prompt, n_slots);
+    if (!strcmp(mode, "ppl") && n_prompt < 2) die("perplexity needs a text of at least 2 tokens");
+    if (n_prompt > n_slots || (!strcmp(mode, "generate") && o.steps >= 0 && n_prompt + o.steps > n_slots))
+        die("the prompt (%zu tokens) and %d tokens to generate do not fit in a context of %zu; raise -c or lower -n",
+            n_prompt, strcmp(mode, "generate") ? 0 : o.steps, n_slots);
+    int chunk = o.chunk ? o.chunk : !strcmp(mode, "logits") ? (int)(n_prompt < 65536 ? n_prompt : 65536) : 256;
+    if (mode_reads_prompt(mode) && (size_t)chunk > n_prompt) chunk = (int)n_prompt;
+    Transformer t = {0};
+    build_transformer(&t, &mf, o.model_path, &o.rope, n_slots, chunk, all_logits);
+    print_model_summary(&t, o.model_path);
+    signal(SIGINT, on_sigint);
+    Sampler sp = o.sampler;
+    build_sampler(&sp, t.config.vocab_size, o.seed);
+    if (!strcmp(mode, "logits")) write_logits(&t, prompt, n_prompt, o.logits_out);
+    else if (!strcmp(mode, "ppl")) perplexity(&t, prompt, n_prompt, (size_t)o.ppl_bucket, o.ppl_csv);
+    else if (!strcmp(mode, "passkey"))
+        passkey(&t, &tok, o.passkey_len, o.n_passkey_len, o.passkey_depth, o.n_passkey_depth, o.passkey_trials, o.seed);
+    else if (!strcmp(mode, "bench"))
+        bench(&t, o.bench_pp, o.n_bench_pp, o.bench_tg, o.n_bench_tg, o.bench_depth, o.n_bench_depth, o.reps, o.json);
+    else if (!strcmp(mode, "chat")) chat(&t, &tok, &sp, o.system, o.steps, o.input_is_ids);
+    else generate(&t, has_tokenizer ? &tok : NULL, !o.input_is_ids, &sp, prompt, n_prompt, o.steps);
+    free_sampler(&sp);
+    free_transformer(&t);
     free(prompt);
     if (has_tokenizer) tokenizer_free(&tok);
     close_model_file(&mf);

@@ -81,6 +81,24 @@ ACCEPTED = {
     "--chunk": ["--chunk", "2", "-i", PROMPT, "-n", "2"],
     "--threads": ["--threads", "1", "-i", PROMPT, "-n", "2"],
     "--logits-out": ["-m", "logits", "-i", "1 2 3", "--logits-out", "{logits_file}"],
+    "--ppl-csv": ["-m", "ppl", "-i", COUNT, "--ppl-csv", "{csv_file}"],
+    "--ppl-bucket": ["-m", "ppl", "-i", COUNT, "--ppl-bucket", "4"],
+    "--ppl-tokens": ["-m", "ppl", "-i", COUNT, "--ppl-tokens", "6"],
+    "--passkey-len": ["-m", "passkey", "--passkey-len", "120", "--passkey-depth", "0.5", "--passkey-trials", "1"],
+    "--passkey-depth": ["-m", "passkey", "--passkey-len", "100", "--passkey-depth", "0,1", "--passkey-trials", "1"],
+    "--passkey-trials": ["-m", "passkey", "--passkey-len", "100", "--passkey-depth", "1", "--passkey-trials", "2"],
+    "--bench-pp": ["-m", "bench", "--bench-pp", "8,16", "--bench-tg", "2", "-r", "1"],
+    "--bench-tg": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2,3", "-r", "1"],
+    "--bench-depth": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2", "--bench-depth", "0,16", "-r", "1"],
+    "-r": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2", "-r", "2"],
+    "--json": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2", "-r", "1", "--json"],
+    "--rope-scaling": ["--rope-scaling", "linear", "--rope-factor", "2", "-i", PROMPT, "-n", "2"],
+    "--rope-theta": ["--rope-theta", "200000", "-i", PROMPT, "-n", "2"],
+    "--rope-factor": ["--rope-scaling", "dynamic", "--rope-factor", "2", "-i", PROMPT, "-n", "2"],
+    "--rope-orig-ctx": ["--rope-scaling", "yarn", "--rope-factor", "4", "--rope-orig-ctx", "2048", "-i", PROMPT, "-n", "2"],
+    "--yarn-beta-fast": ["--rope-scaling", "yarn", "--rope-factor", "4", "--yarn-beta-fast", "16", "-i", PROMPT, "-n", "2"],
+    "--yarn-beta-slow": ["--rope-scaling", "yarn", "--rope-factor", "4", "--yarn-beta-slow", "2", "-i", PROMPT, "-n", "2"],
+    "--yarn-attn-factor": ["--rope-scaling", "yarn", "--rope-factor", "4", "--yarn-attn-factor", "1.2", "-i", PROMPT, "-n", "2"],
     "-h": ["-h"],
     "--help": ["--help"],
 }
@@ -89,17 +107,20 @@ ACCEPTED = {
 def test_every_option_is_accepted(model, tmp_path):
     listed = usage_flags(raw("--help").stdout)
     assert set(ACCEPTED) == listed, "ACCEPTED must cover exactly the options of --help"
-    prompt_file, logits_file = tmp_path / "prompt.txt", tmp_path / "logits.f32"
+    prompt_file, logits_file, csv_file = tmp_path / "prompt.txt", tmp_path / "logits.f32", tmp_path / "ppl.csv"
     prompt_file.write_text(PROMPT)
     for flag, args in ACCEPTED.items():
-        args = [a.format(prompt_file=prompt_file, logits_file=logits_file) for a in args]
+        args = [a.format(prompt_file=prompt_file, logits_file=logits_file, csv_file=csv_file) for a in args]
         r = run(model, *args, check=False, input="Hi\n")
         assert r.returncode == 0, f"{flag}: {args} exited {r.returncode}: {r.stderr}"
         assert "error" not in r.stderr, f"{flag}: {r.stderr}"
         if flag not in ("-h", "--help", "--bos", "--logits-out"):
             assert r.stdout.strip(), f"{flag}: nothing generated"
-    for mode in ["generate", "chat", "tokenize", "logits"]:
-        extra = {"chat": [], "logits": ["--logits-out", logits_file, "-i", "1 2"]}.get(mode, ["-i", PROMPT])
+    assert csv_file.read_text().startswith("first,last,tokens,mean_nll,ppl\n")
+    for mode in ["generate", "chat", "tokenize", "logits", "ppl", "passkey", "bench"]:
+        extra = {"chat": [], "logits": ["--logits-out", logits_file, "-i", "1 2"],
+                 "passkey": ["--passkey-len", "100", "--passkey-depth", "1", "--passkey-trials", "1"],
+                 "bench": ["--bench-pp", "8", "--bench-tg", "2", "-r", "1"]}.get(mode, ["-i", PROMPT])
         r = run(model, "-m", mode, "-n", "2", *extra, input="Hi\n")
         assert r.returncode == 0
 
