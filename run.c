@@ -655,6 +655,23 @@ static float dot(const float *a, const float *b, size_t n) {
     return sum;
 }
 
+// dot() of one row a against four rows of b (stride floats apart), with the same partial sums
+// in the same order as dot(), so the results are bit-identical; the loaded row of a serves four
+// dot products, and their 64 independent sums keep the SIMD units busy.
+static void dot4(const float *a, const float *b, size_t stride, size_t n, float *out) {
+    float acc[4][16] = {{0}};
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int r = 0; r < 4; r++)
+            for (int j = 0; j < 16; j++) acc[r][j] += a[i + j] * b[r * stride + i + j];
+    for (int r = 0; r < 4; r++) {
+        float sum = 0;
+        for (size_t k = i; k < n; k++) sum += a[k] * b[r * stride + k];
+        for (int j = 0; j < 16; j++) sum += acc[r][j];
+        out[r] = sum;
+    }
+}
+
 // out (T, w.rows) = x (T, w.cols) @ w^T. Each weight row is read (and dequantized) once per
 // chunk and reused for all T tokens: prefill reads the weights once, not once per token.
 // scratch: (n_threads, w.cols) floats.
@@ -663,7 +680,12 @@ static void matmul(float *out, const float *x, const Tensor *w, int T, float *sc
     PARALLEL_FOR
     for (size_t r = 0; r < rows; r++) {
         const float *wr = weight_row(w, r, scratch + (size_t)thread_id() * cols);
-        for (int t = 0; t < T; t++) out[(size_t)t * rows + r] = dot(wr, x + (size_t)t * cols, cols);
+        int t = 0;
+        for (float four[4]; t + 4 <= T; t += 4) {
+            dot4(wr, x + (size_t)t * cols, cols, cols, four);
+            for (int k = 0; k < 4; k++) out[(size_t)(t + k) * rows + r] = four[k];
+        }
+        for (; t < T; t++) out[(size_t)t * rows + r] = dot(wr, x + (size_t)t * cols, cols);
     }
 }
 
@@ -700,27 +722,86 @@ static void swiglu(float *gate, const float *up, size_t n) {
 // Attention of a chunk of T queries (T, q_dim) at positions pos0.. against the cache of one
 // layer, whose slots already hold this chunk's keys and values. out: (T, q_dim).
 // Scaled dot-product attention (Vaswani et al. 2017) with grouped-query heads (Ainslie et al.
-// 2023): query head h reads kv head h / (n_heads / n_kv_heads). scores: (n_threads, S).
+// 2023): query head h reads kv head h / (n_heads / n_kv_heads).
+// It is computed in tiles, as FlashAttention does (Dao et al. 2022): ATT_QT queries that share
+// a kv head (the group's heads over several rows) meet the keys ATT_KB at a time, and an online
+// softmax keeps per query the running max m, the sum l of e^(s - m) and the weighted sum of
+// values, rescaled by e^(m_old - m_new) when m grows; no score row of length S is stored. Key
+// blocks start at multiples of ATT_KB in position, so a query meets the same blocks however the
+// text is chunked: chunked prefill and token-by-token decode give the same numbers.
+// work: (n_threads, ATT_WORK(head_dim)) floats.
+#define ATT_QT 16   // queries per tile: the vector width of the score loop
+#define ATT_KB 64   // keys per block
+#define ATT_KS 4    // keys per call of tile_scores
+#define ATT_WORK(H) ((size_t)(H) * ATT_QT * 2 + ATT_KB * ATT_QT)
+// s[j][k] = q_k . key_j for ATT_KS keys and the ATT_QT queries of a tile, qt (H, ATT_QT): each
+// key element meets all queries at once (a SIMD loop over k), and ATT_KS keys give the
+// processor independent sums to overlap.
+static void tile_scores(float *restrict s, const float *restrict qt, const float *const *keys, int H) {
+    float acc[ATT_KS][ATT_QT] = {{0}};
+    for (int i = 0; i < H; i++)
+        for (int j = 0; j < ATT_KS; j++)
+            for (int k = 0; k < ATT_QT; k++) acc[j][k] += keys[j][i] * qt[i * ATT_QT + k];
+    memcpy(s, acc, sizeof(acc));
+}
+
 static void attention(float *out, const float *q, const float *key, const float *value, const KVCache *kv,
-                      const Config *c, const LayerConfig *lc, int T, size_t pos0, float *scores) {
-    int H = c->head_dim, group = c->n_heads / c->n_kv_heads;
+                      const Config *c, const LayerConfig *lc, int T, size_t pos0, float *work) {
+    int H = c->head_dim, group = c->n_heads / c->n_kv_heads, n_q = T * group;   // queries per kv head
+    int tiles = (n_q + ATT_QT - 1) / ATT_QT;
     float scale = 1.0f / sqrtf((float)H);
     PARALLEL_FOR
-    for (int th = 0; th < T * c->n_heads; th++) {   // one (query row, head) pair per iteration
-        int t = th / c->n_heads, h = th % c->n_heads;
-        size_t pos = pos0 + t, lo = first_visible(lc, pos);
-        const float *qh = q + (size_t)t * c->q_dim + (size_t)h * H;
-        size_t kv_off = (size_t)(h / group) * H;
-        float *att = scores + (size_t)thread_id() * kv->n_slots;
-        for (size_t p = lo; p <= pos; p++)
-            att[p - lo] = dot(qh, key + kv_slot(kv, p) * c->kv_dim + kv_off, H) * scale;
-        softmax(att, pos - lo + 1);
-        float *oh = out + (size_t)t * c->q_dim + (size_t)h * H;
-        memset(oh, 0, H * sizeof(float));
-        for (size_t p = lo; p <= pos; p++) {
-            const float *vp = value + kv_slot(kv, p) * c->kv_dim + kv_off;
-            float a = att[p - lo];
-            for (int i = 0; i < H; i++) oh[i] += a * vp[i];
+    for (int job = 0; job < c->n_kv_heads * tiles; job++) {
+        int g = job / tiles, first = job % tiles * ATT_QT, nq = n_q - first < ATT_QT ? n_q - first : ATT_QT;
+        float *qt = work + (size_t)thread_id() * ATT_WORK(H);   // (H, ATT_QT) the tile's queries, transposed
+        float *acc = qt + (size_t)H * ATT_QT;                    // (ATT_QT, H) weighted sums of values
+        float *s = acc + (size_t)H * ATT_QT;                     // (ATT_KB, ATT_QT) scores of one key block
+        float m[ATT_QT], l[ATT_QT];
+        size_t pos[ATT_QT], lo[ATT_QT], lo_all = SIZE_MAX, hi_all = 0;
+        for (int k = 0; k < ATT_QT; k++) {   // query k of the tile: row t, head h (padding repeats the last)
+            int qi = first + (k < nq ? k : nq - 1), t = qi / group, h = g * group + qi % group;
+            const float *qh = q + (size_t)t * c->q_dim + (size_t)h * H;
+            for (int i = 0; i < H; i++) qt[i * ATT_QT + k] = qh[i];
+            pos[k] = pos0 + t, lo[k] = first_visible(lc, pos[k]);
+            lo_all = lo[k] < lo_all ? lo[k] : lo_all, hi_all = pos[k] > hi_all ? pos[k] : hi_all;
+            m[k] = -INFINITY, l[k] = 0;
+        }
+        memset(acc, 0, (size_t)H * ATT_QT * sizeof(float));
+        for (size_t p0 = lo_all / ATT_KB * ATT_KB; p0 <= hi_all; p0 += ATT_KB) {
+            int nk = hi_all + 1 - p0 < ATT_KB ? (int)(hi_all + 1 - p0) : ATT_KB;
+            for (int j = 0; j < nk; j += ATT_KS) {   // scores of the block, ATT_KS keys at a time
+                const float *keys[ATT_KS];
+                for (int jj = 0; jj < ATT_KS; jj++)   // past the block's end: repeat its last key, unused
+                    keys[jj] = key + kv_slot(kv, p0 + (j + jj < nk ? j + jj : nk - 1)) * c->kv_dim + (size_t)g * H;
+                tile_scores(s + (size_t)j * ATT_QT, qt, keys, H);
+            }
+            for (int k = 0; k < nq; k++) {   // online softmax update of query k over this block
+                float block_max = -INFINITY;
+                for (int j = 0; j < nk; j++) {
+                    size_t p = p0 + j;
+                    float *sjk = &s[(size_t)j * ATT_QT + k];
+                    *sjk = p < lo[k] || p > pos[k] ? -INFINITY : *sjk * scale;   // causal and window mask
+                    block_max = *sjk > block_max ? *sjk : block_max;
+                }
+                if (block_max == -INFINITY) continue;   // no visible key here
+                float m_new = block_max > m[k] ? block_max : m[k], rescale = expf(m[k] - m_new);
+                float *ak = acc + (size_t)k * H;
+                l[k] *= rescale;
+                for (int i = 0; i < H; i++) ak[i] *= rescale;
+                for (int j = 0; j < nk; j++) {
+                    float e = expf(s[(size_t)j * ATT_QT + k] - m_new);
+                    if (e == 0) continue;
+                    const float *vp = value + kv_slot(kv, p0 + j) * c->kv_dim + (size_t)g * H;
+                    l[k] += e;
+                    for (int i = 0; i < H; i++) ak[i] += e * vp[i];
+                }
+                m[k] = m_new;
+            }
+        }
+        for (int k = 0; k < nq; k++) {
+            int qi = first + k, t = qi / group, h = g * group + qi % group;
+            float *oh = out + (size_t)t * c->q_dim + (size_t)h * H, inv = 1.0f / l[k];
+            for (int i = 0; i < H; i++) oh[i] = acc[(size_t)k * H + i] * inv;
         }
     }
 }
@@ -738,7 +819,7 @@ typedef struct {
     float *att_out;     // (max_T, q_dim)
     float *hb, *hb2;    // (max_T, hidden_dim)
     float *logits;      // (n_logit_rows, V)
-    float *scores;      // (n_threads, S) attention scores
+    float *att_work;    // (n_threads, ATT_WORK(head_dim)) attention tiles
     float *scratch;     // (n_threads, widest matrix row) dequantized weight rows
 } RunState;
 
@@ -751,7 +832,7 @@ typedef struct {
     ModelFile file;
 } Transformer;
 
-static void build_state(RunState *s, const Config *c, int max_T, int all_logits, size_t n_slots) {
+static void build_state(RunState *s, const Config *c, int max_T, int all_logits) {
     int widest = c->dim > c->hidden_dim ? c->dim : c->hidden_dim;
     widest = widest > c->q_dim ? widest : c->q_dim;
     s->max_T = max_T;
@@ -765,12 +846,12 @@ static void build_state(RunState *s, const Config *c, int max_T, int all_logits,
     s->hb = xcalloc(mul_size(max_T, c->hidden_dim, "hb"), sizeof(float), "activations");
     s->hb2 = xcalloc(mul_size(max_T, c->hidden_dim, "hb2"), sizeof(float), "activations");
     s->logits = xcalloc(mul_size(s->n_logit_rows, c->vocab_size, "logits"), sizeof(float), "logits");
-    s->scores = xcalloc(mul_size(n_threads(), n_slots, "scores"), sizeof(float), "attention scores");
+    s->att_work = xcalloc(mul_size(n_threads(), ATT_WORK(c->head_dim), "attention"), sizeof(float), "attention tiles");
     s->scratch = xcalloc(mul_size(n_threads(), widest, "scratch"), sizeof(float), "weight scratch");
 }
 
 static void free_state(RunState *s) {
-    void *buffers[] = {s->x, s->xb, s->q, s->k, s->v, s->att_out, s->hb, s->hb2, s->logits, s->scores, s->scratch};
+    void *buffers[] = {s->x, s->xb, s->q, s->k, s->v, s->att_out, s->hb, s->hb2, s->logits, s->att_work, s->scratch};
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
 }
 
@@ -785,7 +866,7 @@ static void build_transformer(Transformer *t, const ModelFile *mf, const char *p
     build_weights(&t->weights, &t->config, &t->file, path);
     build_rope(&t->rope, &t->config, &t->file, path);
     build_cache(&t->cache, &t->config, n_slots);
-    build_state(&t->state, &t->config, max_T, all_logits, n_slots);
+    build_state(&t->state, &t->config, max_T, all_logits);
 }
 
 static void free_transformer(Transformer *t) {
@@ -867,7 +948,7 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
             memcpy(key + kv_slot(kv, pos) * c->kv_dim, kt, c->kv_dim * sizeof(float));
             memcpy(value + kv_slot(kv, pos) * c->kv_dim, s->v + (size_t)t * c->kv_dim, c->kv_dim * sizeof(float));
         }
-        attention(s->att_out, s->q, key, value, kv, c, lc, T, pos0, s->scores);
+        attention(s->att_out, s->q, key, value, kv, c, lc, T, pos0, s->att_work);
         matmul(s->xb, s->att_out, &lw->wo, T, s->scratch);
         for (size_t i = 0; i < (size_t)T * D; i++) s->x[i] += s->xb[i];
 
@@ -1168,6 +1249,7 @@ static void generate(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp
     size_t pos = n_prompt;
     int generated = decode(t, tok, print_text, sp, logits, &pos, steps, stdout);
     printf("\n");
+    fflush(stdout);   // the text before the stats on stderr
     print_stats(n_prompt, t1 - t0, generated, now_seconds() - t1);
 }
 
