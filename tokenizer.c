@@ -212,6 +212,7 @@ typedef struct {
     PairSlot *pairs;             // open-addressed merge table
     size_t pairs_mask;
     int byte_id[256];            // id of each single byte: its byte-level char, or SPM <0xNN>; -1 none
+    int spm_word_id;             // SPM: id of "▁" where merges never cross a word start, else -1
     int *specials;               // ids matched whole in the text, by first byte, longest first
     size_t special_start[257];   // specials[special_start[b] .. special_start[b+1]) start with byte b
     CacheSlot *cache;            // byte-level BPE: piece bytes -> ids, cleared when full
@@ -401,6 +402,7 @@ int tokenizer_load(Tokenizer *t, const uint8_t *section, size_t size, char *err,
     }
 
     // Merge table: every merge must spell its result exactly (left + right).
+    int crosses_words = 0;
     t->pairs_mask = table_size(h.n_merges) - 1;
     t->pairs = calloc(t->pairs_mask + 1, sizeof(PairSlot));
     if (!t->pairs) LOAD_FAIL("out of memory loading the tokenizer");
@@ -412,12 +414,14 @@ int tokenizer_load(Tokenizer *t, const uint8_t *section, size_t size, char *err,
         const uint8_t *pl = piece_bytes(t, m.left, &ll), *pr = piece_bytes(t, m.right, &lr), *pm = piece_bytes(t, m.result, &lm);
         if (ll == 0 || lr == 0 || lm != ll + lr || memcmp(pm, pl, ll) || memcmp(pm + ll, pr, lr))
             LOAD_FAIL("tokenizer section: merge %u: token %u is not token %u followed by token %u", i, m.result, m.left, m.right);
+        if (lr >= 3 && !memcmp(pr, "\xE2\x96\x81", 3)) crosses_words = 1;   // X + "▁..."
         if (pair_find(t, m.left, m.right)) continue;  // a duplicate: the first (better) rank stays
         uint64_t key = ((uint64_t)m.left << 32 | m.right) + 1;
         size_t k = hash_u64(key) & t->pairs_mask;
         while (t->pairs[k].key) k = (k + 1) & t->pairs_mask;
         t->pairs[k] = (PairSlot){m.rank, m.result, key};
     }
+    t->spm_word_id = h.kind == TOK_SPM && !crosses_words ? vocab_find(t, (const uint8_t *)"\xE2\x96\x81", 3) : -1;
     if (h.kind == TOK_BYTE_BPE) {
         t->cache = calloc(CACHE_SLOTS, sizeof(CacheSlot));
         t->cache_bytes = malloc(CACHE_BYTES);
@@ -495,14 +499,14 @@ static int push_pair(Tokenizer *t, size_t *hn, int i) {
     return heap_push(t, hn, (Cand){p->rank, (uint32_t)i, (uint32_t)t->sym[i], (uint32_t)t->sym[j], p->result});
 }
 
-// Merge the n symbols in t->sym and append the resulting ids to out.
-static void bpe(Tokenizer *t, size_t n, IdVec *out) {
+// Merge the symbols t->sym[first..end) and append the resulting ids to out.
+static void bpe(Tokenizer *t, size_t first, size_t end, IdVec *out) {
     size_t hn = 0;
-    for (size_t i = 0; i < n; i++) {
-        t->prev[i] = (int)i - 1;
-        t->next[i] = i + 1 < n ? (int)i + 1 : -1;
+    for (size_t i = first; i < end; i++) {
+        t->prev[i] = i > first ? (int)i - 1 : -1;
+        t->next[i] = i + 1 < end ? (int)i + 1 : -1;
     }
-    for (size_t i = 0; i + 1 < n; i++)
+    for (size_t i = first; i + 1 < end; i++)
         if (!push_pair(t, &hn, i)) { out->oom = 1; return; }
     while (hn > 0) {
         Cand c = heap_pop(t, &hn);
@@ -514,7 +518,7 @@ static void bpe(Tokenizer *t, size_t n, IdVec *out) {
         t->sym[b] = -1;
         if (!push_pair(t, &hn, t->prev[a]) || !push_pair(t, &hn, a)) { out->oom = 1; return; }
     }
-    for (int i = n ? 0 : -1; i >= 0; i = t->next[i]) vec_push(out, t->sym[i]);
+    for (int i = first < end ? (int)first : -1; i >= 0; i = t->next[i]) vec_push(out, t->sym[i]);
 }
 
 static int reserve_symbols(Tokenizer *t, size_t n) {
@@ -644,7 +648,7 @@ static void encode_piece(Tokenizer *t, const uint8_t *s, size_t n, IdVec *out) {
         size_t m = 0;
         for (size_t k = 0; k < n; k++)  // a byte missing from the vocabulary is dropped, as HF does
             if (t->byte_id[s[k]] >= 0) t->sym[m++] = t->byte_id[s[k]];
-        bpe(t, m, out);
+        bpe(t, 0, m, out);
     }
     if (!cacheable || out->oom) return;
     size_t n_ids = out->n - start;
@@ -690,7 +694,10 @@ static size_t segment_code_points(Tokenizer *t, const uint8_t **text, size_t *n_
 }
 
 // SentencePiece: the dummy prefix, spaces -> "▁", one symbol per character (or its
-// <0xNN> bytes when the character is not a piece), then BPE over the whole segment.
+// <0xNN> bytes when the character is not a piece), then BPE. When no merge joins anything to
+// a "▁" on its right (t->spm_word_id >= 0; true of sentencepiece's own training), no merge
+// crosses the start of a word, so each word is merged alone: the same ids, and small heaps
+// instead of one over the whole text.
 static void encode_spm(Tokenizer *t, const uint8_t *s, size_t n, int at_text_start, IdVec *out) {
     int prefix = t->prefix == TOK_PREFIX_ALL || (t->prefix == TOK_PREFIX_ALWAYS && s[0] != ' ') ||
                  (t->prefix == TOK_PREFIX_FIRST && at_text_start && s[0] != ' ');
@@ -715,7 +722,8 @@ static void encode_spm(Tokenizer *t, const uint8_t *s, size_t n, int at_text_sta
         }
         i += len;
     }
-    bpe(t, m, out);
+    for (size_t first = 0, end = 1; first < m; end++)
+        if (end == m || t->sym[end] == t->spm_word_id) bpe(t, first, end, out), first = end;
 }
 
 // One run of text between special tokens.

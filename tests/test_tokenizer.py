@@ -346,6 +346,30 @@ def test_spm_vs_sentencepiece(driver, workdir, spm_model):
             roundtrip=lambda s: s, bad=BAD)
 
 
+def test_spm_with_merges_across_words(driver, workdir):
+    """Trained with split_by_whitespace=False, pieces hold "▁" inside (merges across word
+    starts), so tokenizer.c must merge the whole text at once, not word by word."""
+    import sentencepiece as spm
+    train = workdir / "spm_cross_train.txt"
+    words = ("the of and to in a is that for it as was with be by on not he this are or his from at which but "
+             "have an they you were her she there been one all we their has would when if so no will").split()
+    rng = random.Random(4)   # short English-like sentences, so that frequent word pairs merge
+    lines = [" ".join(rng.choice(words[:rng.randint(4, len(words))]) for _ in range(rng.randint(5, 20)))
+             for _ in range(20000)]
+    train.write_text("\n".join(lines), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(train), model_prefix=str(workdir / "spm_cross"), vocab_size=1000,
+                                   model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, split_by_whitespace=False,
+                                   character_coverage=0.98, max_sentence_length=100000, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(workdir / "spm_cross.model"))
+    crossing = [p for p in (sp.id_to_piece(i) for i in range(sp.get_piece_size())) if "\u2581" in p[1:]]
+    assert len(crossing) > 20, "the test needs pieces with an inner \u2581"
+    model = write_model(workdir, "spm_cross.bin", te.tokenizer_section_from_spm(str(workdir / "spm_cross.model")))
+    texts = [t for t in CORPUS if not any(s in t for s in ("<s>", "</s>", "<unk>"))]
+    compare(f"SentencePiece, {len(crossing)} pieces across words", driver, model, texts, lambda s: sp.encode(s),
+            roundtrip=lambda s: s, bad=BAD)
+
+
 @pytest.mark.parametrize("legacy", [True, False])
 def test_spm_vs_hf(driver, workdir, spm_model, legacy):
     path, sp = spm_model
