@@ -5,8 +5,10 @@
 
 CC ?= cc
 # -O3 -march=native: let the compiler vectorize the plain loops for this machine's SIMD;
-# -ffp-contract=fast: fuse a * b + c into one FMA instruction (-std=c11 turns that off).
-CFLAGS ?= -O3 -march=native -ffp-contract=fast
+# -ffp-contract=fast: fuse a * b + c into one FMA instruction (-std=c11 turns that off);
+# -fno-trapping-math: we never trap on floating-point exceptions, so selects like x < 0 ? a : b
+# may become SIMD blends (the attention softmax needs that to vectorize).
+CFLAGS ?= -O3 -march=native -ffp-contract=fast -fno-trapping-math
 WARN = -std=c11 -Wall -Wextra
 # OpenMP is optional: used when the compiler has it; `make OPENMP=` builds single-threaded.
 OPENMP ?= $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo -fopenmp)

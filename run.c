@@ -69,18 +69,21 @@ static double now_seconds(void) {
 }
 
 // OpenMP is optional: without it there is one thread. PARALLEL_FOR splits the loop that
-// follows it across the threads.
+// follows it across the threads; SIMD tells the compiler to vectorize the loop that follows
+// where it would otherwise pick a worse loop of the nest (attention's tiles).
 #ifdef _OPENMP
 #include <omp.h>
 static int thread_id(void) { return omp_get_thread_num(); }
 static int n_threads(void) { return omp_get_max_threads(); }
 static void set_threads(int n) { omp_set_num_threads(n); }
 #define PARALLEL_FOR _Pragma("omp parallel for schedule(static)")
+#define SIMD _Pragma("omp simd")
 #else
 static int thread_id(void) { return 0; }
 static int n_threads(void) { return 1; }
 static void set_threads(int n) { (void)n; }
 #define PARALLEL_FOR
+#define SIMD
 #endif
 
 // ----------------------------------------------------------------------------
@@ -719,6 +722,27 @@ static void swiglu(float *gate, const float *up, size_t n) {
     for (size_t i = 0; i < n; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
+// y[k] = e^x[k] for the ATT_QT values of a tile, as plain arithmetic the compiler vectorizes
+// (libm's expf is a call per value): e^x = 2^n e^r with n = round(x / ln 2), r = x - n ln 2
+// (ln 2 in two parts, for exactness), e^r by Cephes' degree-7 polynomial; relative error about
+// 1e-7. x < -87 (-inf: a masked score) gives 0.
+#define ATT_QT 16   // queries per attention tile: the vector width of its loops
+static void exp_tile(float *restrict y, const float *restrict x) {
+    float p[ATT_QT], scale[ATT_QT];
+    int32_t bits[ATT_QT];
+    for (int k = 0; k < ATT_QT; k++) {
+        float c = x[k] < -87.0f ? -87.0f : x[k] > 88.0f ? 88.0f : x[k];
+        float n = floorf(c * 1.44269504f + 0.5f), r = c - n * 0.693359375f + n * 2.12194440e-4f;
+        float q = 1.9875691500e-4f;
+        q = q * r + 1.3981999507e-3f, q = q * r + 8.3334519073e-3f, q = q * r + 4.1665795894e-2f;
+        q = q * r + 1.6666665459e-1f, q = q * r + 5.0000001201e-1f;
+        p[k] = q * r * r + r + 1.0f;
+        bits[k] = ((int32_t)n + 127) << 23;   // 2^n: a float's exponent field
+    }
+    memcpy(scale, bits, sizeof(scale));
+    for (int k = 0; k < ATT_QT; k++) y[k] = x[k] < -87.0f ? 0.0f : p[k] * scale[k];
+}
+
 // Attention of a chunk of T queries (T, q_dim) at positions pos0.. against the cache of one
 // layer, whose slots already hold this chunk's keys and values. out: (T, q_dim).
 // Scaled dot-product attention (Vaswani et al. 2017) with grouped-query heads (Ainslie et al.
@@ -726,23 +750,47 @@ static void swiglu(float *gate, const float *up, size_t n) {
 // It is computed in tiles, as FlashAttention does (Dao et al. 2022): ATT_QT queries that share
 // a kv head (the group's heads over several rows) meet the keys ATT_KB at a time, and an online
 // softmax keeps per query the running max m, the sum l of e^(s - m) and the weighted sum of
-// values, rescaled by e^(m_old - m_new) when m grows; no score row of length S is stored. Key
-// blocks start at multiples of ATT_KB in position, so a query meets the same blocks however the
-// text is chunked: chunked prefill and token-by-token decode give the same numbers.
-// work: (n_threads, ATT_WORK(head_dim)) floats.
-#define ATT_QT 16   // queries per tile: the vector width of the score loop
+// values, rescaled by e^(m_old - m_new) when m grows; no score row of length S is stored. Every
+// loop over the tile's queries is a SIMD loop. Key blocks start at multiples of ATT_KB in
+// position, so a query meets the same blocks however the text is chunked: chunked prefill and
+// token-by-token decode give the same numbers. work: (n_threads, ATT_WORK(head_dim)) floats.
 #define ATT_KB 64   // keys per block
 #define ATT_KS 4    // keys per call of tile_scores
 #define ATT_WORK(H) ((size_t)(H) * ATT_QT * 2 + ATT_KB * ATT_QT)
+
 // s[j][k] = q_k . key_j for ATT_KS keys and the ATT_QT queries of a tile, qt (H, ATT_QT): each
 // key element meets all queries at once (a SIMD loop over k), and ATT_KS keys give the
 // processor independent sums to overlap.
 static void tile_scores(float *restrict s, const float *restrict qt, const float *const *keys, int H) {
     float acc[ATT_KS][ATT_QT] = {{0}};
     for (int i = 0; i < H; i++)
-        for (int j = 0; j < ATT_KS; j++)
-            for (int k = 0; k < ATT_QT; k++) acc[j][k] += keys[j][i] * qt[i * ATT_QT + k];
+        for (int j = 0; j < ATT_KS; j++) {
+            float x = keys[j][i];
+            SIMD
+            for (int k = 0; k < ATT_QT; k++) acc[j][k] += x * qt[i * ATT_QT + k];
+        }
     memcpy(s, acc, sizeof(acc));
+}
+
+// acc (H, ATT_QT) += values^T @ e, over the nk keys of a block: e (nk, ATT_QT) the softmax
+// weights, values[j] the value row (H) of key j. Like tile_scores, each value element meets the
+// tile's queries at once, and 4 channels at a time stay in registers while the block streams.
+static void tile_values(float *restrict acc, const float *restrict e, const float *const *values, int nk, int H) {
+    int i0 = 0;
+    for (; i0 + 4 <= H; i0 += 4) {
+        float a[4][ATT_QT];
+        memcpy(a, acc + (size_t)i0 * ATT_QT, sizeof(a));
+        for (int j = 0; j < nk; j++)
+            for (int ii = 0; ii < 4; ii++) {
+                float v = values[j][i0 + ii];
+                SIMD
+                for (int k = 0; k < ATT_QT; k++) a[ii][k] += v * e[j * ATT_QT + k];
+            }
+        memcpy(acc + (size_t)i0 * ATT_QT, a, sizeof(a));
+    }
+    for (; i0 < H; i0++)   // channels past the last multiple of 4
+        for (int j = 0; j < nk; j++)
+            for (int k = 0; k < ATT_QT; k++) acc[(size_t)i0 * ATT_QT + k] += values[j][i0] * e[j * ATT_QT + k];
 }
 
 static void attention(float *out, const float *q, const float *key, const float *value, const KVCache *kv,
@@ -754,54 +802,62 @@ static void attention(float *out, const float *q, const float *key, const float 
     for (int job = 0; job < c->n_kv_heads * tiles; job++) {
         int g = job / tiles, first = job % tiles * ATT_QT, nq = n_q - first < ATT_QT ? n_q - first : ATT_QT;
         float *qt = work + (size_t)thread_id() * ATT_WORK(H);   // (H, ATT_QT) the tile's queries, transposed
-        float *acc = qt + (size_t)H * ATT_QT;                    // (ATT_QT, H) weighted sums of values
-        float *s = acc + (size_t)H * ATT_QT;                     // (ATT_KB, ATT_QT) scores of one key block
-        float m[ATT_QT], l[ATT_QT];
-        size_t pos[ATT_QT], lo[ATT_QT], lo_all = SIZE_MAX, hi_all = 0;
+        float *acc = qt + (size_t)H * ATT_QT;                    // (H, ATT_QT) weighted sums of values
+        float *s = acc + (size_t)H * ATT_QT;                     // (ATT_KB, ATT_QT) scores, then weights
+        float m[ATT_QT], l[ATT_QT], m_new[ATT_QT], rescale[ATT_QT], diff[ATT_QT];
+        int64_t pos[ATT_QT], lo[ATT_QT], lo_all = INT64_MAX, hi_all = 0;
         for (int k = 0; k < ATT_QT; k++) {   // query k of the tile: row t, head h (padding repeats the last)
             int qi = first + (k < nq ? k : nq - 1), t = qi / group, h = g * group + qi % group;
             const float *qh = q + (size_t)t * c->q_dim + (size_t)h * H;
             for (int i = 0; i < H; i++) qt[i * ATT_QT + k] = qh[i];
-            pos[k] = pos0 + t, lo[k] = first_visible(lc, pos[k]);
+            pos[k] = (int64_t)(pos0 + t), lo[k] = (int64_t)first_visible(lc, pos0 + t);
             lo_all = lo[k] < lo_all ? lo[k] : lo_all, hi_all = pos[k] > hi_all ? pos[k] : hi_all;
             m[k] = -INFINITY, l[k] = 0;
         }
         memset(acc, 0, (size_t)H * ATT_QT * sizeof(float));
-        for (size_t p0 = lo_all / ATT_KB * ATT_KB; p0 <= hi_all; p0 += ATT_KB) {
+        for (int64_t p0 = lo_all / ATT_KB * ATT_KB; p0 <= hi_all; p0 += ATT_KB) {
             int nk = hi_all + 1 - p0 < ATT_KB ? (int)(hi_all + 1 - p0) : ATT_KB;
-            for (int j = 0; j < nk; j += ATT_KS) {   // scores of the block, ATT_KS keys at a time
-                const float *keys[ATT_KS];
-                for (int jj = 0; jj < ATT_KS; jj++)   // past the block's end: repeat its last key, unused
-                    keys[jj] = key + kv_slot(kv, p0 + (j + jj < nk ? j + jj : nk - 1)) * c->kv_dim + (size_t)g * H;
-                tile_scores(s + (size_t)j * ATT_QT, qt, keys, H);
+            const float *keys[ATT_KB + ATT_KS], *values[ATT_KB];
+            for (int j = 0; j < nk + ATT_KS; j++) {   // past the block's end: repeat its last key, unused
+                size_t slot = kv_slot(kv, (size_t)p0 + (j < nk ? j : nk - 1)) * c->kv_dim + (size_t)g * H;
+                keys[j] = key + slot;
+                if (j < nk) values[j] = value + slot;
             }
-            for (int k = 0; k < nq; k++) {   // online softmax update of query k over this block
-                float block_max = -INFINITY;
-                for (int j = 0; j < nk; j++) {
-                    size_t p = p0 + j;
-                    float *sjk = &s[(size_t)j * ATT_QT + k];
-                    *sjk = p < lo[k] || p > pos[k] ? -INFINITY : *sjk * scale;   // causal and window mask
-                    block_max = *sjk > block_max ? *sjk : block_max;
-                }
-                if (block_max == -INFINITY) continue;   // no visible key here
-                float m_new = block_max > m[k] ? block_max : m[k], rescale = expf(m[k] - m_new);
-                float *ak = acc + (size_t)k * H;
-                l[k] *= rescale;
-                for (int i = 0; i < H; i++) ak[i] *= rescale;
-                for (int j = 0; j < nk; j++) {
-                    float e = expf(s[(size_t)j * ATT_QT + k] - m_new);
-                    if (e == 0) continue;
-                    const float *vp = value + kv_slot(kv, p0 + j) * c->kv_dim + (size_t)g * H;
-                    l[k] += e;
-                    for (int i = 0; i < H; i++) ak[i] += e * vp[i];
-                }
-                m[k] = m_new;
+            for (int j = 0; j < nk; j += ATT_KS) tile_scores(s + (size_t)j * ATT_QT, qt, keys + j, H);
+            int first_key[ATT_QT], last_key[ATT_QT];   // what each query sees of this block (j)
+            for (int k = 0; k < ATT_QT; k++) {
+                first_key[k] = lo[k] > p0 ? (int)(lo[k] - p0) : 0;
+                last_key[k] = pos[k] - p0 < nk ? (int)(pos[k] - p0) : nk - 1;   // -1: none
+                m_new[k] = m[k];
             }
+            for (int j = 0; j < nk; j++)   // scale, mask (causal and window), and the block's max
+                for (int k = 0; k < ATT_QT; k++) {
+                    float x = s[j * ATT_QT + k] * scale;
+                    x = j >= first_key[k] && j <= last_key[k] ? x : -INFINITY;
+                    s[j * ATT_QT + k] = x;
+                    m_new[k] = x > m_new[k] ? x : m_new[k];
+                }
+            for (int k = 0; k < ATT_QT; k++) {   // a query with nothing visible yet keeps m = -inf
+                m_new[k] = m_new[k] == -INFINITY ? 0 : m_new[k];
+                diff[k] = m[k] - m_new[k];
+            }
+            exp_tile(rescale, diff);
+            for (int k = 0; k < ATT_QT; k++) l[k] *= rescale[k];
+            for (int j = 0; j < nk; j++) {   // weights e^(s - m_new), masked keys 0
+                float *sj = s + (size_t)j * ATT_QT;
+                for (int k = 0; k < ATT_QT; k++) diff[k] = sj[k] - m_new[k];
+                exp_tile(sj, diff);
+                for (int k = 0; k < ATT_QT; k++) l[k] += sj[k];
+            }
+            for (int i = 0; i < H; i++)
+                for (int k = 0; k < ATT_QT; k++) acc[(size_t)i * ATT_QT + k] *= rescale[k];
+            for (int k = 0; k < ATT_QT; k++) m[k] = l[k] > 0 ? m_new[k] : -INFINITY;
+            tile_values(acc, s, values, nk, H);
         }
         for (int k = 0; k < nq; k++) {
             int qi = first + k, t = qi / group, h = g * group + qi % group;
             float *oh = out + (size_t)t * c->q_dim + (size_t)h * H, inv = 1.0f / l[k];
-            for (int i = 0; i < H; i++) oh[i] = acc[(size_t)k * H + i] * inv;
+            for (int i = 0; i < H; i++) oh[i] = acc[(size_t)i * ATT_QT + k] * inv;
         }
     }
 }
