@@ -612,16 +612,18 @@ static size_t next_piece(const Tokenizer *t, const uint32_t *cp, const uint8_t *
     switch (t->pre) {
     case TOK_PRE_LLAMA3: return llama3_piece(cp, cls, i, n, 3);
     case TOK_PRE_QWEN2: return llama3_piece(cp, cls, i, n, 1);
-    case TOK_PRE_SMOLLM: {
-        // HF Sequence[Digits(individual_digits), ByteLevel]: each digit alone, then the
-        // GPT-2 regex on each run between digits, as if that run were the whole text.
-        if (IS(i, TOK_CLS_N)) return i + 1;
-        size_t end = i;
-        while (end < n && !IS(end, TOK_CLS_N)) end++;
-        return gpt2_piece(cp, cls, i, end);
+    default: return gpt2_piece(cp, cls, i, n);   // GPT-2, and SmolLM within a run
     }
-    default: return gpt2_piece(cp, cls, i, n);
-    }
+}
+
+// The end of the stretch starting at code point i that the split regex sees as a whole text.
+// SmolLM's HF Sequence[Digits(individual_digits), ByteLevel] splits off each digit first, so
+// the GPT-2 regex runs on each stretch between digits; the other families see the segment.
+static size_t pre_split_end(const Tokenizer *t, const uint8_t *cls, size_t i, size_t n) {
+    if (t->pre != TOK_PRE_SMOLLM) return n;
+    if (IS(i, TOK_CLS_N)) return i + 1;
+    while (i < n && !IS(i, TOK_CLS_N)) i++;
+    return i;
 }
 
 // ----------------------------------------------------------------------------
@@ -734,11 +736,11 @@ static void encode_segment(Tokenizer *t, const uint8_t *s, size_t n, int at_text
     if (t->kind == TOK_BYTE_BPE || (t->flags & TOK_FLAG_NFC)) m = segment_code_points(t, &s, &n, &oom);
     if (oom) { out->oom = 1; return; }
     if (t->kind == TOK_SPM) { encode_spm(t, s, n, at_text_start, out); return; }
-    for (size_t i = 0; i < m && !out->oom;) {
-        size_t j = next_piece(t, t->cps, t->cls, i, m);
-        encode_piece(t, s + t->offs[i], t->offs[j] - t->offs[i], out);
-        i = j;
-    }
+    for (size_t i = 0; i < m && !out->oom;)
+        for (size_t end = pre_split_end(t, t->cls, i, m), j; i < end && !out->oom; i = j) {
+            j = next_piece(t, t->cps, t->cls, i, end);
+            encode_piece(t, s + t->offs[i], t->offs[j] - t->offs[i], out);
+        }
 }
 
 // The longest special token starting at s[0..n), or -1.
