@@ -1509,6 +1509,7 @@ static void passkey(Transformer *t, Tokenizer *tok, const long *lengths, int n_l
                 decode(t, tok, 1, &greedy, logits, &pos, 8, out);
                 fclose(out);
                 int ok = strstr(answer, key) != NULL;
+                for (char *c = answer; *c; c++) *c = *c == '\n' ? ' ' : *c;   // one line per trial
                 passed[li * n_depths + di] += ok;
                 fprintf(stderr, "passkey: %zu tokens, depth %.2f, key %s: %s -> \"%s\" (%.1f s)\n", n, depths[di], key,
                         ok ? "found" : "missed", answer, now_seconds() - t0);
