@@ -61,12 +61,14 @@ $(SMOLLM2): $(SMOLLM2_GGUF) export.py | $(VENV)/.export
 
 # A long public-domain text for -m ppl: the King James Bible (~1M tokens), one verse per line.
 # Debian's bible-kjv-text holds it compressed; its reader in bible-kjv prints it. Both .debs
-# are only downloaded and unpacked here (apt-get download needs no root and installs nothing).
+# are only downloaded and unpacked here (apt-get download installs nothing; on a machine that
+# has no package lists yet it runs apt-get update first, which needs root).
 KJV = data/kjv.txt
 kjv: $(KJV)
 $(KJV):
 	rm -rf data/kjv-deb && mkdir -p data/kjv-deb
-	cd data/kjv-deb && apt-get download -q bible-kjv bible-kjv-text
+	cd data/kjv-deb && { apt-get download -q bible-kjv bible-kjv-text || \
+	  { apt-get update -q && apt-get download -q bible-kjv bible-kjv-text; }; }
 	for deb in data/kjv-deb/*.deb; do dpkg-deb -x $$deb data/kjv-deb/root; done
 	data/kjv-deb/root/usr/bin/bible -p data/kjv-deb/root/usr/lib -f "gen1:1-rev22:21" \
 	  | sed -E 's/^[1-3]?[A-Za-z]+[0-9]+:[0-9]+ //' > $@.tmp
