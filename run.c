@@ -1534,14 +1534,19 @@ static void passkey(Transformer *t, Tokenizer *tok, const long *lengths, int n_l
     free_sampler(&greedy);
 }
 
+static long max_of(const long *values, int n) {
+    long m = 0;
+    for (int i = 0; i < n; i++) m = values[i] > m ? values[i] : m;
+    return m;
+}
+
 // -m bench, after llama-bench: prompt processing (ppN: N tokens in chunks) and text generation
 // (tgN: N tokens one at a time), each after `depth` tokens already in the cache, `reps`
 // times; random token ids. Prints a markdown table (or JSON) of tokens/s, mean ± sd.
 static void bench(Transformer *t, const long *pp, int n_pp, const long *tg, int n_tg, const long *depths, int n_depths,
                   int reps, int json) {
-    size_t kv_per_token = (size_t)2 * t->config.n_layers * t->config.kv_dim * sizeof(float), max_len = 0;
-    for (int i = 0; i < n_pp; i++) max_len = (size_t)pp[i] > max_len ? (size_t)pp[i] : max_len;
-    for (int i = 0; i < n_tg; i++) max_len = (size_t)tg[i] > max_len ? (size_t)tg[i] : max_len;
+    size_t kv_per_token = (size_t)2 * t->config.n_layers * t->config.kv_dim * sizeof(float);
+    size_t max_len = (size_t)(max_of(pp, n_pp) > max_of(tg, n_tg) ? max_of(pp, n_pp) : max_of(tg, n_tg));
     int *ids = xcalloc(max_len + 1, sizeof(int), "bench tokens");
     uint64_t rng = 42;
     if (json) printf("{\"kv_bytes_per_token\": %zu, \"results\": [", kv_per_token);
@@ -1760,12 +1765,6 @@ static Options parse_options(int argc, char **argv) {
         o.input_is_ids = 1;
     }
     return o;
-}
-
-static long max_of(const long *values, int n) {
-    long m = 0;
-    for (int i = 0; i < n; i++) m = values[i] > m ? values[i] : m;
-    return m;
 }
 
 // How many cache slots a run allocates: -c if given, else what it needs (prompt + tokens to
