@@ -545,13 +545,16 @@ static void free_rope(Rope *r) { free(r->inv_freq); free(r->attn_factor); free(r
 // Rotate each head of vec (n_heads, head_dim) to position pos, rotate-half style (GPT-NeoX,
 // as HF): channel pair i is (i, i + d/2), d = rotary_dim; channels d..head_dim-1 pass through.
 //   y[i]       = x[i] cos - x[i + d/2] sin
-//   y[i + d/2] = x[i + d/2] cos + x[i] sin,   angle = (float)pos * inv_freq[i] (one f32 multiply)
+//   y[i + d/2] = x[i + d/2] cos + x[i] sin,   angle = pos * inv_freq[i]
+// The angle and its cos and sin are computed in double: at position 10^6 a float angle would
+// be off by 0.06 radians, and streams with a window reach such positions (HF's float angles
+// agree with these to about 1e-7 relative over its trained contexts).
 static void rope_rotate(float *vec, int n_heads, int head_dim, int rotary_dim, const float *inv_freq,
                         float attn_factor, size_t pos) {
     int half = rotary_dim / 2;
     for (int i = 0; i < half; i++) {
-        float angle = (float)pos * inv_freq[i];
-        float c = cosf(angle) * attn_factor, s = sinf(angle) * attn_factor;
+        double angle = (double)pos * inv_freq[i];
+        float c = (float)cos(angle) * attn_factor, s = (float)sin(angle) * attn_factor;
         for (int h = 0; h < n_heads; h++) {
             float *x = vec + (size_t)h * head_dim;
             float x0 = x[i], x1 = x[i + half];
@@ -565,54 +568,158 @@ static void rope_rotate(float *vec, int n_heads, int head_dim, int rotary_dim, c
 // The KV cache: which slot holds which position, and what a query may see
 //
 // Position = a token's index in the text (RoPE and the masks use it); slot = where its key
-// and value are stored. Keys are stored already rotated to their own position. With full
-// attention slot = position and the cache has one slot per position:
+// and value are stored (DESIGN.md §3). Keys are stored rotated to their own position and never
+// re-rotated. Each layer has n_sink fixed slots for the first positions, then a ring:
 //
-//   slots  [0 1 2 ... S-1]      a query at pos sees slots [lo, pos]
+//   slots [0 .. n_sink-1 | n_sink .. n_sink+ring-1]
+//   position p < n_sink lives in slot p; a later one in slot n_sink + (p - n_sink) % ring
 //
-// A sliding layer (ATTN_SLIDING, window W) sees only lo = pos - W + 1 onward.
+// Full attention: no sinks and a ring as long as the context, so slot = position and the
+// context is full at n_sink + ring positions. A window of W keys needs a ring of W + max_T - 1
+// slots (a chunk writes its keys before its first query looks back W - 1 positions), whatever
+// the length of the text, so a windowed layer never fills; a window longer than the context
+// gets the context's slots and fills like a full layer.
+
+typedef enum { KV_F32, KV_F16, KV_Q8, KV_COUNT } KVType;
+static const char *kv_type_names[KV_COUNT] = {"f32", "f16", "q8"};
+
+// What the sink slots are for (spec §10, §12).
+typedef enum { SINKS_STREAMING, SINKS_LMINF } SinkKind;
 
 typedef struct {
-    float *key;    // (n_layers, S, kv_dim)
-    float *value;  // (n_layers, S, kv_dim)
-    size_t n_slots; // S
+    long n_sink;      // --sinks: StreamingLLM sinks, or LM-Infinite's global tokens
+    long window;      // --window: keys per query, itself included (0: the model's own)
+    int lminf;        // --lminf: sinks are LM-Infinite's global branch
+    long limit;       // --lminf-limit: LM-Infinite's distance cap (0: the window)
+    int kv_type;      // --kv-type: KVType of the stored keys and values
+} AttnOptions;
+
+typedef struct {
+    size_t first;     // the layer's first slot in the cache
+    size_t n_sink;    // slots holding positions 0 .. n_sink-1 for good
+    size_t ring;      // slots the later positions take in turn
+} LayerSlots;
+
+typedef struct {
+    KVType type;
+    SinkKind sink_kind;
+    size_t limit;           // LM-Infinite: far keys are scored at this distance
+    size_t row_bytes;       // one slot: kv_dim values (q8: int8s, then a float scale per kv head)
+    uint8_t *key, *value;   // (all layers' slots, row_bytes)
+    size_t max_sink;        // sink copies per layer
+    float *sink_key;        // (n_layers, max_sink, kv_dim) f32: sink keys rotated at sink_key_pos()
+    float *sink_value;      // (n_layers, max_sink, kv_dim) f32
+    LayerSlots *layers;     // (n_layers)
+    size_t n_slots;         // all layers' slots
+    int max_T;              // the longest chunk, which the rings make room for
 } KVCache;
 
-static void build_cache(KVCache *kv, const Config *c, size_t n_slots) {
-    size_t floats = mul_size(mul_size(c->n_layers, n_slots, "KV cache"), c->kv_dim, "KV cache");
-    kv->n_slots = n_slots;
-    kv->key = xcalloc(floats, sizeof(float), "the KV cache");
-    kv->value = xcalloc(floats, sizeof(float), "the KV cache");
+// Each layer's slots: a full layer `context` of them, a windowed one n_sink + W + max_T - 1
+// (at most n_sink + context).
+static void build_cache(KVCache *kv, const Config *c, const AttnOptions *a, size_t context, int max_T) {
+    kv->type = (KVType)a->kv_type;
+    kv->sink_kind = a->lminf ? SINKS_LMINF : SINKS_STREAMING;
+    kv->limit = (size_t)a->limit;
+    kv->row_bytes = kv->type == KV_F32 ? c->kv_dim * sizeof(float) : kv->type == KV_F16 ? c->kv_dim * sizeof(uint16_t)
+                    : (size_t)c->kv_dim + c->n_kv_heads * sizeof(float);
+    kv->layers = xcalloc(c->n_layers, sizeof(LayerSlots), "the KV cache");
+    kv->n_slots = 0;
+    kv->max_T = max_T;
+    kv->max_sink = (size_t)(a->n_sink > 4 ? a->n_sink : 4);   // 4: what a full context switches to
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerConfig *lc = &c->layers[l];
+        LayerSlots *ls = &kv->layers[l];
+        ls->first = kv->n_slots;
+        ls->n_sink = lc->attn_kind == ATTN_SLIDING ? (size_t)a->n_sink : 0;
+        size_t ring = add_size(lc->window, max_T - 1, "KV cache");
+        ls->ring = lc->attn_kind == ATTN_SLIDING && ring < context ? ring : context;
+        kv->n_slots = add_size(kv->n_slots, add_size(ls->n_sink, ls->ring, "KV cache"), "KV cache");
+    }
+    size_t sink_floats = mul_size(mul_size(c->n_layers, kv->max_sink, "sinks"), c->kv_dim, "sinks");
+    kv->key = xcalloc(kv->n_slots, kv->row_bytes, "the KV cache");
+    kv->value = xcalloc(kv->n_slots, kv->row_bytes, "the KV cache");
+    kv->sink_key = xcalloc(sink_floats, sizeof(float), "the sink keys");
+    kv->sink_value = xcalloc(sink_floats, sizeof(float), "the sink values");
 }
 
-static void free_cache(KVCache *kv) { free(kv->key); free(kv->value); }
+static void free_cache(KVCache *kv) {
+    free(kv->key), free(kv->value), free(kv->sink_key), free(kv->sink_value), free(kv->layers);
+}
 
-static size_t kv_slot(const KVCache *kv, size_t pos) { (void)kv; return pos; }
+static size_t kv_slot(const LayerSlots *ls, size_t pos) {
+    return ls->first + (pos < ls->n_sink ? pos : ls->n_sink + (pos - ls->n_sink) % ls->ring);
+}
+
+// A layer whose ring cannot hold its window (full attention, or a window longer than the
+// context) reaches only n_sink + ring positions.
+static int layer_fills(const KVCache *kv, const LayerConfig *lc, int layer) {
+    return lc->attn_kind == ATTN_FULL || kv->layers[layer].ring < (size_t)lc->window + kv->max_T - 1;
+}
+
+// Positions a run may reach; SIZE_MAX if no layer fills (a stream of any length).
+static size_t cache_capacity(const KVCache *kv, const Config *c) {
+    size_t cap = SIZE_MAX;
+    for (int l = 0; l < c->n_layers; l++)
+        if (layer_fills(kv, &c->layers[l], l) && kv->layers[l].n_sink + kv->layers[l].ring < cap)
+            cap = kv->layers[l].n_sink + kv->layers[l].ring;
+    return cap;
+}
 
 // First position a query at pos may attend to in this layer (LONG_CONTEXT_SPEC.md §9.1:
-// key k is visible iff k <= pos and pos - k < W).
+// key k is visible iff k <= pos and pos - k < W). Sinks below it are scored apart.
 static size_t first_visible(const LayerConfig *lc, size_t pos) {
     if (lc->attn_kind == ATTN_SLIDING && pos >= lc->window) return pos - lc->window + 1;
     return 0;
 }
 
+// The sinks keep the first positions' keys a second time, in f32, rotated where the sink
+// rule needs them; a query is rotated a second time to meet them (DESIGN.md §3):
+// StreamingLLM (Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks")
+//   gives positions by cache slot: once the window is full the query sits at slot
+//   n_sink + W - 1, so sink i (its key rotated at i) is at distance n_sink + W - 1 - i.
+//   Window keys keep their true distances, as the slots of the reference are contiguous.
+// LM-Infinite (Han et al. 2023): every far global key is at distance min(pos, L), the
+//   distance cap, so its key is rotated at 0 and the query at min(pos, L).
+static size_t sink_key_pos(const KVCache *kv, size_t pos) { return kv->sink_kind == SINKS_LMINF ? 0 : pos; }
+
+static size_t sink_query_pos(const KVCache *kv, const LayerSlots *ls, const LayerConfig *lc, size_t pos) {
+    size_t cap = kv->sink_kind == SINKS_LMINF ? kv->limit : ls->n_sink + lc->window - 1;
+    return pos < cap ? pos : cap;
+}
+
 // ----------------------------------------------------------------------------
 // Blocks: the operations forward() is made of
 
-// IEEE half and bfloat16 to float, bit by bit (portable; no compiler half type needed).
+// IEEE half to float without branches, so loops of it vectorize: the exponent and mantissa
+// bits move to a float's place, and multiplying by 2^112 turns the exponent bias 15 into 127
+// (exact, subnormal halves included); exponent 31 is inf or nan.
 static float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
-    if (exp == 0x1f) bits = sign | 0x7f800000 | (mant << 13);               // inf, nan
-    else if (exp != 0) bits = sign | ((exp + 112) << 23) | (mant << 13);    // normal
-    else if (mant == 0) bits = sign;                                        // zero
-    else {                                                                  // subnormal: normalise
-        int e = -1;
-        do { mant <<= 1; e++; } while (!(mant & 0x400));
-        bits = sign | ((uint32_t)(112 - e) << 23) | ((mant & 0x3ff) << 13);
-    }
+    uint32_t rest = (uint32_t)(h & 0x7fff) << 13, bits;
     float f;
+    memcpy(&f, &rest, 4);
+    f *= 0x1p112f;
+    memcpy(&bits, &f, 4);
+    bits = (h & 0x7c00) == 0x7c00 ? rest | 0x7f800000 : bits;
+    bits |= (uint32_t)(h & 0x8000) << 16;
     memcpy(&f, &bits, 4);
     return f;
+}
+
+// Float to IEEE half, rounding to nearest even; 65520 and beyond become inf.
+static uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000, a = x & 0x7fffffff;
+    if (a > 0x7f800000) return (uint16_t)(sign | 0x7e00);                  // nan
+    if (a >= 0x477ff000) return (uint16_t)(sign | 0x7c00);                 // inf, or too big
+    if (a < 0x38800000) {                                                  // below 2^-14: subnormal
+        float v;
+        memcpy(&v, &a, 4);
+        return (uint16_t)(sign | (uint32_t)lrintf(v * 0x1p24f));           // in units of 2^-24
+    }
+    uint32_t h = (a - 0x38000000) >> 13, dropped = a & 0x1fff;             // rebias 127 -> 15
+    h += dropped > 0x1000 || (dropped == 0x1000 && (h & 1));               // a carry bumps the exponent
+    return (uint16_t)(sign | h);
 }
 
 static float bf16_to_f32(uint16_t h) {
@@ -643,6 +750,47 @@ static const float *weight_row(const Tensor *w, size_t row, float *scratch) {
     }
     default: return NULL; // unreachable: dtypes were validated when the file was opened
     }
+}
+
+// Store one slot's row x (kv_dim) in the cache's type. q8: per kv head, int8 q = round(x / d)
+// with d = max|x| / 127, and the float d after all the heads' int8s.
+static void kv_store(const KVCache *kv, uint8_t *row, const float *x, int n_kv_heads, int H) {
+    size_t n = (size_t)n_kv_heads * H;
+    if (kv->type == KV_F32) memcpy(row, x, n * sizeof(float));
+    if (kv->type == KV_F16)
+        for (size_t i = 0; i < n; i++) {
+            uint16_t h = f32_to_f16(x[i]);
+            memcpy(row + 2 * i, &h, 2);
+        }
+    if (kv->type == KV_Q8)
+        for (int g = 0; g < n_kv_heads; g++) {
+            const float *xg = x + (size_t)g * H;
+            float amax = 0;
+            for (int i = 0; i < H; i++) amax = fabsf(xg[i]) > amax ? fabsf(xg[i]) : amax;
+            float d = amax / 127, inv = d > 0 ? 1 / d : 0;
+            for (int i = 0; i < H; i++) row[(size_t)g * H + i] = (uint8_t)(int8_t)lrintf(xg[i] * inv);
+            memcpy(row + n + g * sizeof(float), &d, sizeof(float));
+        }
+}
+
+// Head g's vector (H) of a stored row as floats: a pointer into the cache for f32, else
+// converted into buf.
+static const float *kv_head(const KVCache *kv, const uint8_t *row, int g, int n_kv_heads, int H, float *buf) {
+    if (kv->type == KV_F32) return (const float *)row + (size_t)g * H;
+    if (kv->type == KV_F16) {
+        const uint8_t *src = row + (size_t)g * H * 2;
+        for (int i = 0; i < H; i++) {
+            uint16_t h;
+            memcpy(&h, src + 2 * i, 2);
+            buf[i] = f16_to_f32(h);
+        }
+    } else {
+        const int8_t *q = (const int8_t *)row + (size_t)g * H;
+        float d;
+        memcpy(&d, row + (size_t)n_kv_heads * H + g * sizeof(float), sizeof(float));
+        for (int i = 0; i < H; i++) buf[i] = d * q[i];
+    }
+    return buf;
 }
 
 // Dot product with 16 independent partial sums, a shape the compiler turns into SIMD
@@ -751,12 +899,13 @@ static void exp_tile(float *restrict y, const float *restrict x) {
 // a kv head (the group's heads over several rows) meet the keys ATT_KB at a time, and an online
 // softmax keeps per query the running max m, the sum l of e^(s - m) and the weighted sum of
 // values, rescaled by e^(m_old - m_new) when m grows; no score row of length S is stored. Every
-// loop over the tile's queries is a SIMD loop. Key blocks start at multiples of ATT_KB in
-// position, so a query meets the same blocks however the text is chunked: chunked prefill and
-// token-by-token decode give the same numbers. work: (n_threads, ATT_WORK(head_dim)) floats.
+// loop over the tile's queries is a SIMD loop. The sinks, if any, come first, then key blocks
+// that start at multiples of ATT_KB in position, so a query meets the same blocks however the
+// text is chunked: chunked prefill and token-by-token decode give the same numbers.
+// work: (n_threads, ATT_WORK(head_dim)) floats.
 #define ATT_KB 64   // keys per block
 #define ATT_KS 4    // keys per call of tile_scores
-#define ATT_WORK(H) ((size_t)(H) * ATT_QT * 2 + ATT_KB * ATT_QT)
+#define ATT_WORK(H) ((size_t)(H) * (ATT_QT * 3 + ATT_KB * 2) + ATT_KB * ATT_QT)
 
 // s[j][k] = q_k . key_j for ATT_KS keys and the ATT_QT queries of a tile, qt (H, ATT_QT): each
 // key element meets all queries at once (a SIMD loop over k), and ATT_KS keys give the
@@ -793,71 +942,101 @@ static void tile_values(float *restrict acc, const float *restrict e, const floa
             for (int k = 0; k < ATT_QT; k++) acc[(size_t)i0 * ATT_QT + k] += values[j][i0] * e[j * ATT_QT + k];
 }
 
-static void attention(float *out, const float *q, const float *key, const float *value, const KVCache *kv,
-                      const Config *c, const LayerConfig *lc, int T, size_t pos0, float *work) {
+// A tile's online-softmax state: per query the running max m and sum l, and acc (H, ATT_QT).
+typedef struct {
+    float m[ATT_QT], l[ATT_QT];
+    float *acc;
+    float *s;   // (ATT_KB, ATT_QT) the block's scores, then weights
+} Tile;
+
+// Fold a block of nk keys into the tile, query qt (H, ATT_QT): query k sees keys first[k] ..
+// last[k] of the block (none if last < first). keys[] has ATT_KS entries past nk (repeats).
+static void tile_block(Tile *t, const float *qt, const float *const *keys, const float *const *values, int nk,
+                       const int *first, const int *last, float scale, int H) {
+    float m_new[ATT_QT], rescale[ATT_QT], diff[ATT_QT], *s = t->s;
+    for (int j = 0; j < nk; j += ATT_KS) tile_scores(s + (size_t)j * ATT_QT, qt, keys + j, H);
+    for (int k = 0; k < ATT_QT; k++) m_new[k] = t->m[k];
+    for (int j = 0; j < nk; j++)   // scale, mask (causal, window, sinks), and the block's max
+        for (int k = 0; k < ATT_QT; k++) {
+            float x = s[j * ATT_QT + k] * scale;
+            x = j >= first[k] && j <= last[k] ? x : -INFINITY;
+            s[j * ATT_QT + k] = x;
+            m_new[k] = x > m_new[k] ? x : m_new[k];
+        }
+    for (int k = 0; k < ATT_QT; k++) {   // a query with nothing visible yet keeps m = -inf
+        m_new[k] = m_new[k] == -INFINITY ? 0 : m_new[k];
+        diff[k] = t->m[k] - m_new[k];
+    }
+    exp_tile(rescale, diff);
+    for (int k = 0; k < ATT_QT; k++) t->l[k] *= rescale[k];
+    for (int j = 0; j < nk; j++) {   // weights e^(s - m_new), masked keys 0
+        float *sj = s + (size_t)j * ATT_QT;
+        for (int k = 0; k < ATT_QT; k++) diff[k] = sj[k] - m_new[k];
+        exp_tile(sj, diff);
+        for (int k = 0; k < ATT_QT; k++) t->l[k] += sj[k];
+    }
+    for (int i = 0; i < H; i++)
+        for (int k = 0; k < ATT_QT; k++) t->acc[(size_t)i * ATT_QT + k] *= rescale[k];
+    for (int k = 0; k < ATT_QT; k++) t->m[k] = t->l[k] > 0 ? m_new[k] : -INFINITY;
+    tile_values(t->acc, s, values, nk, H);
+}
+
+// q_sink: the queries rotated at sink_query_pos() (T, q_dim); unused without sinks.
+static void attention(float *out, const float *q, const float *q_sink, const KVCache *kv, int layer,
+                      const Config *c, int T, size_t pos0, float *work) {
+    const LayerConfig *lc = &c->layers[layer];
+    const LayerSlots *ls = &kv->layers[layer];
     int H = c->head_dim, group = c->n_heads / c->n_kv_heads, n_q = T * group;   // queries per kv head
-    int tiles = (n_q + ATT_QT - 1) / ATT_QT;
+    int tiles = (n_q + ATT_QT - 1) / ATT_QT, n_sink = (int)ls->n_sink;
     float scale = 1.0f / sqrtf((float)H);
     PARALLEL_FOR
     for (int job = 0; job < c->n_kv_heads * tiles; job++) {
         int g = job / tiles, first = job % tiles * ATT_QT, nq = n_q - first < ATT_QT ? n_q - first : ATT_QT;
         float *qt = work + (size_t)thread_id() * ATT_WORK(H);   // (H, ATT_QT) the tile's queries, transposed
-        float *acc = qt + (size_t)H * ATT_QT;                    // (H, ATT_QT) weighted sums of values
-        float *s = acc + (size_t)H * ATT_QT;                     // (ATT_KB, ATT_QT) scores, then weights
-        float m[ATT_QT], l[ATT_QT], m_new[ATT_QT], rescale[ATT_QT], diff[ATT_QT];
+        float *qs = qt + (size_t)H * ATT_QT;                     // (H, ATT_QT) the same, rotated for the sinks
+        float *kbuf = qs + (size_t)H * ATT_QT;                   // (ATT_KB, H) keys converted to f32
+        float *vbuf = kbuf + (size_t)ATT_KB * H;                 // (ATT_KB, H) values converted to f32
+        Tile tile = {.acc = vbuf + (size_t)ATT_KB * H};
+        tile.s = tile.acc + (size_t)H * ATT_QT;
         int64_t pos[ATT_QT], lo[ATT_QT], lo_all = INT64_MAX, hi_all = 0;
+        int first_key[ATT_QT], last_key[ATT_QT];   // what each query sees of a block (j)
         for (int k = 0; k < ATT_QT; k++) {   // query k of the tile: row t, head h (padding repeats the last)
             int qi = first + (k < nq ? k : nq - 1), t = qi / group, h = g * group + qi % group;
-            const float *qh = q + (size_t)t * c->q_dim + (size_t)h * H;
-            for (int i = 0; i < H; i++) qt[i * ATT_QT + k] = qh[i];
+            size_t at = (size_t)t * c->q_dim + (size_t)h * H;
+            for (int i = 0; i < H; i++) qt[i * ATT_QT + k] = q[at + i];
+            if (n_sink) for (int i = 0; i < H; i++) qs[i * ATT_QT + k] = q_sink[at + i];
             pos[k] = (int64_t)(pos0 + t), lo[k] = (int64_t)first_visible(lc, pos0 + t);
             lo_all = lo[k] < lo_all ? lo[k] : lo_all, hi_all = pos[k] > hi_all ? pos[k] : hi_all;
-            m[k] = -INFINITY, l[k] = 0;
+            tile.m[k] = -INFINITY, tile.l[k] = 0;
         }
-        memset(acc, 0, (size_t)H * ATT_QT * sizeof(float));
+        memset(tile.acc, 0, (size_t)H * ATT_QT * sizeof(float));
+        const float *keys[ATT_KB + ATT_KS], *values[ATT_KB];
+        for (int j0 = 0; j0 < n_sink; j0 += ATT_KB) {   // the sinks below a query's window: j is seen iff j < lo
+            int nk = n_sink - j0 < ATT_KB ? n_sink - j0 : ATT_KB;
+            size_t at = ((size_t)layer * kv->max_sink + j0) * c->kv_dim + (size_t)g * H;
+            for (int j = 0; j < nk + ATT_KS; j++) keys[j] = kv->sink_key + at + (size_t)(j < nk ? j : nk - 1) * c->kv_dim;
+            for (int j = 0; j < nk; j++) values[j] = kv->sink_value + at + (size_t)j * c->kv_dim;
+            for (int k = 0; k < ATT_QT; k++) first_key[k] = 0, last_key[k] = (int)(lo[k] < n_sink ? lo[k] : n_sink) - 1 - j0;
+            tile_block(&tile, qs, keys, values, nk, first_key, last_key, scale, H);
+        }
         for (int64_t p0 = lo_all / ATT_KB * ATT_KB; p0 <= hi_all; p0 += ATT_KB) {
             int nk = hi_all + 1 - p0 < ATT_KB ? (int)(hi_all + 1 - p0) : ATT_KB;
-            const float *keys[ATT_KB + ATT_KS], *values[ATT_KB];
-            for (int j = 0; j < nk + ATT_KS; j++) {   // past the block's end: repeat its last key, unused
-                size_t slot = kv_slot(kv, (size_t)p0 + (j < nk ? j : nk - 1)) * c->kv_dim + (size_t)g * H;
-                keys[j] = key + slot;
-                if (j < nk) values[j] = value + slot;
+            for (int j = 0; j < nk; j++) {
+                size_t slot = kv_slot(ls, (size_t)p0 + j);
+                keys[j] = kv_head(kv, kv->key + slot * kv->row_bytes, g, c->n_kv_heads, H, kbuf + (size_t)j * H);
+                values[j] = kv_head(kv, kv->value + slot * kv->row_bytes, g, c->n_kv_heads, H, vbuf + (size_t)j * H);
             }
-            for (int j = 0; j < nk; j += ATT_KS) tile_scores(s + (size_t)j * ATT_QT, qt, keys + j, H);
-            int first_key[ATT_QT], last_key[ATT_QT];   // what each query sees of this block (j)
+            for (int j = nk; j < nk + ATT_KS; j++) keys[j] = keys[nk - 1];   // past the block's end: unused
             for (int k = 0; k < ATT_QT; k++) {
                 first_key[k] = lo[k] > p0 ? (int)(lo[k] - p0) : 0;
                 last_key[k] = pos[k] - p0 < nk ? (int)(pos[k] - p0) : nk - 1;   // -1: none
-                m_new[k] = m[k];
             }
-            for (int j = 0; j < nk; j++)   // scale, mask (causal and window), and the block's max
-                for (int k = 0; k < ATT_QT; k++) {
-                    float x = s[j * ATT_QT + k] * scale;
-                    x = j >= first_key[k] && j <= last_key[k] ? x : -INFINITY;
-                    s[j * ATT_QT + k] = x;
-                    m_new[k] = x > m_new[k] ? x : m_new[k];
-                }
-            for (int k = 0; k < ATT_QT; k++) {   // a query with nothing visible yet keeps m = -inf
-                m_new[k] = m_new[k] == -INFINITY ? 0 : m_new[k];
-                diff[k] = m[k] - m_new[k];
-            }
-            exp_tile(rescale, diff);
-            for (int k = 0; k < ATT_QT; k++) l[k] *= rescale[k];
-            for (int j = 0; j < nk; j++) {   // weights e^(s - m_new), masked keys 0
-                float *sj = s + (size_t)j * ATT_QT;
-                for (int k = 0; k < ATT_QT; k++) diff[k] = sj[k] - m_new[k];
-                exp_tile(sj, diff);
-                for (int k = 0; k < ATT_QT; k++) l[k] += sj[k];
-            }
-            for (int i = 0; i < H; i++)
-                for (int k = 0; k < ATT_QT; k++) acc[(size_t)i * ATT_QT + k] *= rescale[k];
-            for (int k = 0; k < ATT_QT; k++) m[k] = l[k] > 0 ? m_new[k] : -INFINITY;
-            tile_values(acc, s, values, nk, H);
+            tile_block(&tile, qt, keys, values, nk, first_key, last_key, scale, H);
         }
         for (int k = 0; k < nq; k++) {
             int qi = first + k, t = qi / group, h = g * group + qi % group;
-            float *oh = out + (size_t)t * c->q_dim + (size_t)h * H, inv = 1.0f / l[k];
-            for (int i = 0; i < H; i++) oh[i] = acc[(size_t)i * ATT_QT + k] * inv;
+            float *oh = out + (size_t)t * c->q_dim + (size_t)h * H, inv = 1.0f / tile.l[k];
+            for (int i = 0; i < H; i++) oh[i] = tile.acc[(size_t)i * ATT_QT + k] * inv;
         }
     }
 }
@@ -871,6 +1050,7 @@ typedef struct {
     float *x;           // (max_T, D) residual stream
     float *xb;          // (max_T, D) normed input, then block output
     float *q;           // (max_T, q_dim)
+    float *q_sink;      // (max_T, q_dim) the queries rotated to meet the sinks
     float *k, *v;       // (max_T, kv_dim)
     float *att_out;     // (max_T, q_dim)
     float *hb, *hb2;    // (max_T, hidden_dim)
@@ -896,6 +1076,7 @@ static void build_state(RunState *s, const Config *c, int max_T, int all_logits)
     s->x = xcalloc(mul_size(max_T, c->dim, "x"), sizeof(float), "activations");
     s->xb = xcalloc(mul_size(max_T, c->dim, "xb"), sizeof(float), "activations");
     s->q = xcalloc(mul_size(max_T, c->q_dim, "q"), sizeof(float), "activations");
+    s->q_sink = xcalloc(mul_size(max_T, c->q_dim, "q"), sizeof(float), "activations");
     s->k = xcalloc(mul_size(max_T, c->kv_dim, "k"), sizeof(float), "activations");
     s->v = xcalloc(mul_size(max_T, c->kv_dim, "v"), sizeof(float), "activations");
     s->att_out = xcalloc(mul_size(max_T, c->q_dim, "att"), sizeof(float), "activations");
@@ -907,21 +1088,39 @@ static void build_state(RunState *s, const Config *c, int max_T, int all_logits)
 }
 
 static void free_state(RunState *s) {
-    void *buffers[] = {s->x, s->xb, s->q, s->k, s->v, s->att_out, s->hb, s->hb2, s->logits, s->att_work, s->scratch};
+    void *buffers[] = {s->x, s->xb, s->q, s->q_sink, s->k, s->v, s->att_out, s->hb, s->hb2, s->logits, s->att_work, s->scratch};
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
 }
 
-// Point into the opened, validated file and allocate everything a run needs, once: n_slots
+// --window, --sinks and --lminf over the file's per-layer windows: every layer gets a window of
+// at most W, and the sinks. LM-Infinite's defaults (Han et al. 2023): the local window and the
+// distance cap are the trained context, with 10 global tokens.
+static void apply_attention_options(Config *c, AttnOptions *a) {
+    if (a->lminf) {
+        if (!a->window) a->window = c->max_seq_len;
+        if (a->n_sink < 0) a->n_sink = 10;
+        if (!a->limit) a->limit = a->window;
+    }
+    if (a->n_sink < 0) a->n_sink = 0;
+    for (int l = 0; l < c->n_layers && a->window; l++) {
+        LayerConfig *lc = &c->layers[l];
+        if (lc->attn_kind != ATTN_SLIDING || lc->window > (uint32_t)a->window)
+            lc->attn_kind = ATTN_SLIDING, lc->window = (uint32_t)a->window;
+    }
+}
+
+// Point into the opened, validated file and allocate everything a run needs, once: context
 // cache slots, chunks of up to max_T tokens, logits for every row or only the last.
 static void build_transformer(Transformer *t, const ModelFile *mf, const char *path, const RopeOptions *rope,
-                              size_t n_slots, int max_T, int all_logits) {
+                              AttnOptions *attn, size_t context, int max_T, int all_logits) {
     t->file = *mf;
     read_config(&t->config, &t->file, path);
     apply_rope_options(&t->config, rope);
     check_rope_config(&t->config, path);
     build_weights(&t->weights, &t->config, &t->file, path);
     build_rope(&t->rope, &t->config, &t->file, path);
-    build_cache(&t->cache, &t->config, n_slots);
+    apply_attention_options(&t->config, attn);
+    build_cache(&t->cache, &t->config, attn, context, max_T);
     build_state(&t->state, &t->config, max_T, all_logits);
 }
 
@@ -933,6 +1132,34 @@ static void free_transformer(Transformer *t) {
     free(t->config.layers);
 }
 
+// Keys and values of one position in every layer, in the cache's type.
+static size_t kv_bytes_per_token(const Transformer *t) { return (size_t)2 * t->config.n_layers * t->cache.row_bytes; }
+
+// One line: which keys a query sees, and how many positions fit.
+static void print_attention(const Transformer *t) {
+    const Config *c = &t->config;
+    const KVCache *kv = &t->cache;
+    int n_windowed = 0;
+    uint32_t w_min = UINT32_MAX, w_max = 0;
+    for (int l = 0; l < c->n_layers; l++)
+        if (c->layers[l].attn_kind == ATTN_SLIDING) {
+            n_windowed++;
+            w_min = c->layers[l].window < w_min ? c->layers[l].window : w_min;
+            w_max = c->layers[l].window > w_max ? c->layers[l].window : w_max;
+        }
+    size_t n_sink = 0;
+    for (int l = 0; l < c->n_layers; l++) n_sink = kv->layers[l].n_sink > n_sink ? kv->layers[l].n_sink : n_sink;
+    if (!n_windowed) fprintf(stderr, "attention: full");
+    else if (w_min == w_max) fprintf(stderr, "attention: window of %u keys on %d of %d layers", w_max, n_windowed, c->n_layers);
+    else fprintf(stderr, "attention: windows of %u..%u keys on %d of %d layers", w_min, w_max, n_windowed, c->n_layers);
+    if (n_sink && kv->sink_kind == SINKS_LMINF)
+        fprintf(stderr, " + %zu global tokens at distance min(pos, %zu) (LM-Infinite)", n_sink, kv->limit);
+    else if (n_sink) fprintf(stderr, " + %zu sinks at cache-slot distances (StreamingLLM)", n_sink);
+    size_t cap = cache_capacity(kv, c);
+    if (cap == SIZE_MAX) fprintf(stderr, "; a text of any length\n");
+    else fprintf(stderr, "; context %zu tokens\n", cap);
+}
+
 // The start-up block on stderr: what model, how big, and the memory bill.
 static void print_model_summary(const Transformer *t, const char *path) {
     const Config *c = &t->config;
@@ -940,8 +1167,7 @@ static void print_model_summary(const Transformer *t, const char *path) {
     const FileHeader *h = t->file.header;
     size_t params = 0;
     for (uint32_t i = 0; i < h->n_tensors; i++) params += t->file.tensors[i].rows * t->file.tensors[i].cols;
-    size_t kv_per_token = (size_t)2 * c->n_layers * c->kv_dim * sizeof(float);
-    size_t act = (size_t)s->max_T * (2 * c->dim + 2 * c->q_dim + 2 * c->kv_dim + 2 * c->hidden_dim) * sizeof(float) +
+    size_t act = (size_t)s->max_T * (2 * c->dim + 3 * c->q_dim + 2 * c->kv_dim + 2 * c->hidden_dim) * sizeof(float) +
                  (size_t)s->n_logit_rows * c->vocab_size * sizeof(float);
     fprintf(stderr, "%s: %.32s, %.1fM params, %s weights, %d layers, dim %d, %d heads (%d kv) x %d, vocab %d, "
             "trained context %d\n", path, h->arch, params / 1e6, dtype_name(t->weights.layers[0].wq.dtype), c->n_layers,
@@ -951,9 +1177,12 @@ static void print_model_summary(const Transformer *t, const char *path) {
     if (lc->rope_type != ROPE_DEFAULT) fprintf(stderr, " x%g from %u", lc->factor, lc->orig_ctx);
     fprintf(stderr, ", theta %g, %d of %d channels rotated: meant for %zu tokens\n", lc->rope_theta,
             lc->rotary_dim, c->head_dim, rope_target_context(lc, c->max_seq_len));
-    fprintf(stderr, "context %zu tokens; memory: weights %.1f MB (mapped), KV cache %.1f MB (%zu bytes/token), "
-            "activations %.1f MB\n", t->cache.n_slots, t->file.size / 1e6, (double)kv_per_token * t->cache.n_slots / 1e6,
-            kv_per_token, act / 1e6);
+    print_attention(t);
+    const KVCache *kv = &t->cache;
+    size_t sink_bytes = (size_t)4 * c->n_layers * kv->max_sink * c->kv_dim * sizeof(float);   // keys and values
+    fprintf(stderr, "memory: weights %.1f MB (mapped), KV cache %.1f MB (%s, %zu bytes/token, %zu slots in all), "
+            "activations %.1f MB\n", t->file.size / 1e6, (2.0 * kv->n_slots * kv->row_bytes + sink_bytes) / 1e6,
+            kv_type_names[kv->type], kv_bytes_per_token(t), kv->n_slots, act / 1e6);
 }
 
 // Run T tokens at positions pos0 .. pos0+T-1 through the model. Their keys and values are
@@ -967,7 +1196,9 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
     KVCache *kv = &tr->cache;
     int D = c->dim, H = c->head_dim;
     if (T < 1 || T > s->max_T) die("forward: chunk of %d tokens, limit %d", T, s->max_T);
-    if (pos0 + T > kv->n_slots) die("context full: %zu tokens do not fit in %zu slots; raise -c", pos0 + T, kv->n_slots);
+    if (pos0 + T > cache_capacity(kv, c))
+        die("context full: %zu tokens do not fit in %zu positions; raise -c, or set --window", pos0 + T,
+            cache_capacity(kv, c));
 
     rope_update(&tr->rope, c, pos0 + T);
     for (int t = 0; t < T; t++) {   // token embeddings
@@ -978,8 +1209,7 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
     for (int l = 0; l < c->n_layers; l++) {
         const LayerWeights *lw = &w->layers[l];
         const LayerConfig *lc = &c->layers[l];
-        float *key = kv->key + (size_t)l * kv->n_slots * c->kv_dim;     // (S, kv_dim) of this layer
-        float *value = kv->value + (size_t)l * kv->n_slots * c->kv_dim;
+        const LayerSlots *ls = &kv->layers[l];
 
         // attention: q, k, v projections, optional bias and per-head norm, RoPE, cache, attend
         rmsnorm(s->xb, s->x, (const float *)lw->attn_norm.data, T, D, c->norm_eps);
@@ -996,15 +1226,28 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
             rmsnorm(s->k, s->k, (const float *)lw->k_norm.data, T * c->n_kv_heads, H, c->norm_eps);
         }
         const float *inv_freq = tr->rope.inv_freq + (size_t)l * tr->rope.stride;
+        float a = tr->rope.attn_factor[l];
         for (int t = 0; t < T; t++) {
             size_t pos = pos0 + t;
-            float *qt = s->q + (size_t)t * c->q_dim, *kt = s->k + (size_t)t * c->kv_dim;
-            rope_rotate(qt, c->n_heads, H, lc->rotary_dim, inv_freq, tr->rope.attn_factor[l], pos);
-            rope_rotate(kt, c->n_kv_heads, H, lc->rotary_dim, inv_freq, tr->rope.attn_factor[l], pos);
-            memcpy(key + kv_slot(kv, pos) * c->kv_dim, kt, c->kv_dim * sizeof(float));
-            memcpy(value + kv_slot(kv, pos) * c->kv_dim, s->v + (size_t)t * c->kv_dim, c->kv_dim * sizeof(float));
+            float *qt = s->q + (size_t)t * c->q_dim, *kt = s->k + (size_t)t * c->kv_dim, *vt = s->v + (size_t)t * c->kv_dim;
+            if (ls->n_sink) {   // the query again, rotated to meet the sinks
+                float *qs = s->q_sink + (size_t)t * c->q_dim;
+                memcpy(qs, qt, c->q_dim * sizeof(float));
+                rope_rotate(qs, c->n_heads, H, lc->rotary_dim, inv_freq, a, sink_query_pos(kv, ls, lc, pos));
+            }
+            if (pos < ls->n_sink) {   // a sink: its key and value kept apart as well
+                size_t at = ((size_t)l * kv->max_sink + pos) * c->kv_dim;
+                memcpy(kv->sink_key + at, kt, c->kv_dim * sizeof(float));
+                memcpy(kv->sink_value + at, vt, c->kv_dim * sizeof(float));
+                rope_rotate(kv->sink_key + at, c->n_kv_heads, H, lc->rotary_dim, inv_freq, a, sink_key_pos(kv, pos));
+            }
+            rope_rotate(qt, c->n_heads, H, lc->rotary_dim, inv_freq, a, pos);
+            rope_rotate(kt, c->n_kv_heads, H, lc->rotary_dim, inv_freq, a, pos);
+            size_t slot = kv_slot(ls, pos);
+            kv_store(kv, kv->key + slot * kv->row_bytes, kt, c->n_kv_heads, H);
+            kv_store(kv, kv->value + slot * kv->row_bytes, vt, c->n_kv_heads, H);
         }
-        attention(s->att_out, s->q, key, value, kv, c, lc, T, pos0, s->att_work);
+        attention(s->att_out, s->q, s->q_sink, kv, l, c, T, pos0, s->att_work);
         matmul(s->xb, s->att_out, &lw->wo, T, s->scratch);
         for (size_t i = 0; i < (size_t)T * D; i++) s->x[i] += s->xb[i];
 
@@ -1173,6 +1416,7 @@ typedef struct {
     int threads;              // --threads (0 = OpenMP default)
     const char *logits_out;   // --logits-out FILE
     RopeOptions rope;         // --rope-* and --yarn-*: RoPE settings over the file's
+    AttnOptions attn;         // --sinks --window --lminf --lminf-limit --kv-type
     const char *ppl_csv;      // ppl: --ppl-csv FILE, per-bucket rows
     long ppl_bucket;          // ppl: --ppl-bucket, predicted tokens per CSV row
     long ppl_tokens;          // ppl: --ppl-tokens, evaluate only the first N tokens (0 = all)
@@ -1229,7 +1473,17 @@ static char *read_prompt(const Options *o, size_t *len) {
     return text;
 }
 
+// Peak resident memory in MB: Linux's VmHWM, as ru_maxrss would also count the process that
+// exec'd this one (a test's Python, say); elsewhere getrusage.
 static double peak_rss_mb(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    while (f && fgets(line, sizeof(line), f))
+        if (!strncmp(line, "VmHWM:", 6)) {
+            fclose(f);
+            return strtod(line + 6, NULL) / 1e3;   // kB
+        }
+    if (f) fclose(f);
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
 #ifdef __APPLE__
@@ -1263,6 +1517,45 @@ static float *prefill(Transformer *t, const int *tokens, size_t n, size_t pos0) 
     return logits;
 }
 
+// The context-full policy of generate and chat: when a full-attention cache is full, go on as
+// StreamingLLM with 4 sinks and the rest of the slots as the window. The slots already hold
+// the positions where the sinks-and-ring rule looks for them, so nothing moves; the sinks'
+// f32 copies are read back from the cache. Says so once; returns 0 if the cache is too small.
+static int continue_streaming(Transformer *t) {
+    Config *c = &t->config;
+    KVCache *kv = &t->cache;
+    size_t S = 4, window = 0;
+    for (int l = 0; l < c->n_layers; l++)
+        if (layer_fills(kv, &c->layers[l], l) && kv->layers[l].ring < S + (size_t)t->state.max_T + 1) {
+            fprintf(stderr, "\n[context full at %zu tokens, too small to go on through a window: raise -c]\n",
+                    cache_capacity(kv, c));
+            return 0;
+        }
+    for (int l = 0; l < c->n_layers; l++) {
+        LayerConfig *lc = &c->layers[l];
+        LayerSlots *ls = &kv->layers[l];
+        if (!layer_fills(kv, lc, l) || ls->n_sink) continue;
+        ls->n_sink = S, ls->ring -= S, window = ls->ring - t->state.max_T + 1;
+        lc->attn_kind = ATTN_SLIDING, lc->window = (uint32_t)window;
+        for (size_t i = 0; i < S; i++)
+            for (int g = 0; g < c->n_kv_heads; g++) {
+                size_t row = kv_slot(ls, i) * kv->row_bytes, at = ((size_t)l * kv->max_sink + i) * c->kv_dim + (size_t)g * c->head_dim;
+                const float *k = kv_head(kv, kv->key + row, g, c->n_kv_heads, c->head_dim, kv->sink_key + at);
+                const float *v = kv_head(kv, kv->value + row, g, c->n_kv_heads, c->head_dim, kv->sink_value + at);
+                memmove(kv->sink_key + at, k, c->head_dim * sizeof(float));
+                memmove(kv->sink_value + at, v, c->head_dim * sizeof(float));
+            }
+    }
+    kv->sink_kind = SINKS_STREAMING;
+    fprintf(stderr, "\n[context full: going on with %zu sinks + a window of %zu (StreamingLLM); see --window]\n", S, window);
+    return 1;
+}
+
+// Room for n more tokens at pos: there is, or the context-full policy makes it.
+static int make_room(Transformer *t, size_t pos, size_t n) {
+    return pos + n <= cache_capacity(&t->cache, &t->config) || continue_streaming(t);
+}
+
 // Sample up to steps tokens (-1: no limit) after logits, printing each and feeding it back at
 // *pos. Stops at the model's end-of-text or end-of-turn token (not fed back; known only with a
 // tokenizer), a full cache or Ctrl-C. Prints text through the tokenizer's stream, or ids.
@@ -1281,7 +1574,7 @@ static int decode(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, f
         else fprintf(out, generated > 1 ? " %d" : "%d", next);
         fflush(out);
         sampler_accept(sp, next);
-        if (*pos >= t->cache.n_slots) break;
+        if (!make_room(t, *pos, 1)) break;
         logits = forward(t, &next, 1, (*pos)++);   // fed back even when it is the last, so a chat
     }                                              // continues from a cache holding the whole reply
     if (print_text) tokenizer_stream_flush(&stream, out);
@@ -1364,8 +1657,9 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *system
         size_t n = tokenizer_encode(tok, text, len, turn == 0 && tokenizer_add_bos(tok), &ids);
         free(text);
         if (!ids) die("out of memory tokenizing the chat turn");
-        if (pos + n >= t->cache.n_slots)
-            die("the conversation (%zu tokens) no longer fits the context of %zu; raise -c", pos + n, t->cache.n_slots);
+        if (!make_room(t, pos, n))
+            die("this turn (%zu tokens) does not fit the context at %zu of %zu; raise -c", n, pos,
+                cache_capacity(&t->cache, &t->config));
         for (size_t i = 0; i < n; i++) sampler_accept(sp, ids[i]);
         double t0 = now_seconds();
         float *logits = prefill(t, ids, n, pos);
@@ -1447,8 +1741,8 @@ static void perplexity(Transformer *t, const int *tokens, size_t n, size_t bucke
     free(nll);
     if (csv && fclose(csv) != 0) die("%s: write failed", csv_path);
     if (interrupted) die("interrupted after %zu tokens (perplexity so far %.4f)", predicted, exp(total / predicted));
-    printf("perplexity %.4f over %zu predicted tokens (mean NLL %.6f), %.1f tok/s\n", exp(total / predicted), predicted,
-           total / predicted, predicted / (now_seconds() - start));
+    printf("perplexity %.4f over %zu predicted tokens (mean NLL %.6f), %.1f tok/s, peak RSS %.0f MB\n",
+           exp(total / predicted), predicted, total / predicted, predicted / (now_seconds() - start), peak_rss_mb());
 }
 
 // The pass-key prompt (Mohtashami & Jaggi 2023, "Landmark Attention"): a key hidden at
@@ -1500,7 +1794,8 @@ static void passkey(Transformer *t, Tokenizer *tok, const long *lengths, int n_l
                 size_t n, answer_len, pos;
                 snprintf(key, sizeof(key), "%05u", (unsigned)(random_f32(&greedy.rng) * 100000));
                 int *prompt = passkey_prompt(tok, (size_t)lengths[li], depths[di], key, &n);
-                if (n + 8 > t->cache.n_slots) die("a pass-key prompt of %zu tokens does not fit in %zu slots", n, t->cache.n_slots);
+                if (n + 8 > cache_capacity(&t->cache, &t->config))
+                    die("a pass-key prompt of %zu tokens does not fit in %zu positions", n, cache_capacity(&t->cache, &t->config));
                 double t0 = now_seconds();
                 float *logits = prefill(t, prompt, n, 0);
                 FILE *out = open_memstream(&answer, &answer_len);   // the answer, as text
@@ -1545,7 +1840,7 @@ static long max_of(const long *values, int n) {
 // times; random token ids. Prints a markdown table (or JSON) of tokens/s, mean ± sd.
 static void bench(Transformer *t, const long *pp, int n_pp, const long *tg, int n_tg, const long *depths, int n_depths,
                   int reps, int json) {
-    size_t kv_per_token = (size_t)2 * t->config.n_layers * t->config.kv_dim * sizeof(float);
+    size_t kv_per_token = kv_bytes_per_token(t);
     size_t max_len = (size_t)(max_of(pp, n_pp) > max_of(tg, n_tg) ? max_of(pp, n_pp) : max_of(tg, n_tg));
     int *ids = xcalloc(max_len + 1, sizeof(int), "bench tokens");
     uint64_t rng = 42;
@@ -1610,6 +1905,13 @@ static void usage(FILE *out) {
         "  --chunk N        tokens per forward pass in prefill             (default 256; logits: all)\n"
         "  --threads N      worker threads                                 (default: all cores)\n"
         "  --logits-out F   logits mode: write (n_tokens, vocab) float32 here; the prompt is ids\n"
+        "Attention and the KV cache (see README, \"Windows and sinks\"):\n"
+        "  --window W       every layer sees its last W keys (itself included); no context limit\n"
+        "  --sinks S        with --window: keep the first S tokens too (StreamingLLM)  (default 0)\n"
+        "  --lminf          LM-Infinite: --sinks global tokens (default 10) + a --window local\n"
+        "                   branch (default: the trained context), far keys at a capped distance\n"
+        "  --lminf-limit L  LM-Infinite's distance cap                       (default: the window)\n"
+        "  --kv-type T      f32 | f16 | q8: how keys and values are stored   (default f32)\n"
         "ppl: perplexity of the text of -f or -i\n"
         "  --ppl-csv FILE   write first,last,tokens,mean_nll,ppl per bucket of predicted tokens\n"
         "  --ppl-bucket N   predicted tokens per CSV row                     (default 1024)\n"
@@ -1692,6 +1994,13 @@ static int parse_float_list(const char *flag, const char *s, float *out, float l
 }
 
 // chat reads stdin, passkey and bench make their own prompts; the others read -i or -f.
+static int parse_kv_type(const char *s) {
+    for (int i = 0; i < KV_COUNT; i++)
+        if (!strcmp(s, kv_type_names[i])) return i;
+    usage_error("unknown --kv-type '%s' (f32, f16, q8)", s);
+    return 0;
+}
+
 static int mode_reads_prompt(const char *mode) {
     return strcmp(mode, "chat") && strcmp(mode, "passkey") && strcmp(mode, "bench");
 }
@@ -1702,7 +2011,8 @@ static Options parse_options(int argc, char **argv) {
                              .repeat_penalty = 1.0f, .repeat_last_n = 64},
                  .ppl_bucket = 1024, .passkey_len = {1024, 2048}, .n_passkey_len = 2,
                  .passkey_depth = {0, 0.25f, 0.5f, 0.75f, 1}, .n_passkey_depth = 5, .passkey_trials = 3,
-                 .bench_pp = {512}, .n_bench_pp = 1, .bench_tg = {128}, .n_bench_tg = 1, .n_bench_depth = 1, .reps = 3};
+                 .bench_pp = {512}, .n_bench_pp = 1, .bench_tg = {128}, .n_bench_tg = 1, .n_bench_depth = 1, .reps = 3,
+                 .attn = {.n_sink = -1, .kv_type = KV_F32}};
     if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) { usage(stdout); exit(0); }
     if (argc < 2 || argv[1][0] == '-') { usage(stderr); exit(2); }
     o.model_path = argv[1];
@@ -1712,6 +2022,7 @@ static Options parse_options(int argc, char **argv) {
         if (!strcmp(flag, "--ids")) { o.input_is_ids = 1; continue; }
         if (!strcmp(flag, "--bos")) { o.bos = 1; continue; }
         if (!strcmp(flag, "--json")) { o.json = 1; continue; }
+        if (!strcmp(flag, "--lminf")) { o.attn.lminf = 1; continue; }
         if (i + 1 >= argc) usage_error("%s needs a value", flag);
         const char *val = argv[++i];
         if (!strcmp(flag, "-m")) o.mode = val;
@@ -1740,6 +2051,10 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(flag, "--bench-tg")) o.n_bench_tg = parse_long_list(flag, val, o.bench_tg, 1, 1 << 24);
         else if (!strcmp(flag, "--bench-depth")) o.n_bench_depth = parse_long_list(flag, val, o.bench_depth, 0, 1 << 24);
         else if (!strcmp(flag, "-r")) o.reps = (int)parse_long(flag, val, 1, 1000);
+        else if (!strcmp(flag, "--sinks")) o.attn.n_sink = parse_long(flag, val, 0, 4096);
+        else if (!strcmp(flag, "--window")) o.attn.window = parse_long(flag, val, 1, INT32_MAX);
+        else if (!strcmp(flag, "--lminf-limit")) o.attn.limit = parse_long(flag, val, 1, INT32_MAX);
+        else if (!strcmp(flag, "--kv-type")) o.attn.kv_type = parse_kv_type(val);
         else if (!strcmp(flag, "--rope-scaling")) o.rope.scaling = val;
         else if (!strcmp(flag, "--rope-theta")) o.rope.theta = parse_float(flag, val, 1.0001f, 1e12f);
         else if (!strcmp(flag, "--rope-factor")) o.rope.factor = parse_float(flag, val, 1, 1e5f);
@@ -1760,6 +2075,11 @@ static Options parse_options(int argc, char **argv) {
     }
     if (o.rope.scaling && rope_type_from_name(o.rope.scaling) < 0)
         usage_error("unknown --rope-scaling '%s' (none, linear, dynamic, yarn, llama3)", o.rope.scaling);
+    if (o.attn.n_sink >= 0 && !o.attn.window && !o.attn.lminf)
+        usage_error("%s", "--sinks needs --window (the keys between the sinks and the window are dropped)");
+    if (o.attn.limit && !o.attn.lminf) usage_error("%s", "--lminf-limit applies only with --lminf");
+    if (o.context && (o.attn.window || o.attn.lminf))
+        usage_error("%s", "-c does not apply with --window or --lminf: every layer then keeps sinks + window slots");
     if (!strcmp(o.mode, "logits")) {
         if (!o.logits_out) usage_error("%s", "logits mode needs --logits-out FILE");
         o.input_is_ids = 1;
@@ -1773,6 +2093,7 @@ static Options parse_options(int argc, char **argv) {
 static size_t context_slots(const Options *o, const FileHeader *h, size_t n_prompt) {
     size_t trained = h->max_seq_len, cap = !strcmp(o->mode, "chat") && trained > 4096 ? 4096 : trained;
     if (o->context) return (size_t)o->context;
+    if (o->attn.window || o->attn.lminf) return SIZE_MAX;   // every layer windowed: no full layer to size
     if (!strcmp(o->mode, "logits")) return n_prompt;
     if (!strcmp(o->mode, "passkey")) return (size_t)max_of(o->passkey_len, o->n_passkey_len) + 64;
     if (!strcmp(o->mode, "bench")) {
@@ -1824,18 +2145,18 @@ int main(int argc, char **argv) {
     }
 
     if (mf.header->n_layers == 0) die("%s is a tokenizer-only file: it can only -m tokenize", o.model_path);
-    size_t n_slots = context_slots(&o, mf.header, n_prompt);
-    if (!strcmp(mode, "ppl") && n_prompt > n_slots)
-        die("the text has %zu tokens but the context holds %zu: raise -c (full attention keeps every token), "
-            "or evaluate the first N with --ppl-tokens N", n_prompt, n_slots);
     if (!strcmp(mode, "ppl") && n_prompt < 2) die("perplexity needs a text of at least 2 tokens");
-    if (n_prompt > n_slots || (!strcmp(mode, "generate") && o.steps >= 0 && n_prompt + o.steps > n_slots))
-        die("the prompt (%zu tokens) and %d tokens to generate do not fit in a context of %zu; raise -c or lower -n",
-            n_prompt, strcmp(mode, "generate") ? 0 : o.steps, n_slots);
     int chunk = o.chunk ? o.chunk : !strcmp(mode, "logits") ? (int)(n_prompt < 65536 ? n_prompt : 65536) : 256;
     if (mode_reads_prompt(mode) && (size_t)chunk > n_prompt) chunk = (int)n_prompt;
     Transformer t = {0};
-    build_transformer(&t, &mf, o.model_path, &o.rope, n_slots, chunk, all_logits);
+    build_transformer(&t, &mf, o.model_path, &o.rope, &o.attn, context_slots(&o, mf.header, n_prompt), chunk, all_logits);
+    size_t capacity = cache_capacity(&t.cache, &t.config);
+    if (!strcmp(mode, "ppl") && n_prompt > capacity)
+        die("the text has %zu tokens but the context holds %zu: raise -c (full attention keeps every token), "
+            "stream it with --sinks 4 --window W, or evaluate the first N with --ppl-tokens N", n_prompt, capacity);
+    if (n_prompt > capacity)
+        die("the prompt (%zu tokens) does not fit in a context of %zu; raise -c, or read it through a window "
+            "(--sinks 4 --window W)", n_prompt, capacity);
     print_model_summary(&t, o.model_path);
     signal(SIGINT, on_sigint);
     Sampler sp = o.sampler;

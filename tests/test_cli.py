@@ -92,6 +92,11 @@ ACCEPTED = {
     "--bench-depth": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2", "--bench-depth", "0,16", "-r", "1"],
     "-r": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2", "-r", "2"],
     "--json": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2", "-r", "1", "--json"],
+    "--window": ["--window", "8", "-i", PROMPT, "-n", "2"],
+    "--sinks": ["--sinks", "2", "--window", "8", "-i", PROMPT, "-n", "2"],
+    "--lminf": ["--lminf", "-i", PROMPT, "-n", "2"],
+    "--lminf-limit": ["--lminf", "--lminf-limit", "100", "-i", PROMPT, "-n", "2"],
+    "--kv-type": ["--kv-type", "q8", "-i", PROMPT, "-n", "2"],
     "--rope-scaling": ["--rope-scaling", "linear", "--rope-factor", "2", "-i", PROMPT, "-n", "2"],
     "--rope-theta": ["--rope-theta", "200000", "-i", PROMPT, "-n", "2"],
     "--rope-factor": ["--rope-scaling", "dynamic", "--rope-factor", "2", "-i", PROMPT, "-n", "2"],
@@ -146,9 +151,14 @@ def test_options_do_what_they_say(model, tmp_path):
     count = text("-i", COUNT, "-n", 12, "-t", 0)
     assert text("-i", COUNT, "-n", 12, "-t", 0, "--repeat-penalty", 3) != count
     assert text("-i", COUNT, "-n", 12, "-t", 0, "--repeat-penalty", 3, "--repeat-last-n", 0) == count
-    # -c: the run must fit in the context it allocates
-    r = run(model, "-i", PROMPT, "-n", 8, "-c", len(plain) + 2, check=False)
+    # -c: the prompt must fit in the context; generation that fills it goes on through a window, or
+    # stops with a note when the context is too small even for that
+    r = run(model, "-i", PROMPT, "-n", 8, "-c", len(plain) - 1, check=False)
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "raise -c" in r.stderr
+    r = run(model, "--ids", "-i", plain[0], "-n", 40, "-t", 0, "-c", 24)
+    assert len(ids_of(r)) == 40 and "context full: going on with 4 sinks + a window of 20" in r.stderr
+    r = run(model, "-i", PROMPT, "-n", 8, "-c", len(plain) + 2)
+    assert "context full at" in r.stderr and "raise -c" in r.stderr
     assert text("-i", PROMPT, "-n", 12, "-t", 0, "-c", len(plain) + 12) == greedy
     # --logits-out writes (n, vocab) float32, the same with any --chunk
     a, b = tmp_path / "a.f32", tmp_path / "b.f32"
@@ -176,6 +186,9 @@ BAD = [
     ["-m", "bogus", "-i", PROMPT], ["-m", "Generate", "-i", PROMPT],
     ["-i", PROMPT, "-f", "/dev/null"], [], ["-n", "5"],
     ["-m", "logits", "-i", "1 2 3"], ["-m", "chat", "-i", "hello"], ["-m", "chat", "-f", "-"],
+    ["-i", PROMPT, "--sinks", "4"], ["-i", PROMPT, "--window", "0"], ["-i", PROMPT, "--sinks", "-1", "--window", "8"],
+    ["-i", PROMPT, "--window", "8", "-c", "64"], ["-i", PROMPT, "--lminf-limit", "50"],
+    ["-i", PROMPT, "--kv-type", "q4"], ["-i", PROMPT, "--kv-type", "F16"],
 ]
 
 
