@@ -806,37 +806,62 @@ static float dot(const float *a, const float *b, size_t n) {
     return sum;
 }
 
-// dot() of one row a against four rows of b (stride floats apart), with the same partial sums
-// in the same order as dot(), so the results are bit-identical; the loaded row of a serves four
-// dot products, and their 64 independent sums keep the SIMD units busy.
-static void dot4(const float *a, const float *b, size_t stride, size_t n, float *out) {
-    float acc[4][16] = {{0}};
-    size_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int r = 0; r < 4; r++)
-            for (int j = 0; j < 16; j++) acc[r][j] += a[i + j] * b[r * stride + i + j];
-    for (int r = 0; r < 4; r++) {
-        float sum = 0;
-        for (size_t k = i; k < n; k++) sum += a[k] * b[r * stride + k];
-        for (int j = 0; j < 16; j++) sum += acc[r][j];
-        out[r] = sum;
+// Scratch for matmul(): row (n_threads, widest) one dequantized weight row per thread, panel
+// (n_threads, widest * MM_R) a packed panel per thread, xt (max_T rounded up to MM_T, widest)
+// the chunk transposed tile by tile.
+typedef struct {
+    float *row, *panel, *xt;
+} MatmulWork;
+
+// The register tile of the blocked product: acc (MM_R, MM_T) = panel^T @ xt over cols, where
+// panel (cols, MM_R) holds MM_R weight rows k-major and xt (cols, MM_T) MM_T tokens of the
+// chunk, transposed. Each step of k meets MM_R broadcast weights with MM_T token values (three
+// 8-float vectors): MM_R * MM_T sums that stay in registers (15 of the 16 256-bit ones of
+// AVX2) for the whole row, 15 multiply-adds per 20 loads where a dot product needs two loads
+// per multiply-add, and both operands stream sequentially through the cache. (Measured on
+// SmolLM2 prefill, 2 threads: 5 x 24 318 tokens/s, 4 x 24 287, 3 x 24 282, 2 x 48 228.)
+#define MM_R 5    // weight rows per tile
+#define MM_T 24   // tokens per tile
+static void gemm_tile(float acc[MM_R][MM_T], const float *restrict panel, const float *restrict xt, size_t cols) {
+    float a[MM_R][MM_T] = {{0}};
+    for (size_t k = 0; k < cols; k++) {
+        const float *xk = xt + k * MM_T, *wk = panel + k * MM_R;
+        for (int r = 0; r < MM_R; r++)
+            for (int j = 0; j < MM_T; j++) a[r][j] += wk[r] * xk[j];
     }
+    memcpy(acc, a, sizeof(a));
 }
 
-// out (T, w.rows) = x (T, w.cols) @ w^T. Each weight row is read (and dequantized) once per
-// chunk and reused for all T tokens: prefill reads the weights once, not once per token.
-// scratch: (n_threads, w.cols) floats.
-static void matmul(float *out, const float *x, const Tensor *w, int T, float *scratch) {
+// out (T, w.rows) = x (T, w.cols) @ w^T. Decode (T = 1) is a dot product per weight row, at
+// the speed memory delivers the weights. A chunk is a blocked matrix product (Goto & van de
+// Geijn 2008, "Anatomy of high-performance matrix multiplication"): each panel of MM_R weight
+// rows is dequantized and packed once per chunk, then meets the transposed chunk MM_T tokens
+// at a time in gemm_tile(), so the weights are read once per chunk, not once per token.
+static void matmul(float *out, const float *x, const Tensor *w, int T, const MatmulWork *mw) {
     size_t rows = w->rows, cols = w->cols;
+    if (T == 1) {
+        PARALLEL_FOR
+        for (size_t r = 0; r < rows; r++) out[r] = dot(weight_row(w, r, mw->row + (size_t)thread_id() * cols), x, cols);
+        return;
+    }
+    size_t stride = ((size_t)T + MM_T - 1) / MM_T * MM_T, panels = (rows + MM_R - 1) / MM_R;
     PARALLEL_FOR
-    for (size_t r = 0; r < rows; r++) {
-        const float *wr = weight_row(w, r, scratch + (size_t)thread_id() * cols);
-        int t = 0;
-        for (float four[4]; t + 4 <= T; t += 4) {
-            dot4(wr, x + (size_t)t * cols, cols, cols, four);
-            for (int k = 0; k < 4; k++) out[(size_t)(t + k) * rows + r] = four[k];
+    for (size_t t0 = 0; t0 < stride; t0 += MM_T)   // xt (stride / MM_T, cols, MM_T): zero past T
+        for (size_t k = 0; k < cols; k++)
+            for (size_t t = t0; t < t0 + MM_T; t++) mw->xt[t0 * cols + k * MM_T + t - t0] = t < (size_t)T ? x[t * cols + k] : 0;
+    PARALLEL_FOR
+    for (size_t p = 0; p < panels; p++) {
+        float *panel = mw->panel + (size_t)thread_id() * cols * MM_R, acc[MM_R][MM_T];
+        int nr = rows - p * MM_R < MM_R ? (int)(rows - p * MM_R) : MM_R;
+        for (int r = 0; r < MM_R; r++) {   // panel (cols, MM_R): rows past the end are zeros
+            const float *wr = r < nr ? weight_row(w, p * MM_R + r, mw->row + (size_t)thread_id() * cols) : NULL;
+            for (size_t k = 0; k < cols; k++) panel[k * MM_R + r] = wr ? wr[k] : 0;
         }
-        for (; t < T; t++) out[(size_t)t * rows + r] = dot(wr, x + (size_t)t * cols, cols);
+        for (int t0 = 0; t0 < T; t0 += MM_T) {
+            gemm_tile(acc, panel, mw->xt + (size_t)t0 * cols, cols);
+            for (int t = t0; t < T && t < t0 + MM_T; t++)
+                for (int r = 0; r < nr; r++) out[(size_t)t * rows + p * MM_R + r] = acc[r][t - t0];
+        }
     }
 }
 
@@ -1056,7 +1081,7 @@ typedef struct {
     float *hb, *hb2;    // (max_T, hidden_dim)
     float *logits;      // (n_logit_rows, V)
     float *att_work;    // (n_threads, ATT_WORK(head_dim)) attention tiles
-    float *scratch;     // (n_threads, widest matrix row) dequantized weight rows
+    MatmulWork mm;      // matmul's dequantized rows, packed panels, transposed chunk
 } RunState;
 
 typedef struct {
@@ -1084,11 +1109,15 @@ static void build_state(RunState *s, const Config *c, int max_T, int all_logits)
     s->hb2 = xcalloc(mul_size(max_T, c->hidden_dim, "hb2"), sizeof(float), "activations");
     s->logits = xcalloc(mul_size(s->n_logit_rows, c->vocab_size, "logits"), sizeof(float), "logits");
     s->att_work = xcalloc(mul_size(n_threads(), ATT_WORK(c->head_dim), "attention"), sizeof(float), "attention tiles");
-    s->scratch = xcalloc(mul_size(n_threads(), widest, "scratch"), sizeof(float), "weight scratch");
+    size_t padded = ((size_t)max_T + MM_T - 1) / MM_T * MM_T;
+    s->mm.row = xcalloc(mul_size(n_threads(), widest, "scratch"), sizeof(float), "weight rows");
+    s->mm.panel = xcalloc(mul_size(mul_size(n_threads(), widest, "panels"), MM_R, "panels"), sizeof(float), "weight panels");
+    s->mm.xt = xcalloc(mul_size(padded, widest, "transposed chunk"), sizeof(float), "the transposed chunk");
 }
 
 static void free_state(RunState *s) {
-    void *buffers[] = {s->x, s->xb, s->q, s->q_sink, s->k, s->v, s->att_out, s->hb, s->hb2, s->logits, s->att_work, s->scratch};
+    void *buffers[] = {s->x, s->xb, s->q, s->q_sink, s->k, s->v, s->att_out, s->hb, s->hb2, s->logits, s->att_work,
+                       s->mm.row, s->mm.panel, s->mm.xt};
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
 }
 
@@ -1202,7 +1231,7 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
 
     rope_update(&tr->rope, c, pos0 + T);
     for (int t = 0; t < T; t++) {   // token embeddings
-        const float *row = weight_row(&w->tok_embd, tokens[t], s->scratch);
+        const float *row = weight_row(&w->tok_embd, tokens[t], s->mm.row);
         memcpy(s->x + (size_t)t * D, row, D * sizeof(float));
     }
 
@@ -1213,9 +1242,9 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
 
         // attention: q, k, v projections, optional bias and per-head norm, RoPE, cache, attend
         rmsnorm(s->xb, s->x, (const float *)lw->attn_norm.data, T, D, c->norm_eps);
-        matmul(s->q, s->xb, &lw->wq, T, s->scratch);
-        matmul(s->k, s->xb, &lw->wk, T, s->scratch);
-        matmul(s->v, s->xb, &lw->wv, T, s->scratch);
+        matmul(s->q, s->xb, &lw->wq, T, &s->mm);
+        matmul(s->k, s->xb, &lw->wk, T, &s->mm);
+        matmul(s->v, s->xb, &lw->wv, T, &s->mm);
         if (c->qkv_bias) {
             add_bias(s->q, (const float *)lw->bq.data, T, c->q_dim);
             add_bias(s->k, (const float *)lw->bk.data, T, c->kv_dim);
@@ -1248,15 +1277,15 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
             kv_store(kv, kv->value + slot * kv->row_bytes, vt, c->n_kv_heads, H);
         }
         attention(s->att_out, s->q, s->q_sink, kv, l, c, T, pos0, s->att_work);
-        matmul(s->xb, s->att_out, &lw->wo, T, s->scratch);
+        matmul(s->xb, s->att_out, &lw->wo, T, &s->mm);
         for (size_t i = 0; i < (size_t)T * D; i++) s->x[i] += s->xb[i];
 
         // MLP: x += w_down(silu(w_gate(n)) * w_up(n)), n = rmsnorm(x)
         rmsnorm(s->xb, s->x, (const float *)lw->ffn_norm.data, T, D, c->norm_eps);
-        matmul(s->hb, s->xb, &lw->w_gate, T, s->scratch);
-        matmul(s->hb2, s->xb, &lw->w_up, T, s->scratch);
+        matmul(s->hb, s->xb, &lw->w_gate, T, &s->mm);
+        matmul(s->hb2, s->xb, &lw->w_up, T, &s->mm);
         swiglu(s->hb, s->hb2, (size_t)T * c->hidden_dim);
-        matmul(s->xb, s->hb, &lw->w_down, T, s->scratch);
+        matmul(s->xb, s->hb, &lw->w_down, T, &s->mm);
         for (size_t i = 0; i < (size_t)T * D; i++) s->x[i] += s->xb[i];
     }
 
@@ -1264,7 +1293,7 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
     int rows = s->n_logit_rows == 1 ? 1 : T;
     const float *last = s->x + (size_t)(T - rows) * D;
     rmsnorm(s->xb, last, (const float *)w->output_norm.data, rows, D, c->norm_eps);
-    matmul(s->logits, s->xb, &w->output, rows, s->scratch);
+    matmul(s->logits, s->xb, &w->output, rows, &s->mm);
     return s->logits;
 }
 
