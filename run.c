@@ -806,6 +806,22 @@ static float dot(const float *a, const float *b, size_t n) {
     return sum;
 }
 
+// Row `row` of w dotted with x (w.cols): decode's kernel, at the speed memory delivers the
+// weights. q8_0 rows meet x block by block without being dequantized first (the int8s become
+// floats in registers); the other types go through weight_row().
+static float row_dot(const Tensor *w, size_t row, const float *x, float *scratch) {
+    if (w->dtype != DT_Q8_0) return dot(weight_row(w, row, scratch), x, w->cols);
+    size_t cols = w->cols, n_blocks = cols / LR_Q8_BLOCK;
+    const int8_t *q = (const int8_t *)w->data + row * cols;
+    const float *scale = (const float *)(w->data + w->rows * cols) + row * n_blocks;
+    float acc[LR_Q8_BLOCK] = {0};
+    for (size_t b = 0; b < n_blocks; b++)
+        for (int i = 0; i < LR_Q8_BLOCK; i++) acc[i] += scale[b] * ((float)q[b * LR_Q8_BLOCK + i] * x[b * LR_Q8_BLOCK + i]);
+    float sum = 0;
+    for (int i = 0; i < LR_Q8_BLOCK; i++) sum += acc[i];
+    return sum;
+}
+
 // Scratch for matmul(): row (n_threads, widest) one dequantized weight row per thread, panel
 // (n_threads, widest * MM_R) a packed panel per thread, xt (max_T rounded up to MM_T, widest)
 // the chunk transposed tile by tile.
@@ -841,7 +857,7 @@ static void matmul(float *out, const float *x, const Tensor *w, int T, const Mat
     size_t rows = w->rows, cols = w->cols;
     if (T == 1) {
         PARALLEL_FOR
-        for (size_t r = 0; r < rows; r++) out[r] = dot(weight_row(w, r, mw->row + (size_t)thread_id() * cols), x, cols);
+        for (size_t r = 0; r < rows; r++) out[r] = row_dot(w, r, x, mw->row + (size_t)thread_id() * cols);
         return;
     }
     size_t stride = ((size_t)T + MM_T - 1) / MM_T * MM_T, panels = (rows + MM_R - 1) / MM_R;
