@@ -2193,8 +2193,11 @@ int main(int argc, char **argv) {
     if (!strcmp(mode, "ppl") && n_prompt < 2) die("perplexity needs a text of at least 2 tokens");
     int chunk = o.chunk ? o.chunk : !strcmp(mode, "logits") ? (int)(n_prompt < 65536 ? n_prompt : 65536) : 256;
     if (mode_reads_prompt(mode) && (size_t)chunk > n_prompt) chunk = (int)n_prompt;
+    size_t context = context_slots(&o, mf.header, n_prompt);
+    int may_fill = !strcmp(mode, "generate") || !strcmp(mode, "chat");   // and then go on through a window
+    if (may_fill && !o.chunk && context < SIZE_MAX && (size_t)chunk > context / 4) chunk = context >= 8 ? (int)(context / 4) : 1;
     Transformer t = {0};
-    build_transformer(&t, &mf, o.model_path, &o.rope, &o.attn, context_slots(&o, mf.header, n_prompt), chunk, all_logits);
+    build_transformer(&t, &mf, o.model_path, &o.rope, &o.attn, context, chunk, all_logits);
     size_t capacity = cache_capacity(&t.cache, &t.config);
     if (!strcmp(mode, "ppl") && n_prompt > capacity)
         die("the text has %zu tokens but the context holds %zu: raise -c (full attention keeps every token), "

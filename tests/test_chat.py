@@ -95,3 +95,19 @@ def test_chat_text_output_is_the_decoded_reply(smol):
                 input="".join(q + "\n" for q in QUESTIONS))
     want = "".join(tok.decode([int(x) for x in line.split()]) + "\n" for line in r_ids.stdout.split("\n")[:2])
     assert r_txt.stdout == want
+
+
+def test_chat_goes_on_past_a_full_context(smol):
+    """A conversation longer than its context does not end: the cache switches to 4 sinks + a window
+    (the documented policy) with a notice, and every turn still gets a reply; with --window set from
+    the start the same conversation runs in a bounded cache without a switch."""
+    model, _, _ = smol
+    turns = [f"Tell me one fact about the number {n}." for n in range(6)]
+    r = run(model, "-m", "chat", "-t", 0, "-n", 40, "-c", 160, input="".join(t + "\n" for t in turns))
+    replies = [line for line in r.stdout.split("\n") if line.strip()]
+    assert len(re.findall(r"^prompt \d+ tokens", r.stderr, re.M)) == len(turns)
+    assert len(replies) >= len(turns)
+    assert r.stderr.count("[context full: going on with 4 sinks + a window of") == 1, r.stderr
+    w = run(model, "-m", "chat", "-t", 0, "-n", 40, "--sinks", 4, "--window", 128, input="".join(t + "\n" for t in turns))
+    assert "context full" not in w.stderr and len(re.findall(r"^prompt \d+ tokens", w.stderr, re.M)) == len(turns)
+    print(f"\n[chat] {len(turns)} turns in a 160-slot context: {r.stderr.count('context full')} switch to sinks + window")

@@ -157,7 +157,7 @@ def test_options_do_what_they_say(model, tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "raise -c" in r.stderr
     r = run(model, "--ids", "-i", plain[0], "-n", 40, "-t", 0, "-c", 24)
     assert len(ids_of(r)) == 40 and "context full: going on with 4 sinks + a window of 20" in r.stderr
-    r = run(model, "-i", PROMPT, "-n", 8, "-c", len(plain) + 2)
+    r = run(model, "-i", PROMPT, "-n", 8, "-c", len(plain) + 1)   # 4 sinks + 1 chunk + 1 do not fit in 5
     assert "context full at" in r.stderr and "raise -c" in r.stderr
     assert text("-i", PROMPT, "-n", 12, "-t", 0, "-c", len(plain) + 12) == greedy
     # --logits-out writes (n, vocab) float32, the same with any --chunk
