@@ -20,11 +20,14 @@ BOUNDS = {"f16": 3e-3, "bf16": 3e-2, "q8_0": 6e-2}
 Q8_TOP1 = 0.93
 
 
+# The shape every tiny test model starts from (test_windows.py uses it too)
+TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=320, max_position_embeddings=512, initializer_range=0.08, rms_norm_eps=1e-5)
+
+
 def tiny_configs():
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
-    common = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, initializer_range=0.08,
-                  rms_norm_eps=1e-5)
+    common = TINY
     return {
         "llama_gqa": LlamaConfig(**common, rope_theta=5e5),
         # odd sizes: head_dim 24 != hidden/heads, one kv head, vocab 301, tied classifier

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import RUN_ASAN, engine_logits, export, need, run
-from test_engine import build_hf, rel_err
+from test_engine import TINY, build_hf, rel_err
 
 SEQ = 200
 F32_BOUND = 1e-4
@@ -27,9 +27,7 @@ KV_BOUNDS = {"f16": 2e-3, "q8": 3e-2}   # max |err| / max |HF| with the cache st
 
 def window_configs():
     from transformers import MistralConfig, Qwen2Config
-    common = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, initializer_range=0.08,
-                  rms_norm_eps=1e-5)
+    common = TINY
     return {
         "mistral_w16": MistralConfig(**common, sliding_window=16),
         # layer 0 full, layer 1 sliding (Qwen2: layer i slides iff i >= max_window_layers)
@@ -186,9 +184,7 @@ def lm_infinite(ref, ids, n_global, local, limit):
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     from transformers import LlamaConfig
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, initializer_range=0.08,
-                      rms_norm_eps=1e-5, rope_theta=10000.0)
+    cfg = LlamaConfig(**TINY, rope_theta=10000.0)
     d = tmp_path_factory.mktemp("llama_sinks")
     hf = build_hf("llama_sinks", cfg, d / "hf")
     ids = torch.randint(0, cfg.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(9))
