@@ -729,8 +729,15 @@ static float bf16_to_f32(uint16_t h) {
     return f;
 }
 
+// Where row `row` of a q8_0 tensor lives: its cols int8s, and its cols / 32 block scales (all
+// rows' int8s come first, then all scales; model.h).
+static const int8_t *q8_row(const Tensor *w, size_t row, const float **scale) {
+    *scale = (const float *)(w->data + w->rows * w->cols) + row * (w->cols / LR_Q8_BLOCK);
+    return (const int8_t *)w->data + row * w->cols;
+}
+
 // Row `row` of w as float32: a pointer into the file for f32, else dequantized into scratch
-// (cols floats). This is the only place that knows the dtypes; every kernel uses it.
+// (cols floats). With row_dot() below, the only place that knows the dtypes.
 static const float *weight_row(const Tensor *w, size_t row, float *scratch) {
     size_t cols = w->cols;
     const uint8_t *data = w->data;
@@ -742,8 +749,8 @@ static const float *weight_row(const Tensor *w, size_t row, float *scratch) {
         return scratch;
     }
     case DT_Q8_0: {
-        const int8_t *q = (const int8_t *)data + row * cols;
-        const float *scale = (const float *)(data + w->rows * cols) + row * (cols / LR_Q8_BLOCK);
+        const float *scale;
+        const int8_t *q = q8_row(w, row, &scale);
         for (size_t b = 0; b < cols / LR_Q8_BLOCK; b++)   // one block of 32 values per scale
             for (size_t i = b * LR_Q8_BLOCK; i < (b + 1) * LR_Q8_BLOCK; i++) scratch[i] = scale[b] * q[i];
         return scratch;
@@ -811,9 +818,9 @@ static float dot(const float *a, const float *b, size_t n) {
 // floats in registers); the other types go through weight_row().
 static float row_dot(const Tensor *w, size_t row, const float *x, float *scratch) {
     if (w->dtype != DT_Q8_0) return dot(weight_row(w, row, scratch), x, w->cols);
-    size_t cols = w->cols, n_blocks = cols / LR_Q8_BLOCK;
-    const int8_t *q = (const int8_t *)w->data + row * cols;
-    const float *scale = (const float *)(w->data + w->rows * cols) + row * n_blocks;
+    size_t n_blocks = w->cols / LR_Q8_BLOCK;
+    const float *scale;
+    const int8_t *q = q8_row(w, row, &scale);
     float acc[LR_Q8_BLOCK] = {0};
     for (size_t b = 0; b < n_blocks; b++)
         for (int i = 0; i < LR_Q8_BLOCK; i++) acc[i] += scale[b] * ((float)q[b * LR_Q8_BLOCK + i] * x[b * LR_Q8_BLOCK + i]);
@@ -942,7 +949,8 @@ static void exp_tile(float *restrict y, const float *restrict x) {
 // values, rescaled by e^(m_old - m_new) when m grows; no score row of length S is stored. Every
 // loop over the tile's queries is a SIMD loop. The sinks, if any, come first, then key blocks
 // that start at multiples of ATT_KB in position, so a query meets the same blocks however the
-// text is chunked: chunked prefill and token-by-token decode give the same numbers.
+// text is chunked: attention gives the same numbers in chunked prefill and token-by-token
+// decode (the logits still differ by rounding, ~1e-6, as matmul sums a chunk in another order).
 // work: (n_threads, ATT_WORK(head_dim)) floats.
 #define ATT_KB 64   // keys per block
 #define ATT_KS 4    // keys per call of tile_scores
