@@ -23,7 +23,7 @@ SMOLLM2_GGUF = models/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM2 = models/smollm2-135m-instruct-q8_0.bin
 DEMO_PROMPT ?= Write a haiku about the sea, then explain it in two sentences.
 
-.PHONY: all debug asan demo test kjv plot clean
+.PHONY: all debug asan demo test kjv plot fuzz clean
 
 # ./run, optimised, with OpenMP when available
 all: run
@@ -91,5 +91,27 @@ test: run run-asan $(VENV)/.test $(SMOLLM2_GGUF)
 	LONGRUN_BIN=./run LONGRUN_ASAN_BIN=./run-asan SMOLLM2_GGUF=$(SMOLLM2_GGUF) \
 	  $(VPY) -m pytest -q -rA tests/
 
+# Fuzzing, not part of make test: libFuzzer (clang; apt-get install clang) over each harness in
+# tests/fuzz/ for FUZZ_SECONDS, starting from the committed seeds; what it learns accumulates in
+# build/fuzz/corpus/, crashing inputs land in build/fuzz/crashes/ (copy each into
+# tests/fuzz/regressions/HARNESS/ once fixed: make test replays them).
+#   make fuzz FUZZ_SECONDS=600 FUZZERS="model text"
+FUZZERS ?= model tokenizer text cli
+FUZZ_SECONDS ?= 60
+FUZZ_CC ?= $(shell command -v clang || command -v clang-14 || echo clang)
+fuzz: $(FUZZERS:%=build/fuzz/fuzz_%)
+	mkdir -p build/fuzz/crashes
+	for h in $(FUZZERS); do mkdir -p build/fuzz/corpus/$$h; \
+	  LONGRUN_FUZZ_TOKENIZER=tests/fuzz/text-tokenizer.bin build/fuzz/fuzz_$$h build/fuzz/corpus/$$h tests/fuzz/seeds/$$h \
+	    -max_total_time=$(FUZZ_SECONDS) -close_fd_mask=3 -print_final_stats=1 -artifact_prefix=build/fuzz/crashes/$$h- \
+	    > build/fuzz/$$h.log 2>&1; rc=$$?; \
+	  grep -E '^stat::(number_of_executed_units|average_exec_per_sec|new_units_added|peak_rss_mb)' build/fuzz/$$h.log \
+	    | sed "s/^/$$h /"; \
+	  [ $$rc = 0 ] || { tail -40 build/fuzz/$$h.log; exit 1; }; done
+build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h $(SOURCES)
+	mkdir -p build/fuzz
+	$(FUZZ_CC) -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all $(WARN) -o $@ $< -lm
+
 clean:
 	rm -f run run-debug run-asan
+	rm -rf build

@@ -921,13 +921,14 @@ static void swiglu(float *gate, const float *up, size_t n) {
 // y[k] = e^x[k] for the ATT_QT values of a tile, as plain arithmetic the compiler vectorizes
 // (libm's expf is a call per value): e^x = 2^n e^r with n = round(x / ln 2), r = x - n ln 2
 // (ln 2 in two parts, for exactness), e^r by Cephes' degree-7 polynomial; relative error about
-// 1e-7. x < -87 (-inf: a masked score) gives 0.
+// 1e-7. x < -87 (-inf: a masked score) gives 0; a NaN stays NaN (and never reaches the int).
 #define ATT_QT 16   // queries per attention tile: the vector width of its loops
 static void exp_tile(float *restrict y, const float *restrict x) {
     float p[ATT_QT], scale[ATT_QT];
     int32_t bits[ATT_QT];
     for (int k = 0; k < ATT_QT; k++) {
-        float c = x[k] < -87.0f ? -87.0f : x[k] > 88.0f ? 88.0f : x[k];
+        float c = x[k] > -87.0f ? x[k] : -87.0f;   // NaN fails the test: -87
+        c = c < 88.0f ? c : 88.0f;
         float n = floorf(c * 1.44269504f + 0.5f), r = c - n * 0.693359375f + n * 2.12194440e-4f;
         float q = 1.9875691500e-4f;
         q = q * r + 1.3981999507e-3f, q = q * r + 8.3334519073e-3f, q = q * r + 4.1665795894e-2f;
@@ -936,7 +937,7 @@ static void exp_tile(float *restrict y, const float *restrict x) {
         bits[k] = ((int32_t)n + 127) << 23;   // 2^n: a float's exponent field
     }
     memcpy(scale, bits, sizeof(scale));
-    for (int k = 0; k < ATT_QT; k++) y[k] = x[k] < -87.0f ? 0.0f : p[k] * scale[k];
+    for (int k = 0; k < ATT_QT; k++) y[k] = x[k] < -87.0f ? 0.0f : x[k] == x[k] ? p[k] * scale[k] : x[k];
 }
 
 // Attention of a chunk of T queries (T, q_dim) at positions pos0.. against the cache of one
@@ -1326,6 +1327,13 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
 
 #include "tokenizer.c"
 
+// Text meets the tokenizer only as valid UTF-8: anything else would be silently replaced by U+FFFD.
+static void check_utf8(const char *what, const char *text, size_t len, const char *hint) {
+    size_t valid = utf8_valid_prefix(text, len);
+    if (valid < len)
+        die("%s is not valid UTF-8 (byte %zu is 0x%02X); %s", what, valid, (unsigned)(unsigned char)text[valid], hint);
+}
+
 // Load the tokenizer section of the file into tok. Returns 0 when the file has none.
 static int load_tokenizer(Tokenizer *tok, const ModelFile *mf, const char *path) {
     const FileHeader *h = mf->header;
@@ -1698,6 +1706,7 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *system
         ssize_t got = getline(&line, &line_cap, stdin);
         if (got < 0) break;
         while (got > 0 && (line[got - 1] == '\n' || line[got - 1] == '\r')) line[--got] = 0;
+        check_utf8("this chat line", line, (size_t)got, "the terminal or the file must send UTF-8");
         char *text = NULL;
         size_t len = 0;
         if (turn > 0) append_format(&text, &len, "%s", fmt->close);
@@ -2131,6 +2140,7 @@ static Options parse_options(int argc, char **argv) {
     if (o.attn.n_sink >= 0 && !o.attn.window && !o.attn.lminf)
         usage_error("%s", "--sinks needs --window (the keys between the sinks and the window are dropped)");
     if (o.attn.limit && !o.attn.lminf) usage_error("%s", "--lminf-limit applies only with --lminf");
+    if (o.steps == 0) usage_error("%s", "-n 0 generates nothing: give -n N with N >= 1, or -1 to go on to the end of text");
     if (o.context && (o.attn.window || o.attn.lminf))
         usage_error("%s", "-c does not apply with --window or --lminf: every layer then keeps sinks + window slots");
     if (!strcmp(o.mode, "logits")) {
@@ -2181,6 +2191,7 @@ int main(int argc, char **argv) {
             n_prompt = parse_ids(text, mf.header->n_layers ? (int)mf.header->vocab_size : tokenizer_vocab_size(&tok), &prompt);
         } else {
             if (!has_tokenizer) die("%s has no tokenizer: re-export it, or give token ids with --ids", o.model_path);
+            check_utf8("the prompt", text, len, "convert it (iconv -t UTF-8), or give token ids with --ids");
             int add_bos = !strcmp(mode, "tokenize") ? o.bos : o.bos || tokenizer_add_bos(&tok);
             n_prompt = tokenizer_encode(&tok, text, len, add_bos, &prompt);
             if (!prompt) die("out of memory tokenizing the prompt");

@@ -32,6 +32,7 @@
 //       incomplete UTF-8 character and escaping control characters.
 //   tokenizer_bos_id, _eos_id, _eot_id (-1: none), tokenizer_add_bos (the model's policy),
 //   tokenizer_vocab_size, tokenizer_chat_template, tokenizer_piece.
+//   size_t utf8_valid_prefix(const char *s, size_t n): bytes before the first invalid UTF-8.
 // Invalid UTF-8 input is replaced by U+FFFD, one per maximal invalid subpart (what Python
 // does), before anything else, so the ids equal HF's for the replaced string.
 #include <stdint.h>
@@ -377,7 +378,7 @@ int tokenizer_load(Tokenizer *t, const uint8_t *section, size_t size, char *err,
         n_special += is_special_type(e->type) && len > 0;
     }
 
-    // Vocabulary hash of the non-special strings (the first id wins a duplicate).
+    // Vocabulary hash of the non-special strings, each string once.
     t->vocab_mask = table_size(h.n_tokens) - 1;
     t->vocab = calloc(t->vocab_mask + 1, sizeof(uint32_t));
     t->specials = malloc((n_special + 1) * sizeof(int));
@@ -388,7 +389,8 @@ int tokenizer_load(Tokenizer *t, const uint8_t *section, size_t size, char *err,
         const uint8_t *p = piece_bytes(t, i, &len);
         if (len == 0) continue;
         if (is_special_type(t->entries[i].type)) { t->specials[n_special++] = i; continue; }
-        if (vocab_find(t, p, len) >= 0) continue;
+        int twin = vocab_find(t, p, len);
+        if (twin >= 0) LOAD_FAIL("tokenizer section: tokens %d and %u are the same string (%zu bytes)", twin, i, len);
         size_t k = hash_bytes(p, len) & t->vocab_mask;
         while (t->vocab[k]) k = (k + 1) & t->vocab_mask;
         t->vocab[k] = i + 1;
@@ -753,20 +755,27 @@ static int match_special(const Tokenizer *t, const uint8_t *s, size_t n, size_t 
     return -1;
 }
 
+// The length of the longest valid UTF-8 prefix of s[0..n): n if all of it is valid.
+size_t utf8_valid_prefix(const char *text, size_t n) {
+    const uint8_t *s = (const uint8_t *)text;
+    size_t i = 0;
+    while (i < n) {  // stop at the first invalid sequence: it consumes less than its lead promises
+        uint32_t c;
+        uint8_t lo, hi;
+        int need = utf8_expect(s[i], &lo, &hi);
+        if (need < 0 || utf8_next(s, n, i, &c) != (size_t)need + 1) break;
+        i += need + 1;
+    }
+    return i;
+}
+
 size_t tokenizer_encode(Tokenizer *t, const char *text, size_t len, int add_bos, int **ids) {
     IdVec out = {0};
     const uint8_t *s = (const uint8_t *)text;
     uint8_t *clean = NULL;
     // Invalid UTF-8 -> U+FFFD (3 bytes for each invalid byte at most).
-    size_t i = 0;
-    while (i < len) {  // stop at the first invalid sequence: it consumes less than its lead promises
-        uint32_t c;
-        uint8_t lo, hi;
-        int need = utf8_expect(s[i], &lo, &hi);
-        if (need < 0 || utf8_next(s, len, i, &c) != (size_t)need + 1) break;
-        i += need + 1;
-    }
-    if (i < len) {
+    size_t i;
+    if (utf8_valid_prefix(text, len) < len) {
         clean = malloc(3 * len);
         if (!clean) { *ids = NULL; return 0; }
         size_t nb = 0;

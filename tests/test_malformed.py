@@ -177,3 +177,116 @@ def test_huge_window_is_full_attention(good):
     run(d / "good.bin", "-m", "logits", "-i", ids, "--logits-out", d / "full.f32", "--chunk", 5, binary=asan)
     run(d / "wide.bin", "-m", "logits", "-i", ids, "--logits-out", d / "wide.f32", "--chunk", 5, binary=asan)
     assert (d / "full.f32").read_bytes() == (d / "wide.f32").read_bytes()
+
+
+# ----------------------------------------------------------------------------
+# The rest of the malformed-input corpus: a file cut at every section boundary, damaged
+# vocabularies, and bad prompts and options, on the tiny model that carries a tokenizer
+# (a committed fuzz seed), through the ASan/UBSan build.
+
+SEED = os.path.join(ROOT, "tests", "fuzz", "seeds", "model", "llama-tokenizer.bin")
+
+
+def one_error_line(r, code, words):
+    assert r.returncode == code, f"exit {r.returncode}: {r.stderr[-2000:]}"
+    assert "AddressSanitizer" not in r.stderr and "runtime error" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()   # chat has printed the start-up block before it reads a line
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors == lines[-1:] and words in errors[0], r.stderr
+    return errors[0]
+
+
+def boundaries(blob):
+    """Every offset where one part of the file ends and the next begins, before the last byte of data."""
+    h = dict(zip([n for n, _ in ex.HEADER_FIELDS], ex.HEADER.unpack_from(blob)))
+    cuts = {h["header_size"], h["header_size"] + h["n_layers"] * ex.LAYER.size, h["tensor_table_offset"],
+            h["tensor_table_offset"] + h["n_tensors"] * ex.TENSOR.size, h["tokenizer_offset"],
+            h["tokenizer_offset"] + h["tokenizer_size"]}
+    ends = [h["tokenizer_offset"] + h["tokenizer_size"]]
+    for i in range(h["n_tensors"]):
+        e = dict(zip([n for n, _ in ex.TENSOR_FIELDS], ex.TENSOR.unpack_from(blob, h["tensor_table_offset"] + i * ex.TENSOR.size)))
+        cuts |= {e["offset"], e["offset"] + e["size"]}
+        ends.append(e["offset"] + e["size"])
+    return sorted(c for c in cuts if 0 < c < max(ends))
+
+
+@pytest.mark.parametrize("fix_size", [False, True], ids=["as_cut", "file_size_fixed"])
+def test_cut_at_every_section_boundary(tmp_path, fix_size):
+    blob = open(need(SEED, "tests/fuzz/make_seeds.py writes it"), "rb").read()
+    asan = need(RUN_ASAN, "make run-asan")
+    cuts = boundaries(blob)
+    assert len(cuts) >= 12, cuts   # header, layers, table, tokenizer and ~10 tensors
+    seen = set()
+    for cut in cuts:
+        data = blob[:cut]
+        if fix_size and cut >= ex.HEADER.size:
+            data = header_set(data, "file_size", cut)
+        (tmp_path / "cut.bin").write_bytes(data)
+        r = run(tmp_path / "cut.bin", "-m", "tokenize", "-i", "hi", binary=asan, check=False)
+        seen.add(one_error_line(r, 1, "").split(": ", 2)[-1][:40])
+    print(f"\n[cut] {len(cuts)} cuts, {len(seen)} distinct messages, e.g. {sorted(seen)[:3]}")
+
+
+def tokenizer_entry_set(blob, token, offset=None, length=None):
+    """Rewrite TokEntry `token` (offset, len) in the tokenizer section (model.h layout)."""
+    h = dict(zip([n for n, _ in ex.HEADER_FIELDS], ex.HEADER.unpack_from(blob)))
+    entries = h["tokenizer_offset"] + struct.unpack_from("<Q", blob, h["tokenizer_offset"] + 64)[0]
+    at = entries + 16 * token
+    old_off, old_len = struct.unpack_from("<II", blob, at)
+    packed = struct.pack("<II", old_off if offset is None else offset, old_len if length is None else length)
+    return blob[:at] + packed + blob[at + 8:]
+
+
+def tokenizer_entry(blob, token):
+    h = dict(zip([n for n, _ in ex.HEADER_FIELDS], ex.HEADER.unpack_from(blob)))
+    entries = h["tokenizer_offset"] + struct.unpack_from("<Q", blob, h["tokenizer_offset"] + 64)[0]
+    return struct.unpack_from("<II", blob, entries + 16 * token)
+
+
+@pytest.mark.parametrize("case,damage,words", [
+    ("empty_piece", lambda b: tokenizer_entry_set(b, 300, length=0), "token 300 is empty"),
+    ("duplicate_piece", lambda b: tokenizer_entry_set(b, 301, *tokenizer_entry(b, 300)), "same string"),
+    ("piece_outside_strings", lambda b: tokenizer_entry_set(b, 5, offset=2**31), "outside the string table"),
+])
+def test_bad_vocabulary(tmp_path, case, damage, words):
+    blob = open(need(SEED, "tests/fuzz/make_seeds.py writes it"), "rb").read()
+    (tmp_path / "v.bin").write_bytes(damage(blob))
+    r = run(tmp_path / "v.bin", "-m", "tokenize", "-i", "hi", binary=need(RUN_ASAN, "make run-asan"), check=False)
+    print(f"\n[{case}] {one_error_line(r, 1, words)}")
+
+
+def run_bytes(args, input=None, binary=None):
+    """./run with arguments that may hold any bytes (argv is bytes on Linux)."""
+    import subprocess
+    r = subprocess.run([binary or need(RUN_ASAN, "make run-asan"), SEED, *args], input=input, capture_output=True)
+    r.stderr = r.stderr.decode("utf-8", "replace")
+    return r
+
+
+@pytest.mark.parametrize("case,args,stdin,code,words", [
+    ("invalid_utf8_arg", [b"-i", b"caf\xe9 au lait", b"-n", b"2"], None, 1, "not valid UTF-8 (byte 3 is 0xE9)"),
+    ("invalid_utf8_stdin", [b"-f", b"-", b"-n", b"2"], b"ok \xed\xa0\x80 surrogate", 1, "not valid UTF-8 (byte 3 is 0xED)"),
+    ("truncated_utf8", [b"-m", b"tokenize", b"-f", b"-"], b"end \xe2\x82", 1, "not valid UTF-8 (byte 4"),
+    ("chat_invalid_line", [b"-m", b"chat", b"-n", b"2"], b"\xffhello\n", 1, "chat line is not valid UTF-8"),
+    ("prompt_is_directory", [b"-f", b"/tmp", b"-n", b"2"], None, 1, "is a directory"),
+    ("empty_prompt", [b"-i", b"", b"-n", b"2"], None, 1, "the prompt is empty"),
+    ("empty_prompt_file", [b"-f", b"/dev/null", b"-n", b"2"], None, 1, "the prompt is empty"),
+    ("n_zero", [b"-i", b"hi", b"-n", b"0"], None, 2, "-n 0 generates nothing"),
+    ("bad_ids", [b"--ids", b"-i", b"1 2 x", b"-n", b"2"], None, 1, "is not a token id"),
+    ("id_past_vocab", [b"--ids", b"-i", b"1 320", b"-n", b"2"], None, 1, "outside the vocabulary"),
+])
+def test_bad_prompt(case, args, stdin, code, words):
+    print(f"\n[{case}] {one_error_line(run_bytes(args, stdin), code, words)}")
+
+
+def test_context_larger_than_memory():
+    """-c beyond what the machine holds: calloc fails and says so (the plain build: ASan's allocator
+    would report the size itself instead of returning NULL)."""
+    r = run_bytes([b"-i", b"hi", b"-n", b"2", b"-c", b"2000000000"], binary=need(os.path.join(ROOT, "run"), "make"))
+    print(f"\n[huge -c] {one_error_line(r, 1, 'cannot allocate')}")
+
+
+def test_text_without_tokenizer(good):
+    d, _ = good
+    r = run(d / "good.bin", "-i", "hello", "-n", 2, binary=need(RUN_ASAN, "make run-asan"), check=False)
+    print(f"\n[no tokenizer] {one_error_line(r, 1, 'has no tokenizer')}")
