@@ -108,9 +108,10 @@ fuzz: $(FUZZERS:%=build/fuzz/fuzz_%)
 	  grep -E '^stat::(number_of_executed_units|average_exec_per_sec|new_units_added|peak_rss_mb)' build/fuzz/$$h.log \
 	    | sed "s/^/$$h /"; \
 	  [ $$rc = 0 ] || { tail -40 build/fuzz/$$h.log; exit 1; }; done
-build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h $(SOURCES)
+build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h tests/fuzz/no-coverage.txt $(SOURCES)
 	mkdir -p build/fuzz
-	$(FUZZ_CC) -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all $(WARN) -o $@ $< -lm
+	$(FUZZ_CC) -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
+	  -fsanitize-coverage-ignorelist=tests/fuzz/no-coverage.txt $(WARN) -o $@ $< -lm
 
 clean:
 	rm -f run run-debug run-asan

@@ -197,6 +197,7 @@ class Safetensors:
         self.entries = {}  # HF name -> (path, absolute byte offset, dtype, shape)
         for file in files:
             path = os.path.join(model_dir, file)
+            file_size = os.path.getsize(path)
             with open(path, "rb") as f:
                 try:
                     (n,) = struct.unpack("<Q", f.read(8))
@@ -209,6 +210,9 @@ class Safetensors:
                     dtype, shape = info["dtype"], tuple(info["shape"])
                     if dtype in ST_DTYPES and end - begin != math.prod(shape) * np.dtype(ST_DTYPES[dtype]).itemsize:
                         raise ExportError(f"{path}: {name} has {end - begin} bytes, its shape needs another size")
+                    if not 0 <= begin <= end or 8 + n + end > file_size:
+                        raise ExportError(f"{path}: {name} (bytes {begin}..{end} of the data) runs past the end of the "
+                                          f"file ({file_size} bytes): it is truncated or corrupt")
                     self.entries[name] = (path, 8 + n + begin, dtype, shape)
 
     def describe(self, name):
@@ -389,6 +393,8 @@ def hf_windows(cfg, arch, n_layers):
 
 def read_hf(model_dir):
     """Header fields, per-layer configs, extra tensors and a tensor source for an HF directory."""
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        raise ExportError(f"{model_dir}: no config.json (not a Hugging Face model directory?)")
     with open(os.path.join(model_dir, "config.json")) as f:
         raw = json.load(f)
     name = (raw.get("architectures") or ["(none)"])[0]
@@ -457,13 +463,22 @@ class GgufSource:
         return unpermute_rows(w, self.heads[role]) if name.startswith("blk.") and role in self.heads else w
 
 
-def read_gguf(path):
-    """Header fields, per-layer configs and a tensor source for a llama-architecture GGUF file."""
+def open_gguf(path):
+    """gguf.GGUFReader over path; a file it cannot parse (cut short, not GGUF) is an ExportError."""
     try:
         import gguf  # imported here so that HF exports need only numpy
     except ImportError:
         raise ExportError("reading GGUF needs the gguf package: pip install gguf") from None
-    reader = gguf.GGUFReader(path)
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, struct.error, UnicodeDecodeError) as e:
+        raise ExportError(f"{path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from None
+
+
+def read_gguf(path):
+    """Header fields, per-layer configs and a tensor source for a llama-architecture GGUF file."""
+    reader = open_gguf(path)
+    import gguf  # open_gguf has checked it is installed
 
     def meta(key, default=None):  # no default: the key is required
         field = reader.fields.get(key)
@@ -1036,19 +1051,22 @@ def write_tokenizer_only(section, path, arch="tokenizer"):
                    "norm_eps": 0.0, "arch": arch, "tensor_table_offset": HEADER.size,
                    "tokenizer_offset": HEADER.size, "tokenizer_size": len(section),
                    "file_size": HEADER.size + len(section)})
-    with open(path, "wb") as f:
-        f.write(pack(HEADER, HEADER_FIELDS, header) + section)
+    tmp = path + ".tmp"  # as write_model: written in full, then renamed
+    try:
+        with open(tmp, "wb") as f:
+            f.write(pack(HEADER, HEADER_FIELDS, header) + section)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def read_tokenizer(source):
     """The tokenizer section of an HF directory or a GGUF file, or None if it has no tokenizer."""
     if os.path.isdir(source):
         return tokenizer_section_from_hf(source)
-    try:
-        import gguf  # imported here so that HF exports need only numpy
-    except ImportError:
-        raise ExportError("reading GGUF needs the gguf package: pip install gguf") from None
-    return tokenizer_section_from_gguf(gguf.GGUFReader(source))
+    return tokenizer_section_from_gguf(open_gguf(source))
 
 
 

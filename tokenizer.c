@@ -424,12 +424,6 @@ int tokenizer_load(Tokenizer *t, const uint8_t *section, size_t size, char *err,
         t->pairs[k] = (PairSlot){m.rank, m.result, key};
     }
     t->spm_word_id = h.kind == TOK_SPM && !crosses_words ? vocab_find(t, (const uint8_t *)"\xE2\x96\x81", 3) : -1;
-    if (h.kind == TOK_BYTE_BPE) {
-        t->cache = calloc(CACHE_SLOTS, sizeof(CacheSlot));
-        t->cache_bytes = malloc(CACHE_BYTES);
-        t->cache_ids = malloc(CACHE_IDS * sizeof(int));
-        if (!t->cache || !t->cache_bytes || !t->cache_ids) LOAD_FAIL("out of memory loading the tokenizer");
-    }
     return 0;
 }
 
@@ -631,8 +625,22 @@ static size_t pre_split_end(const Tokenizer *t, const uint8_t *cls, size_t i, si
 // ----------------------------------------------------------------------------
 // Encoding
 
+// The word cache (~10 MB) is allocated by the first byte-level encode: loading and decoding
+// never need it. 0 when out of memory.
+static int reserve_cache(Tokenizer *t) {
+    if (t->cache) return 1;
+    t->cache = calloc(CACHE_SLOTS, sizeof(CacheSlot));
+    t->cache_bytes = malloc(CACHE_BYTES);
+    t->cache_ids = malloc(CACHE_IDS * sizeof(int));
+    if (t->cache && t->cache_bytes && t->cache_ids) return 1;
+    free(t->cache), free(t->cache_bytes), free(t->cache_ids);
+    t->cache = NULL, t->cache_bytes = NULL, t->cache_ids = NULL;
+    return 0;
+}
+
 // A byte-level piece: from the cache, or whole (ignore_merges), or by BPE over its bytes.
 static void encode_piece(Tokenizer *t, const uint8_t *s, size_t n, IdVec *out) {
+    if (!reserve_cache(t)) { out->oom = 1; return; }
     uint64_t h = hash_bytes(s, n);
     size_t slot = h & (CACHE_SLOTS - 1);
     int cacheable = n <= CACHE_MAX_KEY;

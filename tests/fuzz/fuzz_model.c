@@ -10,8 +10,9 @@ static const char *fuzz_file(const uint8_t *data, size_t size) {
     static char path[64] = "";
     static int fd = -1;
     if (fd < 0) {
-        strcpy(path, "/tmp/longrun-fuzz-XXXXXX");
+        strcpy(path, "/dev/shm/longrun-fuzz-XXXXXX");   // tmpfs: memory, no disk write per input
         fd = mkstemp(path);
+        if (fd < 0) strcpy(path, "/tmp/longrun-fuzz-XXXXXX"), fd = mkstemp(path);
         if (fd < 0) { perror("mkstemp"); abort(); }
         unlink(path);   // the name goes away; the open descriptor keeps the file
         snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
