@@ -67,7 +67,7 @@ typedef struct {
     uint32_t qk_norm;             // 1: blk.N.q_norm/k_norm present (Qwen3)
     uint32_t n_tensors;           // entries in the tensor table
     uint64_t tensor_table_offset; // byte offset of TensorEntry[n_tensors]
-    uint64_t tokenizer_offset;    // byte offset of the tokenizer section (0: none)
+    uint64_t tokenizer_offset;    // byte offset of the tokenizer section, 8-byte aligned (0: none)
     uint64_t tokenizer_size;      // its size in bytes (0: none)
     uint64_t file_size;           // total file size, so truncation is caught up front
     char arch[32];                // source architecture, NUL padded: "llama", "qwen2", ...

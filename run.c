@@ -191,6 +191,8 @@ static void open_model_file(ModelFile *mf, const char *path) {
         die("%s: header says %llu bytes but the file has %zu; truncated or corrupt", path,
             (unsigned long long)h->file_size, size);
     check_section(path, "tokenizer section", h->tokenizer_offset, h->tokenizer_size, size);
+    if (h->tokenizer_size && h->tokenizer_offset % 8)   // its tables are read in place, as uint32 and float
+        die("%s: tokenizer section offset %llu is not 8-byte aligned", path, (unsigned long long)h->tokenizer_offset);
     if (h->n_layers == 0 && h->n_tensors == 0) {   // a tokenizer-only file (export.py --tokenizer-only)
         if (h->tokenizer_size == 0) die("%s: the file has neither weights nor a tokenizer", path);
         return;

@@ -106,6 +106,8 @@ CASES = {
     # the header's file size disagrees with an intact file, in both directions
     "file_size_too_big": (lambda b: header_set(b, "file_size", len(b) + 64), "header says"),
     "trailing_bytes": (lambda b: b + bytes(64), "header says"),
+    "tokenizer_misaligned": (lambda b: header_set(header_set(b, "tokenizer_offset", 132), "tokenizer_size", 64),
+                             "aligned"),
     "tokenizer_past_end": (lambda b: header_set(header_set(b, "tokenizer_offset", len(b) - 8), "tokenizer_size", 64),
                            "tokenizer section"),
     # zero or absurd dimensions: each would divide by zero, allocate nothing or overflow later
