@@ -1033,9 +1033,93 @@ static void tile_block(Tile *t, const float *qt, const float *const *keys, const
     tile_values(t->acc, s, values, nk, H);
 }
 
-// q_sink: the queries rotated at sink_query_pos() (T, q_dim); unused without sinks.
+// One decoded token against its visible keys: Flash-Decoding (Dao et al. 2023, "Flash-Decoding
+// for long-context inference"). A tile of ATT_QT queries would hold only the group's few heads,
+// and the n_kv_heads jobs would leave threads idle, so instead the visible keys (the sinks
+// below the window, then positions lo..pos) are cut into ranges of at least ATT_SPLIT keys;
+// each job (kv head g, range r) keeps its own online softmax per head of the group, partial
+// (m_r, l_r, acc_r), and the parts merge exactly: m = max m_r, l = sum_r l_r e^(m_r - m),
+// out = sum_r acc_r e^(m_r - m) / l. A range meets its keys ATT_KB at a time: scores, one
+// max, then weights and values.
+// work: (n_threads, ATT_WORK(head_dim)) floats; parts: (n_kv_heads, ATT_RANGES, group, head_dim + 2).
+#define ATT_SPLIT 256    // fewest keys per range
+#define ATT_RANGES 64    // most ranges per kv head
+static void attention_decode(float *out, const float *q, const float *q_sink, const KVCache *kv, int layer,
+                             const Config *c, size_t pos, float *work, float *parts) {
+    const LayerSlots *ls = &kv->layers[layer];
+    int H = c->head_dim, group = c->n_heads / c->n_kv_heads;
+    size_t lo = first_visible(&c->layers[layer], pos), n_sink = lo < ls->n_sink ? lo : ls->n_sink;
+    size_t n_keys = n_sink + (pos - lo + 1), ranges = (n_keys + ATT_SPLIT - 1) / ATT_SPLIT;
+    ranges = ranges < ATT_RANGES ? ranges : ATT_RANGES;
+    size_t per_range = (n_keys + ranges - 1) / ranges, part_floats = (size_t)group * (H + 2);
+    float scale = 1.0f / sqrtf((float)H);
+    PARALLEL_FOR
+    for (int job = 0; job < c->n_kv_heads * (int)ranges; job++) {
+        int g = job / (int)ranges;
+        size_t j0 = (size_t)(job % (int)ranges) * per_range, j1 = j0 + per_range < n_keys ? j0 + per_range : n_keys;
+        float *kbuf = work + (size_t)thread_id() * ATT_WORK(H);   // (ATT_KB, H) keys converted to f32
+        float *vbuf = kbuf + (size_t)ATT_KB * H;                   // (ATT_KB, H) values
+        float *s = vbuf + (size_t)ATT_KB * H;                      // (ATT_KB) one head's scores, then weights
+        float *part = parts + ((size_t)g * ATT_RANGES + (size_t)(job % (int)ranges)) * part_floats;
+        float *m = part, *l = part + group, *acc = part + 2 * group;   // acc: (group, H)
+        for (int h = 0; h < group; h++) m[h] = -INFINITY, l[h] = 0;
+        memset(acc, 0, (size_t)group * H * sizeof(float));
+        const float *keys[ATT_KB], *values[ATT_KB];
+        for (size_t b0 = j0; b0 < j1; b0 += ATT_KB) {
+            int nk = j1 - b0 < ATT_KB ? (int)(j1 - b0) : ATT_KB;
+            for (int j = 0; j < nk; j++) {   // key j: a sink (f32, apart) or a window position's slot
+                size_t J = b0 + (size_t)j, at = ((size_t)layer * kv->max_sink + J) * c->kv_dim + (size_t)g * H;
+                size_t row = kv_slot(ls, lo + J - n_sink) * kv->row_bytes;
+                keys[j] = J < n_sink ? kv->sink_key + at : kv_head(kv, kv->key + row, g, c->n_kv_heads, H, kbuf + (size_t)j * H);
+                values[j] = J < n_sink ? kv->sink_value + at : kv_head(kv, kv->value + row, g, c->n_kv_heads, H, vbuf + (size_t)j * H);
+            }
+            for (int h = 0; h < group; h++) {
+                size_t at = (size_t)(g * group + h) * H;
+                float m_new = m[h], sum = 0;
+                for (int j = 0; j < nk; j++) {
+                    s[j] = dot(b0 + (size_t)j < n_sink ? q_sink + at : q + at, keys[j], (size_t)H) * scale;
+                    m_new = s[j] > m_new ? s[j] : m_new;
+                }
+                for (int j0b = 0; j0b < nk; j0b += ATT_QT) {   // e^(s - m_new), ATT_QT at a time (past nk: 0)
+                    float x[ATT_QT];
+                    for (int k = 0; k < ATT_QT; k++) x[k] = j0b + k < nk ? s[j0b + k] - m_new : -INFINITY;
+                    exp_tile(s + j0b, x);
+                }
+                float rescale = expf(m[h] - m_new), *a = acc + (size_t)h * H;
+                for (int i = 0; i < H; i++) a[i] *= rescale;
+                for (int j = 0; j < nk; j++) {
+                    sum += s[j];
+                    SIMD
+                    for (int i = 0; i < H; i++) a[i] += s[j] * values[j][i];
+                }
+                l[h] = l[h] * rescale + sum, m[h] = m_new;
+            }
+        }
+    }
+    for (int h = 0; h < c->n_heads; h++) {   // merge the ranges of each head
+        int g = h / group, hh = h % group;
+        const float *first = parts + (size_t)g * ATT_RANGES * part_floats;
+        float m_all = -INFINITY, l_all = 0, *oh = out + (size_t)h * H;
+        for (size_t r = 0; r < ranges; r++) m_all = first[r * part_floats + hh] > m_all ? first[r * part_floats + hh] : m_all;
+        memset(oh, 0, (size_t)H * sizeof(float));
+        for (size_t r = 0; r < ranges; r++) {
+            const float *part = first + r * part_floats;
+            float w = expf(part[hh] - m_all);
+            l_all += part[group + hh] * w;
+            for (int i = 0; i < H; i++) oh[i] += part[2 * group + (size_t)hh * H + i] * w;
+        }
+        for (int i = 0; i < H; i++) oh[i] /= l_all;
+    }
+}
+
+// q_sink: the queries rotated at sink_query_pos() (T, q_dim); unused without sinks. One row
+// (decode) goes to attention_decode(), which uses parts; a chunk is cut into tiles.
 static void attention(float *out, const float *q, const float *q_sink, const KVCache *kv, int layer,
-                      const Config *c, int T, size_t pos0, float *work) {
+                      const Config *c, int T, size_t pos0, float *work, float *parts) {
+    if (T == 1) {
+        attention_decode(out, q, q_sink, kv, layer, c, pos0, work, parts);
+        return;
+    }
     const LayerConfig *lc = &c->layers[layer];
     const LayerSlots *ls = &kv->layers[layer];
     int H = c->head_dim, group = c->n_heads / c->n_kv_heads, n_q = T * group;   // queries per kv head
@@ -1108,6 +1192,7 @@ typedef struct {
     float *hb, *hb2;    // (max_T, hidden_dim)
     float *logits;      // (n_logit_rows, V)
     float *att_work;    // (n_threads, ATT_WORK(head_dim)) attention tiles
+    float *att_parts;   // (n_kv_heads, ATT_RANGES, group, head_dim + 2) decode's partial softmaxes
     MatmulWork mm;      // matmul's dequantized rows, packed panels, transposed chunk
 } RunState;
 
@@ -1136,6 +1221,8 @@ static void build_state(RunState *s, const Config *c, int max_T, int all_logits)
     s->hb2 = xcalloc(mul_size(max_T, c->hidden_dim, "hb2"), sizeof(float), "activations");
     s->logits = xcalloc(mul_size(s->n_logit_rows, c->vocab_size, "logits"), sizeof(float), "logits");
     s->att_work = xcalloc(mul_size(n_threads(), ATT_WORK(c->head_dim), "attention"), sizeof(float), "attention tiles");
+    s->att_parts = xcalloc(mul_size((size_t)c->n_heads * ATT_RANGES, c->head_dim + 2, "attention"), sizeof(float),
+                           "attention ranges");
     size_t padded = ((size_t)max_T + MM_T - 1) / MM_T * MM_T;
     s->mm.row = xcalloc(mul_size(n_threads(), widest, "scratch"), sizeof(float), "weight rows");
     s->mm.panel = xcalloc(mul_size(mul_size(n_threads(), widest, "panels"), MM_R, "panels"), sizeof(float), "weight panels");
@@ -1143,7 +1230,7 @@ static void build_state(RunState *s, const Config *c, int max_T, int all_logits)
 }
 
 static void free_state(RunState *s) {
-    void *buffers[] = {s->x, s->xb, s->q, s->q_sink, s->k, s->v, s->att_out, s->hb, s->hb2, s->logits, s->att_work,
+    void *buffers[] = {s->x, s->xb, s->q, s->q_sink, s->k, s->v, s->att_out, s->hb, s->hb2, s->logits, s->att_work, s->att_parts,
                        s->mm.row, s->mm.panel, s->mm.xt};
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
 }
@@ -1303,7 +1390,7 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
             kv_store(kv, kv->key + slot * kv->row_bytes, kt, c->n_kv_heads, H);
             kv_store(kv, kv->value + slot * kv->row_bytes, vt, c->n_kv_heads, H);
         }
-        attention(s->att_out, s->q, s->q_sink, kv, l, c, T, pos0, s->att_work);
+        attention(s->att_out, s->q, s->q_sink, kv, l, c, T, pos0, s->att_work, s->att_parts);
         matmul(s->xb, s->att_out, &lw->wo, T, &s->mm);
         for (size_t i = 0; i < (size_t)T * D; i++) s->x[i] += s->xb[i];
 
