@@ -951,9 +951,9 @@ static void exp_tile(float *restrict y, const float *restrict x) {
 // softmax keeps per query the running max m, the sum l of e^(s - m) and the weighted sum of
 // values, rescaled by e^(m_old - m_new) when m grows; no score row of length S is stored. Every
 // loop over the tile's queries is a SIMD loop. The sinks, if any, come first, then key blocks
-// that start at multiples of ATT_KB in position, so a query meets the same blocks however the
-// text is chunked: attention gives the same numbers in chunked prefill and token-by-token
-// decode (the logits still differ by rounding, ~1e-6, as matmul sums a chunk in another order).
+// that start at multiples of ATT_KB in position, so a query meets the same blocks however a
+// text is cut into chunks of 2 or more (one row is decode's: attention_decode() below; the
+// logits of the two paths differ by rounding, ~1e-6, as do matmul's).
 // work: (n_threads, ATT_WORK(head_dim)) floats.
 #define ATT_KB 64   // keys per block
 #define ATT_KS 4    // keys per call of tile_scores
