@@ -23,7 +23,7 @@ SMOLLM2_GGUF = models/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM2 = models/smollm2-135m-instruct-q8_0.bin
 DEMO_PROMPT ?= Write a haiku about the sea, then explain it in two sentences.
 
-.PHONY: all debug asan demo test kjv plot fuzz clean
+.PHONY: all debug asan demo test kjv plot fuzz bench-compare clean
 
 # ./run, optimised, with OpenMP when available
 all: run
@@ -112,6 +112,27 @@ build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h tests/fuzz/no-coverage.
 	mkdir -p build/fuzz
 	$(FUZZ_CC) -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
 	  -fsanitize-coverage-ignorelist=tests/fuzz/no-coverage.txt $(WARN) -o $@ $< -lm
+
+# Speed against llama.cpp (not part of make test): llama.cpp built from the source vendored in the
+# llama-cpp-python sdist (PyPI), the same SmolLM2 GGUF requantized to Q8_0 by its llama-quantize,
+# then tools/bench_compare.py runs both engines at the same settings and prints the ratio table.
+LLAMA_CPP_PYTHON ?= 0.3.36
+LLAMA_DIR = build/llama.cpp
+LLAMA_BENCH = $(LLAMA_DIR)/build/bin/llama-bench
+SMOLLM2_Q8_GGUF = models/SmolLM2-135M-Instruct.Q8_0.gguf
+$(LLAMA_BENCH): | $(VENV)/.export
+	rm -rf build/llama-cpp-python $(LLAMA_DIR) && mkdir -p build/llama-cpp-python
+	$(VPY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d build/llama-cpp-python
+	tar xzf build/llama-cpp-python/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C build/llama-cpp-python
+	mv build/llama-cpp-python/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp $(LLAMA_DIR)
+	cmake -S $(LLAMA_DIR) -B $(LLAMA_DIR)/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
+	cmake --build $(LLAMA_DIR)/build -j2 --target llama-bench llama-quantize
+$(SMOLLM2_Q8_GGUF): $(SMOLLM2_GGUF) $(LLAMA_BENCH)
+	$(LLAMA_DIR)/build/bin/llama-quantize --allow-requantize $(SMOLLM2_GGUF) $@.tmp Q8_0
+	mv $@.tmp $@
+bench-compare: run $(SMOLLM2) $(SMOLLM2_Q8_GGUF)
+	$(VPY) tools/bench_compare.py --run ./run --model $(SMOLLM2) --llama-bench $(LLAMA_BENCH) --gguf $(SMOLLM2_Q8_GGUF)
 
 clean:
 	rm -f run run-debug run-asan

@@ -81,6 +81,20 @@ static size_t utf8_next(const uint8_t *s, size_t n, size_t i, uint32_t *cp) {
     return need + 1;
 }
 
+// The length of the longest valid UTF-8 prefix of s[0..n): n if all of it is valid.
+size_t utf8_valid_prefix(const char *text, size_t n) {
+    const uint8_t *s = (const uint8_t *)text;
+    size_t i = 0;
+    while (i < n) {  // stop at the first invalid sequence: it consumes less than its lead promises
+        uint32_t c;
+        uint8_t lo, hi;
+        int need = utf8_expect(s[i], &lo, &hi);
+        if (need < 0 || utf8_next(s, n, i, &c) != (size_t)need + 1) break;
+        i += need + 1;
+    }
+    return i;
+}
+
 static size_t utf8_put(uint8_t *out, uint32_t c) {
     if (c < 0x80) { out[0] = c; return 1; }
     if (c < 0x800) { out[0] = 0xC0 | c >> 6; out[1] = 0x80 | (c & 0x3F); return 2; }
@@ -375,6 +389,8 @@ int tokenizer_load(Tokenizer *t, const uint8_t *section, size_t size, char *err,
             if (v < 0 || h.kind != TOK_SPM) LOAD_FAIL("tokenizer section: byte token %u is not <0xNN> in an SPM model", i);
             if (t->byte_id[v] < 0) t->byte_id[v] = i;
         }
+        if (is_special_type(e->type) && utf8_valid_prefix((const char *)p, len) < len)   // it would split characters
+            LOAD_FAIL("tokenizer section: special token %u is not valid UTF-8", i);
         n_special += is_special_type(e->type) && len > 0;
     }
 
@@ -685,22 +701,17 @@ static size_t segment_code_points(Tokenizer *t, const uint8_t **text, size_t *n_
     if (!grow((void **)&t->cps, &cap, need, 4) || !grow((void **)&t->cps2, &cap2, need, 4) ||
         !grow((void **)&t->offs, &cap3, need, 4) || !grow((void **)&t->cls, &cap4, need, 1)) { *oom = 1; return 0; }
     t->cp_cap = cap;
-    for (size_t i = 0; i < n; m++) i += utf8_next(s, n, i, &t->cps[m]);
+    for (size_t i = 0; i < n; m++) t->offs[m] = i, i += utf8_next(s, n, i, &t->cps[m]);   // offsets as read
     int needs_nfc = 0;
     for (size_t i = 0; i < n && (t->flags & TOK_FLAG_NFC) && !needs_nfc; i++) needs_nfc = s[i] >= 0xCC;  // any >= U+0300
-    if (needs_nfc) {
+    if (needs_nfc) {   // the normalized text, re-encoded, and its offsets
         m = nfc(t->cps, m, t->cps2);
         if (!grow((void **)&t->nbuf, &t->nbuf_cap, 4 * m + 1, 1)) { *oom = 1; return 0; }
         size_t nb = 0;
-        for (size_t i = 0; i < m; i++) nb += utf8_put(t->nbuf + nb, t->cps[i]);
+        for (size_t i = 0; i < m; i++) t->offs[i] = nb, nb += utf8_put(t->nbuf + nb, t->cps[i]);
         *text = t->nbuf, *n_bytes = nb;
     }
-    for (size_t i = 0, off = 0; i < m; i++) {
-        t->offs[i] = off;
-        t->cls[i] = char_class(t->cps[i]);
-        uint8_t tmp[4];
-        off += utf8_put(tmp, t->cps[i]);
-    }
+    for (size_t i = 0; i < m; i++) t->cls[i] = char_class(t->cps[i]);
     t->offs[m] = *n_bytes;
     return m;
 }
@@ -761,20 +772,6 @@ static int match_special(const Tokenizer *t, const uint8_t *s, size_t n, size_t 
         if (*len <= n && memcmp(p, s, *len) == 0) return id;
     }
     return -1;
-}
-
-// The length of the longest valid UTF-8 prefix of s[0..n): n if all of it is valid.
-size_t utf8_valid_prefix(const char *text, size_t n) {
-    const uint8_t *s = (const uint8_t *)text;
-    size_t i = 0;
-    while (i < n) {  // stop at the first invalid sequence: it consumes less than its lead promises
-        uint32_t c;
-        uint8_t lo, hi;
-        int need = utf8_expect(s[i], &lo, &hi);
-        if (need < 0 || utf8_next(s, n, i, &c) != (size_t)need + 1) break;
-        i += need + 1;
-    }
-    return i;
 }
 
 size_t tokenizer_encode(Tokenizer *t, const char *text, size_t len, int add_bos, int **ids) {

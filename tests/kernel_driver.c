@@ -1,0 +1,134 @@
+// kernel_driver.c - run.c's fast kernels against plain double-precision references, on random
+// shapes that are not multiples of their blocks (matmul's MM_R x MM_T register tile and q8_0's
+// 32-value blocks; attention's ATT_QT x ATT_KB tiles and decode's ATT_SPLIT-key ranges).
+// Weights are drawn exactly representable in every dtype (k / 64 with |k| <= 127, and q8_0
+// scales of exactly 1/64), so each reference uses the drawn values themselves, not run.c's
+// dequantization. Prints the worst relative error per case; exits 1 if one exceeds 1e-5.
+//
+//   cc -O2 -std=c11 -fopenmp -o kernel_driver tests/kernel_driver.c -lm && ./kernel_driver
+#define main run_main
+#include "../run.c"
+#undef main
+
+static uint64_t rng = 7;
+static int irand(int n) { return (int)(random_f32(&rng) * n); }
+static int failures = 0;
+
+static void report(const char *what, double err) {
+    printf("%-58s max rel err %.2e\n", what, err);
+    if (!(err <= 1e-5)) failures++;
+}
+
+// A (rows, cols) weight of dtype: the values w[] (k / 64) stored as model.h lays them out.
+static Tensor make_weight(DType dt, size_t rows, size_t cols, const float *w) {
+    size_t n = rows * cols;
+    uint8_t *data = calloc(tensor_bytes(dt, rows, cols, "w"), 1);
+    for (size_t i = 0; i < n; i++) {
+        uint32_t bits;
+        memcpy(&bits, &w[i], 4);
+        if (dt == DT_F32) memcpy(data + 4 * i, &w[i], 4);
+        if (dt == DT_F16) { uint16_t h = f32_to_f16(w[i]); memcpy(data + 2 * i, &h, 2); }
+        if (dt == DT_BF16) { uint16_t h = (uint16_t)(bits >> 16); memcpy(data + 2 * i, &h, 2); }
+        if (dt == DT_Q8_0) data[i] = (uint8_t)(int8_t)lrintf(w[i] * 64);
+    }
+    if (dt == DT_Q8_0)
+        for (size_t b = 0; b < n / LR_Q8_BLOCK; b++) { float d = 1.0f / 64; memcpy(data + n + 4 * b, &d, 4); }
+    return (Tensor){data, dt, rows, cols};
+}
+
+static void check_matmul(DType dt, size_t rows, size_t cols, int T) {
+    float *w = malloc(rows * cols * sizeof(float)), *x = malloc((size_t)T * cols * sizeof(float));
+    float *out = malloc((size_t)T * rows * sizeof(float));
+    for (size_t i = 0; i < rows * cols; i++) w[i] = (irand(255) - 127) / 64.0f;
+    for (size_t i = 0; i < (size_t)T * cols; i++) x[i] = random_f32(&rng) * 2 - 1;
+    Tensor t = make_weight(dt, rows, cols, w);
+    size_t padded = ((size_t)T + MM_T - 1) / MM_T * MM_T;
+    MatmulWork mw = {calloc((size_t)n_threads() * cols, sizeof(float)),
+                     calloc((size_t)n_threads() * cols * MM_R, sizeof(float)), calloc(padded * cols, sizeof(float))};
+    matmul(out, x, &t, T, &mw);
+    double worst = 0;
+    for (int tk = 0; tk < T; tk++)
+        for (size_t r = 0; r < rows; r++) {
+            double ref = 0, mag = 0;
+            for (size_t k = 0; k < cols; k++) ref += (double)w[r * cols + k] * x[(size_t)tk * cols + k],
+                                              mag += fabs((double)w[r * cols + k] * x[(size_t)tk * cols + k]);
+            double e = fabs(out[(size_t)tk * rows + r] - ref) / (mag > 0 ? mag : 1);
+            worst = e > worst ? e : worst;
+        }
+    char what[96];
+    snprintf(what, sizeof(what), "matmul %-4s %3zu x %4zu, T = %d", dtype_name(dt), rows, cols, T);
+    report(what, worst);
+    free(w), free(x), free(out), free((void *)t.data), free(mw.row), free(mw.panel), free(mw.xt);
+}
+
+// Attention of T queries at pos0.. over keys 0 .. pos0+T-1 in one layer (full, or a window),
+// f32 cache: run.c's tiles (T >= 2) or decode ranges (T = 1) against softmax(q.k / sqrt(H)) v.
+static void check_attention(int H, int n_heads, int n_kv_heads, size_t window, size_t pos0, int T) {
+    LayerConfig lc = {.attn_kind = window ? ATTN_SLIDING : ATTN_FULL, .window = (uint32_t)window};
+    Config c = {.n_layers = 1, .head_dim = H, .n_heads = n_heads, .n_kv_heads = n_kv_heads,
+                .q_dim = n_heads * H, .kv_dim = n_kv_heads * H, .layers = &lc};
+    AttnOptions a = {.kv_type = KV_F32};
+    KVCache kv = {0};
+    size_t n = pos0 + T;
+    build_cache(&kv, &c, &a, n, T);
+    float *keys = malloc(n * c.kv_dim * sizeof(float)), *values = malloc(n * c.kv_dim * sizeof(float));
+    float *q = malloc((size_t)T * c.q_dim * sizeof(float)), *out = malloc((size_t)T * c.q_dim * sizeof(float));
+    for (size_t i = 0; i < n * c.kv_dim; i++) keys[i] = 2 * random_f32(&rng) - 1, values[i] = 2 * random_f32(&rng) - 1;
+    for (size_t i = 0; i < (size_t)T * c.q_dim; i++) q[i] = 4 * random_f32(&rng) - 2;
+    for (size_t p = 0; p < n; p++) {
+        size_t slot = kv_slot(&kv.layers[0], p);
+        kv_store(&kv, kv.key + slot * kv.row_bytes, keys + p * c.kv_dim, n_kv_heads, H);
+        kv_store(&kv, kv.value + slot * kv.row_bytes, values + p * c.kv_dim, n_kv_heads, H);
+    }
+    float *work = calloc((size_t)n_threads() * ATT_WORK(H), sizeof(float));
+    float *parts = calloc((size_t)n_heads * ATT_RANGES * (H + 2), sizeof(float));
+    attention(out, q, q, &kv, 0, &c, T, pos0, work, parts);
+    double worst = 0, *s = malloc(n * sizeof(double));
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < n_heads; h++) {
+            const float *qh = q + (size_t)t * c.q_dim + (size_t)h * H;
+            size_t pos = pos0 + t, lo = window && pos >= window ? pos - window + 1 : 0, g = h / (n_heads / n_kv_heads);
+            double m = -INFINITY, l = 0;
+            for (size_t p = lo; p <= pos; p++) {
+                s[p] = 0;
+                for (int i = 0; i < H; i++) s[p] += (double)qh[i] * keys[p * c.kv_dim + g * H + i];
+                s[p] /= sqrt(H);
+                m = s[p] > m ? s[p] : m;
+            }
+            for (size_t p = lo; p <= pos; p++) l += exp(s[p] - m);
+            for (int i = 0; i < H; i++) {
+                double ref = 0;
+                for (size_t p = lo; p <= pos; p++) ref += exp(s[p] - m) / l * values[p * c.kv_dim + g * H + i];
+                double e = fabs(out[(size_t)t * c.q_dim + (size_t)h * H + i] - ref);   // values are O(1)
+                worst = e > worst ? e : worst;
+            }
+        }
+    char what[96];
+    snprintf(what, sizeof(what), "attention H %d, %d/%d heads, window %zu, pos %zu, T = %d", H, n_heads, n_kv_heads,
+             window, pos0, T);
+    report(what, worst);
+    free(keys), free(values), free(q), free(out), free(work), free(parts), free(s);
+    free_cache(&kv);
+}
+
+int main(void) {
+    DType dts[] = {DT_F32, DT_F16, DT_BF16, DT_Q8_0};
+    for (int d = 0; d < 4; d++) {
+        check_matmul(dts[d], 37, 96, 1);     // decode: row_dot
+        check_matmul(dts[d], 37, 96, 53);    // 7 panels + 2 rows, 2 token tiles + 5
+        check_matmul(dts[d], 5, 160, 24);    // exactly one tile
+        check_matmul(dts[d], 1 + irand(40), 32 * (1 + irand(6)), 2 + irand(70));
+    }
+    int shapes[][3] = {{40, 6, 2}, {64, 9, 3}, {24, 4, 4}, {72, 8, 1}};   // head_dim, heads, kv heads
+    for (int k = 0; k < 4; k++) {
+        int H = shapes[k][0], nh = shapes[k][1], nkv = shapes[k][2];
+        check_attention(H, nh, nkv, 0, 0, 1);          // the first token alone
+        check_attention(H, nh, nkv, 0, 700, 1);        // decode over 701 keys: 3 ranges
+        check_attention(H, nh, nkv, 100, 1000, 1);     // decode through a window
+        check_attention(H, nh, nkv, 0, 130, 37);       // a chunk: partial query tiles and key blocks
+        check_attention(H, nh, nkv, 50, 300, 61);      // a chunk through a window
+        check_attention(H, nh, nkv, 0, 0, 2 + irand(90));
+    }
+    printf("%s\n", failures ? "FAILED" : "all within 1e-5");
+    return failures ? 1 : 0;
+}
