@@ -652,6 +652,12 @@ static size_t kv_slot(const LayerSlots *ls, size_t pos) {
     return ls->first + (pos < ls->n_sink ? pos : ls->n_sink + (pos - ls->n_sink) % ls->ring);
 }
 
+// kv_slot(ls, pos + 1) from slot = kv_slot(ls, pos), without the division: the loops over
+// consecutive positions step with it.
+static size_t next_slot(const LayerSlots *ls, size_t slot) {
+    return slot + 1 == ls->first + ls->n_sink + ls->ring ? ls->first + ls->n_sink : slot + 1;
+}
+
 // A layer whose ring cannot hold its window (full attention, or a window longer than the
 // context) reaches only n_sink + ring positions.
 static int layer_fills(const KVCache *kv, const LayerConfig *lc, int layer) {
@@ -1065,13 +1071,18 @@ static void attention_decode(float *out, const float *q, const float *q_sink, co
         for (int h = 0; h < group; h++) m[h] = -INFINITY, l[h] = 0;
         memset(acc, 0, (size_t)group * H * sizeof(float));
         const float *keys[ATT_KB], *values[ATT_KB];
+        size_t slot = kv_slot(ls, lo + (j0 > n_sink ? j0 - n_sink : 0));   // of the range's first window key
         for (size_t b0 = j0; b0 < j1; b0 += ATT_KB) {
             int nk = j1 - b0 < ATT_KB ? (int)(j1 - b0) : ATT_KB;
             for (int j = 0; j < nk; j++) {   // key j: a sink (f32, apart) or a window position's slot
                 size_t J = b0 + (size_t)j, at = ((size_t)layer * kv->max_sink + J) * c->kv_dim + (size_t)g * H;
-                size_t row = kv_slot(ls, lo + J - n_sink) * kv->row_bytes;
-                keys[j] = J < n_sink ? kv->sink_key + at : kv_head(kv, kv->key + row, g, c->n_kv_heads, H, kbuf + (size_t)j * H);
-                values[j] = J < n_sink ? kv->sink_value + at : kv_head(kv, kv->value + row, g, c->n_kv_heads, H, vbuf + (size_t)j * H);
+                if (J < n_sink) {
+                    keys[j] = kv->sink_key + at, values[j] = kv->sink_value + at;
+                    continue;
+                }
+                keys[j] = kv_head(kv, kv->key + slot * kv->row_bytes, g, c->n_kv_heads, H, kbuf + (size_t)j * H);
+                values[j] = kv_head(kv, kv->value + slot * kv->row_bytes, g, c->n_kv_heads, H, vbuf + (size_t)j * H);
+                slot = next_slot(ls, slot);
             }
             for (int h = 0; h < group; h++) {
                 size_t at = (size_t)(g * group + h) * H;
@@ -1157,8 +1168,8 @@ static void attention(float *out, const float *q, const float *q_sink, const KVC
         }
         for (int64_t p0 = lo_all / ATT_KB * ATT_KB; p0 <= hi_all; p0 += ATT_KB) {
             int nk = hi_all + 1 - p0 < ATT_KB ? (int)(hi_all + 1 - p0) : ATT_KB;
-            for (int j = 0; j < nk; j++) {
-                size_t slot = kv_slot(ls, (size_t)p0 + j);
+            size_t slot = kv_slot(ls, (size_t)p0);
+            for (int j = 0; j < nk; j++, slot = next_slot(ls, slot)) {
                 keys[j] = kv_head(kv, kv->key + slot * kv->row_bytes, g, c->n_kv_heads, H, kbuf + (size_t)j * H);
                 values[j] = kv_head(kv, kv->value + slot * kv->row_bytes, g, c->n_kv_heads, H, vbuf + (size_t)j * H);
             }
