@@ -28,6 +28,18 @@ def export(source, out, dtype="f32", *extra):
     return str(out)
 
 
+def tiny_llama(path, **config):
+    """A random-init Llama (seed 0) saved with save_pretrained at path: 2 layers, GQA 4/2, width 64,
+    vocab 256, unless config says otherwise. Returns path."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
+    LlamaForCausalLM(LlamaConfig(**{**shape, **config})).save_pretrained(path)
+    return path
+
+
 def stored_dtypes(model):
     """{tensor name: (dtype name, rows, cols)} read from a model file's tensor table (model.h layout)."""
     with open(model, "rb") as f:

@@ -8,19 +8,12 @@ import shutil
 import subprocess
 
 import pytest
-import torch
-from conftest import PYTHON, ROOT
+from conftest import PYTHON, ROOT, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    d = tmp_path_factory.mktemp("export_errors")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-                      num_hidden_layers=2, vocab_size=64, max_position_embeddings=64)
-    LlamaForCausalLM(cfg).save_pretrained(d / "hf")
-    return d / "hf"
+    return tiny_llama(tmp_path_factory.mktemp("export_errors") / "hf")
 
 
 def edit_config(d, **changes):
@@ -39,7 +32,7 @@ CASES = {
     "safetensors_cut_in_header": (lambda d: cut_file(d / "model.safetensors", lambda n: 50), "bad header"),
     "safetensors_missing": (lambda d: os.remove(d / "model.safetensors"), "no model.safetensors"),
     "unsupported_architecture": (lambda d: edit_config(d, architectures=["GPT2LMHeadModel"]), "not supported"),
-    "config_dim_mismatch": (lambda d: edit_config(d, hidden_size=64), "expected [64, 64]"),
+    "config_dim_mismatch": (lambda d: edit_config(d, hidden_size=128), "expected [256, 128]"),
     "config_more_layers": (lambda d: edit_config(d, num_hidden_layers=3), "missing tensor"),
     "config_heads_not_dividing": (lambda d: edit_config(d, num_key_value_heads=3), "multiple"),
     "config_missing": (lambda d: os.remove(d / "config.json"), "no config.json"),

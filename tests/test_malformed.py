@@ -5,8 +5,7 @@ import struct
 import sys
 
 import pytest
-import torch
-from conftest import ROOT, RUN_ASAN, export, need, run
+from conftest import ROOT, RUN_ASAN, export, need, run, tiny_llama
 
 sys.path.insert(0, ROOT)
 import export as ex  # noqa: E402  (the field lists that mirror model.h)
@@ -23,13 +22,8 @@ def field_offset(fields, name):
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
     d = tmp_path_factory.mktemp("malformed")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
-    LlamaForCausalLM(cfg).save_pretrained(d / "hf")
-    path = export(d / "hf", d / "good.bin", "q8_0")
+    path = export(tiny_llama(d / "hf"), d / "good.bin", "q8_0")
     return d, open(path, "rb").read()
 
 
