@@ -1,6 +1,6 @@
 // kernel_driver.c - run.c's fast kernels against plain double-precision references, on random
-// shapes that are not multiples of their blocks (matmul's MM_R x MM_T register tile and q8_0's
-// 32-value blocks; attention's ATT_QT x ATT_KB tiles and decode's ATT_SPLIT-key ranges).
+// shapes that are not multiples of their blocks (matmul's MM_R x MM_T and Q8_R x Q8_T register
+// tiles and q8_0's 32-value blocks; attention's ATT_QT x ATT_KB tiles and decode's ATT_SPLIT-key ranges).
 // Weights are drawn exactly representable in every dtype (k / 64 with |k| <= 127, and q8_0
 // scales of exactly 1/64), so each reference uses the drawn values themselves, not run.c's
 // dequantization. Prints the worst relative error per case; exits 1 if one exceeds 1e-5.
@@ -36,29 +36,43 @@ static Tensor make_weight(DType dt, size_t rows, size_t cols, const float *w) {
     return (Tensor){data, dt, rows, cols};
 }
 
+// What q8_0 weights meet: x rounded to run.c's activation blocks, q = round(x * ACT_MAX /
+// max|x|) in each 32-block, times max|x| / ACT_MAX (quantize_activations' rule, so the kernels
+// are checked on their sums, packing and scales, not on the rounding).
+static void round_activations(float *xr, const float *x, size_t n) {
+    for (size_t b = 0; b < n / 32; b++) {
+        float amax = 0;
+        for (int i = 0; i < 32; i++) amax = fabsf(x[b * 32 + i]) > amax ? fabsf(x[b * 32 + i]) : amax;
+        float inv = amax > 0 ? ACT_MAX / amax : 0;
+        for (int i = 0; i < 32; i++) xr[b * 32 + i] = (float)((double)lrintf(x[b * 32 + i] * inv) * (amax / ACT_MAX));
+    }
+}
+
 static void check_matmul(DType dt, size_t rows, size_t cols, int T) {
     float *w = malloc(rows * cols * sizeof(float)), *x = malloc((size_t)T * cols * sizeof(float));
-    float *out = malloc((size_t)T * rows * sizeof(float));
+    float *xr = malloc((size_t)T * cols * sizeof(float)), *out = malloc((size_t)T * rows * sizeof(float));
     for (size_t i = 0; i < rows * cols; i++) w[i] = (irand(255) - 127) / 64.0f;
     for (size_t i = 0; i < (size_t)T * cols; i++) x[i] = random_f32(&rng) * 2 - 1;
+    if (dt == DT_Q8_0) round_activations(xr, x, (size_t)T * cols);
+    else memcpy(xr, x, (size_t)T * cols * sizeof(float));
     Tensor t = make_weight(dt, rows, cols, w);
-    size_t padded = ((size_t)T + MM_T - 1) / MM_T * MM_T;
-    MatmulWork mw = {calloc((size_t)n_threads() * cols, sizeof(float)),
-                     calloc((size_t)n_threads() * cols * MM_R, sizeof(float)), calloc(padded * cols, sizeof(float))};
+    MatmulWork mw;
+    build_matmul_work(&mw, cols, (size_t)T);
     matmul(out, x, &t, T, &mw);
     double worst = 0;
     for (int tk = 0; tk < T; tk++)
         for (size_t r = 0; r < rows; r++) {
             double ref = 0, mag = 0;
-            for (size_t k = 0; k < cols; k++) ref += (double)w[r * cols + k] * x[(size_t)tk * cols + k],
-                                              mag += fabs((double)w[r * cols + k] * x[(size_t)tk * cols + k]);
+            for (size_t k = 0; k < cols; k++) ref += (double)w[r * cols + k] * xr[(size_t)tk * cols + k],
+                                              mag += fabs((double)w[r * cols + k] * xr[(size_t)tk * cols + k]);
             double e = fabs(out[(size_t)tk * rows + r] - ref) / (mag > 0 ? mag : 1);
             worst = e > worst ? e : worst;
         }
     char what[96];
     snprintf(what, sizeof(what), "matmul %-4s %3zu x %4zu, T = %d", dtype_name(dt), rows, cols, T);
     report(what, worst);
-    free(w), free(x), free(out), free((void *)t.data), free(mw.row), free(mw.panel), free(mw.xt);
+    free(w), free(x), free(xr), free(out), free((void *)t.data);
+    free_matmul_work(&mw);
 }
 
 // Attention of T queries at pos0.. over keys 0 .. pos0+T-1 in one layer (full, or a window),
@@ -114,8 +128,8 @@ static void check_attention(int H, int n_heads, int n_kv_heads, size_t window, s
 int main(void) {
     DType dts[] = {DT_F32, DT_F16, DT_BF16, DT_Q8_0};
     for (int d = 0; d < 4; d++) {
-        check_matmul(dts[d], 37, 96, 1);     // decode: row_dot
-        check_matmul(dts[d], 37, 96, 53);    // 7 panels + 2 rows, 2 token tiles + 5
+        check_matmul(dts[d], 37, 96, 1);     // decode: a dot product per row
+        check_matmul(dts[d], 37, 96, 53);    // panels + a part one (MM_R 5, Q8_R 2), token tiles + a part one
         check_matmul(dts[d], 5, 160, 24);    // exactly one tile
         check_matmul(dts[d], 1 + irand(40), 32 * (1 + irand(6)), 2 + irand(70));
     }

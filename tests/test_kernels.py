@@ -1,7 +1,8 @@
-"""The fast kernels (blocked matmul and row_dot for every dtype; attention tiles and the decode
+"""The fast kernels (blocked matmul for every dtype, float and int8 paths; attention tiles and the decode
 ranges, full and windowed) against double-precision references on shapes that are not
 multiples of their blocks: tests/kernel_driver.c, built as ./run is (-O3 -march=native, OpenMP),
-built portably (-O2, no -march, one thread) and under ASan/UBSan."""
+built portably (-O2, no -march, one thread: the portable C beside the AVX2 intrinsics) and
+under ASan/UBSan, both ways."""
 import os
 import subprocess
 
@@ -19,6 +20,7 @@ BUILDS = {
     "native_openmp": ["-O3", "-march=native", "-ffp-contract=fast", "-fno-trapping-math", *openmp_flag()],
     "portable": ["-O2"],
     "sanitized": ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+    "native_sanitized": ["-O1", "-g", "-march=native", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
 }
 
 
