@@ -77,17 +77,20 @@ static void check_matmul(DType dt, size_t rows, size_t cols, int T) {
 
 // Attention of T queries at pos0.. over keys 0 .. pos0+T-1 in one layer (full, or a window),
 // f32 cache: run.c's tiles (T >= 2) or decode ranges (T = 1) against softmax(q.k / sqrt(H)) v.
-static void check_attention(int H, int n_heads, int n_kv_heads, size_t window, size_t pos0, int T) {
+static void check_attention(KVType kt, int H, int n_heads, int n_kv_heads, size_t window, size_t pos0, int T) {
     LayerConfig lc = {.attn_kind = window ? ATTN_SLIDING : ATTN_FULL, .window = (uint32_t)window};
     Config c = {.n_layers = 1, .head_dim = H, .n_heads = n_heads, .n_kv_heads = n_kv_heads,
                 .q_dim = n_heads * H, .kv_dim = n_kv_heads * H, .layers = &lc};
-    AttnOptions a = {.kv_type = KV_F32};
+    AttnOptions a = {.kv_type = kt};
     KVCache kv = {0};
     size_t n = pos0 + T;
     build_cache(&kv, &c, &a, n, T);
     float *keys = malloc(n * c.kv_dim * sizeof(float)), *values = malloc(n * c.kv_dim * sizeof(float));
     float *q = malloc((size_t)T * c.q_dim * sizeof(float)), *out = malloc((size_t)T * c.q_dim * sizeof(float));
-    for (size_t i = 0; i < n * c.kv_dim; i++) keys[i] = 2 * random_f32(&rng) - 1, values[i] = 2 * random_f32(&rng) - 1;
+    // k / 64 with |k| <= 127, each head vector holding one 127 / 64: exact in f16, and in q8
+    // (whose per-head step is then max / 127 = 1 / 64), so every cache type holds them exactly
+    for (size_t i = 0; i < n * c.kv_dim; i++)
+        keys[i] = i % H ? (irand(255) - 127) / 64.0f : 127 / 64.0f, values[i] = i % H ? (irand(255) - 127) / 64.0f : -127 / 64.0f;
     for (size_t i = 0; i < (size_t)T * c.q_dim; i++) q[i] = 4 * random_f32(&rng) - 2;
     for (size_t p = 0; p < n; p++) {
         size_t slot = kv_slot(&kv.layers[0], p);
@@ -118,8 +121,8 @@ static void check_attention(int H, int n_heads, int n_kv_heads, size_t window, s
             }
         }
     char what[96];
-    snprintf(what, sizeof(what), "attention H %d, %d/%d heads, window %zu, pos %zu, T = %d", H, n_heads, n_kv_heads,
-             window, pos0, T);
+    snprintf(what, sizeof(what), "attention %s H %d, %d/%d heads, window %zu, pos %zu, T = %d", kv_type_names[kt], H,
+             n_heads, n_kv_heads, window, pos0, T);
     report(what, worst);
     free(keys), free(values), free(q), free(out), free(work), free(parts), free(s);
     free_cache(&kv);
@@ -133,15 +136,18 @@ int main(void) {
         check_matmul(dts[d], 5, 160, 24);    // exactly one tile
         check_matmul(dts[d], 1 + irand(40), 32 * (1 + irand(6)), 2 + irand(70));
     }
-    int shapes[][3] = {{40, 6, 2}, {64, 9, 3}, {24, 4, 4}, {72, 8, 1}};   // head_dim, heads, kv heads
-    for (int k = 0; k < 4; k++) {
+    int shapes[][3] = {{40, 6, 2}, {64, 9, 3}, {24, 4, 4}, {72, 8, 1}, {36, 4, 2}};   // head_dim, heads, kv heads
+    for (int k = 0; k < 5; k++) {
         int H = shapes[k][0], nh = shapes[k][1], nkv = shapes[k][2];
-        check_attention(H, nh, nkv, 0, 0, 1);          // the first token alone
-        check_attention(H, nh, nkv, 0, 700, 1);        // decode over 701 keys: 3 ranges
-        check_attention(H, nh, nkv, 100, 1000, 1);     // decode through a window
-        check_attention(H, nh, nkv, 0, 130, 37);       // a chunk: partial query tiles and key blocks
-        check_attention(H, nh, nkv, 50, 300, 61);      // a chunk through a window
-        check_attention(H, nh, nkv, 0, 0, 2 + irand(90));
+        check_attention(KV_F32, H, nh, nkv, 0, 0, 1);          // the first token alone
+        check_attention(KV_F32, H, nh, nkv, 0, 700, 1);        // decode over 701 keys: 3 ranges
+        check_attention(KV_F16, H, nh, nkv, 0, 700, 1);
+        check_attention(KV_Q8, H, nh, nkv, 0, 700, 1);
+        check_attention(KV_F32, H, nh, nkv, 100, 1000, 1);     // decode through a window
+        check_attention(KV_F32, H, nh, nkv, 0, 130, 37);       // a chunk: partial query tiles and key blocks
+        check_attention(KV_F16, H, nh, nkv, 0, 130, 37);
+        check_attention(KV_F32, H, nh, nkv, 50, 300, 61);      // a chunk through a window
+        check_attention(KV_F32, H, nh, nkv, 0, 0, 2 + irand(90));
     }
     printf("%s\n", failures ? "FAILED" : "all within 1e-5");
     return failures ? 1 : 0;
