@@ -69,7 +69,8 @@ static double now_seconds(void) {
 }
 
 // OpenMP is optional: without it there is one thread. PARALLEL_FOR splits the loop that
-// follows it across the threads; SIMD tells the compiler to vectorize the loop that follows
+// follows it across the threads; PARALLEL_FOR_CHUNK the same, if T > 1: a loop over a chunk's
+// T tokens, whose one-token case is cheaper than starting the threads; SIMD tells the compiler to vectorize the loop that follows
 // where it would otherwise pick a worse loop of the nest (attention's tiles).
 #ifdef _OPENMP
 #include <omp.h>
@@ -77,12 +78,14 @@ static int thread_id(void) { return omp_get_thread_num(); }
 static int n_threads(void) { return omp_get_max_threads(); }
 static void set_threads(int n) { omp_set_num_threads(n); }
 #define PARALLEL_FOR _Pragma("omp parallel for schedule(static)")
+#define PARALLEL_FOR_CHUNK _Pragma("omp parallel for schedule(static) if(T > 1)")
 #define SIMD _Pragma("omp simd")
 #else
 static int thread_id(void) { return 0; }
 static int n_threads(void) { return 1; }
 static void set_threads(int n) { (void)n; }
 #define PARALLEL_FOR
+#define PARALLEL_FOR_CHUNK
 #define SIMD
 #endif
 
@@ -1143,6 +1146,7 @@ static void matmul(float *out, const float *x, const Tensor *w, int T, const Mat
 
 // RMSNorm (Zhang & Sennrich 2019), per row of x (T, n): out = w * x / sqrt(mean(x^2) + eps).
 static void rmsnorm(float *out, const float *x, const float *w, int T, int n, float eps) {
+    PARALLEL_FOR_CHUNK
     for (int t = 0; t < T; t++) {
         const float *xr = x + (size_t)t * n;
         float *o = out + (size_t)t * n;
@@ -1166,9 +1170,18 @@ static void softmax(float *x, size_t n) {
     for (size_t i = 0; i < n; i++) x[i] /= sum;
 }
 
-// SwiGLU (Shazeer 2020): gate = silu(gate) * up, silu(x) = x / (1 + e^-x).
-static void swiglu(float *gate, const float *up, size_t n) {
-    for (size_t i = 0; i < n; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+// SwiGLU (Shazeer 2020), per row of gate, up (T, n): gate = silu(gate) * up, silu(x) = x / (1 + e^-x).
+static void swiglu(float *gate, const float *up, int T, int n) {
+    PARALLEL_FOR_CHUNK
+    for (int t = 0; t < T; t++)
+        for (size_t i = (size_t)t * n; i < (size_t)(t + 1) * n; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+// The residual connection: x (T, n) += y (T, n).
+static void add_rows(float *x, const float *y, int T, int n) {
+    PARALLEL_FOR_CHUNK
+    for (int t = 0; t < T; t++)
+        for (size_t i = (size_t)t * n; i < (size_t)(t + 1) * n; i++) x[i] += y[i];
 }
 
 // y[k] = e^x[k] for the ATT_QT values of a tile, as plain arithmetic the compiler vectorizes
@@ -1620,6 +1633,7 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
         }
         const float *inv_freq = tr->rope.inv_freq + (size_t)l * tr->rope.stride;
         float a = tr->rope.attn_factor[l];
+        PARALLEL_FOR_CHUNK
         for (int t = 0; t < T; t++) {
             size_t pos = pos0 + t;
             float *qt = s->q + (size_t)t * c->q_dim, *kt = s->k + (size_t)t * c->kv_dim, *vt = s->v + (size_t)t * c->kv_dim;
@@ -1642,15 +1656,15 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
         }
         attention(s->att_out, s->q, s->q_sink, kv, l, c, T, pos0, s->att_work, s->att_parts);
         matmul(s->xb, s->att_out, &lw->wo, T, &s->mm);
-        for (size_t i = 0; i < (size_t)T * D; i++) s->x[i] += s->xb[i];
+        add_rows(s->x, s->xb, T, D);
 
         // MLP: x += w_down(silu(w_gate(n)) * w_up(n)), n = rmsnorm(x)
         rmsnorm(s->xb, s->x, (const float *)lw->ffn_norm.data, T, D, c->norm_eps);
         matmul(s->hb, s->xb, &lw->w_gate, T, &s->mm);
         matmul(s->hb2, s->xb, &lw->w_up, T, &s->mm);
-        swiglu(s->hb, s->hb2, (size_t)T * c->hidden_dim);
+        swiglu(s->hb, s->hb2, T, c->hidden_dim);
         matmul(s->xb, s->hb, &lw->w_down, T, &s->mm);
-        for (size_t i = 0; i < (size_t)T * D; i++) s->x[i] += s->xb[i];
+        add_rows(s->x, s->xb, T, D);
     }
 
     // classifier, on every row or only the last one
