@@ -1,9 +1,11 @@
 """longrun against llama.cpp on this machine: same model (SmolLM2-135M-Instruct, Q8_0 / q8_0),
 same threads, one run. Prints tokens/s of each, their ratio, peak RSS and what the figures mean
 in GB/s (decode reads every weight once per token) and GFLOP/s (prefill does 2 x params flops
-per token, attention not counted). Speed is printed, never asserted: this is not a test.
+per prefill token over the layers' matrices, attention not counted). Speed is printed, never
+asserted: this is not a test.
 
     python tools/bench_compare.py --run ./run --model M.bin --llama-bench B --gguf M.gguf [--threads 2]
+        [--reps 3] [--long-reps 1] [--long 4096,16384] [--depth 16384]
 
 `make bench-compare` builds llama.cpp from the llama-cpp-python sdist and calls this."""
 import argparse
@@ -32,7 +34,10 @@ def longrun(args, tests, extra=()):
     out, err, rss = run_measured([args.run, args.model, "-m", "bench", "--json", "-r", str(args.reps),
                                   "--threads", str(args.threads), *tests, *extra])
     weights = float(re.search(r"weights ([\d.]+) MB", err).group(1))
-    params = float(re.search(r"([\d.]+)M params", err).group(1)) * 1e6
+    # the matrices a prefill token passes through: every parameter but the embedding table (the
+    # classifier runs on the last token only)
+    vocab, dim = int(re.search(r"vocab (\d+)", err).group(1)), int(re.search(r"dim (\d+)", err).group(1))
+    params = float(re.search(r"([\d.]+)M params", err).group(1)) * 1e6 - vocab * dim
     rows = {(r["test"], r["depth"]): r["tokens_per_s"] for r in json.loads(out)["results"]}
     return rows, rss, weights, params
 
@@ -55,33 +60,45 @@ def main():
     ap.add_argument("--llama-bench", required=True)
     ap.add_argument("--gguf", required=True, help="the same model as a Q8_0 GGUF")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of pp512 and tg128")
+    ap.add_argument("--long-reps", type=int, default=1, help="repetitions of the long prefills and the deep decode")
     ap.add_argument("--long", default="4096,16384", help="the long prefill lengths")
+    ap.add_argument("--depth", type=int, default=16384, help="the deep decode's depth (f16 KV)")
     args = ap.parse_args()
 
+    # The engines take turns measure by measure, so that a slow spell of a shared machine falls
+    # on both rather than on whichever ran second.
     longs = [int(x) for x in args.long.split(",")]
-    ours, rss_ours, weights_mb, params = longrun(args, ["--bench-pp", ",".join(map(str, [512] + longs)), "--bench-tg", "128"])
-    deep, rss_ours_16k, _, _ = longrun(args, ["--bench-pp", "16", "--bench-tg", "64", "--bench-depth", "16384",
-                                              "--kv-type", "f16"])
-    theirs = {}
-    for n in [512] + longs:
-        theirs.update(llama(args, n, 0, 0)[0])
-    theirs.update(llama(args, 0, 128, 0)[0])
-    deep_theirs, rss_theirs_16k = llama(args, 0, 64, 16384, ["-ctk", "f16", "-ctv", "f16"])
+    rows, weights_mb, params = [], 0, 0
+    for n in [512] + longs + ["tg"]:
+        reps = args.reps if n in (512, "tg") else args.long_reps
+        a = argparse.Namespace(**{**vars(args), "reps": reps})
+        if n == "tg":
+            ours, _, weights_mb, params = longrun(a, ["--bench-pp", "16", "--bench-tg", "128"])
+            theirs, _ = llama(a, 0, 128, 0)
+            rows.append(("decode tg128, depth 0", ours[("tg128", 0)], theirs[("tg128", 0)]))
+        else:
+            ours, _, weights_mb, params = longrun(a, ["--bench-pp", str(n), "--bench-tg", "1"])
+            theirs, _ = llama(a, n, 0, 0)
+            rows.append((f"prefill pp{n}", ours[(f"pp{n}", 0)], theirs[(f"pp{n}", 0)]))
+    a = argparse.Namespace(**{**vars(args), "reps": args.long_reps})
+    deep, rss_ours, _, _ = longrun(a, ["--bench-pp", "16", "--bench-tg", "64", "--bench-depth", str(args.depth),
+                                       "--kv-type", "f16"])
+    deep_theirs, rss_theirs = llama(a, 0, 64, args.depth, ["-ctk", "f16", "-ctv", "f16"])
+    rows.append((f"decode tg64, depth {args.depth}, f16 KV", deep[("tg64", args.depth)],
+                 deep_theirs[("tg64", args.depth)]))
 
-    rows = [(f"prefill pp{n}", ours[(f"pp{n}", 0)], theirs[(f"pp{n}", 0)]) for n in [512] + longs]
-    rows.append(("decode tg128, depth 0", ours[("tg128", 0)], theirs[("tg128", 0)]))
-    rows.append(("decode tg64, depth 16384, f16 KV", deep[("tg64", 16384)], deep_theirs[("tg64", 16384)]))
-    print(f"SmolLM2-135M-Instruct q8_0, {args.threads} threads, {args.reps} repetitions; tokens/s\n")
+    print(f"SmolLM2-135M-Instruct q8_0, {args.threads} threads; {args.reps} repetitions of pp512 and tg128, "
+          f"{args.long_reps} of the rest; tokens/s\n")
     print("| measure | longrun | llama.cpp | ratio |\n|---|---:|---:|---:|")
-    for name, a, b in rows:
-        print(f"| {name} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
-    print(f"| peak RSS, 16K context (MB) | {rss_ours_16k:.0f} | {rss_theirs_16k:.0f} | {rss_ours_16k / rss_theirs_16k:.2f}x |")
-    tg = ours[("tg128", 0)]
-    pp = ours[("pp512", 0)]
+    for name, ours_ts, theirs_ts in rows:
+        print(f"| {name} | {ours_ts:.1f} | {theirs_ts:.1f} | {ours_ts / theirs_ts:.2f}x |")
+    print(f"| peak RSS, {args.depth // 1024}K context (MB) | {rss_ours:.0f} | {rss_theirs:.0f} | "
+          f"{rss_ours / rss_theirs:.2f}x |")
+    tg, pp = rows[len(longs) + 1][1], rows[0][1]
     print(f"\nlongrun decode reads {weights_mb:.1f} MB of weights per token: {tg * weights_mb / 1e3:.1f} GB/s at tg128 "
-          f"(llama.cpp {theirs[('tg128', 0)] * weights_mb / 1e3:.1f} GB/s); prefill pp512 does "
-          f"{2 * params * pp / 1e9:.1f} GFLOP/s of matrix products (llama.cpp {2 * params * theirs[('pp512', 0)] / 1e9:.1f})")
+          f"(llama.cpp {rows[len(longs) + 1][2] * weights_mb / 1e3:.1f} GB/s at the same size); prefill pp512 does "
+          f"{2 * params * pp / 1e9:.1f} GFLOP/s of matrix products (llama.cpp {2 * params * rows[0][2] / 1e9:.1f})")
 
 
 if __name__ == "__main__":
