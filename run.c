@@ -70,8 +70,9 @@ static double now_seconds(void) {
 
 // OpenMP is optional: without it there is one thread. PARALLEL_FOR splits the loop that
 // follows it across the threads; PARALLEL_FOR_CHUNK the same, if T > 1: a loop over a chunk's
-// T tokens, whose one-token case is cheaper than starting the threads; SIMD tells the compiler to vectorize the loop that follows
-// where it would otherwise pick a worse loop of the nest (attention's tiles).
+// T tokens, whose one-token case is cheaper than starting the threads; SIMD tells the
+// compiler to vectorize the loop that follows where it would otherwise pick a worse loop of
+// the nest (attention's tiles).
 #ifdef _OPENMP
 #include <omp.h>
 static int thread_id(void) { return omp_get_thread_num(); }
