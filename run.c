@@ -69,8 +69,8 @@ static double now_seconds(void) {
 }
 
 // OpenMP is optional: without it there is one thread. PARALLEL_FOR splits the loop that
-// follows it across the threads; PARALLEL_FOR_CHUNK the same, if T > 1: a loop over a chunk's
-// T tokens, whose one-token case is cheaper than starting the threads; SIMD tells the
+// follows it across the threads; PARALLEL_FOR_IF(c) the same when c holds (a loop over a
+// chunk's tokens: one token is cheaper alone than the threads' start); SIMD tells the
 // compiler to vectorize the loop that follows where it would otherwise pick a worse loop of
 // the nest (attention's tiles).
 #ifdef _OPENMP
@@ -79,14 +79,15 @@ static int thread_id(void) { return omp_get_thread_num(); }
 static int n_threads(void) { return omp_get_max_threads(); }
 static void set_threads(int n) { omp_set_num_threads(n); }
 #define PARALLEL_FOR _Pragma("omp parallel for schedule(static)")
-#define PARALLEL_FOR_CHUNK _Pragma("omp parallel for schedule(static) if(T > 1)")
+#define PRAGMA(x) _Pragma(#x)
+#define PARALLEL_FOR_IF(c) PRAGMA(omp parallel for schedule(static) if(c))
 #define SIMD _Pragma("omp simd")
 #else
 static int thread_id(void) { return 0; }
 static int n_threads(void) { return 1; }
 static void set_threads(int n) { (void)n; }
 #define PARALLEL_FOR
-#define PARALLEL_FOR_CHUNK
+#define PARALLEL_FOR_IF(c)
 #define SIMD
 #endif
 
@@ -842,6 +843,13 @@ static void quantize_activations(int16_t *q, float *d, const float *x, size_t n)
 // float activations; q8_tile 41-50 G multiply-adds/s per core against 31-33 for gemm_tile.
 #define Q8_R 2    // weight rows per q8 tile
 #define Q8_T 32   // tokens per q8 tile
+// Half i of the bytes at p (any alignment), as a float.
+static float f16_at(const uint8_t *p, size_t i) {
+    uint16_t h;
+    memcpy(&h, p + 2 * i, 2);
+    return f16_to_f32(h);
+}
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 
@@ -849,11 +857,7 @@ static void quantize_activations(int16_t *q, float *d, const float *x, size_t n)
 static void f16_to_f32_row(float *dst, const uint8_t *src, int n) {
     int i = 0;
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * i))));
-    for (; i < n; i++) {
-        uint16_t h;
-        memcpy(&h, src + 2 * i, 2);
-        dst[i] = f16_to_f32(h);
-    }
+    for (; i < n; i++) dst[i] = f16_at(src, i);
 }
 
 static float hsum8(__m256 v) {
@@ -884,12 +888,10 @@ static float q8_dot(const int8_t *qw, const float *dw, const int16_t *qx, const 
 static void q8_tile(float acc[Q8_R][Q8_T], const int16_t *panel, const float *dw, const int16_t *xt, const float *dx,
                     size_t cols) {
     __m256 a[Q8_R][Q8_T / 8];
-    for (int r = 0; r < Q8_R; r++)
-        for (int v = 0; v < Q8_T / 8; v++) a[r][v] = _mm256_setzero_ps();
+    memset(a, 0, sizeof(a));
     for (size_t b = 0; b < cols / LR_Q8_BLOCK; b++) {
         __m256i sum[Q8_R][Q8_T / 8];
-        for (int r = 0; r < Q8_R; r++)
-            for (int v = 0; v < Q8_T / 8; v++) sum[r][v] = _mm256_setzero_si256();
+        memset(sum, 0, sizeof(sum));
         for (size_t kp = b * LR_Q8_BLOCK / 2; kp < (b + 1) * LR_Q8_BLOCK / 2; kp++) {
             __m256i x[Q8_T / 8];
             for (int v = 0; v < Q8_T / 8; v++) x[v] = _mm256_loadu_si256((const __m256i *)(xt + (kp * Q8_T + 8 * v) * 2));
@@ -951,11 +953,7 @@ static void decode_values(float *acc, const float *w, const float *const *values
 }
 #else
 static void f16_to_f32_row(float *dst, const uint8_t *src, int n) {
-    for (int i = 0; i < n; i++) {
-        uint16_t h;
-        memcpy(&h, src + 2 * i, 2);
-        dst[i] = f16_to_f32(h);
-    }
+    for (int i = 0; i < n; i++) dst[i] = f16_at(src, i);
 }
 
 static float q8_dot(const int8_t *qw, const float *dw, const int16_t *qx, const float *dx, size_t cols) {
@@ -983,6 +981,7 @@ static void q8_tile(float acc[Q8_R][Q8_T], const int16_t *panel, const float *dw
     }
     memcpy(acc, a, sizeof(a));
 }
+
 static void decode_scores(float *s, const float *q, const float *const *keys, int nk, int H, float scale) {
     for (int j = 0; j < nk; j++) s[j] = dot(q, keys[j], (size_t)H) * scale;
 }
@@ -1018,12 +1017,12 @@ static const float *kv_head(const KVCache *kv, const uint8_t *row, int g, int n_
     if (kv->type == KV_F32) return (const float *)row + (size_t)g * H;
     if (kv->type == KV_F16) {
         f16_to_f32_row(buf, row + (size_t)g * H * 2, H);
-    } else {
-        const int8_t *q = (const int8_t *)row + (size_t)g * H;
-        float d;
-        memcpy(&d, row + (size_t)n_kv_heads * H + g * sizeof(float), sizeof(float));
-        for (int i = 0; i < H; i++) buf[i] = d * q[i];
+        return buf;
     }
+    const int8_t *q = (const int8_t *)row + (size_t)g * H;   // q8: int8s, then a float scale per head
+    float d;
+    memcpy(&d, row + (size_t)n_kv_heads * H + g * sizeof(float), sizeof(float));
+    for (int i = 0; i < H; i++) buf[i] = d * q[i];
     return buf;
 }
 
@@ -1090,7 +1089,7 @@ static void matmul_q8(float *out, const float *x, const Tensor *w, int T, const 
     PARALLEL_FOR
     for (size_t p = 0; p < panels; p++) {
         int16_t *panel = mw->q8_panel + (size_t)thread_id() * cols * Q8_R;   // (cols / 2, Q8_R, 2)
-        float *dw = mw->q8_dw + (size_t)thread_id() * (blocks + 1) * Q8_R, acc[Q8_R][Q8_T];   // (blocks, Q8_R)
+        float *dw = mw->q8_dw + (size_t)thread_id() * blocks * Q8_R, acc[Q8_R][Q8_T];   // (blocks, Q8_R)
         int nr = rows - p * Q8_R < Q8_R ? (int)(rows - p * Q8_R) : Q8_R;
         for (int r = 0; r < Q8_R; r++) {   // rows past the end are zeros
             const float *scale = NULL;
@@ -1147,7 +1146,7 @@ static void matmul(float *out, const float *x, const Tensor *w, int T, const Mat
 
 // RMSNorm (Zhang & Sennrich 2019), per row of x (T, n): out = w * x / sqrt(mean(x^2) + eps).
 static void rmsnorm(float *out, const float *x, const float *w, int T, int n, float eps) {
-    PARALLEL_FOR_CHUNK
+    PARALLEL_FOR_IF(T > 1)
     for (int t = 0; t < T; t++) {
         const float *xr = x + (size_t)t * n;
         float *o = out + (size_t)t * n;
@@ -1173,14 +1172,14 @@ static void softmax(float *x, size_t n) {
 
 // SwiGLU (Shazeer 2020), per row of gate, up (T, n): gate = silu(gate) * up, silu(x) = x / (1 + e^-x).
 static void swiglu(float *gate, const float *up, int T, int n) {
-    PARALLEL_FOR_CHUNK
+    PARALLEL_FOR_IF(T > 1)
     for (int t = 0; t < T; t++)
         for (size_t i = (size_t)t * n; i < (size_t)(t + 1) * n; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
 // The residual connection: x (T, n) += y (T, n).
 static void add_rows(float *x, const float *y, int T, int n) {
-    PARALLEL_FOR_CHUNK
+    PARALLEL_FOR_IF(T > 1)
     for (int t = 0; t < T; t++)
         for (size_t i = (size_t)t * n; i < (size_t)(t + 1) * n; i++) x[i] += y[i];
 }
@@ -1343,9 +1342,9 @@ static void attention_decode(float *out, const float *q, const float *q_sink, co
                 values[j] = kv_head(kv, kv->value + slot * kv->row_bytes, g, c->n_kv_heads, H, vbuf + (size_t)j * H);
                 slot = next_slot(ls, slot);
             }
+            int n_sink_keys = b0 < n_sink ? (int)(n_sink - b0 < (size_t)nk ? n_sink - b0 : (size_t)nk) : 0;
             for (int h = 0; h < group; h++) {
                 size_t at = (size_t)(g * group + h) * H;
-                int n_sink_keys = b0 < n_sink ? (int)(n_sink - b0 < (size_t)nk ? n_sink - b0 : (size_t)nk) : 0;
                 decode_scores(s, q_sink + at, keys, n_sink_keys, H, scale);   // the sinks' own query
                 decode_scores(s + n_sink_keys, q + at, keys + n_sink_keys, nk - n_sink_keys, H, scale);
                 float m_new = m[h], sum = 0;
@@ -1634,7 +1633,7 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
         }
         const float *inv_freq = tr->rope.inv_freq + (size_t)l * tr->rope.stride;
         float a = tr->rope.attn_factor[l];
-        PARALLEL_FOR_CHUNK
+        PARALLEL_FOR_IF(T > 1)
         for (int t = 0; t < T; t++) {
             size_t pos = pos0 + t;
             float *qt = s->q + (size_t)t * c->q_dim, *kt = s->k + (size_t)t * c->kv_dim, *vt = s->v + (size_t)t * c->kv_dim;
