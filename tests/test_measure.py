@@ -108,3 +108,27 @@ def test_bench_needs_a_context_that_fits(tiny):
     d, model, _, _, _ = tiny
     r = run(model, "-m", "bench", "--bench-pp", 64, "--bench-depth", 100, "-c", 128, check=False)
     assert r.returncode != 0 and "context" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plot_points_join_buckets(tiny, tmp_path):
+    """tools/plot_ppl.py's --per-octave points: each is the perplexity of the tokens it spans
+    (checked against HF's NLL), the spans tile the text, and each (but the last) is at least
+    the fraction of an octave asked for."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("plot_ppl", Path(__file__).parent.parent / "tools" / "plot_ppl.py")
+    plot_ppl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_ppl)
+    d, model, ids, nll, _ = tiny
+    csv = tmp_path / "b16.csv"
+    engine_ppl(model, ids, "--ppl-csv", csv, "--ppl-bucket", 16)
+    x, _ = plot_ppl.read_curve(csv, 0)
+    assert x == [min(16 * i, SEQ - 1) for i in range(1, 70)]   # every bucket its own point
+    x, y = plot_ppl.read_curve(csv, 4)
+    assert 10 < len(x) < 69
+    starts = [1] + [e + 1 for e in x[:-1]]
+    assert x[-1] == SEQ - 1
+    for first, last, ppl in zip(starts, x, y):
+        np.testing.assert_allclose(ppl, np.exp(nll[first - 1:last].mean()), rtol=1e-4)
+        if last != x[-1]:
+            assert last + 1 - first >= (1 - 2 ** -0.25) * (last + 1)

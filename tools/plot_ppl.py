@@ -4,23 +4,34 @@
 
 Each CSV (first,last,tokens,mean_nll,ppl per bucket of predicted tokens) becomes one line,
 labelled by --label in order, else by its file name. x is the bucket's last position.
+--per-octave N joins consecutive buckets (their tokens' mean NLL) until each point spans at
+least 1/N of an octave of position, so a 1M-token curve on the log axis stays readable.
 """
 import argparse
 import csv
+import math
 import os
 
-import matplotlib
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-
-
-def read_curve(path):
+def read_curve(path, per_octave):
+    """(x, y): each point's last position and the perplexity of its tokens; per_octave 0 keeps
+    every bucket, N joins buckets until a point spans 1 - 2^(-1/N) of its end position."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    if not rows or "ppl" not in rows[0]:
+    if not rows or "mean_nll" not in rows[0]:
         raise SystemExit(f"error: {path}: not a ppl CSV (expected a header first,last,tokens,mean_nll,ppl)")
-    return [int(r["last"]) for r in rows], [float(r["ppl"]) for r in rows]
+    min_fraction = 1 - 2 ** (-1 / per_octave) if per_octave else 0.0
+    x, y, first, tokens, nll_sum = [], [], None, 0, 0.0
+    for r in rows:
+        first = int(r["first"]) if first is None else first
+        tokens += int(r["tokens"])
+        nll_sum += float(r["mean_nll"]) * int(r["tokens"])
+        end = int(r["last"]) + 1
+        if r is rows[-1] or end - first >= min_fraction * end:
+            x.append(end - 1)
+            y.append(math.exp(nll_sum / tokens))
+            first, tokens, nll_sum = None, 0, 0.0
+    return x, y
 
 
 def main():
@@ -30,13 +41,19 @@ def main():
     ap.add_argument("--label", action="append", default=[], help="legend label per CSV, in order")
     ap.add_argument("--title", default="perplexity vs position")
     ap.add_argument("--trained", type=int, default=0, help="draw a vertical line at the trained context")
+    ap.add_argument("--per-octave", type=int, default=0, help="join buckets to at most N points per octave")
     ap.add_argument("--ymax", type=float, default=0, help="clip the y axis (log scale) at this perplexity")
     a = ap.parse_args()
     if a.label and len(a.label) != len(a.csvs):
         raise SystemExit(f"error: {len(a.label)} labels for {len(a.csvs)} CSV files")
+    if a.per_octave < 0:
+        raise SystemExit(f"error: --per-octave {a.per_octave}: must be 0 (every bucket) or more")
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for i, path in enumerate(a.csvs):
-        x, y = read_curve(path)
+        x, y = read_curve(path, a.per_octave)
         ax.plot(x, y, label=a.label[i] if a.label else os.path.splitext(os.path.basename(path))[0], linewidth=1.4)
     if a.trained:
         ax.axvline(a.trained, color="grey", linestyle=":", linewidth=1)
