@@ -48,7 +48,7 @@ def main():
         raise SystemExit(f"error: {len(a.label)} labels for {len(a.csvs)} CSV files")
     if a.per_octave < 0:
         raise SystemExit(f"error: --per-octave {a.per_octave}: must be 0 (every bucket) or more")
-    import matplotlib
+    import matplotlib  # here, not at the top: read_curve serves the tests, which lack matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
