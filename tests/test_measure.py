@@ -17,7 +17,7 @@ SEQ = 1100   # tokens: more than two 512-token chunks, so chunk boundaries fall 
 PPL_BOUND = 3e-6     # perplexity vs HF: 2.4e-7 measured (./run prints 4 decimals: ~1e-7 of 892)
 CHUNK_BOUND = 1e-6   # perplexity between chunk sizes 1 / 64 / 512: 0 measured at 6 decimals
 NLL_BOUND = 1e-6     # a mean NLL (a CSV bucket of 256, --ppl-tokens 300) vs HF: 1.1e-7 measured
-POINT_BOUND = 1e-5   # a plotted point's perplexity over 16..350 tokens, from the 6-decimal CSV: 1.2e-6
+POINT_BOUND = 1e-5   # a plotted point's perplexity (16..350 tokens, 6-decimal CSV): 1.2e-6
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +54,10 @@ def test_ppl_matches_hf(tiny):
     wrong = float(np.exp(-torch.log_softmax(logits[1:], -1).gather(1, torch.tensor(ids[1:])[:, None]).mean().item()))
     assert abs(wrong - want) / want > 1e-2
     got, n, _ = engine_ppl(model, ids)
-    print(f"\n[ppl] engine {got:.4f}, HF {want:.4f}, relative difference {abs(got - want) / want:.2e} "
-          f"(bound {PPL_BOUND})")
+    err = abs(got - want) / want
+    print(f"\n[ppl] engine {got:.4f}, HF {want:.4f}: relative {err:.2e} (bound {PPL_BOUND})")
     assert n == len(ids) - 1
-    assert abs(got - want) / want <= PPL_BOUND
+    assert err <= PPL_BOUND
 
 
 def test_ppl_same_for_every_chunk_size(tiny, tmp_path):
@@ -71,10 +71,11 @@ def test_ppl_same_for_every_chunk_size(tiny, tmp_path):
         assert list(rows["first"]) == [1, 257, 513, 769, 1025]
         assert list(rows["last"]) == [256, 512, 768, 1024, SEQ - 1]
         assert rows["tokens"].sum() == SEQ - 1
-        want = np.array([nll[int(a) - 1:int(b)].mean() for a, b in zip(rows["first"], rows["last"])])
+        spans = zip(rows["first"].astype(int), rows["last"].astype(int))
+        want = np.array([nll[a - 1:b].mean() for a, b in spans])
         err = float(np.max(np.abs(rows["mean_nll"] - want) / want))
-        print(f"\n[ppl CSV, chunk {chunk}] bucket mean NLL vs HF: worst relative difference {err:.2e} "
-              f"(bound {NLL_BOUND})")
+        print(f"\n[ppl CSV, chunk {chunk}] bucket mean NLL vs HF: worst relative difference "
+              f"{err:.2e} (bound {NLL_BOUND})")
         assert err <= NLL_BOUND, f"CSV buckets, chunk {chunk}: {rows['mean_nll']} vs {want}"
     base = results[512][0]
     for chunk, (ppl, n, _) in results.items():
@@ -87,8 +88,9 @@ def test_ppl_same_for_every_chunk_size(tiny, tmp_path):
 def test_ppl_first_n_tokens(tiny):
     d, model, ids, nll, _ = tiny
     got, n, mean = engine_ppl(model, ids, "--ppl-tokens", 300)
-    err = abs(mean - nll[:299].mean()) / nll[:299].mean()
-    print(f"\n[ppl first 300 tokens] mean NLL {mean} vs HF {nll[:299].mean():.8f}: relative {err:.2e} "
+    want = nll[:299].mean()
+    err = abs(mean - want) / want
+    print(f"\n[ppl first 300 tokens] mean NLL {mean} vs HF {want:.8f}: relative {err:.2e} "
           f"(bound {NLL_BOUND})")
     assert n == 299
     assert err <= NLL_BOUND
