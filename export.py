@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import signal
 import struct
 import sys
 from functools import partial
@@ -125,6 +126,41 @@ def align(n):
 
 
 # ----------------------------------------------------------------------------
+# Config values: a config.json or GGUF key may hold any type, so each one is checked before
+# any arithmetic, against the ranges run.c's read_config and check_rope_config accept (a file
+# run would refuse is never written).
+
+DIM_LIMIT = 1 << 20   # run.c: a dimension beyond a million is a corrupt file
+MAX_LAYERS = 4096     # run.c's n_layers limit
+MAX_VOCAB = 1 << 24   # run.c's vocab_size limit
+U32_MAX = (1 << 32) - 1
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def shown(value):
+    """A config value for an error line: repr() escapes control bytes; long values are cut."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def config_int(value, what, lo=1, hi=DIM_LIMIT):
+    """value, which must be an integer in [lo, hi] (not a bool, a float or null)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise ExportError(f"{what} = {shown(value)} must be an integer in [{lo}, {hi}]")
+    return int(value)
+
+
+def config_float(value, what):
+    """value as a float; it must be a number that float32 holds as a finite value (the file
+    stores float32). Range checks come after, in check_config / check_layers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ExportError(f"{what} = {shown(value)} must be a number")
+    if not abs(float(value)) <= F32_MAX:  # also false for NaN
+        raise ExportError(f"{what} = {shown(value)} must be a finite float32 number")
+    return float(value)
+
+
+# ----------------------------------------------------------------------------
 # Encoding a float32 array in each dtype
 
 def to_bf16(x):
@@ -178,6 +214,47 @@ def encode(x, dtype, name):
 # Hugging Face checkpoints: safetensors, config.json and the RoPE / window rules
 
 ST_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # bf16 is read as raw 16-bit words
+
+
+def safetensors_files(model_dir):
+    """The checkpoint files of an HF directory: the shards model.safetensors.index.json names,
+    else model.safetensors."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        files = weight_map.values() if isinstance(weight_map, dict) else [None]
+        if not all(isinstance(file, str) for file in files):
+            raise ExportError(f"{index}: no weight_map of tensor name -> file name")
+        return [os.path.join(model_dir, file) for file in sorted(set(weight_map.values()))]
+    if os.path.exists(os.path.join(model_dir, "model.safetensors")):
+        return [os.path.join(model_dir, "model.safetensors")]
+    raise ExportError(f"{model_dir}: no model.safetensors or model.safetensors.index.json "
+                      "(PyTorch .bin checkpoints are not supported)")
+
+
+def safetensors_entry(path, name, info, data_start, file_size):
+    """(path, absolute byte offset, dtype, shape) of one header entry, checked against the file."""
+    try:
+        begin, end = info["data_offsets"]
+        dtype, shape = info["dtype"], tuple(info["shape"])
+        for n in (begin, end, *shape):
+            config_int(n, "offset or dimension", 0, file_size)
+    except (KeyError, TypeError, ValueError, ExportError):
+        raise ExportError(f"{path}: header entry {shown(name)} is malformed (dtype, shape, "
+                          f"data_offsets: {shown(info)})") from None
+    if not isinstance(dtype, str):
+        raise ExportError(f"{path}: {shown(name)} has dtype {shown(dtype)}")
+    if dtype in ST_DTYPES and end - begin != math.prod(shape) * np.dtype(ST_DTYPES[dtype]).itemsize:
+        raise ExportError(f"{path}: {shown(name)} has {end - begin} bytes, its shape needs "
+                          "another size")
+    if not begin <= end or data_start + end > file_size:
+        raise ExportError(f"{path}: {shown(name)} (bytes {begin}..{end} of the data) runs past the "
+                          f"end of the file ({file_size} bytes): it is truncated or corrupt")
+    return path, data_start + begin, dtype, shape
+
+
 class Safetensors:
     """The tensors of a (possibly sharded) safetensors checkpoint, looked up by our names and
     read lazily through np.memmap. Each file is: u64 little-endian header length n, n bytes of
@@ -185,35 +262,24 @@ class Safetensors:
     its start)."""
 
     def __init__(self, model_dir):
-        index = os.path.join(model_dir, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        elif os.path.exists(os.path.join(model_dir, "model.safetensors")):
-            files = ["model.safetensors"]
-        else:
-            raise ExportError(f"{model_dir}: no model.safetensors or model.safetensors.index.json "
-                              "(PyTorch .bin checkpoints are not supported)")
         self.entries = {}  # HF name -> (path, absolute byte offset, dtype, shape)
-        for file in files:
-            path = os.path.join(model_dir, file)
+        for path in safetensors_files(model_dir):
             file_size = os.path.getsize(path)
             with open(path, "rb") as f:
+                head = f.read(8)
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+                if not 0 < n <= file_size - 8:  # checked before reading n bytes: n may be 2^63
+                    raise ExportError(f"{path}: not a safetensors file (bad header: length {n}, "
+                                      f"file {file_size} bytes)")
                 try:
-                    (n,) = struct.unpack("<Q", f.read(8))
                     header = json.loads(f.read(n))
-                except (struct.error, ValueError):
+                except ValueError:  # UnicodeDecodeError is a ValueError too
                     raise ExportError(f"{path}: not a safetensors file (bad header)") from None
+            if not isinstance(header, dict):
+                raise ExportError(f"{path}: not a safetensors file (its header is no JSON object)")
             for name, info in header.items():
                 if name != "__metadata__":
-                    begin, end = info["data_offsets"]
-                    dtype, shape = info["dtype"], tuple(info["shape"])
-                    if dtype in ST_DTYPES and end - begin != math.prod(shape) * np.dtype(ST_DTYPES[dtype]).itemsize:
-                        raise ExportError(f"{path}: {name} has {end - begin} bytes, its shape needs another size")
-                    if not 0 <= begin <= end or 8 + n + end > file_size:
-                        raise ExportError(f"{path}: {name} (bytes {begin}..{end} of the data) runs past the end of the "
-                                          f"file ({file_size} bytes): it is truncated or corrupt")
-                    self.entries[name] = (path, 8 + n + begin, dtype, shape)
+                    self.entries[name] = safetensors_entry(path, name, info, 8 + n, file_size)
 
     def describe(self, name):
         return source_name(name, HF)
@@ -306,10 +372,14 @@ ARCHS = {
 def hf_rope(cfg, arch, head_dim):
     """LayerConfig RoPE fields (+ longrope factor tensors) from v4 `rope_scaling` + `rope_theta`
     or v5 `rope_parameters`, following transformers' standardize_rope_params (spec §2.2)."""
-    rp = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})  # HF: rope_scaling wins
+    rp = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}  # HF: rope_scaling wins
+    if not isinstance(rp, dict):
+        raise ExportError(f"rope_scaling / rope_parameters = {shown(rp)} must be a JSON object")
     if rp and set(rp) <= set(cfg.get("layer_types") or ()):
         raise ExportError("per-layer-type rope_parameters are not supported for this architecture")
     kind = rp.get("rope_type", rp.get("type", "default"))
+    if not isinstance(kind, str):
+        raise ExportError(f"rope_type = {shown(kind)} must be a string")
     kind = "longrope" if kind == "su" else kind  # "su": Phi-3's early name for LongRoPE
     if arch == "phi3":  # Phi3Config renames "yarn" to longrope too and accepts nothing else
         kind = "longrope" if kind == "yarn" else kind
@@ -318,8 +388,10 @@ def hf_rope(cfg, arch, head_dim):
                               "default and longrope)")
     if kind not in ROPE_TYPES:
         raise ExportError(f"RoPE type '{kind}' is not supported (known: {', '.join(ROPE_TYPES)})")
-    theta = rp.get("rope_theta") or cfg["rope_theta"] or 10000.0  # the dict's value wins, as in HF
-    prf = rp.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0
+    # the dict's rope_theta wins over the top-level one, as in HF
+    theta = config_float(rp.get("rope_theta") or cfg["rope_theta"] or 10000.0, "rope_theta")
+    prf = config_float(rp.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0,
+                       "partial_rotary_factor")
     if prf != 1.0 and arch != "phi3":  # only Phi3's rotary code honours it: Llama, Mistral and Qwen
         # rotate the whole head with default RoPE and fail on a shape mismatch with a scaled one
         raise ExportError(f"partial_rotary_factor {prf} is not supported for {cfg['architectures'][0]} "
@@ -332,10 +404,14 @@ def hf_rope(cfg, arch, head_dim):
     def need(key):
         if rp.get(key) is None:
             raise ExportError(f"RoPE type '{kind}' needs '{key}' in the rope config")
-        return rp[key]
+        return config_float(rp[key], f"rope {key}")
 
-    max_pos = cfg["max_position_embeddings"]
+    def optional(key, default):  # HF reads these with `or`, so 0 / null mean the default
+        return config_float(rp.get(key) or default, f"rope {key}")
+
+    max_pos = cfg["max_position_embeddings"]  # read_hf has checked it
     orig = cfg.get("original_max_position_embeddings") or rp.get("original_max_position_embeddings") or max_pos
+    orig = config_int(orig, "original_max_position_embeddings", 1, U32_MAX)
     if kind in ("linear", "dynamic", "llama3"):
         rope["factor"] = need("factor")
     if kind == "dynamic":  # HF's dynamic NTK grows from max_position_embeddings, whatever L0 says
@@ -343,21 +419,26 @@ def hf_rope(cfg, arch, head_dim):
     if kind in ("yarn", "llama3", "longrope"):
         rope["orig_ctx"] = orig  # Phi-3 keeps it top-level, and that copy takes priority
     if kind in ("yarn", "longrope"):
-        rope["factor"] = rp.get("factor") or max_pos / orig  # v5: explicit factor, else M / L0
+        rope["factor"] = optional("factor", max_pos / orig)  # v5: explicit factor, else M / L0
         attention_factor = rp.get("attention_factor")
-        if attention_factor is not None and not attention_factor > 0:
+        given = attention_factor is not None
+        if given and not config_float(attention_factor, "attention_factor") > 0:
             raise ExportError(f"{kind} attention_factor {attention_factor} is not supported (it must be > 0)")
         rope["attention_factor"] = attention_factor or 0.0  # 0: run.c derives it
-    if kind == "yarn":  # HF reads these with `or`, so 0 / null mean the default
-        rope.update(beta_fast=rp.get("beta_fast") or 32.0, beta_slow=rp.get("beta_slow") or 1.0,
-                    mscale=rp.get("mscale") or 0.0, mscale_all_dim=rp.get("mscale_all_dim") or 0.0,
+    if kind == "yarn":
+        rope.update(beta_fast=optional("beta_fast", 32.0), beta_slow=optional("beta_slow", 1.0),
+                    mscale=optional("mscale", 0.0), mscale_all_dim=optional("mscale_all_dim", 0.0),
                     yarn_truncate=int(bool(rp.get("truncate", True))))
     if kind == "llama3":
         rope.update(low_freq_factor=need("low_freq_factor"), high_freq_factor=need("high_freq_factor"))
     factors = {}
     if kind == "longrope":
         for key in ("short_factor", "long_factor"):
-            values = np.asarray(need(key), dtype=np.float32)
+            if rp.get(key) is None:
+                raise ExportError(f"RoPE type '{kind}' needs '{key}' in the rope config")
+            if not isinstance(rp[key], list):
+                raise ExportError(f"longrope {key} = {shown(rp[key])} must be a list of numbers")
+            values = np.asarray([config_float(v, f"longrope {key}") for v in rp[key]], np.float32)
             if values.shape != (rotary_dim // 2,):
                 raise ExportError(f"longrope {key} has {values.size} values, rotary_dim/2 = {rotary_dim // 2}")
             if not (np.isfinite(values).all() and (values > 0).all()):
@@ -371,14 +452,18 @@ def hf_windows(cfg, arch, n_layers):
     full = [(ATTN_FULL, 0)] * n_layers
     if arch == "mistral":  # every layer slides when sliding_window is set; layer_types is ignored
         w = cfg["sliding_window"]
-        return [(ATTN_SLIDING, w)] * n_layers if w else full
+        if not w:
+            return full
+        return [(ATTN_SLIDING, config_int(w, "sliding_window", 1, U32_MAX))] * n_layers
     if arch == "phi3":  # Phi3Model masks every layer with sliding_window unless it is null
         w = cfg["sliding_window"]  # (Phi-3-mini-4k has 2047, within its trained 4096; the 128k ones 262144)
-        if w is not None and (not isinstance(w, int) or w < 1):
-            raise ExportError(f"sliding_window {w!r} is not supported (a positive integer or null)")
-        return [(ATTN_SLIDING, w)] * n_layers if w is not None else full
+        if w is None:
+            return full
+        return [(ATTN_SLIDING, config_int(w, "sliding_window", 1, U32_MAX))] * n_layers
     if arch in ("qwen2", "qwen3"):  # Qwen2Config.__post_init__: no window unless use_sliding_window
         w = cfg["sliding_window"] if cfg["use_sliding_window"] else None
+        if w is not None and not cfg.get("layer_types"):
+            config_int(cfg["max_window_layers"], "max_window_layers", 0, U32_MAX)
         types = cfg.get("layer_types") or [
             "sliding_attention" if w is not None and i >= cfg["max_window_layers"] else "full_attention"
             for i in range(n_layers)]
@@ -387,6 +472,8 @@ def hf_windows(cfg, arch, n_layers):
         if "sliding_attention" in types and not w:
             raise ExportError("layer_types has sliding layers but no sliding window is set "
                               "(use_sliding_window / sliding_window)")
+        if "sliding_attention" in types:
+            config_int(w, "sliding_window", 1, U32_MAX)
         return [(ATTN_SLIDING, w) if t == "sliding_attention" else (ATTN_FULL, 0) for t in types]
     return full
 
@@ -397,7 +484,14 @@ def read_hf(model_dir):
         raise ExportError(f"{model_dir}: no config.json (not a Hugging Face model directory?)")
     with open(os.path.join(model_dir, "config.json")) as f:
         raw = json.load(f)
-    name = (raw.get("architectures") or ["(none)"])[0]
+    if not isinstance(raw, dict):
+        raise ExportError(f"{model_dir}/config.json is a {type(raw).__name__}, not a JSON object")
+    names = raw.get("architectures")
+    names_ok = isinstance(names, list) and all(isinstance(a, str) for a in names)
+    if names is not None and not names_ok:
+        raise ExportError(f"architectures = {shown(names)} must be a list of class names, "
+                          "e.g. [\"LlamaForCausalLM\"]")
+    name = (names or ["(none)"])[0]
     if name not in ARCHS:
         raise ExportError(f"architecture {name} is not supported (supported: {', '.join(ARCHS)})")
     arch, defaults = ARCHS[name]
@@ -405,6 +499,19 @@ def read_hf(model_dir):
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if key not in cfg:
             raise ExportError(f"config.json has no '{key}'")
+    # every number the header takes, checked before any arithmetic on it (run.c's ranges)
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads",
+                "max_position_embeddings"):
+        config_int(cfg[key], key)
+    config_int(cfg["num_hidden_layers"], "num_hidden_layers", 1, MAX_LAYERS)
+    config_int(cfg["vocab_size"], "vocab_size", 1, MAX_VOCAB)
+    for key in ("num_key_value_heads", "head_dim"):  # null: the default (all heads; hidden / heads)
+        if cfg[key] is not None:
+            config_int(cfg[key], key)
+    layer_types = cfg.get("layer_types")
+    types_ok = isinstance(layer_types, list) and all(isinstance(t, str) for t in layer_types)
+    if layer_types is not None and not types_ok:
+        raise ExportError(f"layer_types = {shown(layer_types)} must be a list of strings")
     if cfg["hidden_act"] != "silu":
         raise ExportError(f"hidden_act '{cfg['hidden_act']}' is not supported (only silu)")
     if cfg.get("mlp_bias") and arch != "phi3":  # Phi3's layers never have biases, whatever the config says
@@ -493,7 +600,8 @@ def read_gguf(path):
     names = {t.name for t in reader.tensors}
     if any(n.endswith(".bias") for n in names):
         raise ExportError("GGUF bias tensors are not supported")
-    dim, heads = meta("llama.embedding_length"), meta("llama.attention.head_count")
+    dim = config_int(meta("llama.embedding_length"), "llama.embedding_length")
+    heads = config_int(meta("llama.attention.head_count"), "llama.attention.head_count")
     head_dim = meta("llama.attention.key_length", dim // heads)
     if meta("llama.attention.value_length", head_dim) != head_dim:
         raise ExportError("GGUF key_length and value_length differ")
@@ -508,6 +616,7 @@ def read_gguf(path):
               "vocab_size": vocab, "max_seq_len": meta("llama.context_length"),
               "norm_eps": meta("llama.attention.layer_norm_rms_epsilon"),
               "tied_embeddings": int("output.weight" not in names), "qkv_bias": 0, "qk_norm": 0}
+    check_config(header)  # before n_layers sizes a list and head_dim divides
     source = GgufSource(reader, gguf.quants.dequantize, heads, header["n_kv_heads"])
     rope_freqs = None
     if "rope_freqs.weight" in names:  # llama.cpp's Llama 3.1 scaling: one divisor per channel pair
@@ -526,12 +635,18 @@ def gguf_rope(meta, head_dim, max_seq_len, rope_freqs=None):
     the /s and unscaled angles with HF's range and multiplies the scale by 0.1 ln s + 1.
     A per-pair divisor with a fixed scale is exactly our longrope with equal short and long
     lists, so llama3's rope_freqs (and a linear scale with an attn_factor) is stored that way."""
+    def number(key, default):
+        return config_float(meta(key, default), key)
+
     rope = {"rope_type": ROPE_TYPES["default"], "rotary_dim": head_dim,
-            "rope_theta": meta("llama.rope.freq_base", 10000.0)}
+            "rope_theta": number("llama.rope.freq_base", 10000.0)}
     kind = meta("llama.rope.scaling.type", "linear")  # llama.cpp's default when the key is absent
-    factor = meta("llama.rope.scaling.factor", 0.0) or meta("llama.rope.scale_linear", 0.0) or 1.0  # older key
-    attn = meta("llama.rope.scaling.attn_factor", 1.0)
-    orig = meta("llama.rope.scaling.original_context_length", 0) or max_seq_len
+    # the older key scale_linear, when the newer one is absent or 0
+    factor = (number("llama.rope.scaling.factor", 0.0) or number("llama.rope.scale_linear", 0.0)
+              or 1.0)
+    attn = number("llama.rope.scaling.attn_factor", 1.0)
+    orig = config_int(meta("llama.rope.scaling.original_context_length", 0) or max_seq_len,
+                      "llama.rope.scaling.original_context_length", 1, U32_MAX)
     if kind not in ("none", "linear", "yarn"):
         raise ExportError(f"GGUF rope scaling '{kind}' is not supported (none, linear, yarn are)")
     if not (factor > 0 and attn > 0):
@@ -550,8 +665,8 @@ def gguf_rope(meta, head_dim, max_seq_len, rope_freqs=None):
         # a = attn_factor (0.1 ln s + 1): llama.cpp multiplies its attn_factor by YaRN's own scale
         rope.update(rope_type=ROPE_TYPES["yarn"], factor=factor, orig_ctx=orig, yarn_truncate=1,
                     attention_factor=0.0 if attn == 1.0 else attn * (0.1 * math.log(factor) + 1 if factor > 1 else 1),
-                    beta_fast=meta("llama.rope.scaling.yarn_beta_fast", 32.0),
-                    beta_slow=meta("llama.rope.scaling.yarn_beta_slow", 1.0))
+                    beta_fast=number("llama.rope.scaling.yarn_beta_fast", 32.0),
+                    beta_slow=number("llama.rope.scaling.yarn_beta_slow", 1.0))
         return rope, {}
     if rope_freqs is None and attn == 1.0:
         if factor != 1.0:
@@ -588,11 +703,89 @@ def expected_tensors(h):
 
 
 def check_config(h):
-    for key in ("n_layers", "dim", "hidden_dim", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "max_seq_len"):
-        if not isinstance(h[key], int) or h[key] <= 0:
-            raise ExportError(f"{key} = {h[key]!r} must be a positive integer")
+    """The header's values against run.c's read_config ranges."""
+    for key in ("dim", "hidden_dim", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"):
+        config_int(h[key], key)
+    config_int(h["n_layers"], "n_layers", 1, MAX_LAYERS)
+    config_int(h["vocab_size"], "vocab_size", 1, MAX_VOCAB)
     if h["n_heads"] % h["n_kv_heads"]:
         raise ExportError(f"n_heads {h['n_heads']} is not a multiple of n_kv_heads {h['n_kv_heads']}")
+    if h["n_heads"] * h["head_dim"] > DIM_LIMIT:
+        raise ExportError(f"n_heads x head_dim = {h['n_heads'] * h['head_dim']} is above "
+                          f"{DIM_LIMIT}")
+    eps = np.float32(config_float(h["norm_eps"], "rms_norm_eps"))  # checked as the file stores it
+    if not 0 <= eps < 1:
+        raise ExportError(f"rms_norm_eps {h['norm_eps']} is out of range [0, 1)")
+
+
+def yarn_scale(s, m):
+    """YaRN's magnitude rule 0.1 m ln s + 1 (1 for s <= 1), as run.c's yarn_mscale."""
+    return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1
+
+
+def derived_attention_factor(lc):
+    """The factor run.c's rope_frequencies multiplies cos and sin by, from the float32 fields
+    (YaRN: the stored one, else g(s, mscale) / g(s, mscale_all_dim) when both are set, else
+    g(s, 1); LongRoPE: the stored one, else sqrt(1 + ln s / ln L0) for s > 1; others: 1).
+    Infinity when it divides by zero."""
+    f = {key: float(np.float32(lc.get(key, 0))) for key in ("factor", "attention_factor", "mscale",
+                                                            "mscale_all_dim")}
+    s = f["factor"]
+    try:
+        if lc["rope_type"] == ROPE_TYPES["yarn"]:
+            if f["attention_factor"] > 0:
+                return f["attention_factor"]
+            if f["mscale"] and f["mscale_all_dim"]:
+                return yarn_scale(s, f["mscale"]) / yarn_scale(s, f["mscale_all_dim"])
+            return yarn_scale(s, 1)
+        if lc["rope_type"] == ROPE_TYPES["longrope"]:
+            if f["attention_factor"] > 0:
+                return f["attention_factor"]
+            return math.sqrt(1 + math.log(s) / math.log(lc["orig_ctx"])) if s > 1 else 1.0
+    except (ZeroDivisionError, ValueError):  # a zero divisor, or the root of a negative number
+        return math.inf
+    return 1.0
+
+
+def check_layers(h, layers):
+    """Each LayerConfig against run.c's read_config and check_rope_config, on the float32
+    values the file will hold, so run never refuses what export.py wrote."""
+    for i, lc in enumerate(layers):
+        for name, code in LAYER_FIELDS:  # every field is packable: u32 or a finite float32
+            if code == "I":
+                config_int(lc.get(name, 0), f"layer {i} {name}", 0, U32_MAX)
+            else:
+                config_float(lc.get(name, 0.0), f"layer {i} {name}")
+        if lc["attn_kind"] == ATTN_SLIDING and lc["window"] < 1:
+            raise ExportError(f"layer {i}: a sliding window of {lc['window']} keys (must be >= 1)")
+        if lc["rotary_dim"] % 2 or lc["rotary_dim"] > h["head_dim"]:
+            raise ExportError(f"layer {i}: rotary_dim {lc['rotary_dim']} must be even and at "
+                              "most head_dim")
+        f32 = {name: np.float32(lc.get(name, 0.0)) for name, code in LAYER_FIELDS if code == "f"}
+        if lc["rotary_dim"] and not f32["rope_theta"] > 1:
+            raise ExportError(f"rope_theta {lc['rope_theta']} is out of range (it must be > 1)")
+        kind = next(k for k, v in ROPE_TYPES.items() if v == lc["rope_type"])
+        if lc["rotary_dim"] == 0 or kind == "default":
+            continue
+        if not (1 <= f32["factor"] < 1e6 or kind == "longrope" and f32["factor"] > 0):
+            allowed = "> 0" if kind == "longrope" else "in [1, 1e6)"
+            raise ExportError(f"{kind} RoPE factor {lc['factor']} is out of range ({allowed})")
+        lc = {**lc, "orig_ctx": lc.get("orig_ctx") or h["max_seq_len"]}  # as run.c reads 0
+        if not 0 <= f32["attention_factor"] < 100:
+            raise ExportError(f"RoPE attention_factor {lc['attention_factor']} is out of range "
+                              "[0, 100)")
+        if kind == "yarn" and not f32["beta_fast"] > f32["beta_slow"] > 0:
+            raise ExportError(f"yarn needs beta_fast > beta_slow > 0, got {lc['beta_fast']} and "
+                              f"{lc['beta_slow']}")
+        if kind == "llama3" and not f32["high_freq_factor"] > f32["low_freq_factor"] > 0:
+            raise ExportError(f"llama3 RoPE needs high_freq_factor > low_freq_factor > 0, got "
+                              f"{lc['high_freq_factor']} and {lc['low_freq_factor']}")
+        a = derived_attention_factor(lc)
+        if not 0 < a < 100:  # the range of a stored attention_factor: q.k grows by a^2
+            raise ExportError(f"{kind} RoPE settings give an attention factor of {a:g} (factor "
+                              f"{lc['factor']}, mscale {lc.get('mscale', 0)}, mscale_all_dim "
+                              f"{lc.get('mscale_all_dim', 0)}, orig_ctx {lc['orig_ctx']}); "
+                              "it must be in (0, 100)")
 
 
 def plan_tensors(h, factors, source, dtype):
@@ -642,27 +835,63 @@ def write_model(path, header, layers, plan, tokenizer=b""):
               "n_layers": len(layers), "n_tensors": len(plan), "tensor_table_offset": table_offset,
               "tokenizer_offset": tok_offset, "tokenizer_size": len(tokenizer), "file_size": file_size}
 
-    tmp = path + ".tmp"  # written in full, then renamed: an error never leaves a partial OUT
+    def fill(f):
+        f.write(pack(HEADER, HEADER_FIELDS, header))
+        for layer in layers:
+            f.write(pack(LAYER, LAYER_FIELDS, layer))
+        for e in entries:
+            f.write(pack(TENSOR, TENSOR_FIELDS, e))
+        if tokenizer:
+            f.write(b"\0" * (tok_offset - f.tell()) + tokenizer)
+        for e, (name, shape, dtype, load) in zip(entries, plan):
+            f.write(b"\0" * (e["offset"] - f.tell()))
+            for part in encode(np.asarray(load(), dtype=np.float32).reshape(shape), dtype, name):
+                f.write(np.ascontiguousarray(part).data)
+            assert f.tell() == e["offset"] + e["size"], f"{name}: wrote the wrong number of bytes"
+
+    write_atomically(path, fill)
+    return file_size
+
+
+# The OUT.tmp being written, for the SIGTERM / SIGINT handler to remove
+writing_tmp = None
+
+
+class Interrupted(BaseException):
+    """SIGTERM, SIGINT or SIGHUP arrived (raised by on_signal; main exits 128 + the signal)."""
+
+
+def on_signal(signum, frame):
+    """Remove the partial OUT.tmp, then unwind to main. Later signals are ignored so that
+    nothing cuts the clean-up short."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if writing_tmp and os.path.exists(writing_tmp):
+        os.remove(writing_tmp)
+    raise Interrupted(signum)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def write_atomically(path, fill):
+    """Write path as path.tmp (fill(f) writes the bytes), renamed over path only when complete:
+    an error or a signal never leaves a partial OUT, and never OUT.tmp either."""
+    global writing_tmp
+    tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
-            f.write(pack(HEADER, HEADER_FIELDS, header))
-            for layer in layers:
-                f.write(pack(LAYER, LAYER_FIELDS, layer))
-            for e in entries:
-                f.write(pack(TENSOR, TENSOR_FIELDS, e))
-            if tokenizer:
-                f.write(b"\0" * (tok_offset - f.tell()) + tokenizer)
-            for e, (name, shape, dtype, load) in zip(entries, plan):
-                f.write(b"\0" * (e["offset"] - f.tell()))
-                for part in encode(np.asarray(load(), dtype=np.float32).reshape(shape), dtype, name):
-                    f.write(np.ascontiguousarray(part).data)
-                assert f.tell() == e["offset"] + e["size"], f"{name}: wrote the wrong number of bytes"
+            writing_tmp = tmp  # from here on the file is ours to remove
+            fill(f)
         os.replace(tmp, path)
+        writing_tmp = None
     except BaseException:
+        # removed before writing_tmp is cleared: a signal handled in between finds it gone
+        # or removes it itself
         if os.path.exists(tmp):
             os.remove(tmp)
+        writing_tmp = None
         raise
-    return file_size
 
 
 # ----------------------------------------------------------------------------
@@ -1051,15 +1280,7 @@ def write_tokenizer_only(section, path, arch="tokenizer"):
                    "norm_eps": 0.0, "arch": arch, "tensor_table_offset": HEADER.size,
                    "tokenizer_offset": HEADER.size, "tokenizer_size": len(section),
                    "file_size": HEADER.size + len(section)})
-    tmp = path + ".tmp"  # as write_model: written in full, then renamed
-    try:
-        with open(tmp, "wb") as f:
-            f.write(pack(HEADER, HEADER_FIELDS, header) + section)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomically(path, lambda f: f.write(pack(HEADER, HEADER_FIELDS, header) + section))
 
 
 def read_tokenizer(source):
@@ -1069,6 +1290,76 @@ def read_tokenizer(source):
     return tokenizer_section_from_gguf(open_gguf(source))
 
 
+def input_files(source):
+    """Every file export.py may read from source (a GGUF file, or an HF directory's config,
+    tokenizer files, index and shards) that exists."""
+    if not os.path.isdir(source):
+        return [source]
+    names = ["config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+             "model.safetensors", "model.safetensors.index.json"]
+    paths = [os.path.join(source, name) for name in names]
+    try:
+        paths += safetensors_files(source)
+    except (ExportError, OSError, ValueError):
+        pass  # a missing or broken index: read_hf reports it, with nothing written
+    return [p for p in paths if os.path.exists(p)]
+
+
+def check_output(source, out):
+    """Refuse an OUT, or the OUT.tmp written first, that is one of the files the export reads:
+    writing would truncate the source. Matched by device and inode (hard links, symlinks and
+    other spellings of a path included) and by resolved path."""
+    if os.path.isdir(out):
+        raise ExportError(f"{out} is a directory; give the path of the model file to write")
+    inputs = {}
+    for path in input_files(source):
+        st = os.stat(path)
+        inputs[(st.st_dev, st.st_ino)] = path
+        inputs[os.path.realpath(path)] = path
+    for path in (out, out + ".tmp"):
+        try:
+            st = os.stat(path)
+            same = inputs.get((st.st_dev, st.st_ino))
+        except OSError:  # it does not exist yet, so it is no input
+            same = None
+        same = same or inputs.get(os.path.realpath(path))
+        if same:
+            raise ExportError(f"the output {path} is the input {same}: writing it would destroy "
+                              "the source; choose another output path")
+
+
+def export(args):
+    """Read args.source, write args.out; returns the summary to print."""
+    if not os.path.exists(args.source):
+        raise ExportError(f"{args.source}: no such file or directory")
+    check_output(args.source, args.out)
+    tokenizer = read_tokenizer(args.source)
+    if args.tokenizer_only:
+        if tokenizer is None:
+            raise ExportError(f"{args.source}: no tokenizer.json, tokenizer.model or GGUF "
+                              "tokenizer metadata")
+        write_tokenizer_only(tokenizer, args.out)
+        return (f"tokenizer: {struct.unpack_from('<I', tokenizer, 24)[0]} tokens, "
+                f"{len(tokenizer) / 1e6:.1f} MB -> {args.out}")
+    if os.path.isdir(args.source):
+        header, layers, factors, source = read_hf(args.source)
+    elif os.path.isfile(args.source):
+        header, layers, factors, source = read_gguf(args.source)
+    else:
+        raise ExportError(f"{args.source}: not a directory or a regular file")
+    check_config(header)
+    check_layers(header, layers)
+    n_tokens = struct.unpack_from("<I", tokenizer, 24)[0] if tokenizer else 0
+    if tokenizer is None:
+        print(f"note: {args.source} has no tokenizer; the model file will take token ids only",
+              file=sys.stderr)
+    elif n_tokens > header["vocab_size"]:
+        raise ExportError(f"the tokenizer has {n_tokens} tokens, more than the model's vocab_size "
+                          f"{header['vocab_size']}")
+    plan = plan_tensors(header, factors, source, args.dtype)
+    size = write_model(args.out, header, layers, plan, tokenizer or b"")
+    return summary(header, layers, plan, args, size)
+
 
 def main():
     ap = argparse.ArgumentParser(
@@ -1076,7 +1367,8 @@ def main():
                     "or a llama-architecture GGUF file to a longrun model file.",
         epilog="example: python export.py ./SmolLM2-135M-Instruct model.bin --dtype q8_0")
     ap.add_argument("source", help="HF model directory (config.json + *.safetensors) or a .gguf file")
-    ap.add_argument("out", help="output model file (written as OUT.tmp, then renamed)")
+    ap.add_argument("out", help="output model file (written as OUT.tmp, then renamed); never one "
+                                "of the files it reads")
     ap.add_argument("--dtype", choices=list(DTYPES), default="q8_0",
                     help="storage type of the weight matrices (default: q8_0, int8 with one f32 scale "
                          "per 32 values, ~4x smaller than f32; f32 is the exact reference). Norms and "
@@ -1085,48 +1377,35 @@ def main():
                     help="write only the tokenizer (for ./run FILE -m tokenize), from tokenizer.json / "
                          "tokenizer.model or the GGUF metadata")
     args = ap.parse_args()
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
     try:
-        if not os.path.exists(args.source):
-            raise ExportError(f"{args.source}: no such file or directory")
-        tokenizer = read_tokenizer(args.source)
-        if args.tokenizer_only:
-            if tokenizer is None:
-                raise ExportError(f"{args.source}: no tokenizer.json, tokenizer.model or GGUF tokenizer metadata")
-            write_tokenizer_only(tokenizer, args.out)
-            print(f"tokenizer: {struct.unpack_from('<I', tokenizer, 24)[0]} tokens, {len(tokenizer) / 1e6:.1f} MB "
-                  f"-> {args.out}")
-            return
-        if os.path.isdir(args.source):
-            header, layers, factors, source = read_hf(args.source)
-        elif os.path.isfile(args.source):
-            header, layers, factors, source = read_gguf(args.source)
-        else:
-            raise ExportError(f"{args.source}: no such file or directory")
-        check_config(header)
-        if tokenizer is None:
-            print(f"note: {args.source} has no tokenizer; the model file will take token ids only", file=sys.stderr)
-        elif struct.unpack_from("<I", tokenizer, 24)[0] > header["vocab_size"]:
-            raise ExportError(f"the tokenizer has {struct.unpack_from('<I', tokenizer, 24)[0]} tokens, more than the "
-                              f"model's vocab_size {header['vocab_size']}")
-        plan = plan_tensors(header, factors, source, args.dtype)
-        size = write_model(args.out, header, layers, plan, tokenizer or b"")
+        print(export(args))
+    except Interrupted as e:  # on_signal has removed OUT.tmp
+        print(f"error: interrupted by {signal.Signals(e.args[0]).name}; {args.out} not written",
+              file=sys.stderr)
+        sys.exit(128 + e.args[0])
     except (ExportError, OSError) as e:  # OSError names its own file
         sys.exit(f"error: {e}")
     except (ValueError, KeyError) as e:  # a malformed config.json, index or GGUF file
         sys.exit(f"error: {args.source}: cannot read it ({type(e).__name__}: {e})")
-    print_summary(header, layers, plan, args, size)
+    except Exception as e:  # anything else: still one line, never a traceback
+        sys.exit(f"error: {args.source}: cannot export it ({type(e).__name__}: {shown(str(e))})")
 
 
-def print_summary(h, layers, plan, args, size):
+def summary(h, layers, plan, args, size):
+    """Three lines on what was written."""
     params = sum(math.prod(shape) for _, shape, _, _ in plan)
     rope = next(k for k, v in ROPE_TYPES.items() if v == layers[0]["rope_type"])
     sliding = [lc["window"] for lc in layers if lc["attn_kind"] == ATTN_SLIDING]
-    print(f"{h['arch']}: {h['n_layers']} layers, dim {h['dim']}, {h['n_heads']} heads / {h['n_kv_heads']} kv heads, "
-          f"head_dim {h['head_dim']}, vocab {h['vocab_size']}{', tied embeddings' if h['tied_embeddings'] else ''}")
-    print(f"RoPE {rope}, theta {layers[0]['rope_theta']:g}; "
-          + (f"{len(sliding)} sliding layers (window {max(sliding)})" if sliding else "full attention"))
-    print(f"{params / 1e6:.1f}M parameters, {args.dtype}, {size / 1e6:.1f} MB -> {args.out}")
-
+    return "\n".join([
+        f"{h['arch']}: {h['n_layers']} layers, dim {h['dim']}, {h['n_heads']} heads / "
+        f"{h['n_kv_heads']} kv heads, head_dim {h['head_dim']}, vocab {h['vocab_size']}"
+        + (", tied embeddings" if h["tied_embeddings"] else ""),
+        f"RoPE {rope}, theta {layers[0]['rope_theta']:g}; "
+        + (f"{len(sliding)} sliding layers (window {max(sliding)})" if sliding
+           else "full attention"),
+        f"{params / 1e6:.1f}M parameters, {args.dtype}, {size / 1e6:.1f} MB -> {args.out}"])
 
 if __name__ == "__main__":
     main()
