@@ -7,7 +7,8 @@
 2. Logits parity with HF transformers (float32, eager) on tiny random models of every rope type,
    in one prefill that runs well past original_max_position_embeddings (64 -> 300 tokens), and
    for longrope on both sides of the short/long switch; a chunked prefill equals HF forward calls
-   of the same chunks (dynamic and longrope decide per call, and cached keys keep their angles).
+   of the same chunks (dynamic and longrope decide per call, and cached keys keep their angles),
+   and so does decode, one token per call, past L0 (-m logits --chunk 1 and -m generate).
 3. Command-line overrides give the logits of the same weights exported with that scaling.
 4. export.py: Phi-3 (fused qkv / gate_up, partial rotary, longrope, sliding window), v4 and v5
    config spellings, llama.cpp's rope_freqs tensor and rope keys in GGUF, and clear refusals.
