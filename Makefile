@@ -13,7 +13,7 @@ WARN = -std=c11 -Wall -Wextra
 # OpenMP is optional: used when the compiler has it; `make OPENMP=` builds single-threaded.
 OPENMP ?= $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo -fopenmp)
 # The sanitizer build the tests use: address + undefined behaviour, stop at the first report.
-SANITIZE = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+SANITIZE = -O1 -g -fsanitize=address,undefined,float-cast-overflow -fno-omit-frame-pointer -fno-sanitize-recover=all
 SOURCES = run.c tokenizer.c tokenizer_unicode.h model.h
 
 PYTHON ?= python3
@@ -110,7 +110,7 @@ fuzz: $(FUZZERS:%=build/fuzz/fuzz_%)
 	  [ $$rc = 0 ] || { tail -40 build/fuzz/$$h.log; exit 1; }; done
 build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h tests/fuzz/no-coverage.txt $(SOURCES)
 	mkdir -p build/fuzz
-	$(FUZZ_CC) -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
+	$(FUZZ_CC) -O1 -g -fsanitize=fuzzer,address,undefined,float-cast-overflow -fno-sanitize-recover=all \
 	  -fsanitize-coverage-ignorelist=tests/fuzz/no-coverage.txt $(WARN) -o $@ $< -lm
 
 # Speed against llama.cpp (not part of make test): llama.cpp built from the source vendored in the

@@ -33,6 +33,15 @@
 // ----------------------------------------------------------------------------
 // Errors, checked sizes and threads
 
+// The temporary file an output is being written to (see open_output), which a failure must
+// remove: die() and the signal handlers do. Empty when there is none.
+static char pending_output[4096];
+
+static void remove_pending_output(void) {
+    if (pending_output[0]) unlink(pending_output);
+    pending_output[0] = 0;
+}
+
 // Print one line saying what is wrong and exit. User errors never reach assert().
 static void die(const char *fmt, ...) {
     va_list ap;
@@ -41,7 +50,25 @@ static void die(const char *fmt, ...) {
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
     va_end(ap);
+    remove_pending_output();
     exit(1);
+}
+
+// s (at most max bytes, up to a NUL) with every byte outside printable ASCII written as \xHH,
+// so a name read from a corrupt file cannot send control sequences to the terminal. The
+// result lives in one of two static buffers used in turn: one message may hold two names.
+static const char *printable(const char *s, size_t max) {
+    static char buffers[2][4 * 64 + 1];
+    static int turn;
+    turn ^= 1;
+    char *out = buffers[turn], *p = out;
+    for (size_t i = 0; i < max && i < 64 && s[i]; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c >= 0x20 && c < 0x7f && c != '\\') *p++ = (char)c;
+        else p += sprintf(p, "\\x%02X", c);
+    }
+    *p = 0;
+    return out;
 }
 
 // a * b, or die naming what overflowed. Every allocation and offset goes through this.
@@ -173,7 +200,9 @@ static void check_section(const char *path, const char *what, uint64_t offset, u
 // Map the file and check the header, the section bounds and every tensor table entry
 // before anything trusts a size from it.
 static void open_model_file(ModelFile *mf, const char *path) {
-    int fd = open(path, O_RDONLY);
+    // O_NONBLOCK: a named pipe would otherwise block open() until a writer came; it is then
+    // refused as not a regular file. (The flag does nothing to a regular file's reads.)
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
     if (fd < 0) die("%s: cannot open: %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0) die("%s: cannot stat: %s", path, strerror(errno));
@@ -220,6 +249,10 @@ static void open_model_file(ModelFile *mf, const char *path) {
         const TensorEntry *e = &mf->tensors[i];
         if (memchr(e->name, 0, LR_NAME_LEN) == NULL || e->name[0] == 0)
             die("%s: tensor %u has an empty or unterminated name", path, i);
+        for (const char *c = e->name; *c; c++)
+            if ((unsigned char)*c < 0x20 || (unsigned char)*c >= 0x7f)
+                die("%s: tensor %u has a name with a control or non-ASCII byte: %s", path, i,
+                    printable(e->name, LR_NAME_LEN));
         if (e->dtype >= DT_COUNT) die("%s: tensor %s has unknown dtype %u", path, e->name, e->dtype);
         if (e->n_dims < 1 || e->n_dims > 2 || (e->n_dims == 1 && e->cols != 1))
             die("%s: tensor %s has a bad shape (n_dims %u)", path, e->name, e->n_dims);
@@ -509,7 +542,8 @@ static void check_rope_config(const Config *c, const char *path) {
     for (int l = 0; l < c->n_layers; l++) {
         const LayerConfig *lc = &c->layers[l];
         const char *name = rope_type_name(lc->rope_type);
-        if (lc->rotary_dim == 0 || lc->rope_type == ROPE_DEFAULT) continue;
+        if (lc->rope_type == ROPE_DEFAULT) continue;   // (a NoPE layer's setting is checked too:
+                                                      // the banner and the context read it)
         if (!(lc->factor >= 1 && lc->factor < 1e6f) && !(lc->rope_type == ROPE_LONGROPE && lc->factor > 0))
             die("%s: layer %d: %s RoPE scaling needs a factor >= 1 (--rope-factor), got %g", path, l, name, lc->factor);
         if (lc->orig_ctx == 0) die("%s: layer %d: %s RoPE scaling needs the original context length", path, l, name);
@@ -526,7 +560,22 @@ static void check_rope_config(const Config *c, const char *path) {
 // trained context.
 static size_t rope_target_context(const LayerConfig *lc, int max_seq_len) {
     if (lc->rope_type == ROPE_DEFAULT || lc->rope_type == ROPE_LONGROPE || lc->orig_ctx == 0) return (size_t)max_seq_len;
-    return (size_t)(lc->factor * lc->orig_ctx);
+    double target = (double)lc->factor * lc->orig_ctx;   // checked finite; in double, no overflow
+    return target < (double)SIZE_MAX / 2 ? (size_t)target : SIZE_MAX / 2;
+}
+
+// Every value derived from a layer's RoPE setting must be a usable number: a file's YaRN
+// mscale can make the attention factor NaN, or a LongRoPE factor of 0 a frequency infinite,
+// while each stored field looks fine on its own.
+static void check_rope_table(const float *inv_freq, int half, float attn_factor, int layer,
+                             const char *path) {
+    if (!(attn_factor > 0 && attn_factor < 100))
+        die("%s: layer %d: the RoPE attention factor works out to %g; its scaling parameters are "
+            "broken", path, layer, attn_factor);
+    for (int i = 0; i < half; i++)
+        if (!isfinite(inv_freq[i]))
+            die("%s: layer %d: RoPE frequency %d works out to %g; its scaling parameters are broken",
+                path, layer, i, inv_freq[i]);
 }
 
 // The tables as HF builds them at load: at the original length L0 (LongRoPE: the short list).
@@ -535,15 +584,29 @@ static void build_rope(Rope *r, const Config *c, const ModelFile *mf, const char
     r->inv_freq = xcalloc(mul_size(c->n_layers, r->stride, "rope table"), sizeof(float), "rope table");
     r->attn_factor = xcalloc(c->n_layers, sizeof(float), "rope table");
     r->table_len = xcalloc(c->n_layers, sizeof(size_t), "rope table");
+    size_t n_factors = 0;   // LongRoPE: the length of its two lists, one factor per pair
     for (int l = 0; l < c->n_layers; l++) {
         const LayerConfig *lc = &c->layers[l];
-        if (lc->rope_type == ROPE_LONGROPE && !r->short_factor) {
-            r->short_factor = (const float *)get_tensor(mf, path, "rope.short_factor", lc->rotary_dim / 2, 1).data;
-            r->long_factor = (const float *)get_tensor(mf, path, "rope.long_factor", lc->rotary_dim / 2, 1).data;
+        size_t half = lc->rotary_dim / 2;
+        float *inv_freq = r->inv_freq + (size_t)l * r->stride;
+        if (lc->rope_type == ROPE_LONGROPE && half > 0) {
+            if (!r->short_factor) {   // the lists are shared: every LongRoPE layer must fit them
+                n_factors = half;
+                r->short_factor = (const float *)get_tensor(mf, path, "rope.short_factor", half, 1).data;
+                r->long_factor = (const float *)get_tensor(mf, path, "rope.long_factor", half, 1).data;
+            }
+            if (half != n_factors)
+                die("%s: layer %d rotates %zu channel pairs but the LongRoPE factor lists hold %zu",
+                    path, l, half, n_factors);
+            // the long list's table too, checked now rather than when a text first needs it
+            float a = rope_frequencies(lc, r->short_factor, r->long_factor, (size_t)lc->orig_ctx + 1,
+                                       inv_freq);
+            check_rope_table(inv_freq, (int)half, a, l, path);
         }
         r->table_len[l] = lc->orig_ctx;
         r->attn_factor[l] = rope_frequencies(lc, r->short_factor, r->long_factor, lc->orig_ctx,
-                                             r->inv_freq + (size_t)l * r->stride);
+                                             inv_freq);
+        check_rope_table(inv_freq, (int)half, r->attn_factor[l], l, path);
     }
 }
 
@@ -1575,8 +1638,8 @@ static void print_model_summary(const Transformer *t, const char *path) {
     for (uint32_t i = 0; i < h->n_tensors; i++) params += t->file.tensors[i].rows * t->file.tensors[i].cols;
     size_t act = (size_t)s->max_T * (2 * c->dim + 3 * c->q_dim + 2 * c->kv_dim + 2 * c->hidden_dim) * sizeof(float) +
                  (size_t)s->n_logit_rows * c->vocab_size * sizeof(float);
-    fprintf(stderr, "%s: %.32s, %.1fM params, %s weights, %d layers, dim %d, %d heads (%d kv) x %d, vocab %d, "
-            "trained context %d\n", path, h->arch, params / 1e6, dtype_name(t->weights.layers[0].wq.dtype), c->n_layers,
+    fprintf(stderr, "%s: %s, %.1fM params, %s weights, %d layers, dim %d, %d heads (%d kv) x %d, vocab %d, "
+            "trained context %d\n", path, printable(h->arch, sizeof(h->arch)), params / 1e6, dtype_name(t->weights.layers[0].wq.dtype), c->n_layers,
             c->dim, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size, c->max_seq_len);
     const LayerConfig *lc = &c->layers[0];
     fprintf(stderr, "RoPE %s", rope_type_name(lc->rope_type));
@@ -1770,14 +1833,31 @@ static void apply_repeat_penalty(const Sampler *sp, float *logits) {
     }
 }
 
+// softmax(x / temperature) in place, computed as exp((x - max) / temperature): every exponent
+// is at most 0, so no temperature, however small, overflows it. Infinite logits (a repetition
+// penalty can make them) act as limits: the +inf ones share all the mass, and so do all of
+// them when every one is -inf.
+static void tempered_softmax(float *x, int n, float temperature) {
+    float max = x[argmax(x, n)];
+    for (int i = 0; i < n; i++) {
+        if (isinf(max)) x[i] = x[i] == max ? 0 : -INFINITY;
+        else x[i] = (x[i] - max) / temperature;
+    }
+    softmax(x, n);
+}
+
 // Pick the next token from logits (V), which this overwrites. The steps run in HF's order,
 // each on what the previous left: repetition penalty, temperature, top-k, top-p (Holtzman
-// et al. 2019), min-p (Nguyen et al. 2024).
+// et al. 2019), min-p (Nguyen et al. 2024). Total: any finite logits and any options give a
+// token in [0, V); a NaN or infinite logit (a broken model) is an error.
 static int sample(Sampler *sp, float *logits, int vocab) {
+    for (int i = 0; i < vocab; i++)
+        if (!isfinite(logits[i]))
+            die("the model gave token %d the logit %g: its weights or RoPE settings are broken",
+                i, logits[i]);
     if (sp->repeat_penalty != 1) apply_repeat_penalty(sp, logits);
     if (sp->temperature == 0) return argmax(logits, vocab);
-    for (int i = 0; i < vocab; i++) logits[i] /= sp->temperature;
-    softmax(logits, vocab);   // logits now hold probabilities
+    tempered_softmax(logits, vocab, sp->temperature);   // logits now hold probabilities
     float pmax = logits[argmax(logits, vocab)], mass = 1;   // mass: of the candidates before top-p
     int n = 0;
     if (sp->top_k > 0) {
@@ -1841,9 +1921,11 @@ typedef struct {
     int n_bench_pp, n_bench_tg, n_bench_depth, reps, json;                // bench: -r, --json
 } Options;
 
-// Parse "12 7 99" into ids, each checked against the vocabulary. Returns the count.
-static size_t parse_ids(const char *text, int vocab, int **ids_out) {
-    size_t cap = strlen(text) / 2 + 1, n = 0;
+// Parse "12 7 99" (len bytes) into ids, each checked against the vocabulary. Returns the count.
+static size_t parse_ids(const char *text, size_t len, int vocab, int **ids_out) {
+    const char *nul = memchr(text, 0, len);
+    if (nul) die("token ids: byte %zu is a NUL byte; ids are decimal numbers", (size_t)(nul - text));
+    size_t cap = len / 2 + 1, n = 0;
     int *ids = xcalloc(cap, sizeof(int), "token ids");
     const char *p = text;
     for (;;) {
@@ -1852,7 +1934,8 @@ static size_t parse_ids(const char *text, int vocab, int **ids_out) {
         char *end;
         errno = 0;
         long v = strtol(p, &end, 10);
-        if (end == p || errno) die("token ids: '%.20s' is not a token id", p);
+        if (*p < '0' || *p > '9' || end == p || errno)
+            die("token ids: '%s' is not a token id", printable(p, 20));
         if (v < 0 || v >= vocab) die("token ids: %ld is outside the vocabulary [0, %d)", v, vocab);
         ids[n++] = (int)v;
         p = end;
@@ -1907,12 +1990,100 @@ static double peak_rss_mb(void) {
 #endif
 }
 
-// Ctrl-C stops generation cleanly (the stats still print); a second Ctrl-C exits at once.
+// Ctrl-C stops generation cleanly (the stats still print) and any other long loop with an
+// error; a second Ctrl-C exits at once. SIGTERM and SIGHUP exit at once. Each removes a
+// half-written output file first (unlink is safe in a signal handler).
 static volatile sig_atomic_t interrupted = 0;
 static void on_sigint(int sig) {
     (void)sig;
-    if (interrupted) _exit(130);
+    if (interrupted) {
+        remove_pending_output();
+        _exit(130);
+    }
     interrupted = 1;
+}
+
+static void on_sigterm(int sig) {
+    remove_pending_output();
+    _exit(128 + sig);
+}
+
+// No SA_RESTART: a Ctrl-C at chat's prompt ends the wait for a line (and the chat) at once.
+static void catch_signals(void) {
+    struct sigaction sa = {.sa_handler = on_sigint};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sa.sa_handler = on_sigterm;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+}
+
+// A closed standard descriptor would be handed out by the next open(), and printf would then
+// write into whatever file got it. Fill each closed one with /dev/null opened read-only, so
+// that writing to a closed stdout fails, and is reported, instead.
+static void guard_standard_fds(void) {
+    for (int fd = 0; fd <= 2; fd++)
+        if (fcntl(fd, F_GETFD) == -1 && open("/dev/null", O_RDONLY) != fd) abort();
+}
+
+// Standard output's fate is known only once it is flushed and closed: a full disk, a closed
+// descriptor or /dev/full report there. Exit 1 with a message rather than 0 with a cut text.
+static void finish_stdout(void) {
+    if (fflush(stdout) != 0 || ferror(stdout)) die("cannot write standard output: %s", strerror(errno));
+    if (fclose(stdout) != 0) die("cannot write standard output: %s", strerror(errno));
+}
+
+// Output files (--logits-out, --ppl-csv) are written as NAME.tmp and renamed to NAME once
+// complete, so a failed, interrupted or killed run leaves neither a partial file nor a damaged
+// older one: die() and the signal handlers remove the temporary. A device or pipe
+// (/dev/null, a FIFO) is written directly. No output may be one of the run's inputs: the model
+// is mapped, and truncating it under the mapping would lose it.
+typedef struct {
+    FILE *f;
+    const char *path;   // the final name
+    int direct;         // a device or pipe, written in place
+} OutputFile;
+
+static int same_file(const char *path, const struct stat *other) {
+    struct stat st;
+    return stat(path, &st) == 0 && st.st_dev == other->st_dev && st.st_ino == other->st_ino;
+}
+
+// Open path for writing; inputs (n_inputs paths, NULL or "-" entries skipped) must survive.
+static OutputFile open_output(const char *path, const char *const *inputs, int n_inputs) {
+    OutputFile out = {.path = path};
+    struct stat st;
+    if (stat(path, &st) == 0) {
+        if (S_ISDIR(st.st_mode)) die("%s: is a directory, not an output file", path);
+        out.direct = !S_ISREG(st.st_mode);
+    }
+    char tmp[sizeof(pending_output)];
+    if (snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int)sizeof(tmp)) die("%s: path too long", path);
+    for (int i = 0; i < n_inputs; i++) {
+        struct stat in;
+        if (!inputs[i] || !strcmp(inputs[i], "-") || stat(inputs[i], &in) != 0) continue;
+        if (same_file(path, &in) || (!out.direct && same_file(tmp, &in)))
+            die("%s: writing it would overwrite the input %s; choose another output file", path,
+                inputs[i]);
+    }
+    if (!out.direct) memcpy(pending_output, tmp, sizeof(tmp));
+    out.f = fopen(out.direct ? path : tmp, "wb");
+    if (!out.f) die("%s: cannot write: %s", out.direct ? path : tmp, strerror(errno));
+    return out;
+}
+
+// Flush, close and rename into place; on any failure die(), which removes the temporary.
+static void close_output(OutputFile *out) {
+    int failed = fflush(out->f) != 0 || ferror(out->f);
+    int err = errno;
+    if (fclose(out->f) != 0 && !failed) {
+        failed = 1;
+        err = errno;
+    }
+    if (failed) die("%s: write failed: %s", out->path, strerror(err));
+    if (!out->direct && rename(pending_output, out->path) != 0)
+        die("%s: cannot move the finished file into place: %s", out->path, strerror(errno));
+    pending_output[0] = 0;
 }
 
 // Feed n tokens to the model from position pos0 in chunks; return the last token's logits.
@@ -1986,7 +2157,7 @@ static int decode(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, f
         if (tok && (next == tokenizer_eos_id(tok) || next == tokenizer_eot_id(tok))) break;
         if (print_text) tokenizer_stream_put(&stream, next, out);
         else fprintf(out, generated > 1 ? " %d" : "%d", next);
-        fflush(out);
+        if (fflush(out) != 0 || ferror(out)) die("cannot write the output: %s", strerror(errno));
         sampler_accept(sp, next);
         if (!make_room(t, *pos, 1)) break;
         logits = forward(t, &next, 1, (*pos)++);   // fed back even when it is the last, so a chat
@@ -2091,16 +2262,15 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *system
 }
 
 // -m logits: run the ids in chunks and write every position's logits as raw float32 (n, V).
-static void write_logits(Transformer *t, const int *tokens, size_t n, const char *out_path) {
-    FILE *f = fopen(out_path, "wb");
-    if (!f) die("%s: cannot write: %s", out_path, strerror(errno));
+static void write_logits(Transformer *t, const int *tokens, size_t n, OutputFile *out) {
     int V = t->config.vocab_size;
     for (size_t done = 0; done < n; done += t->state.max_T) {
+        if (interrupted) die("interrupted after %zu of %zu tokens; %s not written", done, n, out->path);
         int T = n - done < (size_t)t->state.max_T ? (int)(n - done) : t->state.max_T;
         float *logits = forward(t, tokens + done, T, done);
-        if (fwrite(logits, sizeof(float) * V, T, f) != (size_t)T) die("%s: write failed", out_path);
+        if (fwrite(logits, sizeof(float) * V, T, out->f) != (size_t)T)
+            die("%s: write failed: %s", out->path, strerror(errno));
     }
-    if (fclose(f) != 0) die("%s: write failed: %s", out_path, strerror(errno));
 }
 
 // -m tokenize: the ids of the prompt on one line, as HF's encode(text, add_special_tokens=False).
@@ -2123,15 +2293,11 @@ static double token_log_prob(const float *logits, int V, int target) {
 
 // -m ppl: perplexity exp(mean NLL) of a text, every token predicted from all before it that
 // the cache settings keep, in one pass of chunked prefill. Memory is the cache plus one
-// chunk's logits, whatever the text's length. With csv_path, one row per `bucket` predicted
+// chunk's logits, whatever the text's length. With a csv file, one row per `bucket` predicted
 // positions: first,last,tokens,mean_nll,ppl.
-static void perplexity(Transformer *t, const int *tokens, size_t n, size_t bucket, const char *csv_path) {
+static void perplexity(Transformer *t, const int *tokens, size_t n, size_t bucket, FILE *csv) {
     int V = t->config.vocab_size, max_T = t->state.max_T;
-    FILE *csv = NULL;
-    if (csv_path) {
-        if (!(csv = fopen(csv_path, "w"))) die("%s: cannot write: %s", csv_path, strerror(errno));
-        fprintf(csv, "first,last,tokens,mean_nll,ppl\n");
-    }
+    if (csv) fprintf(csv, "first,last,tokens,mean_nll,ppl\n");
     double *nll = xcalloc(max_T, sizeof(double), "nll row");
     double total = 0, bucket_sum = 0, start = now_seconds();
     size_t bucket_n = 0, predicted = 0;
@@ -2154,7 +2320,6 @@ static void perplexity(Transformer *t, const int *tokens, size_t n, size_t bucke
     }
     if (n >= 4096) fprintf(stderr, "\n");
     free(nll);
-    if (csv && fclose(csv) != 0) die("%s: write failed", csv_path);
     if (interrupted) die("interrupted after %zu tokens (perplexity so far %.4f)", predicted, exp(total / predicted));
     printf("perplexity %.4f over %zu predicted tokens (mean NLL %.6f), %.1f tok/s, peak RSS %.0f MB\n",
            exp(total / predicted), predicted, total / predicted, predicted / (now_seconds() - start), peak_rss_mb());
@@ -2179,7 +2344,9 @@ static int *passkey_prompt(Tokenizer *tok, size_t length, float depth, const cha
     char needle[128];
     snprintf(needle, sizeof(needle), PASSKEY_NEEDLE, key, key);
     size_t fixed = count_tokens(tok, PASSKEY_INTRO) + count_tokens(tok, needle) + count_tokens(tok, PASSKEY_QUESTION) + 1;
-    size_t unit = count_tokens(tok, PASSKEY_FILLER), units = length > fixed ? (length - fixed) / unit : 0;
+    size_t unit = count_tokens(tok, PASSKEY_FILLER);
+    if (unit == 0) die("the tokenizer turns the pass-key filler text into no tokens");
+    size_t units = length > fixed ? (length - fixed) / unit : 0;
     size_t before = (size_t)(units * depth + 0.5f), filler_len = strlen(PASSKEY_FILLER);
     size_t len = strlen(PASSKEY_INTRO) + strlen(needle) + strlen(PASSKEY_QUESTION) + units * filler_len;
     char *text = xcalloc(add_size(len, 1, "pass-key prompt"), 1, "pass-key prompt"), *p = text;
@@ -2273,10 +2440,13 @@ static void bench(Transformer *t, const long *pp, int n_pp, const long *tg, int 
             for (int ti = 0; ti < (kind ? n_tg : n_pp); ti++) {
                 size_t n = (size_t)(kind ? tg[ti] : pp[ti]);
                 double sum = 0, sum2 = 0;
-                for (int r = 0; r < reps && !interrupted; r++) {
+                for (int r = 0; r < reps; r++) {
                     double t0 = now_seconds();
                     if (kind == 0) prefill(t, ids, n, depth);
-                    else for (size_t i = 0; i < n; i++) forward(t, &ids[i], 1, depth + i);
+                    for (size_t i = 0; kind == 1 && i < n; i++) {
+                        if (interrupted) die("interrupted");
+                        forward(t, &ids[i], 1, depth + i);
+                    }
                     double rate = n / (now_seconds() - t0);
                     sum += rate, sum2 += rate * rate;
                 }
@@ -2359,11 +2529,34 @@ static void usage_error(const char *fmt, const char *arg) {
     exit(2);
 }
 
+// A plain decimal number: an optional '-', digits, and (with fraction) an optional '.digits'
+// and exponent. strtol and strtod would also take leading spaces, '+', hex and "inf".
+static int is_decimal(const char *s, int fraction) {
+    s += *s == '-';
+    size_t digits = strspn(s, "0123456789");
+    s += digits;
+    if (!fraction) return digits > 0 && !*s;
+    if (*s == '.') {
+        size_t more = strspn(s + 1, "0123456789");
+        digits += more;
+        s += 1 + more;
+    }
+    if (digits == 0) return 0;
+    if (*s == 'e' || *s == 'E') {
+        s++;
+        s += *s == '-' || *s == '+';
+        size_t exponent = strspn(s, "0123456789");
+        if (exponent == 0) return 0;
+        s += exponent;
+    }
+    return !*s;
+}
+
 static long parse_long(const char *flag, const char *s, long lo, long hi) {
     char *end;
     errno = 0;
     long v = strtol(s, &end, 10);
-    if (end == s || *end || errno || v < lo || v > hi) {
+    if (!is_decimal(s, 0) || end == s || *end || errno || v < lo || v > hi) {
         fprintf(stderr, "error: %s %s: expected an integer in [%ld, %ld] (see run --help)\n", flag, s, lo, hi);
         exit(2);
     }
@@ -2374,7 +2567,7 @@ static float parse_float(const char *flag, const char *s, float lo, float hi) {
     char *end;
     errno = 0;
     double v = strtod(s, &end);
-    if (end == s || *end || errno || !(v >= lo && v <= hi)) {
+    if (!is_decimal(s, 1) || end == s || *end || errno || !(v >= lo && v <= hi)) {
         fprintf(stderr, "error: %s %s: expected a number in [%g, %g] (see run --help)\n", flag, s, lo, hi);
         exit(2);
     }
@@ -2522,6 +2715,7 @@ static size_t context_slots(const Options *o, const FileHeader *h, size_t n_prom
 }
 
 int main(int argc, char **argv) {
+    guard_standard_fds();
     Options o = parse_options(argc, argv);
     if (o.threads) set_threads(o.threads);
     ModelFile mf;
@@ -2541,7 +2735,8 @@ int main(int argc, char **argv) {
         size_t len;
         char *text = read_prompt(&o, &len);
         if (o.input_is_ids) {
-            n_prompt = parse_ids(text, mf.header->n_layers ? (int)mf.header->vocab_size : tokenizer_vocab_size(&tok), &prompt);
+            int vocab = mf.header->n_layers ? (int)mf.header->vocab_size : tokenizer_vocab_size(&tok);
+            n_prompt = parse_ids(text, len, vocab, &prompt);
         } else {
             if (!has_tokenizer) die("%s has no tokenizer: re-export it, or give token ids with --ids", o.model_path);
             check_utf8("the prompt", text, len, "convert it (iconv -t UTF-8), or give token ids with --ids");
@@ -2555,6 +2750,7 @@ int main(int argc, char **argv) {
     }
     if (!strcmp(mode, "tokenize")) {
         print_ids(prompt, n_prompt);
+        finish_stdout();
         free(prompt);
         tokenizer_free(&tok);
         close_model_file(&mf);
@@ -2578,17 +2774,23 @@ int main(int argc, char **argv) {
         die("the prompt (%zu tokens) does not fit in a context of %zu; raise -c, or read it through a window "
             "(--sinks 4 --window W)", n_prompt, capacity);
     print_model_summary(&t, o.model_path);
-    signal(SIGINT, on_sigint);
+    catch_signals();
+    const char *inputs[] = {o.model_path, o.input_path};
+    const char *out_path = !strcmp(mode, "logits") ? o.logits_out : !strcmp(mode, "ppl") ? o.ppl_csv : NULL;
+    OutputFile out = {0};
+    if (out_path) out = open_output(out_path, inputs, 2);
     Sampler sp = o.sampler;
     build_sampler(&sp, t.config.vocab_size, o.seed);
-    if (!strcmp(mode, "logits")) write_logits(&t, prompt, n_prompt, o.logits_out);
-    else if (!strcmp(mode, "ppl")) perplexity(&t, prompt, n_prompt, (size_t)o.ppl_bucket, o.ppl_csv);
+    if (!strcmp(mode, "logits")) write_logits(&t, prompt, n_prompt, &out);
+    else if (!strcmp(mode, "ppl")) perplexity(&t, prompt, n_prompt, (size_t)o.ppl_bucket, out.f);
     else if (!strcmp(mode, "passkey"))
         passkey(&t, &tok, o.passkey_len, o.n_passkey_len, o.passkey_depth, o.n_passkey_depth, o.passkey_trials, o.seed);
     else if (!strcmp(mode, "bench"))
         bench(&t, o.bench_pp, o.n_bench_pp, o.bench_tg, o.n_bench_tg, o.bench_depth, o.n_bench_depth, o.reps, o.json);
     else if (!strcmp(mode, "chat")) chat(&t, &tok, &sp, o.system, o.steps, o.input_is_ids);
     else generate(&t, has_tokenizer ? &tok : NULL, !o.input_is_ids, &sp, prompt, n_prompt, o.steps);
+    if (out_path) close_output(&out);   // after ppl's result is printed, whatever becomes of it
+    finish_stdout();
     free_sampler(&sp);
     free_transformer(&t);
     free(prompt);

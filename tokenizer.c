@@ -337,34 +337,34 @@ static int compare_specials(const void *a, const void *b) {
 int tokenizer_load(Tokenizer *t, const uint8_t *section, size_t size, char *err, size_t err_len) {
     memset(t, 0, sizeof(*t));
     TokHeader h;
-    if (size < sizeof(h)) LOAD_FAIL("tokenizer section is %zu bytes, shorter than its %d-byte header", size, LR_TOK_HEADER_SIZE);
+    if (size < sizeof(h)) LOAD_FAIL("%zu bytes, shorter than its %d-byte header", size, LR_TOK_HEADER_SIZE);
     memcpy(&h, section, sizeof(h));
-    if (h.magic != LR_TOK_MAGIC) LOAD_FAIL("tokenizer section: bad magic 0x%08X", h.magic);
+    if (h.magic != LR_TOK_MAGIC) LOAD_FAIL("bad magic 0x%08X", h.magic);
     if (h.version != LR_TOK_VERSION)
-        LOAD_FAIL("tokenizer section version %u, this build reads %d; re-export with export.py", h.version, LR_TOK_VERSION);
-    if (h.kind >= TOK_KIND_COUNT) LOAD_FAIL("tokenizer section: unknown kind %u", h.kind);
-    if (h.pre >= TOK_PRE_COUNT) LOAD_FAIL("tokenizer section: unknown pre-tokenizer %u", h.pre);
-    if (h.prefix >= TOK_PREFIX_COUNT) LOAD_FAIL("tokenizer section: unknown prefix scheme %u", h.prefix);
+        LOAD_FAIL("version %u, this build reads %d; re-export with export.py", h.version, LR_TOK_VERSION);
+    if (h.kind >= TOK_KIND_COUNT) LOAD_FAIL("unknown kind %u", h.kind);
+    if (h.pre >= TOK_PRE_COUNT) LOAD_FAIL("unknown pre-tokenizer %u", h.pre);
+    if (h.prefix >= TOK_PREFIX_COUNT) LOAD_FAIL("unknown prefix scheme %u", h.prefix);
     if ((h.kind == TOK_SPM) != (h.pre == TOK_PRE_NONE) || (h.kind == TOK_BYTE_BPE && h.prefix != TOK_PREFIX_NONE))
-        LOAD_FAIL("tokenizer section: kind %u does not go with pre-tokenizer %u / prefix %u", h.kind, h.pre, h.prefix);
+        LOAD_FAIL("kind %u does not go with pre-tokenizer %u / prefix %u", h.kind, h.pre, h.prefix);
     if (h.flags & ~(TOK_FLAG_ADD_BOS | TOK_FLAG_NFC | TOK_FLAG_IGNORE_MERGES))
-        LOAD_FAIL("tokenizer section: unknown flags 0x%X", h.flags);
-    if (h.chat_template >= CHAT_COUNT) LOAD_FAIL("tokenizer section: unknown chat template %u", h.chat_template);
-    if (h.n_tokens == 0 || h.n_tokens > (1u << 24)) LOAD_FAIL("tokenizer section: n_tokens %u out of range [1, 2^24]", h.n_tokens);
-    if (h.n_merges > (1u << 26)) LOAD_FAIL("tokenizer section: n_merges %u out of range", h.n_merges);
+        LOAD_FAIL("unknown flags 0x%X", h.flags);
+    if (h.chat_template >= CHAT_COUNT) LOAD_FAIL("unknown chat template %u", h.chat_template);
+    if (h.n_tokens == 0 || h.n_tokens > (1u << 24)) LOAD_FAIL("n_tokens %u out of range [1, 2^24]", h.n_tokens);
+    if (h.n_merges > (1u << 26)) LOAD_FAIL("n_merges %u out of range", h.n_merges);
     if (h.entries_offset % 4 || !table_fits(h.entries_offset, h.n_tokens, sizeof(TokEntry), size))
-        LOAD_FAIL("tokenizer section: token table (offset %llu, %u entries) misaligned or past the end (%zu bytes)",
+        LOAD_FAIL("token table (offset %llu, %u entries) misaligned or past the end (%zu bytes)",
                   (unsigned long long)h.entries_offset, h.n_tokens, size);
     if (h.merges_offset % 4 || !table_fits(h.merges_offset, h.n_merges, sizeof(TokMerge), size))
-        LOAD_FAIL("tokenizer section: merge table (offset %llu, %u entries) misaligned or past the end (%zu bytes)",
+        LOAD_FAIL("merge table (offset %llu, %u entries) misaligned or past the end (%zu bytes)",
                   (unsigned long long)h.merges_offset, h.n_merges, size);
     if (!table_fits(h.strings_offset, h.strings_size, 1, size) || h.strings_size > UINT32_MAX)
-        LOAD_FAIL("tokenizer section: strings (offset %llu, %llu bytes) run past the end (%zu bytes)",
+        LOAD_FAIL("strings (offset %llu, %llu bytes) run past the end (%zu bytes)",
                   (unsigned long long)h.strings_offset, (unsigned long long)h.strings_size, size);
     int ids[4] = {h.bos_id, h.eos_id, h.eot_id, h.unk_id};
     const char *id_names[4] = {"bos_id", "eos_id", "eot_id", "unk_id"};
     for (int k = 0; k < 4; k++)
-        if (ids[k] < -1 || ids[k] >= (int)h.n_tokens) LOAD_FAIL("tokenizer section: %s %d out of range", id_names[k], ids[k]);
+        if (ids[k] < -1 || ids[k] >= (int)h.n_tokens) LOAD_FAIL("%s %d out of range", id_names[k], ids[k]);
 
     t->kind = h.kind, t->pre = h.pre, t->prefix = h.prefix, t->flags = h.flags;
     t->n_tokens = h.n_tokens, t->chat = h.chat_template;
@@ -379,18 +379,18 @@ int tokenizer_load(Tokenizer *t, const uint8_t *section, size_t size, char *err,
     for (uint32_t i = 0; i < h.n_tokens; i++) {
         const TokEntry *e = &t->entries[i];
         if (e->offset > h.strings_size || e->len > h.strings_size - e->offset)
-            LOAD_FAIL("tokenizer section: token %u string (offset %u, %u bytes) outside the string table", i, e->offset, e->len);
-        if (e->type < TOK_NORMAL || e->type >= TOK_TYPE_END) LOAD_FAIL("tokenizer section: token %u has unknown type %u", i, e->type);
-        if (e->len == 0 && e->type != TOK_UNUSED) LOAD_FAIL("tokenizer section: token %u is empty", i);
+            LOAD_FAIL("token %u string (offset %u, %u bytes) outside the string table", i, e->offset, e->len);
+        if (e->type < TOK_NORMAL || e->type >= TOK_TYPE_END) LOAD_FAIL("token %u has unknown type %u", i, e->type);
+        if (e->len == 0 && e->type != TOK_UNUSED) LOAD_FAIL("token %u is empty", i);
         size_t len;
         const uint8_t *p = piece_bytes(t, i, &len);
         if (e->type == TOK_BYTE) {
             int v = byte_piece_value(p, len);
-            if (v < 0 || h.kind != TOK_SPM) LOAD_FAIL("tokenizer section: byte token %u is not <0xNN> in an SPM model", i);
+            if (v < 0 || h.kind != TOK_SPM) LOAD_FAIL("byte token %u is not <0xNN> in an SPM model", i);
             if (t->byte_id[v] < 0) t->byte_id[v] = i;
         }
         if (is_special_type(e->type) && utf8_valid_prefix((const char *)p, len) < len)   // it would split characters
-            LOAD_FAIL("tokenizer section: special token %u is not valid UTF-8", i);
+            LOAD_FAIL("special token %u is not valid UTF-8", i);
         n_special += is_special_type(e->type) && len > 0;
     }
 
@@ -406,7 +406,7 @@ int tokenizer_load(Tokenizer *t, const uint8_t *section, size_t size, char *err,
         if (len == 0) continue;
         if (is_special_type(t->entries[i].type)) { t->specials[n_special++] = i; continue; }
         int twin = vocab_find(t, p, len);
-        if (twin >= 0) LOAD_FAIL("tokenizer section: tokens %d and %u are the same string (%zu bytes)", twin, i, len);
+        if (twin >= 0) LOAD_FAIL("tokens %d and %u are the same string (%zu bytes)", twin, i, len);
         size_t k = hash_bytes(p, len) & t->vocab_mask;
         while (t->vocab[k]) k = (k + 1) & t->vocab_mask;
         t->vocab[k] = i + 1;
@@ -427,11 +427,11 @@ int tokenizer_load(Tokenizer *t, const uint8_t *section, size_t size, char *err,
     for (uint32_t i = 0; i < h.n_merges; i++) {
         TokMerge m = merges[i];
         if (m.left >= h.n_tokens || m.right >= h.n_tokens || m.result >= h.n_tokens)
-            LOAD_FAIL("tokenizer section: merge %u has a token id out of range (%u %u -> %u)", i, m.left, m.right, m.result);
+            LOAD_FAIL("merge %u has a token id out of range (%u %u -> %u)", i, m.left, m.right, m.result);
         size_t ll, lr, lm;
         const uint8_t *pl = piece_bytes(t, m.left, &ll), *pr = piece_bytes(t, m.right, &lr), *pm = piece_bytes(t, m.result, &lm);
         if (ll == 0 || lr == 0 || lm != ll + lr || memcmp(pm, pl, ll) || memcmp(pm + ll, pr, lr))
-            LOAD_FAIL("tokenizer section: merge %u: token %u is not token %u followed by token %u", i, m.result, m.left, m.right);
+            LOAD_FAIL("merge %u: token %u is not token %u followed by token %u", i, m.result, m.left, m.right);
         if (lr >= 3 && !memcmp(pr, "\xE2\x96\x81", 3)) crosses_words = 1;   // X + "▁..."
         if (pair_find(t, m.left, m.right)) continue;  // a duplicate: the first (better) rank stays
         uint64_t key = ((uint64_t)m.left << 32 | m.right) + 1;

@@ -21,8 +21,8 @@ def replay(tmp_path_factory):
     out = {}
     for h in HARNESSES:
         out[h] = str(d / f"replay_{h}")
-        cmd = [os.environ.get("CC", "cc"), "-DFUZZ_REPLAY", "-O1", "-g", "-fsanitize=address,undefined",
-               "-fno-sanitize-recover=all", "-std=c11", "-Wall", "-Wextra", "-Werror", "-o", out[h],
+        cmd = [os.environ.get("CC", "cc"), "-DFUZZ_REPLAY", "-O1", "-g",
+               "-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all", "-std=c11", "-Wall", "-Wextra", "-Werror", "-o", out[h],
                os.path.join(FUZZ, f"fuzz_{h}.c"), "-lm"]
         r = subprocess.run(cmd, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr

@@ -286,3 +286,97 @@ def test_text_without_tokenizer(good):
     d, _ = good
     r = run(d / "good.bin", "-i", "hello", "-n", 2, binary=need(RUN_ASAN, "make run-asan"), check=False)
     print(f"\n[no tokenizer] {one_error_line(r, 1, 'has no tokenizer')}")
+
+
+# ----------------------------------------------------------------------------
+# Crafted files that once got through the checks: each is made from a committed fuzz seed, is
+# itself committed under tests/fuzz/regressions/model/ (so the fuzz replay runs it too), and
+# must be refused with one error line naming what is wrong.
+
+SEEDS = os.path.join(ROOT, "tests", "fuzz", "seeds", "model")
+REGRESSIONS = os.path.join(ROOT, "tests", "fuzz", "regressions", "model")
+NAN = float("nan")
+
+
+def layers_set(blob, layer, **fields):
+    for name, value in fields.items():
+        blob = layer_set(blob, layer, name, value)
+    return blob
+
+
+def as_rope_lists(blob):
+    """qwen2-q8 (2 layers) with its biases dropped and blk.0.bk / blk.1.bk (f32, 16 x 1) turned
+    into the LongRoPE lists, 4 factors of 1.0 each; layer 0 rotates 4 pairs, layer 1 8 pairs."""
+    blob = header_set(blob, "qkv_bias", 0)
+    table = section_ends(blob)[1]
+    for old, new in [("blk.0.bk", b"rope.short_factor"), ("blk.1.bk", b"rope.long_factor")]:
+        i = tensor_index(blob, old)
+        entry = dict(zip([n for n, _ in ex.TENSOR_FIELDS], ex.TENSOR.unpack_from(blob, table + i * ex.TENSOR.size)))
+        blob = tensor_set(tensor_set(tensor_set(blob, i, "name", new), i, "rows", 4), i, "size", 16)
+        blob = blob[:entry["offset"]] + struct.pack("<4f", 1, 1, 1, 1) + blob[entry["offset"] + 16:]
+    longrope = dict(rope_type=5, factor=2.0, orig_ctx=32, attention_factor=0.0)
+    return layers_set(layers_set(blob, 0, rotary_dim=8, **longrope), 1, rotary_dim=16, **longrope)
+
+
+def without_text_tokens(blob):
+    """llama-tokenizer with no merges and every ordinary token emptied (type unused): it loads,
+    and any text, the pass-key filler included, encodes to no tokens at all."""
+    h = dict(zip([n for n, _ in ex.HEADER_FIELDS], ex.HEADER.unpack_from(blob)))
+    tok = h["tokenizer_offset"]
+    n_tokens, = struct.unpack_from("<I", blob, tok + 24)
+    entries, = struct.unpack_from("<Q", blob, tok + 64)
+    out = bytearray(blob)
+    struct.pack_into("<I", out, tok + 28, 0)   # n_merges
+    for i in range(n_tokens):
+        at = tok + entries + 16 * i
+        offset, length, score, kind = struct.unpack_from("<IIfI", out, at)
+        if kind not in (3, 4):   # control and user-defined tokens stay
+            struct.pack_into("<IIfI", out, at, offset, 0, score, 5)
+    return bytes(out)
+
+
+YARN = dict(rope_type=3, factor=4.0, orig_ctx=32, beta_fast=32.0, beta_slow=1.0)
+CRAFTED = {
+    # name: (seed, damage, mode arguments, words of the error)
+    "yarn-mscale-nan": ("qwen3-f16.bin", lambda b: layers_set(b, 0, mscale=NAN, mscale_all_dim=1.0, **YARN),
+                        [], "attention factor works out to nan"),
+    "yarn-mscale-ratio-huge": ("qwen3-f16.bin", lambda b: layers_set(b, 0, mscale=1e30, mscale_all_dim=1e-30,
+                                                                       **YARN), [], "attention factor works out"),
+    "nope-layer-factor-nan": ("llama-f32.bin", lambda b: layers_set(b, 0, rotary_dim=0, rope_type=1, factor=NAN,
+                                                                      orig_ctx=64), [], "needs a factor"),
+    "nope-layer-factor-huge": ("llama-f32.bin", lambda b: layers_set(b, 0, rotary_dim=0, rope_type=1, factor=1e30,
+                                                                       orig_ctx=64), [], "needs a factor"),
+    "longrope-lists-too-short": ("qwen2-q8.bin", as_rope_lists, [], "LongRoPE factor lists hold 4"),
+    "passkey-filler-no-tokens": ("llama-tokenizer.bin", without_text_tokens,
+                                 ["-m", "passkey", "--passkey-len", "64", "--passkey-trials", "1"],
+                                 "filler text into no tokens"),
+}
+LOGITS_ARGS = ["-m", "logits", "-i", "1 2 3", "--logits-out", "/dev/null"]
+
+
+def crafted_bytes(name):
+    seed, damage, _, _ = CRAFTED[name]
+    return damage(open(os.path.join(SEEDS, seed), "rb").read())
+
+
+@pytest.mark.parametrize("name", list(CRAFTED))
+def test_crafted_file_is_refused(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(crafted_bytes(name))
+    args = CRAFTED[name][2] or LOGITS_ARGS
+    r = run(path, *args, binary=need(RUN_ASAN, "make run-asan"), check=False)
+    print(f"\n[{name}] {one_error_line(r, 1, CRAFTED[name][3])}")
+
+
+@pytest.mark.parametrize("name", list(CRAFTED))
+def test_crafted_file_is_in_the_fuzz_corpus(name):
+    """The committed regression input is exactly what CRAFTED builds (rewrite it if not:
+    python -c 'from test_malformed import write_crafted; write_crafted()' in tests/)."""
+    path = need(os.path.join(REGRESSIONS, name), "write_crafted() writes it")
+    assert open(path, "rb").read() == crafted_bytes(name)
+
+
+def write_crafted():
+    for name in CRAFTED:
+        with open(os.path.join(REGRESSIONS, name), "wb") as f:
+            f.write(crafted_bytes(name))

@@ -20,7 +20,8 @@ def drivers(tmp_path_factory):
     src = os.path.join(ROOT, "tests", "sampler_driver.c")
     plain, asan = str(d / "sampler_driver"), str(d / "sampler_driver_asan")
     for exe, flags in [(plain, ["-O2"]),
-                       (asan, ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"])]:
+                       (asan, ["-O1", "-g", "-fsanitize=address,undefined,float-cast-overflow",
+                               "-fno-sanitize-recover=all"])]:
         r = subprocess.run([cc, "-std=c11", "-Wall", "-Wextra", "-Werror", *flags, "-o", exe, src, "-lm"],
                            capture_output=True, text=True)
         assert r.returncode == 0, f"compiling sampler_driver.c failed:\n{r.stderr}"
