@@ -2567,7 +2567,10 @@ static float parse_float(const char *flag, const char *s, float lo, float hi) {
     char *end;
     errno = 0;
     double v = strtod(s, &end);
-    if (!is_decimal(s, 1) || end == s || *end || errno || !(v >= lo && v <= hi)) {
+    // the bounds are floats: compare v as the float it becomes (0.001 is not >= 0.001f), once
+    // it is known to fit one
+    int fits = v >= -1e30 && v <= hi;
+    if (!is_decimal(s, 1) || end == s || *end || errno || !fits || !((float)v >= lo)) {
         fprintf(stderr, "error: %s %s: expected a number in [%g, %g] (see run --help)\n", flag, s, lo, hi);
         exit(2);
     }
