@@ -782,7 +782,7 @@ def check_layers(h, layers):
                               f"{lc['high_freq_factor']} and {lc['low_freq_factor']}")
         a = derived_attention_factor(lc)
         if not 0 < a < 100:  # the range of a stored attention_factor: q.k grows by a^2
-            raise ExportError(f"{kind} RoPE settings give an attention factor of {a:g} (factor "
+            raise ExportError(f"{kind} RoPE settings give an attention factor of {a:.2g} (factor "
                               f"{lc['factor']}, mscale {lc.get('mscale', 0)}, mscale_all_dim "
                               f"{lc.get('mscale_all_dim', 0)}, orig_ctx {lc['orig_ctx']}); "
                               "it must be in (0, 100)")
@@ -1324,8 +1324,9 @@ def check_output(source, out):
             same = None
         same = same or inputs.get(os.path.realpath(path))
         if same:
-            raise ExportError(f"the output {path} is the input {same}: writing it would destroy "
-                              "the source; choose another output path")
+            what = "the output" if path == out else "the temporary output (written first)"
+            raise ExportError(f"{what} {path} is the input {same}: writing it would destroy the "
+                              "source; choose another output path")
 
 
 def export(args):
