@@ -96,7 +96,7 @@ test: run run-asan $(VENV)/.test $(SMOLLM2_GGUF)
 # build/fuzz/corpus/, crashing inputs land in build/fuzz/crashes/ (copy each into
 # tests/fuzz/regressions/HARNESS/ once fixed: make test replays them).
 #   make fuzz FUZZ_SECONDS=600 FUZZERS="model text"
-FUZZERS ?= model tokenizer text cli
+FUZZERS ?= model tokenizer text cli sample
 FUZZ_SECONDS ?= 60
 FUZZ_CC ?= $(shell command -v clang || command -v clang-14 || echo clang)
 fuzz: $(FUZZERS:%=build/fuzz/fuzz_%)

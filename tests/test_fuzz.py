@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 FUZZ = os.path.join(ROOT, "tests", "fuzz")
-HARNESSES = ["model", "tokenizer", "text", "cli"]
+HARNESSES = ["model", "tokenizer", "text", "cli", "sample"]
 ENV = dict(os.environ, LONGRUN_FUZZ_TOKENIZER=os.path.join(FUZZ, "text-tokenizer.bin"))
 
 

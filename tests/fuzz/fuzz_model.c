@@ -1,7 +1,8 @@
 // fuzz_model.c - a model file, as bytes, through everything ./run does with one: map and check
-// the header, the layer configs and the tensor table; load the tokenizer section; build the
-// transformer (RoPE tables, KV cache, buffers); then a 4-token chunk and one decode step, so that
-// a file the checks let through is also safe to compute with. The input's length picks the KV
+// the header, the layer configs and the tensor table; load the tokenizer section and build a
+// pass-key prompt with it (its filler text, key and question); build the transformer (RoPE
+// tables, KV cache, buffers); then a 4-token chunk and one decode step, so that a file the
+// checks let through is also safe to compute with. The input's length picks the KV
 // type and whether a window with sinks is on, so those paths meet the fuzzed files too.
 #include "fuzz.h"
 
@@ -30,7 +31,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     memset(&mf, 0, sizeof(mf)), memset(&tr, 0, sizeof(tr)), memset(&tok, 0, sizeof(tok));
     if (!setjmp(fuzz_escape)) {
         open_model_file(&mf, path);
-        load_tokenizer(&tok, &mf, path);
+        if (load_tokenizer(&tok, &mf, path)) {   // a pass-key prompt of ~100 tokens from its filler
+            size_t n;
+            free(passkey_prompt(&tok, 100, (float)(size % 5) / 4, "12345", &n));
+        }
         if (mf.header->n_layers) {
             RopeOptions rope = {0};
             AttnOptions attn = {.n_sink = -1, .kv_type = (int)(size % KV_COUNT)};

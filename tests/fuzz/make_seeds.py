@@ -9,6 +9,8 @@ tokenizer/  tokenizer sections alone: byte-level BPE (GPT-2 pre-tokenizer, speci
             SentencePiece BPE with byte fallback, both trained here on a few lines of text
 text/       prompts for fuzz_text (first byte even: text; odd: token ids)
 cli/        command lines for fuzz_cli (arguments separated by NUL bytes)
+sample/     option bytes and float32 logits for fuzz_sample: greedy, a tiny temperature, a
+            nucleus, infinite and NaN logits, logits a repetition penalty overflows
 """
 import json
 import os
@@ -98,7 +100,25 @@ def main():
                               ["m.bin", "-i", "x", "--rope-scaling", "yarn", "--rope-factor", "4", "--lminf", "--kv-type", "q8"],
                               ["--help"]]):
         write("cli", f"args{i}", b"\0".join(a.encode() for a in args))
+    write_sample_seeds()
     print("seeds written under", SEEDS)
+
+
+def write_sample_seeds():
+    """16 option bytes (see fuzz_sample.c), then float32 logits."""
+    import random
+    rng = random.Random(0)
+    inf, nan = float("inf"), float("nan")
+    cases = {
+        "greedy": ([0, 0, 2, 0, 3, 0, 0, 0, 4, 0, 0, 1, 0, 0, 0, 0], [0.5, 1.5, -2, 3.25, 0.0]),
+        "tiny-temperature": ([4, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 1, 0, 0, 0, 0], [20.0, 19.0, -3.0, 5.0]),
+        "nucleus": ([13, 80, 2, 9, 0, 0, 5, 9, 4, 0, 9, 7, 0, 12, 3, 0], [rng.gauss(0, 3) for _ in range(64)]),
+        "infinite": ([13, 80, 1, 0, 5, 30, 4, 0, 12, 0, 9, 7, 0, 5, 1, 0], [inf, 1.0, -inf, 2.0]),
+        "nan": ([13, 80, 3, 5, 5, 30, 4, 0, 12, 0, 9, 7, 0, 5, 1, 0], [nan, 1.0, 2.0]),
+        "penalty-overflow": ([5, 0, 3, 40, 6, 0, 9, 0, 12, 0, 40, 7, 0, 60, 0, 0], [3e38, -3e38, 1e38, -1e38, 0.5]),
+    }
+    for name, (options, logits) in cases.items():
+        write("sample", name, bytes(options) + struct.pack(f"<{len(logits)}f", *logits))
 
 
 if __name__ == "__main__":
