@@ -192,6 +192,10 @@ BAD = [
     ["-i", PROMPT, "--sinks", "4"], ["-i", PROMPT, "--window", "0"], ["-i", PROMPT, "--sinks", "-1", "--window", "8"],
     ["-i", PROMPT, "--window", "8", "-c", "64"], ["-i", PROMPT, "--lminf-limit", "50"],
     ["-i", PROMPT, "--kv-type", "q4"], ["-i", PROMPT, "--kv-type", "F16"],
+    # numbers are plain decimals: no hex, no leading space or '+', no inf
+    ["-i", PROMPT, "-t", "0x1p-2"], ["-i", PROMPT, "-n", "0x10"], ["-i", PROMPT, "-n", " 5"],
+    ["-i", PROMPT, "-t", " 0.5"], ["-i", PROMPT, "-k", "+5"], ["-i", PROMPT, "-t", "1e"],
+    ["-i", PROMPT, "--rope-factor", "infinity"], ["-i", PROMPT, "-p", ".5."],
 ]
 
 

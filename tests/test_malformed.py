@@ -270,16 +270,40 @@ def run_bytes(args, input=None, binary=None):
     ("n_zero", [b"-i", b"hi", b"-n", b"0"], None, 2, "-n 0 generates nothing"),
     ("bad_ids", [b"--ids", b"-i", b"1 2 x", b"-n", b"2"], None, 1, "is not a token id"),
     ("id_past_vocab", [b"--ids", b"-i", b"1 320", b"-n", b"2"], None, 1, "outside the vocabulary"),
+    ("id_negative", [b"--ids", b"-i", b"1 -5", b"-n", b"2"], None, 1, "is not a token id"),
+    ("nul_in_ids", [b"--ids", b"-f", b"-", b"-n", b"2"], b"1 2\x003 4", 1, "byte 3 is a NUL byte"),
 ])
 def test_bad_prompt(case, args, stdin, code, words):
     print(f"\n[{case}] {one_error_line(run_bytes(args, stdin), code, words)}")
 
 
 def test_context_larger_than_memory():
-    """-c beyond what the machine holds: calloc fails and says so (the plain build: ASan's allocator
-    would report the size itself instead of returning NULL)."""
-    r = run_bytes([b"-i", b"hi", b"-n", b"2", b"-c", b"2000000000"], binary=need(os.path.join(ROOT, "run"), "make"))
+    """-c beyond what the process may hold: calloc fails and says so (the plain build: ASan's
+    allocator would report the size itself instead of returning NULL). The address-space limit
+    makes the failure certain whatever the machine's memory and overcommit policy."""
+    import resource
+    import subprocess
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))   # noqa: E731
+    r = subprocess.run([need(os.path.join(ROOT, "run"), "make"), SEED, "-i", "hi", "-n", "2", "-c", "2000000000"],
+                       capture_output=True, text=True, preexec_fn=limit)
     print(f"\n[huge -c] {one_error_line(r, 1, 'cannot allocate')}")
+
+
+def test_names_from_the_file_cannot_reach_the_terminal(good):
+    """A tensor name with an escape byte is refused, its bytes shown as \\xHH; an arch string with
+    control bytes is printed the same way in the start-up block."""
+    d, blob = good
+    (d / "esc.bin").write_bytes(tensor_set(blob, 3, "name", b"blk.0.\x1b[31mwq"))
+    r = run(d / "esc.bin", "-m", "logits", "-i", "1 2", "--logits-out", d / "l.f32",
+            binary=need(RUN_ASAN, "make run-asan"), check=False)
+    line = one_error_line(r, 1, "control or non-ASCII byte: blk.0.\\x1B[31mwq")
+    assert "\x1b" not in r.stderr, line
+    off = field_offset(ex.HEADER_FIELDS, "arch")[0]
+    arch = blob[:off] + b"lla\x1b]0;owned\x07ma".ljust(32, b"\0") + blob[off + 32:]
+    (d / "arch.bin").write_bytes(arch)
+    r = run(d / "arch.bin", "-m", "logits", "-i", "1 2", "--logits-out", d / "l.f32",
+            binary=need(RUN_ASAN, "make run-asan"))
+    assert "lla\\x1B]0;owned\\x07ma" in r.stderr and "\x1b" not in r.stderr, r.stderr
 
 
 def test_text_without_tokenizer(good):

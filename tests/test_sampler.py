@@ -244,3 +244,35 @@ def test_frequencies_match_hf_probabilities(drivers, settings):
     assert worst < 0.015
     # chi2 / df is ~1 for a faithful sampler; df + 6 sqrt(2 df) is far in the tail (p < 1e-5)
     assert chi2 < df + 6 * np.sqrt(2 * df)
+
+
+def driver_run(binary, text):
+    return subprocess.run([binary], input=text, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_a_non_finite_logit_is_an_error(drivers, bad):
+    """A broken model's NaN or infinite logit is refused with one error line, not sampled from."""
+    r = driver_run(drivers[1], f"4\n1.0 0 1.0 0.0 1.0 64 1\n0\n1 2 {bad} 3\n1\n")
+    assert r.returncode == 1 and r.stderr.startswith("error: the model gave token 2 the logit"), r.stderr
+    assert "runtime error" not in r.stderr and "AddressSanitizer" not in r.stderr
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(0, 1.0, 0.0), (1, 1.0, 0.0), (0, 1.0, 0.1), (0, 0.5, 0.0),
+                                               (3, 0.9, 0.05)])
+def test_a_tiny_temperature_is_greedy(drivers, top_k, top_p, min_p):
+    """logits / 1e-38 overflow float: the sampler scales (l - max) instead, so the result is the
+    argmax, as the limit of a vanishing temperature is."""
+    logits = [30.0, 29.5, -12.0, 31.0, 8.0]
+    ids = draw(drivers[1], logits, 20, temperature=1e-38, top_k=top_k, top_p=top_p, min_p=min_p)
+    assert set(ids.tolist()) == {3}
+
+
+def test_a_penalty_that_overflows_the_logits(drivers):
+    """A 1e-3 penalty divides a huge positive logit to +inf: that token takes all the mass; a
+    1e3 penalty multiplies a huge negative one to -inf: it can never be drawn."""
+    logits = [3e38, 1.0, -3e38, 2.0]
+    ids = draw(drivers[1], logits, 20, penalty=1e-3, recent=[0], top_k=0)
+    assert set(ids.tolist()) == {0}
+    ids = draw(drivers[1], logits, 200, penalty=1e3, recent=[2], top_k=0, min_p=0.0)
+    assert 2 not in set(ids.tolist()) and len(set(ids.tolist())) >= 1
