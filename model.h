@@ -31,7 +31,7 @@
 //         Quants and scales are kept apart so each row of quants is contiguous.
 typedef enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2, DT_Q8_0 = 3, DT_COUNT } DType;
 
-// How a layer turns positions into rotation frequencies (LONG_CONTEXT_SPEC.md §3-§8).
+// How a layer turns positions into rotation frequencies (HF's `rope_type`s, modeling_rope_utils).
 typedef enum {
     ROPE_DEFAULT = 0,  // inv_freq[i] = theta^(-2i/d)
     ROPE_LINEAR = 1,   // position interpolation: inv_freq / factor
@@ -148,7 +148,7 @@ typedef enum {
     TOK_KIND_COUNT
 } TokKind;
 
-// The pre-tokenizer of a byte-level BPE model (LONG_CONTEXT_SPEC.md §14.2).
+// The pre-tokenizer of a byte-level BPE model: the Split regex of its tokenizer.json.
 typedef enum {
     TOK_PRE_NONE = 0,   // TOK_SPM: no split
     TOK_PRE_GPT2 = 1,   // 's|'t|... ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
@@ -158,8 +158,8 @@ typedef enum {
     TOK_PRE_COUNT
 } TokPre;
 
-// Where a SentencePiece model puts its dummy "▁" prefix (§14.1). A segment is a run of
-// text between special tokens.
+// Where a SentencePiece model puts its dummy "▁" prefix (sentencepiece's add_dummy_prefix, HF's
+// Metaspace prepend_scheme). A segment is a run of text between special tokens.
 typedef enum {
     TOK_PREFIX_NONE = 0,    // never
     TOK_PREFIX_ALL = 1,     // every non-empty segment (sentencepiece; HF legacy Prepend normalizer)

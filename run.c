@@ -404,7 +404,8 @@ static double yarn_corr_dim(double rotations, const LayerConfig *lc) {
 }
 
 // One layer's frequency table inv_freq (rotary_dim / 2) and attention factor a (the return
-// value), in float32 exactly as HF computes them (LONG_CONTEXT_SPEC.md §3-§8). seq_len is the
+// value), in float32 exactly as HF's rope init functions compute them (transformers
+// modeling_rope_utils: `_compute_linear_scaling_rope_parameters` and its siblings). seq_len is the
 // length the length-dependent methods see: the last position of the forward call + 1.
 // b = rope_theta, d = rotary_dim, s = factor, L0 = orig_ctx, base table f_i = 1 / b^(2i/d).
 static float rope_frequencies(const LayerConfig *lc, const float *short_factor, const float *long_factor,
@@ -638,7 +639,7 @@ static void rope_rotate(float *vec, int n_heads, int head_dim, int rotary_dim, c
 // The KV cache: which slot holds which position, and what a query may see
 //
 // Position = a token's index in the text (RoPE and the masks use it); slot = where its key
-// and value are stored (DESIGN.md §3). Keys are stored rotated to their own position and never
+// and value are stored. Keys are stored rotated to their own position and never
 // re-rotated. Each layer has n_sink fixed slots for the first positions, then a ring:
 //
 //   slots [0 .. n_sink-1 | n_sink .. n_sink+ring-1]
@@ -653,7 +654,8 @@ static void rope_rotate(float *vec, int n_heads, int head_dim, int rotary_dim, c
 typedef enum { KV_F32, KV_F16, KV_Q8, KV_COUNT } KVType;
 static const char *kv_type_names[KV_COUNT] = {"f32", "f16", "q8"};
 
-// What the sink slots are for (spec §10, §12).
+// What the sink slots are for: StreamingLLM's attention sinks (Xiao et al. 2023) or LM-Infinite's
+// global tokens (Han et al. 2023).
 typedef enum { SINKS_STREAMING, SINKS_LMINF } SinkKind;
 
 typedef struct {
@@ -741,15 +743,15 @@ static size_t cache_capacity(const KVCache *kv, const Config *c) {
     return cap;
 }
 
-// First position a query at pos may attend to in this layer (LONG_CONTEXT_SPEC.md §9.1:
-// key k is visible iff k <= pos and pos - k < W). Sinks below it are scored apart.
+// First position a query at pos may attend to in this layer (HF's sliding-window mask, as in
+// Mistral: key k is visible iff k <= pos and pos - k < W). Sinks below it are scored apart.
 static size_t first_visible(const LayerConfig *lc, size_t pos) {
     if (lc->attn_kind == ATTN_SLIDING && pos >= lc->window) return pos - lc->window + 1;
     return 0;
 }
 
 // The sinks keep the first positions' keys a second time, in f32, rotated where the sink
-// rule needs them; a query is rotated a second time to meet them (DESIGN.md §3):
+// rule needs them; a query is rotated a second time to meet them:
 // StreamingLLM (Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks")
 //   gives positions by cache slot: once the window is full the query sits at slot
 //   n_sink + W - 1, so sink i (its key rotated at i) is at distance n_sink + W - 1 - i.

@@ -1,6 +1,6 @@
 // tokenizer.c - text <-> token ids for longrun, exactly as Hugging Face tokenizers does it.
 //
-// Two model kinds (LONG_CONTEXT_SPEC.md §14), both read from the tokenizer section of the
+// Two model kinds, as HF tokenizers runs them, both read from the tokenizer section of the
 // model file (layout in model.h):
 //   TOK_SPM       SentencePiece BPE with byte fallback (Llama 2, Mistral, TinyLlama)
 //   TOK_BYTE_BPE  byte-level BPE with merge ranks and a regex pre-tokenizer (GPT-2, Llama 3,
@@ -130,7 +130,7 @@ static uint8_t char_class(uint32_t c) {
 
 static uint32_t ccc(uint32_t c) { return c < 0x300 ? 0 : range_lookup(tok_ccc_ranges, TOK_N_CCC_RANGES, c); }
 
-// Hangul syllables decompose and compose arithmetically (Unicode §3.12).
+// Hangul syllables decompose and compose arithmetically (The Unicode Standard, §3.12).
 enum { H_S0 = 0xAC00, H_L0 = 0x1100, H_V0 = 0x1161, H_T0 = 0x11A7, H_VN = 21, H_TN = 28, H_N = 11172 };
 
 // Append the full canonical decomposition of c to out; returns the count (at most 18).
@@ -542,7 +542,8 @@ static int reserve_symbols(Tokenizer *t, size_t n) {
 }
 
 // ----------------------------------------------------------------------------
-// Pre-tokenizers: each regex of §14.2 as a scanner over the code points of a segment
+// Pre-tokenizers: each Split regex of the tokenizer.json files (GPT-2, Llama 3, Qwen2, SmolLM)
+// as a scanner over the code points of a segment
 //
 // Each function returns where the piece that starts at code point i ends. Alternation is
 // ordered, as in the regex: the first alternative that matches wins, not the longest.

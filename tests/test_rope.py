@@ -1,7 +1,8 @@
-"""RoPE scaling (LONG_CONTEXT_SPEC.md §3-§8) against the real references.
+"""RoPE scaling (linear, dynamic NTK, YaRN, Llama 3, LongRoPE) against the real references.
 
-1. run.c's rope_frequencies() (through tests/rope_driver.c) reproduces the worked numbers of the
-   spec's §15.1 (R1-R2, L1, D1-D2, Y1-Y6, G1, P1), and transformers' own rope init functions
+1. run.c's rope_frequencies() (through tests/rope_driver.c) reproduces hand-worked values of each
+   method's formula (R1-R2, L1, D1-D2, Y1-Y6, G1, P1: the formula evaluated for one published
+   setting, e.g. YaRN's a = 0.1 ln 4 + 1 = 1.13862944), and transformers' own rope init functions
    (ROPE_INIT_FUNCTIONS, the models' compute_default_rope_parameters) on configs that go through
    export.py's resolution first: rel err <= 1e-6 on every inverse frequency and attention factor.
 2. Logits parity with HF transformers (float32, eager) on tiny random models of every rope type,
@@ -828,7 +829,7 @@ def write_llama_gguf(path, model, cfg, rope_freqs=None, yarn=None):
     import gguf
     H = cfg.head_dim
 
-    def meta_order(w, n_head):  # HF row h*(H/2) + j -> Meta row 2j + h (spec §3.3)
+    def meta_order(w, n_head):  # HF row h*(H/2) + j -> Meta row 2j + h (llama.cpp's convert_hf_to_gguf permute)
         return w.reshape(n_head, 2, H // 2, -1).swapaxes(1, 2).reshape(w.shape)
 
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}

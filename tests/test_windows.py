@@ -1,4 +1,5 @@
-"""Windows, sinks and a bounded KV cache (spec §9-§12, DESIGN.md §3).
+"""Windows, sinks and a bounded KV cache: sliding windows (Mistral), StreamingLLM (Xiao et al.
+2023) and LM-Infinite (Han et al. 2023).
 
 1. Model-native sliding windows against HF transformers (eager, f32): Mistral with every layer
    windowed and Qwen2 with full and windowed layers, W = 16 over 200 tokens, one prefill and token
