@@ -575,8 +575,8 @@ static void check_rope_table(const float *inv_freq, int half, float attn_factor,
             "broken", path, layer, attn_factor);
     for (int i = 0; i < half; i++)
         if (!isfinite(inv_freq[i]))
-            die("%s: layer %d: RoPE frequency %d works out to %g; its scaling parameters are broken",
-                path, layer, i, inv_freq[i]);
+            die("%s: layer %d: RoPE frequency %d works out to %g; its scaling parameters are "
+                "broken", path, layer, i, inv_freq[i]);
 }
 
 // The tables as HF builds them at load: at the original length L0 (LongRoPE: the short list).
@@ -593,15 +593,17 @@ static void build_rope(Rope *r, const Config *c, const ModelFile *mf, const char
         if (lc->rope_type == ROPE_LONGROPE && half > 0) {
             if (!r->short_factor) {   // the lists are shared: every LongRoPE layer must fit them
                 n_factors = half;
-                r->short_factor = (const float *)get_tensor(mf, path, "rope.short_factor", half, 1).data;
-                r->long_factor = (const float *)get_tensor(mf, path, "rope.long_factor", half, 1).data;
+                Tensor short_list = get_tensor(mf, path, "rope.short_factor", half, 1);
+                Tensor long_list = get_tensor(mf, path, "rope.long_factor", half, 1);
+                r->short_factor = (const float *)short_list.data;
+                r->long_factor = (const float *)long_list.data;
             }
             if (half != n_factors)
                 die("%s: layer %d rotates %zu channel pairs but the LongRoPE factor lists hold %zu",
                     path, l, half, n_factors);
             // the long list's table too, checked now rather than when a text first needs it
-            float a = rope_frequencies(lc, r->short_factor, r->long_factor, (size_t)lc->orig_ctx + 1,
-                                       inv_freq);
+            size_t past_L0 = (size_t)lc->orig_ctx + 1;
+            float a = rope_frequencies(lc, r->short_factor, r->long_factor, past_L0, inv_freq);
             check_rope_table(inv_freq, (int)half, a, l, path);
         }
         r->table_len[l] = lc->orig_ctx;
@@ -1640,9 +1642,10 @@ static void print_model_summary(const Transformer *t, const char *path) {
     for (uint32_t i = 0; i < h->n_tensors; i++) params += t->file.tensors[i].rows * t->file.tensors[i].cols;
     size_t act = (size_t)s->max_T * (2 * c->dim + 3 * c->q_dim + 2 * c->kv_dim + 2 * c->hidden_dim) * sizeof(float) +
                  (size_t)s->n_logit_rows * c->vocab_size * sizeof(float);
-    fprintf(stderr, "%s: %s, %.1fM params, %s weights, %d layers, dim %d, %d heads (%d kv) x %d, vocab %d, "
-            "trained context %d\n", path, printable(h->arch, sizeof(h->arch)), params / 1e6, dtype_name(t->weights.layers[0].wq.dtype), c->n_layers,
-            c->dim, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size, c->max_seq_len);
+    fprintf(stderr, "%s: %s, %.1fM params, %s weights, %d layers, dim %d, %d heads (%d kv) x %d, "
+            "vocab %d, trained context %d\n", path, printable(h->arch, sizeof(h->arch)), params / 1e6,
+            dtype_name(t->weights.layers[0].wq.dtype), c->n_layers, c->dim, c->n_heads,
+            c->n_kv_heads, c->head_dim, c->vocab_size, c->max_seq_len);
     const LayerConfig *lc = &c->layers[0];
     fprintf(stderr, "RoPE %s", rope_type_name(lc->rope_type));
     if (lc->rope_type != ROPE_DEFAULT) fprintf(stderr, " x%g from %u", lc->factor, lc->orig_ctx);
@@ -1926,7 +1929,8 @@ typedef struct {
 // Parse "12 7 99" (len bytes) into ids, each checked against the vocabulary. Returns the count.
 static size_t parse_ids(const char *text, size_t len, int vocab, int **ids_out) {
     const char *nul = memchr(text, 0, len);
-    if (nul) die("token ids: byte %zu is a NUL byte; ids are decimal numbers", (size_t)(nul - text));
+    if (nul)
+        die("token ids: byte %zu is a NUL byte; ids are decimal numbers", (size_t)(nul - text));
     size_t cap = len / 2 + 1, n = 0;
     int *ids = xcalloc(cap, sizeof(int), "token ids");
     const char *p = text;
@@ -2031,7 +2035,8 @@ static void guard_standard_fds(void) {
 // Standard output's fate is known only once it is flushed and closed: a full disk, a closed
 // descriptor or /dev/full report there. Exit 1 with a message rather than 0 with a cut text.
 static void finish_stdout(void) {
-    if (fflush(stdout) != 0 || ferror(stdout)) die("cannot write standard output: %s", strerror(errno));
+    if (fflush(stdout) != 0 || ferror(stdout))
+        die("cannot write standard output: %s", strerror(errno));
     if (fclose(stdout) != 0) die("cannot write standard output: %s", strerror(errno));
 }
 
@@ -2060,7 +2065,8 @@ static OutputFile open_output(const char *path, const char *const *inputs, int n
         out.direct = !S_ISREG(st.st_mode);
     }
     char tmp[sizeof(pending_output)];
-    if (snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int)sizeof(tmp)) die("%s: path too long", path);
+    if (snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int)sizeof(tmp))
+        die("%s: path too long", path);
     for (int i = 0; i < n_inputs; i++) {
         struct stat in;
         if (!inputs[i] || !strcmp(inputs[i], "-") || stat(inputs[i], &in) != 0) continue;
@@ -2267,7 +2273,8 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *system
 static void write_logits(Transformer *t, const int *tokens, size_t n, OutputFile *out) {
     int V = t->config.vocab_size;
     for (size_t done = 0; done < n; done += t->state.max_T) {
-        if (interrupted) die("interrupted after %zu of %zu tokens; %s not written", done, n, out->path);
+        if (interrupted)
+            die("interrupted after %zu of %zu tokens; %s not written", done, n, out->path);
         int T = n - done < (size_t)t->state.max_T ? (int)(n - done) : t->state.max_T;
         float *logits = forward(t, tokens + done, T, done);
         if (fwrite(logits, sizeof(float) * V, T, out->f) != (size_t)T)
