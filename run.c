@@ -1643,8 +1643,8 @@ static void print_model_summary(const Transformer *t, const char *path) {
     size_t act = (size_t)s->max_T * (2 * c->dim + 3 * c->q_dim + 2 * c->kv_dim + 2 * c->hidden_dim) * sizeof(float) +
                  (size_t)s->n_logit_rows * c->vocab_size * sizeof(float);
     fprintf(stderr, "%s: %s, %.1fM params, %s weights, %d layers, dim %d, %d heads (%d kv) x %d, "
-            "vocab %d, trained context %d\n", path, printable(h->arch, sizeof(h->arch)), params / 1e6,
-            dtype_name(t->weights.layers[0].wq.dtype), c->n_layers, c->dim, c->n_heads,
+            "vocab %d, trained context %d\n", path, printable(h->arch, sizeof(h->arch)),
+            params / 1e6, dtype_name(t->weights.layers[0].wq.dtype), c->n_layers, c->dim, c->n_heads,
             c->n_kv_heads, c->head_dim, c->vocab_size, c->max_seq_len);
     const LayerConfig *lc = &c->layers[0];
     fprintf(stderr, "RoPE %s", rope_type_name(lc->rope_type));
@@ -2747,7 +2747,8 @@ int main(int argc, char **argv) {
         size_t len;
         char *text = read_prompt(&o, &len);
         if (o.input_is_ids) {
-            int vocab = mf.header->n_layers ? (int)mf.header->vocab_size : tokenizer_vocab_size(&tok);
+            int vocab = tokenizer_vocab_size(&tok);
+            if (mf.header->n_layers) vocab = (int)mf.header->vocab_size;
             n_prompt = parse_ids(text, len, vocab, &prompt);
         } else {
             if (!has_tokenizer) die("%s has no tokenizer: re-export it, or give token ids with --ids", o.model_path);
@@ -2788,7 +2789,9 @@ int main(int argc, char **argv) {
     print_model_summary(&t, o.model_path);
     catch_signals();
     const char *inputs[] = {o.model_path, o.input_path};
-    const char *out_path = !strcmp(mode, "logits") ? o.logits_out : !strcmp(mode, "ppl") ? o.ppl_csv : NULL;
+    const char *out_path = NULL;   // the run's output file, if it has one
+    if (!strcmp(mode, "logits")) out_path = o.logits_out;
+    if (!strcmp(mode, "ppl")) out_path = o.ppl_csv;
     OutputFile out = {0};
     if (out_path) out = open_output(out_path, inputs, 2);
     Sampler sp = o.sampler;
