@@ -788,6 +788,20 @@ def check_layers(h, layers):
                               "it must be in (0, 100)")
 
 
+def check_factor_lists(factors):
+    """LongRoPE lists (from config.json, or GGUF rope_freqs times the linear scale): run.c
+    divides by each value e in float32 for the frequency 1 / (e b^(2i/d)), b^(2i/d) >= 1, so
+    every e must be finite and 1 / e finite too."""
+    for name, values in factors.items():
+        values = np.asarray(values, np.float32)
+        with np.errstate(divide="ignore", over="ignore"):
+            usable = np.isfinite(values) & (values > 0) & np.isfinite(np.float32(1) / values)
+        if not usable.all():
+            bad = float(values[~usable][0])
+            raise ExportError(f"{name} holds {bad:g}: each value must be positive and finite, "
+                              "with a finite reciprocal in float32")
+
+
 def plan_tensors(h, factors, source, dtype):
     """Check every tensor is present with the right shape, before a byte is written, and
     choose each one's dtype. Returns [(name, shape, dtype, load)]."""
@@ -1350,6 +1364,7 @@ def export(args):
         raise ExportError(f"{args.source}: not a directory or a regular file")
     check_config(header)
     check_layers(header, layers)
+    check_factor_lists(factors)
     n_tokens = struct.unpack_from("<I", tokenizer, 24)[0] if tokenizer else 0
     if tokenizer is None:
         print(f"note: {args.source} has no tokenizer; the model file will take token ids only",
