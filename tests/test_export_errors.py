@@ -95,6 +95,10 @@ CASES = {
     "llama3_freq_factors_reversed": (
         rope(rope_type="llama3", factor=8.0, low_freq_factor=4.0, high_freq_factor=1.0,
              original_max_position_embeddings=32), "high_freq_factor > low_freq_factor"),
+    # 1 / 1e-45 overflows float32: run.c's frequency table would hold inf
+    "longrope_factor_subnormal": (
+        rope(rope_type="longrope", factor=2.0, original_max_position_embeddings=32,
+             short_factor=[1.0] * 7 + [1e-45], long_factor=[1.0] * 8), "rope.short_factor holds"),
     "rms_norm_eps_1": (lambda d: edit_config(d, rms_norm_eps=1.0), "rms_norm_eps"),
     "max_position_embeddings_2_21": (lambda d: edit_config(d, max_position_embeddings=1 << 21),
                                      "max_position_embeddings"),
