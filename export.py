@@ -371,7 +371,7 @@ ARCHS = {
 
 def hf_rope(cfg, arch, head_dim):
     """LayerConfig RoPE fields (+ longrope factor tensors) from v4 `rope_scaling` + `rope_theta`
-    or v5 `rope_parameters`, following transformers' standardize_rope_params (spec §2.2)."""
+    or v5 `rope_parameters`, following transformers' standardize_rope_params."""
     rp = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}  # HF: rope_scaling wins
     if not isinstance(rp, dict):
         raise ExportError(f"rope_scaling / rope_parameters = {shown(rp)} must be a JSON object")
@@ -448,7 +448,7 @@ def hf_rope(cfg, arch, head_dim):
 
 
 def hf_windows(cfg, arch, n_layers):
-    """Per-layer (attn_kind, window) as transformers builds the masks (spec §9.2)."""
+    """Per-layer (attn_kind, window) as transformers builds the masks."""
     full = [(ATTN_FULL, 0)] * n_layers
     if arch == "mistral":  # every layer slides when sliding_window is set; layer_types is ignored
         w = cfg["sliding_window"]
@@ -540,7 +540,7 @@ def read_hf(model_dir):
 
 def unpermute_rows(w, n_head):
     """llama.cpp stores q/k rows in Meta's interleaved-pair order; HF (rotate-half) row
-    h*(H/2) + j is Meta row 2j + h within each head (spec §3.3)."""
+    h*(H/2) + j is Meta row 2j + h within each head."""
     out, cols = w.shape
     return w.reshape(n_head, out // n_head // 2, 2, cols).swapaxes(1, 2).reshape(out, cols)
 
@@ -629,7 +629,7 @@ def read_gguf(path):
 
 def gguf_rope(meta, head_dim, max_seq_len, rope_freqs=None):
     """LayerConfig RoPE fields (+ factor tensors) from llama.cpp's rope keys and its rope_freqs
-    tensor, as llama.cpp applies them (spec §6.7, §7). Its kernel computes, per pair i,
+    tensor, as llama.cpp applies them. Its kernel computes, per pair i,
         theta = p b^(-2i/d) / ff_i / s        (ff_i = rope_freqs, 1 without it; s = 1 for none)
     and scales cos/sin by attn_factor (rope.scaling.attn_factor, default 1); YaRN ramps between
     the /s and unscaled angles with HF's range and multiplies the scale by 0.1 ln s + 1.
@@ -923,7 +923,7 @@ T_NORMAL, T_UNKNOWN, T_CONTROL, T_USER_DEFINED, T_UNUSED, T_BYTE = 1, 2, 3, 4, 5
 CHAT_NONE, CHAT_CHATML, CHAT_LLAMA3, CHAT_LLAMA2_INST = 0, 1, 2, 3
 FLAG_ADD_BOS, FLAG_NFC, FLAG_IGNORE_MERGES = 1, 2, 4
 
-# The Split regexes of LONG_CONTEXT_SPEC.md §14.2, as they appear in tokenizer.json.
+# The Split regexes of the Llama 3 and Qwen2 pre-tokenizers, as they appear in tokenizer.json.
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
