@@ -1644,8 +1644,8 @@ static void print_model_summary(const Transformer *t, const char *path) {
                  (size_t)s->n_logit_rows * c->vocab_size * sizeof(float);
     fprintf(stderr, "%s: %s, %.1fM params, %s weights, %d layers, dim %d, %d heads (%d kv) x %d, "
             "vocab %d, trained context %d\n", path, printable(h->arch, sizeof(h->arch)),
-            params / 1e6, dtype_name(t->weights.layers[0].wq.dtype), c->n_layers, c->dim, c->n_heads,
-            c->n_kv_heads, c->head_dim, c->vocab_size, c->max_seq_len);
+            params / 1e6, dtype_name(t->weights.layers[0].wq.dtype), c->n_layers, c->dim,
+            c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size, c->max_seq_len);
     const LayerConfig *lc = &c->layers[0];
     fprintf(stderr, "RoPE %s", rope_type_name(lc->rope_type));
     if (lc->rope_type != ROPE_DEFAULT) fprintf(stderr, " x%g from %u", lc->factor, lc->orig_ctx);
