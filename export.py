@@ -28,6 +28,7 @@ import re
 import signal
 import struct
 import sys
+import tempfile
 from functools import partial
 
 import numpy as np
@@ -867,7 +868,7 @@ def write_model(path, header, layers, plan, tokenizer=b""):
     return file_size
 
 
-# The OUT.tmp being written, for the SIGTERM / SIGINT handler to remove
+# The temporary OUT.tmp.XXXXXX being written, for the SIGTERM / SIGINT handler to remove
 writing_tmp = None
 
 
@@ -876,7 +877,7 @@ class Interrupted(BaseException):
 
 
 def on_signal(signum, frame):
-    """Remove the partial OUT.tmp, then unwind to main. Later signals are ignored so that
+    """Remove the partial temporary, then unwind to main. Later signals are ignored so that
     nothing cuts the clean-up short."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
@@ -889,13 +890,19 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def write_atomically(path, fill):
-    """Write path as path.tmp (fill(f) writes the bytes), renamed over path only when complete:
-    an error or a signal never leaves a partial OUT, and never OUT.tmp either."""
+    """Write path through a new temporary path.tmp.XXXXXX beside it (fill(f) writes the bytes),
+    renamed over path only when complete: an error or a signal never leaves a partial OUT, nor
+    the temporary. mkstemp creates it exclusively, so an existing file or symlink of that name
+    is never written through."""
     global writing_tmp
-    tmp = path + ".tmp"
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=name + ".tmp.", dir=folder)
     try:
-        with open(tmp, "wb") as f:
-            writing_tmp = tmp  # from here on the file is ours to remove
+        writing_tmp = tmp  # from here on the file is ours to remove
+        mask = os.umask(0)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)   # as open() would have made it, not mkstemp's 0600
+        with os.fdopen(fd, "wb") as f:
             fill(f)
         os.replace(tmp, path)
         writing_tmp = None
@@ -1320,9 +1327,10 @@ def input_files(source):
 
 
 def check_output(source, out):
-    """Refuse an OUT, or the OUT.tmp written first, that is one of the files the export reads:
-    writing would truncate the source. Matched by device and inode (hard links, symlinks and
-    other spellings of a path included) and by resolved path."""
+    """Refuse an OUT that is one of the files the export reads: renaming the finished file over
+    it would destroy the source. Matched by device and inode (hard links, symlinks and other
+    spellings of a path included) and by resolved path. (The temporary written first is a new
+    file: see write_atomically.)"""
     if os.path.isdir(out):
         raise ExportError(f"{out} is a directory; give the path of the model file to write")
     inputs = {}
@@ -1330,17 +1338,15 @@ def check_output(source, out):
         st = os.stat(path)
         inputs[(st.st_dev, st.st_ino)] = path
         inputs[os.path.realpath(path)] = path
-    for path in (out, out + ".tmp"):
-        try:
-            st = os.stat(path)
-            same = inputs.get((st.st_dev, st.st_ino))
-        except OSError:  # it does not exist yet, so it is no input
-            same = None
-        same = same or inputs.get(os.path.realpath(path))
-        if same:
-            what = "the output" if path == out else "the temporary output (written first)"
-            raise ExportError(f"{what} {path} is the input {same}: writing it would destroy the "
-                              "source; choose another output path")
+    try:
+        st = os.stat(out)
+        same = inputs.get((st.st_dev, st.st_ino))
+    except OSError:  # it does not exist yet, so it is no input
+        same = None
+    same = same or inputs.get(os.path.realpath(out))
+    if same:
+        raise ExportError(f"the output {out} is the input {same}: writing it would destroy the "
+                          "source; choose another output path")
 
 
 def export(args):

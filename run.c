@@ -37,6 +37,9 @@
 // remove: die() and the signal handlers do. Empty when there is none.
 static char pending_output[4096];
 
+// Set by the first Ctrl-C (on_sigint): every long loop checks it and stops.
+static volatile sig_atomic_t interrupted = 0;
+
 static void remove_pending_output(void) {
     if (pending_output[0]) unlink(pending_output);
     pending_output[0] = 0;
@@ -1662,7 +1665,9 @@ static void print_model_summary(const Transformer *t, const char *path) {
 // Run T tokens at positions pos0 .. pos0+T-1 through the model. Their keys and values are
 // added to the cache, so the next call continues the text. Returns the logits: (T, V) when
 // built with all_logits, else (1, V) for the last token. Prefill is one call per chunk,
-// decode one call per token.
+// decode one call per token. A chunk (T > 1) gives up at the next layer after a Ctrl-C and
+// returns NULL, the cache half written: its callers then stop the run, as they would after the
+// chunk. (A decode step always finishes: chat goes on after a Ctrl-C.)
 static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
     const Config *c = &tr->config;
     const Weights *w = &tr->weights;
@@ -1681,6 +1686,7 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
     }
 
     for (int l = 0; l < c->n_layers; l++) {
+        if (T > 1 && interrupted) return NULL;
         const LayerWeights *lw = &w->layers[l];
         const LayerConfig *lc = &c->layers[l];
         const LayerSlots *ls = &kv->layers[l];
@@ -1734,6 +1740,8 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
         matmul(s->xb, s->hb, &lw->w_down, T, &s->mm);
         add_rows(s->x, s->xb, T, D);
     }
+
+    if (T > 1 && interrupted) return NULL;
 
     // classifier, on every row or only the last one
     int rows = s->n_logit_rows == 1 ? 1 : T;
@@ -1940,8 +1948,9 @@ static size_t parse_ids(const char *text, size_t len, int vocab, int **ids_out) 
         char *end;
         errno = 0;
         long v = strtol(p, &end, 10);
-        if (*p < '0' || *p > '9' || end == p || errno)
-            die("token ids: '%s' is not a token id", printable(p, 20));
+        size_t token_len = strcspn(p, " \t\n\r,");   // the whole word, for the message
+        if (*p < '0' || *p > '9' || end != p + token_len || errno)
+            die("token ids: '%s' is not a token id", printable(p, token_len < 20 ? token_len : 20));
         if (v < 0 || v >= vocab) die("token ids: %ld is outside the vocabulary [0, %d)", v, vocab);
         ids[n++] = (int)v;
         p = end;
@@ -1999,7 +2008,6 @@ static double peak_rss_mb(void) {
 // Ctrl-C stops generation cleanly (the stats still print) and any other long loop with an
 // error; a second Ctrl-C exits at once. SIGTERM and SIGHUP exit at once. Each removes a
 // half-written output file first (unlink is safe in a signal handler).
-static volatile sig_atomic_t interrupted = 0;
 static void on_sigint(int sig) {
     (void)sig;
     if (interrupted) {
@@ -2040,11 +2048,12 @@ static void finish_stdout(void) {
     if (fclose(stdout) != 0) die("cannot write standard output: %s", strerror(errno));
 }
 
-// Output files (--logits-out, --ppl-csv) are written as NAME.tmp and renamed to NAME once
-// complete, so a failed, interrupted or killed run leaves neither a partial file nor a damaged
-// older one: die() and the signal handlers remove the temporary. A device or pipe
-// (/dev/null, a FIFO) is written directly. No output may be one of the run's inputs: the model
-// is mapped, and truncating it under the mapping would lose it.
+// Output files (--logits-out, --ppl-csv) are written to a new temporary NAME.tmp.XXXXXX beside
+// NAME and renamed to NAME once complete, so a failed, interrupted or killed run leaves neither
+// a partial file nor a damaged older one: die() and the signal handlers remove the temporary.
+// mkstemp() creates it (O_EXCL): an existing file or symlink of that name is never written
+// through. A device or pipe (/dev/null, a FIFO) is written directly. No output may be one of
+// the run's inputs: the model is mapped, and truncating it under the mapping would lose it.
 typedef struct {
     FILE *f;
     const char *path;   // the final name
@@ -2060,23 +2069,33 @@ static int same_file(const char *path, const struct stat *other) {
 static OutputFile open_output(const char *path, const char *const *inputs, int n_inputs) {
     OutputFile out = {.path = path};
     struct stat st;
+    if (!*path) die("an output file needs a name");
     if (stat(path, &st) == 0) {
         if (S_ISDIR(st.st_mode)) die("%s: is a directory, not an output file", path);
         out.direct = !S_ISREG(st.st_mode);
     }
-    char tmp[sizeof(pending_output)];
-    if (snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int)sizeof(tmp))
-        die("%s: path too long", path);
     for (int i = 0; i < n_inputs; i++) {
         struct stat in;
         if (!inputs[i] || !strcmp(inputs[i], "-") || stat(inputs[i], &in) != 0) continue;
-        if (same_file(path, &in) || (!out.direct && same_file(tmp, &in)))
+        if (same_file(path, &in))
             die("%s: writing it would overwrite the input %s; choose another output file", path,
                 inputs[i]);
     }
-    if (!out.direct) memcpy(pending_output, tmp, sizeof(tmp));
-    out.f = fopen(out.direct ? path : tmp, "wb");
-    if (!out.f) die("%s: cannot write: %s", out.direct ? path : tmp, strerror(errno));
+    if (out.direct) {
+        out.f = fopen(path, "wb");
+        if (!out.f) die("%s: cannot write: %s", path, strerror(errno));
+        return out;
+    }
+    char tmp[sizeof(pending_output)];
+    if (snprintf(tmp, sizeof(tmp), "%s.tmp.XXXXXX", path) >= (int)sizeof(tmp))
+        die("%s: path too long", path);
+    int fd = mkstemp(tmp);   // mode 0600; given the usual 0666 & ~umask below, as fopen would
+    if (fd < 0) die("%s: cannot create a file beside it: %s", path, strerror(errno));
+    memcpy(pending_output, tmp, sizeof(tmp));
+    mode_t mask = umask(0);
+    umask(mask);
+    if (fchmod(fd, 0666 & ~mask) != 0 || !(out.f = fdopen(fd, "wb")))
+        die("%s: cannot write: %s", tmp, strerror(errno));
     return out;
 }
 
@@ -2102,6 +2121,7 @@ static float *prefill(Transformer *t, const int *tokens, size_t n, size_t pos0) 
     for (size_t done = 0; done < n && !interrupted; done += t->state.max_T) {
         int T = n - done < (size_t)t->state.max_T ? (int)(n - done) : t->state.max_T;
         logits = forward(t, tokens + done, T, pos0 + done);
+        if (!logits) break;
         if (n >= 4096)
             fprintf(stderr, "\rprefill %zu / %zu tokens, %.0f tok/s", done + T, n, (done + T) / (now_seconds() - start));
     }
@@ -2277,6 +2297,8 @@ static void write_logits(Transformer *t, const int *tokens, size_t n, OutputFile
             die("interrupted after %zu of %zu tokens; %s not written", done, n, out->path);
         int T = n - done < (size_t)t->state.max_T ? (int)(n - done) : t->state.max_T;
         float *logits = forward(t, tokens + done, T, done);
+        if (!logits || interrupted)
+            die("interrupted after %zu of %zu tokens; %s not written", done, n, out->path);
         if (fwrite(logits, sizeof(float) * V, T, out->f) != (size_t)T)
             die("%s: write failed: %s", out->path, strerror(errno));
     }
@@ -2313,6 +2335,7 @@ static void perplexity(Transformer *t, const int *tokens, size_t n, size_t bucke
     for (size_t done = 0; done + 1 < n && !interrupted; done += max_T) {
         int T = n - 1 - done < (size_t)max_T ? (int)(n - 1 - done) : max_T;   // rows with a next token
         const float *logits = forward(t, tokens + done, T, done);
+        if (!logits) break;   // interrupted
         PARALLEL_FOR
         for (int r = 0; r < T; r++) nll[r] = -token_log_prob(logits + (size_t)r * V, V, tokens[done + r + 1]);
         for (int r = 0; r < T; r++) {   // position done + r + 1 is predicted
@@ -2329,7 +2352,9 @@ static void perplexity(Transformer *t, const int *tokens, size_t n, size_t bucke
     }
     if (n >= 4096) fprintf(stderr, "\n");
     free(nll);
-    if (interrupted) die("interrupted after %zu tokens (perplexity so far %.4f)", predicted, exp(total / predicted));
+    if (interrupted && predicted == 0) die("interrupted before the first chunk was scored");
+    if (interrupted)
+        die("interrupted after %zu tokens (perplexity so far %.4f)", predicted, exp(total / predicted));
     printf("perplexity %.4f over %zu predicted tokens (mean NLL %.6f), %.1f tok/s, peak RSS %.0f MB\n",
            exp(total / predicted), predicted, total / predicted, predicted / (now_seconds() - start), peak_rss_mb());
 }
@@ -2625,6 +2650,20 @@ static int mode_reads_prompt(const char *mode) {
     return strcmp(mode, "chat") && strcmp(mode, "passkey") && strcmp(mode, "bench");
 }
 
+// The options that take a value, each handled in parse_options() below.
+static int takes_value(const char *flag) {
+    static const char *const flags[] = {
+        "-m", "-i", "-f", "-n", "-t", "-k", "-p", "--min-p", "--repeat-penalty", "--repeat-last-n",
+        "--system", "-s", "-c", "--chunk", "--threads", "--logits-out", "--ppl-csv", "--ppl-bucket",
+        "--ppl-tokens", "--passkey-len", "--passkey-depth", "--passkey-trials", "--bench-pp",
+        "--bench-tg", "--bench-depth", "-r", "--sinks", "--window", "--lminf-limit", "--kv-type",
+        "--rope-scaling", "--rope-theta", "--rope-factor", "--rope-orig-ctx", "--yarn-beta-fast",
+        "--yarn-beta-slow", "--yarn-attn-factor"};
+    for (size_t i = 0; i < sizeof(flags) / sizeof(flags[0]); i++)
+        if (!strcmp(flag, flags[i])) return 1;
+    return 0;
+}
+
 static Options parse_options(int argc, char **argv) {
     Options o = {.mode = "generate", .steps = 256, .seed = (uint64_t)time(NULL),
                  .sampler = {.temperature = 0.8f, .top_k = 40, .top_p = 0.95f, .min_p = 0.05f,
@@ -2634,7 +2673,10 @@ static Options parse_options(int argc, char **argv) {
                  .bench_pp = {512}, .n_bench_pp = 1, .bench_tg = {128}, .n_bench_tg = 1, .n_bench_depth = 1, .reps = 3,
                  .attn = {.n_sink = -1, .kv_type = KV_F32}};
     if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) { usage(stdout); exit(0); }
-    if (argc < 2 || argv[1][0] == '-') { usage(stderr); exit(2); }
+    if (argc < 2 || argv[1][0] == '-') {
+        usage(stderr);
+        usage_error("%s", argc < 2 ? "no model file given" : "the model file comes first");
+    }
     o.model_path = argv[1];
     for (int i = 2; i < argc; i++) {
         const char *flag = argv[i];
@@ -2643,6 +2685,7 @@ static Options parse_options(int argc, char **argv) {
         if (!strcmp(flag, "--bos")) { o.bos = 1; continue; }
         if (!strcmp(flag, "--json")) { o.json = 1; continue; }
         if (!strcmp(flag, "--lminf")) { o.attn.lminf = 1; continue; }
+        if (!takes_value(flag)) usage_error("unknown option %s", flag);
         if (i + 1 >= argc) usage_error("%s needs a value", flag);
         const char *val = argv[++i];
         if (!strcmp(flag, "-m")) o.mode = val;

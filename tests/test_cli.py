@@ -56,9 +56,10 @@ def test_help_lists_every_option_the_parser_accepts(model):
     for args in [("-h",), (model, "--help"), (model, "-i", "x", "-h"), (model, "-n", "5", "--help")]:
         r2 = raw(*args)
         assert r2.returncode == 0 and r2.stdout == r.stdout, args
-    for args in [(), ("-i", "x"), ("--ids",)]:   # no model: the usage, on stderr, exit 2
+    for args in [(), ("-i", "x"), ("--ids",)]:   # no model: the usage and an error, on stderr, exit 2
         r2 = raw(*args)
-        assert r2.returncode == 2 and r2.stdout == "" and r2.stderr == r.stdout, args
+        assert r2.returncode == 2 and r2.stdout == "" and r2.stderr.startswith(r.stdout), args
+        assert r2.stderr[len(r.stdout):].startswith("error: "), args
 
 
 # Every flag of --help with a valid value: (flag, extra args making a complete, tiny run)
@@ -206,6 +207,21 @@ def test_bad_command_line_exits_2_with_one_error_line(model, args):
     assert r.stdout == ""
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), f"{args}: {r.stderr!r}"
+
+
+@pytest.mark.parametrize("args,words", [([], "no model file given"),
+                                        (["-i", "hi", "M"], "model file comes first")])
+def test_no_model_first_prints_usage_and_one_error(args, words):
+    r = raw(*args)
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2 and lines[0].startswith("usage: run MODEL"), r.stderr
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:] and words in lines[-1]
+
+
+def test_an_unknown_option_is_named_wherever_it_stands(model):
+    for args in (["-i", PROMPT, "--foo"], ["-i", PROMPT, "--window=8"], ["-i", PROMPT, "stray"]):
+        r = raw(model, *args)
+        assert r.returncode == 2 and r.stderr.startswith(f"error: unknown option {args[-1]}"), r.stderr
 
 
 def test_same_seed_same_text(model):

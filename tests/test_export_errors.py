@@ -1,9 +1,10 @@
 """export.py on bad inputs: a truncated safetensors or GGUF file, a config that does not match
 the tensors, an unsupported architecture, a missing or broken config.json, config values of the
 wrong type or outside what ./run accepts. Each exits 1 with one `error:` line naming the problem
-(never a traceback), and leaves no output behind: OUT is written as OUT.tmp and renamed only when
-complete, so an OUT that existed before is untouched. An output that is one of the inputs is
-refused before anything is written, and SIGTERM / SIGINT during the export remove OUT.tmp."""
+(never a traceback), and leaves no output behind: OUT is written as a new OUT.tmp.XXXXXX and
+renamed only when complete, so an OUT that existed before is untouched. An output that is one of the inputs is
+refused before anything is written, and SIGTERM / SIGINT during the export remove the temporary."""
+import glob
 import json
 import os
 import shutil
@@ -117,7 +118,7 @@ def export_fails(source, out, words, *extra):
     assert len(errors) == 1 and words in errors[0], r.stderr
     assert "Traceback" not in r.stderr, r.stderr
     assert out.read_bytes() == b"an older export", "a failed export touched OUT"
-    assert not os.path.exists(str(out) + ".tmp"), "a failed export left OUT.tmp"
+    assert not glob.glob(str(out) + ".tmp*"), "a failed export left its temporary"
     return errors[0]
 
 
@@ -189,7 +190,6 @@ OVERWRITES = {
     "shard_index": ("sharded", "sharded/model.safetensors.index.json"),
     "symlink_to_the_gguf": ("tiny.gguf", None),
     "hard_link_to_a_shard": ("sharded", None),
-    "out_tmp_is_the_gguf": ("tiny.gguf.tmp", "tiny.gguf"),   # OUT.tmp, written first, is the source
 }
 
 
@@ -206,8 +206,6 @@ def test_output_is_an_input(sources, tmp_path, case):
     elif case == "hard_link_to_a_shard":
         out = "hard.bin"
         os.link(work / "sharded" / "model-00001-of-00005.safetensors", work / out)
-    elif case == "out_tmp_is_the_gguf":
-        os.rename(work / "tiny.gguf", work / source)
     inputs = [p for p in work.rglob("*") if p.is_file() and not p.is_symlink()]
     before = read_all(inputs)
     script = os.path.join(ROOT, "export.py")
@@ -219,8 +217,28 @@ def test_output_is_an_input(sources, tmp_path, case):
     assert len(errors) == 1 and "is the input" in errors[0], r.stderr
     assert "Traceback" not in r.stderr, r.stderr
     assert read_all(inputs) == before, "an input changed"
-    if case != "out_tmp_is_the_gguf":
-        assert not os.path.exists(str(work / out) + ".tmp")
+    assert not glob.glob(str(work / out) + ".tmp*")
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_an_existing_out_tmp_is_never_written_through(sources, tmp_path, kind):
+    """OUT.tmp used to be a fixed name, opened for writing: a user's file of that name was
+    overwritten, and a symlink planted there (in /tmp, say) redirected the export onto its
+    target. The temporary is now a new file of a unique name."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    out = tmp_path / "out.bin"
+    if kind == "file":
+        shutil.copy(precious, str(out) + ".tmp")
+    else:
+        os.symlink(precious, str(out) + ".tmp")
+    script = os.path.join(ROOT, "export.py")
+    r = subprocess.run([PYTHON, script, str(sources / "tiny.gguf"), str(out)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-800:]
+    assert precious.read_text() == "keep me"
+    assert open(str(out) + ".tmp").read() == "keep me"
+    assert out.stat().st_size > 1000 and not glob.glob(str(out) + ".tmp.*")
 
 
 def test_output_beside_the_input_is_fine(sources, tmp_path):
@@ -271,13 +289,13 @@ def test_signal_removes_partial_output(tmp_path, sig):
     export.py with OUT.tmp left behind; SIGINT printed a KeyboardInterrupt traceback."""
     source = zero_checkpoint(tmp_path / "big", vocab=131072, dim=1024)
     out = tmp_path / "out.bin"
-    tmp = tmp_path / "out.bin.tmp"
     script = os.path.join(ROOT, "export.py")
     p = subprocess.Popen([PYTHON, script, str(source), str(out), "--dtype", "q8_0"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     start, written = time.time(), 0
     while p.poll() is None and time.time() - start < 60:
-        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        tmps = glob.glob(str(out) + ".tmp.*")
+        written = os.path.getsize(tmps[0]) if tmps else 0
         if written > 4 << 20:  # past the header and tables: tensor data is being written
             break
         time.sleep(0.02)
@@ -289,5 +307,5 @@ def test_signal_removes_partial_output(tmp_path, sig):
           f"OUT.tmp written; exit {p.returncode}: {errors}")
     assert p.returncode != 0
     assert len(errors) == 1 and sig.name in errors[0] and "Traceback" not in stderr, stderr
-    assert not os.path.exists(tmp), "OUT.tmp is left behind"
+    assert not glob.glob(str(out) + ".tmp*"), "the temporary is left behind"
     assert not os.path.exists(out)

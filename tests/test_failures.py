@@ -3,6 +3,7 @@ write error on standard output with exit 1, honours the first Ctrl-C in every lo
 cleans up on SIGTERM, does not hang on a named pipe, and samples a valid token whatever the
 options. Each case once failed (a red-team report listed them); the tiny model with a tokenizer
 (a committed fuzz seed) keeps them fast, and the sanitizer build runs where memory is at stake."""
+import glob
 import hashlib
 import os
 import resource
@@ -105,6 +106,22 @@ def test_a_failed_csv_write_still_prints_the_perplexity(model, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["model.bin"]
 
 
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_an_existing_name_tmp_is_never_written_through(model, tmp_path, kind):
+    """The temporary used to be NAME.tmp, opened for writing: a file of that name was lost, and
+    a symlink planted there redirected the logits onto its target."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    out = tmp_path / "logits.f32"
+    if kind == "file":
+        shutil.copy(precious, str(out) + ".tmp")
+    else:
+        os.symlink(precious, str(out) + ".tmp")
+    run(model, "-m", "logits", "-i", "1 2 3", "--logits-out", out)
+    assert precious.read_text() == "keep me" and open(str(out) + ".tmp").read() == "keep me"
+    assert out.stat().st_size == 3 * 320 * 4 and not glob.glob(str(out) + ".tmp.*")
+
+
 def test_outputs_are_written_whole(model, tmp_path):
     out = tmp_path / "ppl.csv"
     r = run(model, "-m", "ppl", "-i", TEXT, "--ppl-csv", out, "--ppl-bucket", 4)
@@ -158,11 +175,26 @@ def long_ids(tmp_path):
 def test_the_first_ctrl_c_stops_logits_and_leaves_no_file(model, tmp_path):
     out = tmp_path / "logits.f32"
     p = start([model, "-m", "logits", "-f", long_ids(tmp_path), "--logits-out", out, "--chunk", 1])
-    wait_for(lambda: os.path.exists(str(out) + ".tmp"))   # the signals are caught from here on
+    wait_for(lambda: glob.glob(str(out) + ".tmp.*"))   # the signals are caught from here on
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=10)
     assert p.returncode == 1 and "interrupted after" in err, err[-1000:]
     assert sorted(os.listdir(tmp_path)) == ["ids.txt", "model.bin"]
+
+
+def test_the_first_ctrl_c_stops_one_long_chunk(tmp_path):
+    """-m logits runs the whole prompt as one chunk: a Ctrl-C during it stops at the next layer
+    (it used to run to the end and write the whole file, exit 0)."""
+    model = need(os.path.join(os.path.dirname(SEED), "qwen2-q8.bin"), "a committed fuzz seed")
+    out = tmp_path / "logits.f32"
+    ids = tmp_path / "ids.txt"
+    ids.write_text(" ".join(str(i % 64) for i in range(40000)))
+    p = start([model, "-m", "logits", "-f", ids, "--logits-out", out])
+    wait_for(lambda: glob.glob(str(out) + ".tmp.*"))
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 1 and "interrupted after 0 of 40000 tokens" in err, err[-1000:]
+    assert sorted(os.listdir(tmp_path)) == ["ids.txt"]
 
 
 def test_the_first_ctrl_c_stops_bench_decode(model):
@@ -192,7 +224,7 @@ def test_ctrl_c_ends_an_endless_generation_with_its_stats():
 def test_sigterm_removes_the_partial_file(model, tmp_path):
     out = tmp_path / "logits.f32"
     p = start([model, "-m", "logits", "-f", long_ids(tmp_path), "--logits-out", out, "--chunk", 1])
-    wait_for(lambda: os.path.exists(str(out) + ".tmp"))
+    wait_for(lambda: glob.glob(str(out) + ".tmp.*"))
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=10)
     assert p.returncode == 128 + signal.SIGTERM
