@@ -8,6 +8,9 @@ import pytest
 import torch
 from conftest import engine_logits, export, run
 
+F32_BOUND = 1e-5   # max |engine - HF| / max |HF| at f32: 4.3e-6 measured (115 tokens)
+PPL_BOUND = 1e-5   # relative perplexity error at f32: 9.6e-7 measured
+
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
         "movable metal type, oil-based inks and a wooden press adapted from those used for wine and olive oil. "
         "Before that, books were copied by hand, which made them rare and expensive. Within fifty years presses "
@@ -41,7 +44,7 @@ def test_logits_match_transformers(smol):
     got = engine_logits(d / "f32.bin", ids, d)
     err = np.abs(got - ref).max() / np.abs(ref).max()
     print(f"\n[SmolLM2 f32] {len(ids)} tokens: max |err| {np.abs(got - ref).max():.3g}, relative {err:.3g}")
-    assert err <= 1e-4
+    assert err <= F32_BOUND
     got = engine_logits(d / "q8.bin", ids, d, chunk=32)
     top1 = (got.argmax(-1) == ref.argmax(-1)).mean()
     print(f"[SmolLM2 q8_0] top-1 agreement {top1:.1%}, relative max err {np.abs(got - ref).max() / np.abs(ref).max():.3g}")
@@ -49,21 +52,31 @@ def test_logits_match_transformers(smol):
 
 
 def test_greedy_generation_matches_transformers(smol):
+    """-m generate -t 0 picks HF's argmax at every step of 64. Judged by HF's logits over prompt +
+    the engine's tokens, so a near tie (top two closer than the f32 bound) may go either way, as
+    in the tiny-model test (test_engine.py)."""
     d, tok, model = smol
-    f32 = d / "f32.bin"
     ids = tok(CHAT, add_special_tokens=False).input_ids
+    prompt = " ".join(map(str, ids))
+    r = run(d / "f32.bin", "-m", "generate", "--ids", "-i", prompt, "-n", 64, "-t", 0)
+    got = [int(x) for x in r.stdout.split()]
+    assert len(got) == 64, f"the engine stopped after {len(got)} tokens: {r.stdout[:200]!r}"
     with torch.no_grad():
+        ref = model(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1].numpy()
         # an explicit all-ones mask: the prompt holds <|im_end|>, which is also the pad token
         x = torch.tensor([ids])
-        out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=64,
-                             pad_token_id=tok.eos_token_id)
+        out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                             max_new_tokens=64, pad_token_id=tok.eos_token_id)
     want = out[0, len(ids):].tolist()
-    assert len(want) == 64, "HF stopped early at EOS: pick a prompt that asks for more text"
-    r = run(f32, "-m", "generate", "--ids", "-i", " ".join(map(str, ids)), "-n", 64, "-t", 0)
-    got = [int(x) for x in r.stdout.split()]
-    print(f"\n[SmolLM2 greedy] 64 tokens: {sum(a == b for a, b in zip(got, want))} identical; "
-          f"{tok.decode(want)[:80]!r}...")
-    assert got == want
+    gap = ref.max(-1) - ref[np.arange(64), got]   # how far below HF's best each chosen token is
+    tol = F32_BOUND * np.abs(ref).max()
+    same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    print(f"\n[SmolLM2 greedy] 64 tokens, identical to HF generate() for the first {same}; "
+          f"max gap below HF's argmax {gap.max():.3g} (tolerance {tol:.3g}); "
+          f"{tok.decode(got)[:80]!r}...")
+    step = int(gap.argmax())
+    assert gap.max() <= tol, (f"step {step}: engine chose {got[step]}, "
+                              f"HF's best is {int(ref[step].argmax())}, {gap.max():.3g} higher")
 
 
 def test_perplexity_matches_transformers(smol):
@@ -77,7 +90,7 @@ def test_perplexity_matches_transformers(smol):
     r = run(d / "f32.bin", "-m", "ppl", "--ids", "-i", " ".join(map(str, ids)), "--chunk", 37)
     got = float(r.stdout.split()[1])
     print(f"\n[SmolLM2 ppl] {len(ids)} tokens: engine {got:.5f}, HF {want:.5f}, relative {abs(got - want) / want:.2e}")
-    assert abs(got - want) / want <= 1e-3
+    assert abs(got - want) / want <= PPL_BOUND
 
 
 def test_passkey_prompts_and_table(smol):
