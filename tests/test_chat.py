@@ -1,6 +1,7 @@
 """-m chat against transformers: a scripted two-turn conversation on SmolLM2-135M-Instruct (f32 export
 of the GGUF), greedy, each reply printed as ids, must equal HF generate() on the conversation built
-by the model's own chat template (tokenizer.apply_chat_template)."""
+by the model's own chat template (tokenizer.apply_chat_template); past a full context, its replies
+equal an explicit --sinks 4 --window N run."""
 import os
 import re
 
@@ -97,17 +98,50 @@ def test_chat_text_output_is_the_decoded_reply(smol):
     assert r_txt.stdout == want
 
 
+# A conversation that overflows a 128-slot context at turn 2's prompt: turn 1 and its reply are
+# short, turn 2 is long, turns 3 and 4 go on through the window.
+FULL_CONTEXT, FULL_STEPS = 128, 30
+FULL_TURNS = [
+    "What is a mountain hut?",
+    "Here is some background before my question. I am planning a trip to the mountains next "
+    "month with two friends. We want to hike for three days, sleep in huts, and carry light "
+    "packs. None of us has done a multi-day hike before, although we all walk a lot in the city "
+    "and go running on weekends. We are worried about the weather, about blisters, and about "
+    "getting lost. What should we pack, and how should we prepare our bodies in the weeks before "
+    "we leave?",
+    "Which of those items matters most?",
+    "How heavy should each pack be?",
+]
+
+
 def test_chat_goes_on_past_a_full_context(smol):
-    """A conversation longer than its context does not end: the cache switches to 4 sinks + a window
-    (the documented policy) with a notice, and every turn still gets a reply; with --window set from
-    the start the same conversation runs in a bounded cache without a switch."""
+    """A conversation longer than its context does not end: when a turn does not fit, the cache
+    goes on as StreamingLLM with 4 sinks and a window of the other slots less a chunk (run.c's
+    continue_streaming(): chat's chunk is context / 4, the window ring - chunk + 1 keys). Turn 1
+    and its reply fit in 4 sinks + that window, so every query before the switch sees all keys
+    either way, and every reply must equal a run with --sinks 4 --window N from the start."""
     model, _, _ = smol
-    turns = [f"Tell me one fact about the number {n}." for n in range(6)]
-    r = run(model, "-m", "chat", "-t", 0, "-n", 40, "-c", 160, input="".join(t + "\n" for t in turns))
-    replies = [line for line in r.stdout.split("\n") if line.strip()]
-    assert len(re.findall(r"^prompt \d+ tokens", r.stderr, re.M)) == len(turns)
-    assert len(replies) >= len(turns)
-    assert r.stderr.count("[context full: going on with 4 sinks + a window of") == 1, r.stderr
-    w = run(model, "-m", "chat", "-t", 0, "-n", 40, "--sinks", 4, "--window", 128, input="".join(t + "\n" for t in turns))
-    assert "context full" not in w.stderr and len(re.findall(r"^prompt \d+ tokens", w.stderr, re.M)) == len(turns)
-    print(f"\n[chat] {len(turns)} turns in a 160-slot context: {r.stderr.count('context full')} switch to sinks + window")
+    chunk = FULL_CONTEXT // 4
+    window = FULL_CONTEXT - 4 - chunk + 1
+    stdin = "".join(t + "\n" for t in FULL_TURNS)
+    r = run(model, "-m", "chat", "-t", 0, "--ids", "-n", FULL_STEPS, "-c", FULL_CONTEXT,
+            input=stdin)
+    fed = [int(n) for n in re.findall(r"^prompt (\d+) tokens", r.stderr, re.M)]
+    replies = [[int(x) for x in line.split()] for line in r.stdout.split("\n")[:-1]]
+    assert len(fed) == len(replies) == len(FULL_TURNS), r.stderr
+    # a reply's tokens are fed back, its end token is not: turn 2 starts at fed[0] + len(reply)
+    at_switch = fed[0] + len(replies[0])
+    assert at_switch <= 4 + window < FULL_CONTEXT < at_switch + fed[1], (at_switch, fed)
+    explicit = run(model, "-m", "chat", "-t", 0, "--ids", "-n", FULL_STEPS, "--sinks", 4,
+                   "--window", window, "--chunk", chunk, input=stdin)
+    assert "context full" not in explicit.stderr
+    ours = [[int(x) for x in line.split()] for line in explicit.stdout.split("\n")[:-1]]
+    for turn, (a, b) in enumerate(zip(replies, ours)):
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert a == b, f"turn {turn + 1}: the replies part at token {same}: {a} vs {b}"
+    notice = f"[context full: going on with 4 sinks + a window of {window} (StreamingLLM)"
+    assert r.stderr.count("context full") == 1 and notice in r.stderr, r.stderr
+    print(f"\n[chat] {len(FULL_TURNS)} turns, {sum(fed) + sum(map(len, replies))} tokens in a "
+          f"{FULL_CONTEXT}-slot context: switched at {at_switch}, replies identical to "
+          f"--sinks 4 --window {window} --chunk {chunk} ({sum(map(len, replies))} tokens)")
+
