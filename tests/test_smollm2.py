@@ -93,20 +93,112 @@ def test_perplexity_matches_transformers(smol):
     assert abs(got - want) / want <= PPL_BOUND
 
 
+# run.c's pass-key prompt (passkey_prompt()): the intro, `units` filler sentences with the needle
+# before unit round(units * depth), then the question; units fill the asked length less the
+# other parts and one token for BOS.
+PASSKEY_INTRO = ("There is an important pass key hidden inside a lot of irrelevant text. "
+                 "Find it and memorize it. I will quiz you about the pass key.\n")
+PASSKEY_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+                  "There and back again. ")
+PASSKEY_NEEDLE = "The pass key is {0}. Remember it. {0} is the pass key. "
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+PASSKEY_LENGTHS, PASSKEY_DEPTHS = (200, 400), (0, 0.5, 1)
+# Read through a window of 150 keys, a key is found only where it sits in the prompt's last 150
+# tokens: some trials must miss, and where the key was put decides which.
+PASSKEY_WINDOW = 150
+
+
+def tokenize(model, text):
+    return [int(x) for x in run(model, "-m", "tokenize", "-i", text).stdout.split()]
+
+
+def passkey_prompt(model, length, depth, key):
+    """The prompt's ids and where its needle starts, built from the layout above."""
+    needle = PASSKEY_NEEDLE.format(key)
+    fixed = sum(len(tokenize(model, t)) for t in (PASSKEY_INTRO, needle, PASSKEY_QUESTION)) + 1
+    units = max(length - fixed, 0) // len(tokenize(model, PASSKEY_FILLER))
+    before = int(np.float32(units) * np.float32(depth) + np.float32(0.5))   # run.c rounds in float
+    head = PASSKEY_INTRO + PASSKEY_FILLER * before
+    text = head + needle + PASSKEY_FILLER * (units - before) + PASSKEY_QUESTION
+    return tokenize(model, text), len(tokenize(model, head))
+
+
+def sliding_window_copy(model, window):
+    """The same weights in HF's Mistral (Llama's architecture plus a sliding window), eager."""
+    from transformers import MistralConfig, MistralForCausalLM
+    llama = model.config.to_dict()
+    config = {k: v for k, v in llama.items() if k not in ("architectures", "model_type")}
+    config = MistralConfig(**config, sliding_window=window)
+    config._attn_implementation = "eager"
+    copy = MistralForCausalLM(config).eval()
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
+def hf_answer(model, tok, ids, steps):
+    """HF's greedy answer (ids, ending with the end token if one came) and each step's logits."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                             max_new_tokens=steps, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.eos_token_id, output_scores=True,
+                             return_dict_in_generate=True)
+    return out.sequences[0, len(ids):].tolist(), [s[0] for s in out.scores]
+
+
+def answers_agree(ours, hf_ids, scores, tok, tol):
+    """Our answer text equals HF's, or parts from it at a step where HF's top two logits are
+    within tol (a near tie, which either side may take; the rest then differs legitimately)."""
+    text = lambda n: tok.decode(hf_ids[:n], skip_special_tokens=True).replace("\n", " ")
+    if ours == text(len(hf_ids)):
+        return True
+    step = next((i for i in range(len(hf_ids)) if not ours.startswith(text(i + 1))), None)
+    if step is None and tok.eos_token_id in hf_ids:   # ours goes on where HF ended
+        step = hf_ids.index(tok.eos_token_id)
+    if step is None:
+        return False
+    top2 = torch.topk(scores[step], 2).values
+    return float(top2[0] - top2[1]) <= tol
+
+
 def test_passkey_prompts_and_table(smol):
-    """-m passkey builds prompts of the asked length and prints one table row per length."""
-    d, tok, _ = smol
-    r = run(d / "q8.bin", "-m", "passkey", "--passkey-len", "300,600", "--passkey-depth", "0,0.5,1",
-            "--passkey-trials", 2, "-s", 7)
-    trials = re.findall(r"passkey: (\d+) tokens, depth ([0-9.]+), key (\d{5}): (found|missed)", r.stderr)
-    assert len(trials) == 2 * 3 * 2, r.stderr
-    for n, _, key, _ in trials:
-        length = 300 if int(n) < 450 else 600
-        assert 0.9 * length <= int(n) <= length, f"a {length}-token pass-key prompt has {n} tokens"
+    """-m passkey, one trial per length and depth, read through a sliding window: each trial's
+    prompt has the key at the asked depth (the answer equals HF's greedy answer on the prompt
+    built from the layout, through the same window), it reports found iff its printed answer holds
+    the key, and the table counts the trials."""
+    d, tok, model = smol
+    f32 = d / "f32.bin"
+    r = run(f32, "-m", "passkey", "--passkey-len", ",".join(map(str, PASSKEY_LENGTHS)),
+            "--passkey-depth", ",".join(map(str, PASSKEY_DEPTHS)), "--passkey-trials", 1, "-s", 7,
+            "--sinks", 0, "--window", PASSKEY_WINDOW)
+    pattern = r'^passkey: (\d+) tokens, depth ([0-9.]+), key (\d{5}): (found|missed) -> "(.*)" \('
+    trials = re.findall(pattern, r.stderr, re.M)
+    cells = [(length, depth) for length in PASSKEY_LENGTHS for depth in PASSKEY_DEPTHS]
+    assert len(trials) == len(cells), r.stderr
+    windowed = sliding_window_copy(model, PASSKEY_WINDOW)
+    found = {}
+    for (length, depth), (n, shown_depth, key, verdict, answer) in zip(cells, trials):
+        assert float(shown_depth) == depth
+        ids, at = passkey_prompt(f32, length, depth, key)
+        assert int(n) == len(ids), (f"the {length}-token prompt at depth {depth} has {n} tokens, "
+                                    f"the layout {len(ids)}")
+        assert 0.9 * length <= len(ids) <= length
+        holds_key = key in answer
+        assert (verdict == "found") == holds_key, f"key {key}: {verdict}, answer {answer!r}"
+        hf_ids, scores = hf_answer(windowed, tok, ids, 8)
+        hf_text = tok.decode(hf_ids, skip_special_tokens=True).replace("\n", " ")
+        print(f"\n[SmolLM2 passkey] {n} tokens, needle at token {at}, key {key}: {verdict}; "
+              f"ours {answer!r}, HF {hf_text!r}", end="")
+        tol = F32_BOUND * max(float(s.abs().max()) for s in scores)
+        agree = answers_agree(answer, hf_ids, scores, tok, tol)
+        assert agree, f"key {key} at depth {depth}: ours {answer!r}, HF {hf_text!r}"
+        found[length, depth] = verdict == "found"
+    assert any(found.values()) and not all(found.values()), "the window must make some trials miss"
     rows = [line for line in r.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
-    assert [row.split("|")[1].strip() for row in rows] == ["300", "600"]
-    for row, length in zip(rows, (300, 600)):
-        found = sum(f == "found" for n, _, _, f in trials if (int(n) < 450) == (length == 300))
-        cells = [c.strip() for c in row.split("|")[2:-2]]
-        assert sum(int(c.split("/")[0]) for c in cells) == found and all(c.endswith("/2") for c in cells)
-    print(f"\n[SmolLM2 passkey] {sum(f == 'found' for *_, f in trials)}/{len(trials)} found at 300-600 tokens")
+    assert [row.split("|")[1].strip() for row in rows] == [str(n) for n in PASSKEY_LENGTHS]
+    for row, length in zip(rows, PASSKEY_LENGTHS):
+        hits = [int(found[length, depth]) for depth in PASSKEY_DEPTHS]
+        want = [f"{h}/1" for h in hits] + [f"{100 * sum(hits) / len(hits):.0f}%"]
+        assert [c.strip() for c in row.split("|")[2:-1]] == want, row
+    print(f"\n[SmolLM2 passkey] {sum(found.values())}/{len(found)} found through a "
+          f"{PASSKEY_WINDOW}-key window")
