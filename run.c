@@ -2268,7 +2268,8 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *system
         else
             append_format(&text, &len, fmt->user, line);
         int *ids;
-        size_t n = tokenizer_encode(tok, text, len, turn == 0 && tokenizer_add_bos(tok), &ids);
+        size_t n = turn == 0 ? tokenizer_encode(tok, text, len, tokenizer_add_bos(tok), &ids)
+                             : tokenizer_encode_continued(tok, text, len, &ids);
         free(text);
         if (!ids) die("out of memory tokenizing the chat turn");
         if (!make_room(t, pos, n))
@@ -2787,6 +2788,8 @@ int main(int argc, char **argv) {
     size_t n_prompt = 0;
     int *prompt = NULL;
     if (mode_reads_prompt(mode)) {
+        if (!o.input_is_ids && !has_tokenizer)
+            die("%s has no tokenizer: re-export it, or give token ids with --ids", o.model_path);
         size_t len;
         char *text = read_prompt(&o, &len);
         if (o.input_is_ids) {
@@ -2794,7 +2797,6 @@ int main(int argc, char **argv) {
             if (mf.header->n_layers) vocab = (int)mf.header->vocab_size;
             n_prompt = parse_ids(text, len, vocab, &prompt);
         } else {
-            if (!has_tokenizer) die("%s has no tokenizer: re-export it, or give token ids with --ids", o.model_path);
             check_utf8("the prompt", text, len, "convert it (iconv -t UTF-8), or give token ids with --ids");
             int add_bos = !strcmp(mode, "tokenize") ? o.bos : o.bos || tokenizer_add_bos(&tok);
             n_prompt = tokenizer_encode(&tok, text, len, add_bos, &prompt);

@@ -26,6 +26,9 @@
 //       add_special_tokens=False), with BOS first if add_bos and the model has one.
 //       *ids is malloc'd (free() it); on out of memory returns 0 with *ids = NULL.
 //       Uses scratch buffers inside t: one Tokenizer per thread.
+//   size_t tokenizer_encode_continued(Tokenizer *t, const char *text, size_t len, int **ids)
+//       the same for a text that goes on from one encoded before (a chat turn): no BOS, and
+//       SentencePiece adds no dummy prefix to its first run of text.
 //   size_t tokenizer_decode(const Tokenizer *t, const int *ids, size_t n, char **out)
 //       the exact bytes (special tokens as their text), malloc'd and NUL-terminated.
 //   TokenStream: tokenizer_stream_init / _put / _flush print token by token, holding back an
@@ -723,8 +726,10 @@ static size_t segment_code_points(Tokenizer *t, const uint8_t **text, size_t *n_
 // crosses the start of a word, so each word is merged alone: the same ids, and small heaps
 // instead of one over the whole text.
 static void encode_spm(Tokenizer *t, const uint8_t *s, size_t n, int at_text_start, IdVec *out) {
+    // at_text_start < 0: the run continues a text encoded before it, so it gets no prefix
     int prefix = t->prefix == TOK_PREFIX_ALL || (t->prefix == TOK_PREFIX_ALWAYS && s[0] != ' ') ||
-                 (t->prefix == TOK_PREFIX_FIRST && at_text_start && s[0] != ' ');
+                 (t->prefix == TOK_PREFIX_FIRST && at_text_start == 1 && s[0] != ' ');
+    if (at_text_start < 0) prefix = 0;
     if (!grow((void **)&t->buf, &t->buf_cap, 3 * n + 3, 1) || !reserve_symbols(t, 3 * n + 3)) { out->oom = 1; return; }
     size_t nb = 0;
     if (prefix) memcpy(t->buf, "\xE2\x96\x81", 3), nb = 3;
@@ -775,7 +780,9 @@ static int match_special(const Tokenizer *t, const uint8_t *s, size_t n, size_t 
     return -1;
 }
 
-size_t tokenizer_encode(Tokenizer *t, const char *text, size_t len, int add_bos, int **ids) {
+// continued: the text goes on from one encoded before (see tokenizer_encode_continued).
+static size_t encode_text(Tokenizer *t, const char *text, size_t len, int add_bos, int continued,
+                          int **ids) {
     IdVec out = {0};
     const uint8_t *s = (const uint8_t *)text;
     uint8_t *clean = NULL;
@@ -793,21 +800,33 @@ size_t tokenizer_encode(Tokenizer *t, const char *text, size_t len, int add_bos,
         s = clean, len = nb;
     }
     if (add_bos && t->bos_id >= 0) vec_push(&out, t->bos_id);
+    int first = continued ? -1 : 1;   // what the first run of text is to encode_segment
     size_t seg = 0;
     for (i = 0; i < len && !out.oom; i++) {
         size_t n;
         int id = t->special_start[s[i] + 1] > t->special_start[s[i]] ? match_special(t, s + i, len - i, &n) : -1;
         if (id < 0) continue;
-        encode_segment(t, s + seg, i - seg, seg == 0, &out);
+        encode_segment(t, s + seg, i - seg, seg == 0 ? first : 0, &out);
         vec_push(&out, id);
         seg = i + n, i = seg - 1;
     }
-    if (!out.oom) encode_segment(t, s + seg, len - seg, seg == 0, &out);
+    if (!out.oom) encode_segment(t, s + seg, len - seg, seg == 0 ? first : 0, &out);
     free(clean);
     if (!out.oom) vec_push(&out, 0), out.n--;  // so an empty result is still a valid pointer
     if (out.oom) { free(out.v); *ids = NULL; return 0; }
     *ids = out.v;
     return out.n;
+}
+
+size_t tokenizer_encode(Tokenizer *t, const char *text, size_t len, int add_bos, int **ids) {
+    return encode_text(t, text, len, add_bos, 0, ids);
+}
+
+// A text that continues one encoded before it (a chat turn after the first): its first run of
+// text is the tail of an earlier run, so SentencePiece gives it no dummy "▁" prefix, as when
+// HF encodes the whole conversation at once. Byte-level BPE encodes it as tokenizer_encode.
+size_t tokenizer_encode_continued(Tokenizer *t, const char *text, size_t len, int **ids) {
+    return encode_text(t, text, len, 0, 1, ids);
 }
 
 // ----------------------------------------------------------------------------
