@@ -52,6 +52,22 @@ def stored_dtypes(model):
     return out
 
 
+def plant_tmp(out, kind):
+    """Put a file ("file") or a symlink to one ("symlink") at OUT.tmp, a name temporaries once
+    had, holding "keep me". Returns a check that nothing was written through it."""
+    precious = f"{out}.precious"
+    with open(precious, "w") as f:
+        f.write("keep me")
+    if kind == "file":
+        os.link(precious, f"{out}.tmp")
+    else:
+        os.symlink(precious, f"{out}.tmp")
+
+    def untouched():
+        return open(precious).read() == "keep me" and open(f"{out}.tmp").read() == "keep me"
+    return untouched
+
+
 def run(model, *args, binary=None, check=True, **kw):
     """Run ./run MODEL ARGS; returns the CompletedProcess (text mode)."""
     binary = binary or need(RUN, "build it with make")

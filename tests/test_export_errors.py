@@ -14,7 +14,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import PYTHON, ROOT, tiny_llama
+from conftest import PYTHON, ROOT, plant_tmp, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -225,20 +225,13 @@ def test_an_existing_out_tmp_is_never_written_through(sources, tmp_path, kind):
     """OUT.tmp used to be a fixed name, opened for writing: a user's file of that name was
     overwritten, and a symlink planted there (in /tmp, say) redirected the export onto its
     target. The temporary is now a new file of a unique name."""
-    precious = tmp_path / "precious.txt"
-    precious.write_text("keep me")
     out = tmp_path / "out.bin"
-    if kind == "file":
-        shutil.copy(precious, str(out) + ".tmp")
-    else:
-        os.symlink(precious, str(out) + ".tmp")
+    untouched = plant_tmp(out, kind)
     script = os.path.join(ROOT, "export.py")
     r = subprocess.run([PYTHON, script, str(sources / "tiny.gguf"), str(out)], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr[-800:]
-    assert precious.read_text() == "keep me"
-    assert open(str(out) + ".tmp").read() == "keep me"
-    assert out.stat().st_size > 1000 and not glob.glob(str(out) + ".tmp.*")
+    assert untouched() and out.stat().st_size > 1000 and not glob.glob(str(out) + ".tmp.*")
 
 
 def test_output_beside_the_input_is_fine(sources, tmp_path):

@@ -13,7 +13,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import ROOT, RUN, RUN_ASAN, need, run
+from conftest import ROOT, RUN, RUN_ASAN, need, plant_tmp, run
 
 SEED = os.path.join(ROOT, "tests", "fuzz", "seeds", "model", "llama-tokenizer.bin")
 TEXT = "Hello world, this is a tiny corpus for a tiny tokenizer. Numbers 12345 and 3.14."
@@ -110,16 +110,10 @@ def test_a_failed_csv_write_still_prints_the_perplexity(model, tmp_path):
 def test_an_existing_name_tmp_is_never_written_through(model, tmp_path, kind):
     """The temporary used to be NAME.tmp, opened for writing: a file of that name was lost, and
     a symlink planted there redirected the logits onto its target."""
-    precious = tmp_path / "precious.txt"
-    precious.write_text("keep me")
     out = tmp_path / "logits.f32"
-    if kind == "file":
-        shutil.copy(precious, str(out) + ".tmp")
-    else:
-        os.symlink(precious, str(out) + ".tmp")
+    untouched = plant_tmp(out, kind)
     run(model, "-m", "logits", "-i", "1 2 3", "--logits-out", out)
-    assert precious.read_text() == "keep me" and open(str(out) + ".tmp").read() == "keep me"
-    assert out.stat().st_size == 3 * 320 * 4 and not glob.glob(str(out) + ".tmp.*")
+    assert untouched() and out.stat().st_size == 3 * 320 * 4 and not glob.glob(str(out) + ".tmp.*")
 
 
 def test_outputs_are_written_whole(model, tmp_path):
