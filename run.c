@@ -1514,6 +1514,85 @@ static void attention(float *out, const float *q, const float *q_sink, const KVC
 }
 
 // ----------------------------------------------------------------------------
+// Reference blocks: the plain algorithms the fast kernels above compute
+//
+// Each is the textbook loop, a few dozen lines, with no tiles, no SIMD and no threads. They
+// are executable, not decoration: `--reference` sends the whole forward pass through them,
+// and the tests hold the fast kernels to them (tests/test_reference.py).
+
+// out (T, rows) = x (T, cols) @ w^T: one dot product per output, in double, over the weights'
+// rows as float32 (weight_row() dequantizes f16, bf16 and q8_0). matmul() computes the same in
+// blocks; for q8_0 it also rounds x to int16 steps per 32-block, so the two differ there by
+// that rounding (~1e-4 relative), elsewhere by float summation order (~1e-7).
+static void matmul_reference(float *out, const float *x, const Tensor *w, int T) {
+    float *row_buf = xcalloc(w->cols, sizeof(float), "reference matmul");
+    for (size_t r = 0; r < w->rows; r++) {
+        const float *row = weight_row(w, r, row_buf);
+        for (int t = 0; t < T; t++) {
+            const float *xt = x + (size_t)t * w->cols;
+            double sum = 0;
+            for (size_t i = 0; i < w->cols; i++) sum += (double)xt[i] * row[i];
+            out[(size_t)t * w->rows + r] = (float)sum;
+        }
+    }
+    free(row_buf);
+}
+
+// Attention of T queries at positions pos0.. against one layer's cache, which already holds
+// their keys and values; q, out: (T, q_dim). For query row t at position p and head h (kv
+// head g = h / group, grouped-query attention):
+//   visible keys: the sinks below its window (sink j for j < min(first_visible(p), n_sink)),
+//     scored with the query rotated for the sinks (q_sink) against their own f32 copies; then
+//     every position first_visible(p) .. p, read back from its cache slot;
+//   out_h = sum_j softmax_j(q . k_j / sqrt(H)) v_j over exactly those keys.
+// attention() (tiles with an online softmax) and attention_decode() (Flash-Decoding ranges)
+// compute the same sums in another order.
+static void attention_reference(float *out, const float *q, const float *q_sink,
+                                const KVCache *kv, int layer, const Config *c, int T,
+                                size_t pos0) {
+    const LayerSlots *ls = &kv->layers[layer];
+    int H = c->head_dim, group = c->n_heads / c->n_kv_heads;
+    float scale = 1.0f / sqrtf((float)H);
+    size_t most_keys = add_size(ls->n_sink, pos0 + (size_t)T, "reference attention");
+    float *weights = xcalloc(most_keys, sizeof(float), "reference attention");
+    float *head_buf = xcalloc(H, sizeof(float), "reference attention");
+    for (int t = 0; t < T; t++) {
+        size_t pos = pos0 + (size_t)t;
+        size_t lo = first_visible(&c->layers[layer], pos);
+        size_t n_sink = lo < ls->n_sink ? lo : ls->n_sink;
+        for (int h = 0; h < c->n_heads; h++) {
+            int g = h / group;
+            size_t at = (size_t)t * c->q_dim + (size_t)h * H;
+            size_t n = 0;
+            for (size_t j = 0; j < n_sink; j++) {   // scores of the sinks, then of the window
+                const float *k = kv->sink_key + ((size_t)layer * kv->max_sink + j) * c->kv_dim;
+                weights[n++] = dot(q_sink + at, k + (size_t)g * H, H) * scale;
+            }
+            for (size_t p = lo; p <= pos; p++) {
+                const uint8_t *row = kv->key + kv_slot(ls, p) * kv->row_bytes;
+                const float *k = kv_head(kv, row, g, c->n_kv_heads, H, head_buf);
+                weights[n++] = dot(q + at, k, H) * scale;
+            }
+            softmax(weights, n);
+            float *oh = out + at;
+            memset(oh, 0, (size_t)H * sizeof(float));
+            n = 0;
+            for (size_t j = 0; j < n_sink; j++, n++) {   // the weighted sum of the values
+                const float *v = kv->sink_value + ((size_t)layer * kv->max_sink + j) * c->kv_dim;
+                for (int i = 0; i < H; i++) oh[i] += weights[n] * v[(size_t)g * H + i];
+            }
+            for (size_t p = lo; p <= pos; p++, n++) {
+                const uint8_t *row = kv->value + kv_slot(ls, p) * kv->row_bytes;
+                const float *v = kv_head(kv, row, g, c->n_kv_heads, H, head_buf);
+                for (int i = 0; i < H; i++) oh[i] += weights[n] * v[i];
+            }
+        }
+    }
+    free(weights);
+    free(head_buf);
+}
+
+// ----------------------------------------------------------------------------
 // The transformer and its forward pass
 
 typedef struct {
@@ -1539,7 +1618,24 @@ typedef struct {
     KVCache cache;
     RunState state;
     ModelFile file;
+    int reference;      // --reference: the plain blocks instead of the fast kernels
 } Transformer;
+
+// The two blocks that have fast kernels, through the path the run chose: the kernels, or the
+// reference loops they are tested against.
+static void project(Transformer *tr, float *out, const float *x, const Tensor *w, int T) {
+    if (tr->reference) matmul_reference(out, x, w, T);
+    else matmul(out, x, w, T, &tr->state.mm);
+}
+
+static void attend(Transformer *tr, int layer, int T, size_t pos0) {
+    RunState *s = &tr->state;
+    if (tr->reference)
+        attention_reference(s->att_out, s->q, s->q_sink, &tr->cache, layer, &tr->config, T, pos0);
+    else
+        attention(s->att_out, s->q, s->q_sink, &tr->cache, layer, &tr->config, T, pos0,
+                  s->att_work, s->att_parts);
+}
 
 static void build_state(RunState *s, const Config *c, int max_T, int all_logits) {
     int widest = c->dim > c->hidden_dim ? c->dim : c->hidden_dim;
@@ -1693,9 +1789,9 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
 
         // attention: q, k, v projections, optional bias and per-head norm, RoPE, cache, attend
         rmsnorm(s->xb, s->x, (const float *)lw->attn_norm.data, T, D, c->norm_eps);
-        matmul(s->q, s->xb, &lw->wq, T, &s->mm);
-        matmul(s->k, s->xb, &lw->wk, T, &s->mm);
-        matmul(s->v, s->xb, &lw->wv, T, &s->mm);
+        project(tr, s->q, s->xb, &lw->wq, T);
+        project(tr, s->k, s->xb, &lw->wk, T);
+        project(tr, s->v, s->xb, &lw->wv, T);
         if (c->qkv_bias) {
             add_bias(s->q, (const float *)lw->bq.data, T, c->q_dim);
             add_bias(s->k, (const float *)lw->bk.data, T, c->kv_dim);
@@ -1728,16 +1824,16 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
             kv_store(kv, kv->key + slot * kv->row_bytes, kt, c->n_kv_heads, H);
             kv_store(kv, kv->value + slot * kv->row_bytes, vt, c->n_kv_heads, H);
         }
-        attention(s->att_out, s->q, s->q_sink, kv, l, c, T, pos0, s->att_work, s->att_parts);
-        matmul(s->xb, s->att_out, &lw->wo, T, &s->mm);
+        attend(tr, l, T, pos0);
+        project(tr, s->xb, s->att_out, &lw->wo, T);
         add_rows(s->x, s->xb, T, D);
 
         // MLP: x += w_down(silu(w_gate(n)) * w_up(n)), n = rmsnorm(x)
         rmsnorm(s->xb, s->x, (const float *)lw->ffn_norm.data, T, D, c->norm_eps);
-        matmul(s->hb, s->xb, &lw->w_gate, T, &s->mm);
-        matmul(s->hb2, s->xb, &lw->w_up, T, &s->mm);
+        project(tr, s->hb, s->xb, &lw->w_gate, T);
+        project(tr, s->hb2, s->xb, &lw->w_up, T);
         swiglu(s->hb, s->hb2, T, c->hidden_dim);
-        matmul(s->xb, s->hb, &lw->w_down, T, &s->mm);
+        project(tr, s->xb, s->hb, &lw->w_down, T);
         add_rows(s->x, s->xb, T, D);
     }
 
@@ -1747,7 +1843,7 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
     int rows = s->n_logit_rows == 1 ? 1 : T;
     const float *last = s->x + (size_t)(T - rows) * D;
     rmsnorm(s->xb, last, (const float *)w->output_norm.data, rows, D, c->norm_eps);
-    matmul(s->logits, s->xb, &w->output, rows, &s->mm);
+    project(tr, s->logits, s->xb, &w->output, rows);
     return s->logits;
 }
 
@@ -1921,6 +2017,7 @@ typedef struct {
     long context;             // -c: cache slots to allocate (0 = what the run needs, up to the trained context)
     int chunk;                // --chunk: prefill chunk size (0 = mode default)
     int threads;              // --threads (0 = OpenMP default)
+    int reference;            // --reference: the plain reference blocks, not the fast kernels
     const char *logits_out;   // --logits-out FILE
     RopeOptions rope;         // --rope-* and --yarn-*: RoPE settings over the file's
     AttnOptions attn;         // --sinks --window --lminf --lminf-limit --kv-type
@@ -2524,6 +2621,7 @@ static void usage(FILE *out) {
         "                   at most the model's trained context; chat: 4096 at most)\n"
         "  --chunk N        tokens per forward pass in prefill             (default 256; logits: all)\n"
         "  --threads N      worker threads                                 (default: all cores)\n"
+        "  --reference      run the plain reference matmul and attention, not the fast kernels\n"
         "  --logits-out F   logits mode: write (n_tokens, vocab) float32 here; the prompt is ids\n"
         "Attention and the KV cache (see README, \"Windows and sinks\"):\n"
         "  --window W       every layer sees its last W keys (itself included); no context limit\n"
@@ -2686,6 +2784,7 @@ static Options parse_options(int argc, char **argv) {
         if (!strcmp(flag, "--bos")) { o.bos = 1; continue; }
         if (!strcmp(flag, "--json")) { o.json = 1; continue; }
         if (!strcmp(flag, "--lminf")) { o.attn.lminf = 1; continue; }
+        if (!strcmp(flag, "--reference")) { o.reference = 1; continue; }
         if (!takes_value(flag)) usage_error("unknown option %s", flag);
         if (i + 1 >= argc) usage_error("%s needs a value", flag);
         const char *val = argv[++i];
@@ -2831,7 +2930,9 @@ int main(int argc, char **argv) {
     if (n_prompt > capacity)
         die("the prompt (%zu tokens) does not fit in a context of %zu; raise -c, or read it through a window "
             "(--sinks 4 --window W)", n_prompt, capacity);
+    t.reference = o.reference;
     print_model_summary(&t, o.model_path);
+    if (t.reference) fprintf(stderr, "blocks: the plain reference loops (--reference), not the kernels\n");
     catch_signals();
     const char *inputs[] = {o.model_path, o.input_path};
     const char *out_path = NULL;   // the run's output file, if it has one

@@ -81,6 +81,7 @@ ACCEPTED = {
     "-c": ["-c", "64", "-i", PROMPT, "-n", "2"],
     "--chunk": ["--chunk", "2", "-i", PROMPT, "-n", "2"],
     "--threads": ["--threads", "1", "-i", PROMPT, "-n", "2"],
+    "--reference": ["--reference", "-i", PROMPT, "-n", "2"],
     "--logits-out": ["-m", "logits", "-i", "1 2 3", "--logits-out", "{logits_file}"],
     "--ppl-csv": ["-m", "ppl", "-i", COUNT, "--ppl-csv", "{csv_file}"],
     "--ppl-bucket": ["-m", "ppl", "-i", COUNT, "--ppl-bucket", "4"],
