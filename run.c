@@ -2932,7 +2932,8 @@ int main(int argc, char **argv) {
             "(--sinks 4 --window W)", n_prompt, capacity);
     t.reference = o.reference;
     print_model_summary(&t, o.model_path);
-    if (t.reference) fprintf(stderr, "blocks: the plain reference loops (--reference), not the kernels\n");
+    if (t.reference)
+        fprintf(stderr, "blocks: the plain reference loops (--reference), not the kernels\n");
     catch_signals();
     const char *inputs[] = {o.model_path, o.input_path};
     const char *out_path = NULL;   // the run's output file, if it has one
