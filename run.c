@@ -2452,7 +2452,8 @@ static void perplexity(Transformer *t, const int *tokens, size_t n, size_t bucke
     free(nll);
     if (interrupted && predicted == 0) die("interrupted before the first chunk was scored");
     if (interrupted)
-        die("interrupted after %zu tokens (perplexity so far %.4f)", predicted, exp(total / predicted));
+        die("interrupted after %zu tokens (perplexity so far %.4f)", predicted,
+            exp(total / predicted));
     printf("perplexity %.4f over %zu predicted tokens (mean NLL %.6f), %.1f tok/s, peak RSS %.0f MB\n",
            exp(total / predicted), predicted, total / predicted, predicted / (now_seconds() - start), peak_rss_mb());
 }
