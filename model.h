@@ -81,7 +81,8 @@ typedef struct {
     uint32_t attn_kind;           // AttnKind
     uint32_t window;              // ATTN_SLIDING: keys visible per query (incl. itself)
     uint32_t rope_type;           // RopeType
-    uint32_t rotary_dim;          // channels rotated per head: head_dim * partial_rotary_factor; 0 = NoPE
+    // channels rotated per head: head_dim * partial_rotary_factor; 0 = NoPE
+    uint32_t rotary_dim;
     float rope_theta;             // base b
     float factor;                 // s: linear, dynamic, yarn, llama3 (longrope: optional)
     uint32_t orig_ctx;            // original_max_position_embeddings L0 (yarn, llama3, longrope)
@@ -163,8 +164,10 @@ typedef enum {
 typedef enum {
     TOK_PREFIX_NONE = 0,    // never
     TOK_PREFIX_ALL = 1,     // every non-empty segment (sentencepiece; HF legacy Prepend normalizer)
-    TOK_PREFIX_ALWAYS = 2,  // HF Metaspace "always": every segment not already starting with a space
-    TOK_PREFIX_FIRST = 3,   // HF Metaspace "first": only a segment at text start not starting with a space
+    // HF Metaspace "always": every segment not already starting with a space
+    TOK_PREFIX_ALWAYS = 2,
+    // HF Metaspace "first": only a segment at text start not starting with a space
+    TOK_PREFIX_FIRST = 3,
     TOK_PREFIX_COUNT
 } TokPrefix;
 
@@ -180,11 +183,18 @@ typedef enum {
 } TokType;
 
 // The chat format, detected by export.py from the model's chat_template.
-typedef enum { CHAT_NONE = 0, CHAT_CHATML = 1, CHAT_LLAMA3 = 2, CHAT_LLAMA2_INST = 3, CHAT_COUNT } ChatTemplate;
+typedef enum {
+    CHAT_NONE = 0,
+    CHAT_CHATML = 1,
+    CHAT_LLAMA3 = 2,
+    CHAT_LLAMA2_INST = 3,
+    CHAT_COUNT
+} ChatTemplate;
 
 #define TOK_FLAG_ADD_BOS 1u        // encode() with add_bos prepends bos_id (tokenizer config)
 #define TOK_FLAG_NFC 2u            // normalize each segment to Unicode NFC first (Qwen2)
-#define TOK_FLAG_IGNORE_MERGES 4u  // a pre-token that is already a vocab entry is emitted whole (Llama 3)
+// a pre-token that is already a vocab entry is emitted whole (Llama 3)
+#define TOK_FLAG_IGNORE_MERGES 4u
 
 typedef struct {
     uint32_t magic;            // LR_TOK_MAGIC

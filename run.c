@@ -137,7 +137,8 @@ typedef struct {
     int max_seq_len;  // trained context length
     float norm_eps;
     int tied_embeddings, qkv_bias, qk_norm;
-    LayerConfig *layers; // (n_layers) attention kind, window and RoPE per layer; a copy, so options can edit it
+    // (n_layers) attention kind, window and RoPE per layer; a copy, so options can edit it
+    LayerConfig *layers;
 } Config;
 
 // A tensor in the mmapped file: rows x cols values of one dtype (a vector has cols = 1).
@@ -189,14 +190,17 @@ static size_t tensor_bytes(DType dtype, size_t rows, size_t cols, const char *na
 }
 
 static int compare_offsets(const void *a, const void *b) {
-    uint64_t x = (*(const TensorEntry *const *)a)->offset, y = (*(const TensorEntry *const *)b)->offset;
+    uint64_t x = (*(const TensorEntry *const *)a)->offset,
+             y = (*(const TensorEntry *const *)b)->offset;
     return x < y ? -1 : x > y;
 }
 
 // Check a [offset, offset + size) section lies inside the file.
-static void check_section(const char *path, const char *what, uint64_t offset, uint64_t size, size_t file_size) {
+static void check_section(const char *path, const char *what, uint64_t offset, uint64_t size,
+                          size_t file_size) {
     if (offset > file_size || size > file_size - offset)
-        die("%s: %s (offset %llu, %llu bytes) runs past the end of the file (%zu bytes); the file is truncated or corrupt",
+        die("%s: %s (offset %llu, %llu bytes) runs past the end of the file (%zu bytes); the file "
+            "is truncated or corrupt",
             path, what, (unsigned long long)offset, (unsigned long long)size, file_size);
 }
 
@@ -212,7 +216,8 @@ static void open_model_file(ModelFile *mf, const char *path) {
     if (!S_ISREG(st.st_mode)) die("%s: not a regular file", path);
     size_t size = (size_t)st.st_size;
     if (size < LR_HEADER_SIZE)
-        die("%s: %zu bytes is too short for a longrun model file (header is %d bytes)", path, size, LR_HEADER_SIZE);
+        die("%s: %zu bytes is too short for a longrun model file (header is %d bytes)", path, size,
+            LR_HEADER_SIZE);
     void *bytes = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
     if (bytes == MAP_FAILED) die("%s: cannot mmap: %s", path, strerror(errno));
@@ -220,27 +225,38 @@ static void open_model_file(ModelFile *mf, const char *path) {
     mf->size = size;
     const FileHeader *h = mf->header = bytes;
 
-    if (h->magic != LR_MAGIC) die("%s: not a longrun model file (bad magic); export one with export.py", path);
+    if (h->magic != LR_MAGIC)
+        die("%s: not a longrun model file (bad magic); export one with export.py", path);
     if (h->version != LR_VERSION)
-        die("%s: format version %u, this run reads version %d; re-export with export.py", path, h->version, LR_VERSION);
-    if (h->header_size != LR_HEADER_SIZE) die("%s: header size %u, expected %d", path, h->header_size, LR_HEADER_SIZE);
+        die("%s: format version %u, this run reads version %d; re-export with export.py", path,
+            h->version, LR_VERSION);
+    if (h->header_size != LR_HEADER_SIZE)
+        die("%s: header size %u, expected %d", path, h->header_size, LR_HEADER_SIZE);
     if (h->file_size != size)
         die("%s: header says %llu bytes but the file has %zu; truncated or corrupt", path,
             (unsigned long long)h->file_size, size);
     check_section(path, "tokenizer section", h->tokenizer_offset, h->tokenizer_size, size);
-    if (h->tokenizer_size && h->tokenizer_offset % 8)   // its tables are read in place, as uint32 and float
-        die("%s: tokenizer section offset %llu is not 8-byte aligned", path, (unsigned long long)h->tokenizer_offset);
-    if (h->n_layers == 0 && h->n_tensors == 0) {   // a tokenizer-only file (export.py --tokenizer-only)
+    // its tables are read in place, as uint32 and float
+    if (h->tokenizer_size && h->tokenizer_offset % 8)
+        die("%s: tokenizer section offset %llu is not 8-byte aligned", path,
+            (unsigned long long)h->tokenizer_offset);
+    // a tokenizer-only file (export.py --tokenizer-only)
+    if (h->n_layers == 0 && h->n_tensors == 0) {
         if (h->tokenizer_size == 0) die("%s: the file has neither weights nor a tokenizer", path);
         return;
     }
-    if (h->n_layers == 0 || h->n_layers > 4096) die("%s: n_layers %u out of range [1, 4096]", path, h->n_layers);
-    if (h->vocab_size == 0 || h->vocab_size > (1u << 24)) die("%s: vocab_size %u out of range", path, h->vocab_size);
-    check_section(path, "layer table", h->header_size, (uint64_t)h->n_layers * LR_LAYER_CONFIG_SIZE, size);
-    if (h->n_tensors == 0 || h->n_tensors > 1000000) die("%s: n_tensors %u out of range", path, h->n_tensors);
+    if (h->n_layers == 0 || h->n_layers > 4096)
+        die("%s: n_layers %u out of range [1, 4096]", path, h->n_layers);
+    if (h->vocab_size == 0 || h->vocab_size > (1u << 24))
+        die("%s: vocab_size %u out of range", path, h->vocab_size);
+    check_section(path, "layer table", h->header_size, (uint64_t)h->n_layers * LR_LAYER_CONFIG_SIZE,
+                  size);
+    if (h->n_tensors == 0 || h->n_tensors > 1000000)
+        die("%s: n_tensors %u out of range", path, h->n_tensors);
     if (h->tensor_table_offset % 8) die("%s: tensor table offset %llu is not 8-byte aligned", path,
                                        (unsigned long long)h->tensor_table_offset);
-    check_section(path, "tensor table", h->tensor_table_offset, (uint64_t)h->n_tensors * LR_TENSOR_ENTRY_SIZE, size);
+    check_section(path, "tensor table", h->tensor_table_offset,
+                  (uint64_t)h->n_tensors * LR_TENSOR_ENTRY_SIZE, size);
     mf->tensors = (const TensorEntry *)(mf->bytes + h->tensor_table_offset);
 
     // Every tensor: a terminated name, a known dtype, a size that matches its shape, aligned
@@ -256,7 +272,8 @@ static void open_model_file(ModelFile *mf, const char *path) {
             if ((unsigned char)*c < 0x20 || (unsigned char)*c >= 0x7f)
                 die("%s: tensor %u has a name with a control or non-ASCII byte: %s", path, i,
                     printable(e->name, LR_NAME_LEN));
-        if (e->dtype >= DT_COUNT) die("%s: tensor %s has unknown dtype %u", path, e->name, e->dtype);
+        if (e->dtype >= DT_COUNT)
+            die("%s: tensor %s has unknown dtype %u", path, e->name, e->dtype);
         if (e->n_dims < 1 || e->n_dims > 2 || (e->n_dims == 1 && e->cols != 1))
             die("%s: tensor %s has a bad shape (n_dims %u)", path, e->name, e->n_dims);
         if (e->rows == 0 || e->cols == 0 || e->rows > UINT32_MAX || e->cols > UINT32_MAX)
@@ -266,11 +283,13 @@ static void open_model_file(ModelFile *mf, const char *path) {
             die("%s: q8_0 tensor %s has %llu columns, not a multiple of %d", path, e->name,
                 (unsigned long long)e->cols, LR_Q8_BLOCK);
         if (e->size != tensor_bytes(e->dtype, e->rows, e->cols, e->name))
-            die("%s: tensor %s is %llu bytes, but %s %llu x %llu needs %zu", path, e->name, (unsigned long long)e->size,
-                dtype_name(e->dtype), (unsigned long long)e->rows, (unsigned long long)e->cols,
-                tensor_bytes(e->dtype, e->rows, e->cols, e->name));
-        if (e->offset % LR_ALIGN) die("%s: tensor %s data is not %d-byte aligned", path, e->name, LR_ALIGN);
-        if (e->offset < data_start) die("%s: tensor %s data overlaps the file's metadata", path, e->name);
+            die("%s: tensor %s is %llu bytes, but %s %llu x %llu needs %zu", path, e->name,
+                (unsigned long long)e->size, dtype_name(e->dtype), (unsigned long long)e->rows,
+                (unsigned long long)e->cols, tensor_bytes(e->dtype, e->rows, e->cols, e->name));
+        if (e->offset % LR_ALIGN)
+            die("%s: tensor %s data is not %d-byte aligned", path, e->name, LR_ALIGN);
+        if (e->offset < data_start)
+            die("%s: tensor %s data overlaps the file's metadata", path, e->name);
         check_section(path, e->name, e->offset, e->size, size);
     }
     const TensorEntry **sorted = xcalloc(h->n_tensors, sizeof(*sorted), "tensor table");
@@ -279,7 +298,8 @@ static void open_model_file(ModelFile *mf, const char *path) {
     uint32_t overlap = 0;
     for (uint32_t i = 1; i < h->n_tensors && !overlap; i++)
         if (sorted[i - 1]->offset + sorted[i - 1]->size > sorted[i]->offset) overlap = i;
-    const char *first = overlap ? sorted[overlap - 1]->name : NULL, *second = overlap ? sorted[overlap]->name : NULL;
+    const char *first = overlap ? sorted[overlap - 1]->name : NULL,
+               *second = overlap ? sorted[overlap]->name : NULL;
     free(sorted);
     if (overlap) die("%s: tensors %s and %s overlap", path, first, second);
 }
@@ -290,15 +310,19 @@ static void close_model_file(ModelFile *mf) { munmap((void *)mf->bytes, mf->size
 static void read_config(Config *c, const ModelFile *mf, const char *path) {
     const FileHeader *h = mf->header;
     const uint32_t limit = 1u << 20; // any dimension beyond a million is a corrupt file
-    struct { const char *name; uint32_t value; } dims[] = {
-        {"dim", h->dim}, {"hidden_dim", h->hidden_dim}, {"n_heads", h->n_heads}, {"n_kv_heads", h->n_kv_heads},
-        {"head_dim", h->head_dim}, {"max_seq_len", h->max_seq_len}};
+    struct { const char *name; uint32_t value;
+    } dims[] = { { "dim", h->dim },           { "hidden_dim", h->hidden_dim },
+                 { "n_heads", h->n_heads },   { "n_kv_heads", h->n_kv_heads },
+                 { "head_dim", h->head_dim }, { "max_seq_len", h->max_seq_len } };
     for (size_t i = 0; i < sizeof(dims) / sizeof(dims[0]); i++)
         if (dims[i].value == 0 || dims[i].value > limit)
             die("%s: %s = %u is out of range [1, %u]", path, dims[i].name, dims[i].value, limit);
-    if (h->n_heads % h->n_kv_heads) die("%s: n_heads %u is not a multiple of n_kv_heads %u", path, h->n_heads, h->n_kv_heads);
-    if ((uint64_t)h->n_heads * h->head_dim > limit) die("%s: n_heads * head_dim is too large", path);
-    if (!(h->norm_eps >= 0 && h->norm_eps < 1)) die("%s: norm_eps %g out of range", path, h->norm_eps);
+    if (h->n_heads % h->n_kv_heads)
+        die("%s: n_heads %u is not a multiple of n_kv_heads %u", path, h->n_heads, h->n_kv_heads);
+    if ((uint64_t)h->n_heads * h->head_dim > limit)
+        die("%s: n_heads * head_dim is too large", path);
+    if (!(h->norm_eps >= 0 && h->norm_eps < 1))
+        die("%s: norm_eps %g out of range", path, h->norm_eps);
     c->n_layers = (int)h->n_layers;
     c->dim = (int)h->dim;
     c->hidden_dim = (int)h->hidden_dim;
@@ -317,11 +341,15 @@ static void read_config(Config *c, const ModelFile *mf, const char *path) {
     memcpy(c->layers, mf->bytes + h->header_size, (size_t)c->n_layers * sizeof(LayerConfig));
     for (int l = 0; l < c->n_layers; l++) {
         const LayerConfig *lc = &c->layers[l];
-        if (lc->attn_kind >= ATTN_COUNT) die("%s: layer %d has unknown attention kind %u", path, l, lc->attn_kind);
-        if (lc->attn_kind == ATTN_SLIDING && lc->window == 0) die("%s: layer %d slides with window 0", path, l);
-        if (lc->rope_type >= ROPE_COUNT) die("%s: layer %d has unknown rope type %u", path, l, lc->rope_type);
+        if (lc->attn_kind >= ATTN_COUNT)
+            die("%s: layer %d has unknown attention kind %u", path, l, lc->attn_kind);
+        if (lc->attn_kind == ATTN_SLIDING && lc->window == 0)
+            die("%s: layer %d slides with window 0", path, l);
+        if (lc->rope_type >= ROPE_COUNT)
+            die("%s: layer %d has unknown rope type %u", path, l, lc->rope_type);
         if (lc->rotary_dim % 2 || lc->rotary_dim > h->head_dim)
-            die("%s: layer %d rotary_dim %u must be even and at most head_dim %u", path, l, lc->rotary_dim, h->head_dim);
+            die("%s: layer %d rotary_dim %u must be even and at most head_dim %u", path, l,
+                lc->rotary_dim, h->head_dim);
         if (lc->rotary_dim && !(lc->rope_theta > 1 && isfinite(lc->rope_theta)))
             die("%s: layer %d rope_theta %g out of range", path, l, lc->rope_theta);
         if (lc->orig_ctx == 0) c->layers[l].orig_ctx = h->max_seq_len;   // dynamic NTK's M, as HF
@@ -329,28 +357,32 @@ static void read_config(Config *c, const ModelFile *mf, const char *path) {
 }
 
 // Find a tensor by name and check it has the expected shape; vectors must be f32.
-static Tensor get_tensor(const ModelFile *mf, const char *path, const char *name, size_t rows, size_t cols) {
+static Tensor get_tensor(const ModelFile *mf, const char *path, const char *name, size_t rows,
+                         size_t cols) {
     for (uint32_t i = 0; i < mf->header->n_tensors; i++) {
         const TensorEntry *e = &mf->tensors[i];
         if (strcmp(e->name, name) != 0) continue;
         if (e->rows != rows || e->cols != cols)
             die("%s: tensor %s is %llu x %llu, the config needs %zu x %zu", path, name,
                 (unsigned long long)e->rows, (unsigned long long)e->cols, rows, cols);
-        if (cols == 1 && e->dtype != DT_F32) die("%s: vector %s must be f32, not %s", path, name, dtype_name(e->dtype));
+        if (cols == 1 && e->dtype != DT_F32)
+            die("%s: vector %s must be f32, not %s", path, name, dtype_name(e->dtype));
         return (Tensor){mf->bytes + e->offset, (DType)e->dtype, rows, cols};
     }
     die("%s: tensor %s is missing", path, name);
     return (Tensor){0};
 }
 
-static Tensor get_layer_tensor(const ModelFile *mf, const char *path, int layer, const char *name, size_t rows, size_t cols) {
+static Tensor get_layer_tensor(const ModelFile *mf, const char *path, int layer, const char *name,
+                               size_t rows, size_t cols) {
     char full[LR_NAME_LEN];
     snprintf(full, sizeof(full), "blk.%d.%s", layer, name);
     return get_tensor(mf, path, full, rows, cols);
 }
 
 static void build_weights(Weights *w, const Config *c, const ModelFile *mf, const char *path) {
-    size_t D = c->dim, V = c->vocab_size, F = c->hidden_dim, Q = c->q_dim, K = c->kv_dim, H = c->head_dim;
+    size_t D = c->dim, V = c->vocab_size, F = c->hidden_dim, Q = c->q_dim, K = c->kv_dim,
+           H = c->head_dim;
     w->tok_embd = get_tensor(mf, path, "tok_embd", V, D);
     w->output_norm = get_tensor(mf, path, "output_norm", D, 1);
     w->output = c->tied_embeddings ? w->tok_embd : get_tensor(mf, path, "output", V, D);
@@ -391,7 +423,8 @@ typedef struct {
 } Rope;
 
 static const char *rope_type_name(uint32_t type) {
-    static const char *names[ROPE_COUNT] = {"default", "linear", "dynamic", "yarn", "llama3", "longrope"};
+    static const char *names[ROPE_COUNT] = { "default", "linear", "dynamic",
+                                             "yarn",    "llama3", "longrope" };
     return type < ROPE_COUNT ? names[type] : "unknown";
 }
 
@@ -411,8 +444,8 @@ static double yarn_corr_dim(double rotations, const LayerConfig *lc) {
 // modeling_rope_utils: `_compute_linear_scaling_rope_parameters` and its siblings). seq_len is the
 // length the length-dependent methods see: the last position of the forward call + 1.
 // b = rope_theta, d = rotary_dim, s = factor, L0 = orig_ctx, base table f_i = 1 / b^(2i/d).
-static float rope_frequencies(const LayerConfig *lc, const float *short_factor, const float *long_factor,
-                              size_t seq_len, float *inv_freq) {
+static float rope_frequencies(const LayerConfig *lc, const float *short_factor,
+                              const float *long_factor, size_t seq_len, float *inv_freq) {
     int half = lc->rotary_dim / 2;
     float d = (float)lc->rotary_dim, s = lc->factor, b = lc->rope_theta;
     double a = 1;
@@ -423,8 +456,9 @@ static float rope_frequencies(const LayerConfig *lc, const float *short_factor, 
         if (lc->rope_type == ROPE_LINEAR)
             for (int i = 0; i < half; i++) inv_freq[i] /= s;
         break;
-    case ROPE_DYNAMIC: { // dynamic NTK (bloc97 2023, as HF): a larger base once the text
-                         // outgrows M = L0: b' = b (s L / M - (s - 1))^(d / (d - 2)), L = max(seq_len, M)
+    case ROPE_DYNAMIC: {   // dynamic NTK (bloc97 2023, as HF): a larger base once the text
+                           // outgrows M = L0: b' = b (s L / M - (s - 1))^(d / (d - 2)),
+                           // L = max(seq_len, M)
         float M = (float)lc->orig_ctx, L = seq_len > lc->orig_ctx ? (float)seq_len : M;
         float base = b * powf(s * L / M - (s - 1), d / (d - 2));
         for (int i = 0; i < half; i++) inv_freq[i] = 1.0f / powf(base, (float)(2 * i) / d);
@@ -438,20 +472,23 @@ static float rope_frequencies(const LayerConfig *lc, const float *short_factor, 
         if (hi > lc->rotary_dim - 1) hi = lc->rotary_dim - 1;
         if (lo == hi) hi += 0.001;
         for (int i = 0; i < half; i++) {
-            float pos_freq = powf(b, (float)(2 * i) / d), extrap = 1.0f / pos_freq, interp = 1.0f / (s * pos_freq);
+            float pos_freq = powf(b, (float)(2 * i) / d), extrap = 1.0f / pos_freq,
+                  interp = 1.0f / (s * pos_freq);
             float ramp = ((float)i - (float)lo) / (float)(hi - lo);
             ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
             float keep = 1 - ramp;   // the share of the original frequency
             inv_freq[i] = interp * (1 - keep) + extrap * keep;
         }
         if (lc->attention_factor > 0) a = lc->attention_factor;
-        else if (lc->mscale != 0 && lc->mscale_all_dim != 0) a = yarn_mscale(s, lc->mscale) / yarn_mscale(s, lc->mscale_all_dim);
+        else if (lc->mscale != 0 && lc->mscale_all_dim != 0)
+            a = yarn_mscale(s, lc->mscale) / yarn_mscale(s, lc->mscale_all_dim);
         else a = yarn_mscale(s, 1);
         break;
     }
-    case ROPE_LLAMA3: {  // Llama 3.1 (Meta 2024): wavelengths 2 pi / f_i below L0 / high_freq_factor
-                         // keep f_i, above L0 / low_freq_factor get f_i / s, and in between
-                         // mu = (L0 / wavelength - lf) / (hf - lf) blends (1 - mu) f_i / s + mu f_i
+    // Llama 3.1 (Meta 2024): wavelengths 2 pi / f_i below L0 / high_freq_factor keep f_i, above L0
+    // / low_freq_factor get f_i / s, and in between mu = (L0 / wavelength - lf) / (hf - lf) blends
+    // (1 - mu) f_i / s + mu f_i
+    case ROPE_LLAMA3: {
         float lf = lc->low_freq_factor, hf = lc->high_freq_factor, L0 = (float)lc->orig_ctx;
         float long_wave = L0 / lf, short_wave = L0 / hf;
         for (int i = 0; i < half; i++) {
@@ -494,7 +531,8 @@ static void rope_update(Rope *r, const Config *c, size_t seq_len) {
             want = seq_len > L0 ? L0 + 1 : L0;
         }
         if (want == r->table_len[l]) continue;
-        r->attn_factor[l] = rope_frequencies(lc, r->short_factor, r->long_factor, want, r->inv_freq + (size_t)l * r->stride);
+        r->attn_factor[l] = rope_frequencies(lc, r->short_factor, r->long_factor, want,
+                                             r->inv_freq + (size_t)l * r->stride);
         r->table_len[l] = want;
     }
 }
@@ -521,10 +559,18 @@ static void apply_rope_options(Config *c, const RopeOptions *o) {
         LayerConfig *lc = &c->layers[l];
         if (lc->rotary_dim == 0) continue;   // NoPE layers stay so
         if (o->scaling) {
-            LayerConfig fresh = {.attn_kind = lc->attn_kind, .window = lc->window, .rotary_dim = lc->rotary_dim,
-                                 .rope_theta = lc->rope_theta, .rope_type = (uint32_t)rope_type_from_name(o->scaling),
-                                 .factor = 1, .orig_ctx = (uint32_t)c->max_seq_len, .beta_fast = 32, .beta_slow = 1,
-                                 .yarn_truncate = 1, .low_freq_factor = 1, .high_freq_factor = 4};
+            LayerConfig fresh = { .attn_kind = lc->attn_kind,
+                                  .window = lc->window,
+                                  .rotary_dim = lc->rotary_dim,
+                                  .rope_theta = lc->rope_theta,
+                                  .rope_type = (uint32_t)rope_type_from_name(o->scaling),
+                                  .factor = 1,
+                                  .orig_ctx = (uint32_t)c->max_seq_len,
+                                  .beta_fast = 32,
+                                  .beta_slow = 1,
+                                  .yarn_truncate = 1,
+                                  .low_freq_factor = 1,
+                                  .high_freq_factor = 4 };
             *lc = fresh;
         }
         if ((o->factor || o->orig_ctx) && lc->rope_type == ROPE_DEFAULT)
@@ -548,14 +594,19 @@ static void check_rope_config(const Config *c, const char *path) {
         const char *name = rope_type_name(lc->rope_type);
         if (lc->rope_type == ROPE_DEFAULT) continue;   // (a NoPE layer's setting is checked too:
                                                       // the banner and the context read it)
-        if (!(lc->factor >= 1 && lc->factor < 1e6f) && !(lc->rope_type == ROPE_LONGROPE && lc->factor > 0))
-            die("%s: layer %d: %s RoPE scaling needs a factor >= 1 (--rope-factor), got %g", path, l, name, lc->factor);
-        if (lc->orig_ctx == 0) die("%s: layer %d: %s RoPE scaling needs the original context length", path, l, name);
+        if (!(lc->factor >= 1 && lc->factor < 1e6f) &&
+            !(lc->rope_type == ROPE_LONGROPE && lc->factor > 0))
+            die("%s: layer %d: %s RoPE scaling needs a factor >= 1 (--rope-factor), got %g", path,
+                l, name, lc->factor);
+        if (lc->orig_ctx == 0)
+            die("%s: layer %d: %s RoPE scaling needs the original context length", path, l, name);
         if (!(lc->attention_factor >= 0 && lc->attention_factor < 100))
             die("%s: layer %d: attention factor %g out of range", path, l, lc->attention_factor);
         if (lc->rope_type == ROPE_YARN && !(lc->beta_fast > lc->beta_slow && lc->beta_slow > 0))
-            die("%s: layer %d: yarn needs beta_fast > beta_slow > 0, got %g and %g", path, l, lc->beta_fast, lc->beta_slow);
-        if (lc->rope_type == ROPE_LLAMA3 && !(lc->high_freq_factor > lc->low_freq_factor && lc->low_freq_factor > 0))
+            die("%s: layer %d: yarn needs beta_fast > beta_slow > 0, got %g and %g", path, l,
+                lc->beta_fast, lc->beta_slow);
+        if (lc->rope_type == ROPE_LLAMA3 &&
+            !(lc->high_freq_factor > lc->low_freq_factor && lc->low_freq_factor > 0))
             die("%s: layer %d: llama3 needs high_freq_factor > low_freq_factor > 0", path, l);
     }
 }
@@ -563,7 +614,8 @@ static void check_rope_config(const Config *c, const char *path) {
 // The context a layer's RoPE setting is meant to reach: s L0 for a scaled method, else the
 // trained context.
 static size_t rope_target_context(const LayerConfig *lc, int max_seq_len) {
-    if (lc->rope_type == ROPE_DEFAULT || lc->rope_type == ROPE_LONGROPE || lc->orig_ctx == 0) return (size_t)max_seq_len;
+    if (lc->rope_type == ROPE_DEFAULT || lc->rope_type == ROPE_LONGROPE || lc->orig_ctx == 0)
+        return (size_t)max_seq_len;
     double target = (double)lc->factor * lc->orig_ctx;   // checked finite; in double, no overflow
     return target < (double)SIZE_MAX / 2 ? (size_t)target : SIZE_MAX / 2;
 }
@@ -585,7 +637,8 @@ static void check_rope_table(const float *inv_freq, int half, float attn_factor,
 // The tables as HF builds them at load: at the original length L0 (LongRoPE: the short list).
 static void build_rope(Rope *r, const Config *c, const ModelFile *mf, const char *path) {
     r->stride = c->head_dim / 2;
-    r->inv_freq = xcalloc(mul_size(c->n_layers, r->stride, "rope table"), sizeof(float), "rope table");
+    r->inv_freq =
+            xcalloc(mul_size(c->n_layers, r->stride, "rope table"), sizeof(float), "rope table");
     r->attn_factor = xcalloc(c->n_layers, sizeof(float), "rope table");
     r->table_len = xcalloc(c->n_layers, sizeof(size_t), "rope table");
     size_t n_factors = 0;   // LongRoPE: the length of its two lists, one factor per pair
@@ -625,8 +678,8 @@ static void free_rope(Rope *r) { free(r->inv_freq); free(r->attn_factor); free(r
 // The angle and its cos and sin are computed in double: at position 10^6 a float angle would
 // be off by 0.06 radians, and streams with a window reach such positions (HF's float angles
 // agree with these to about 1e-7 relative over its trained contexts).
-static void rope_rotate(float *vec, int n_heads, int head_dim, int rotary_dim, const float *inv_freq,
-                        float attn_factor, size_t pos) {
+static void rope_rotate(float *vec, int n_heads, int head_dim, int rotary_dim,
+                        const float *inv_freq, float attn_factor, size_t pos) {
     int half = rotary_dim / 2;
     for (int i = 0; i < half; i++) {
         double angle = (double)pos * inv_freq[i];
@@ -693,12 +746,14 @@ typedef struct {
 
 // Each layer's slots: a full layer `context` of them, a windowed one n_sink + W + max_T - 1
 // (at most n_sink + context).
-static void build_cache(KVCache *kv, const Config *c, const AttnOptions *a, size_t context, int max_T) {
+static void build_cache(KVCache *kv, const Config *c, const AttnOptions *a, size_t context,
+                        int max_T) {
     kv->type = (KVType)a->kv_type;
     kv->sink_kind = a->lminf ? SINKS_LMINF : SINKS_STREAMING;
     kv->limit = (size_t)a->limit;
-    kv->row_bytes = kv->type == KV_F32 ? c->kv_dim * sizeof(float) : kv->type == KV_F16 ? c->kv_dim * sizeof(uint16_t)
-                    : (size_t)c->kv_dim + c->n_kv_heads * sizeof(float);
+    kv->row_bytes = kv->type == KV_F32 ? c->kv_dim * sizeof(float)
+            : kv->type == KV_F16       ? c->kv_dim * sizeof(uint16_t)
+                                       : (size_t)c->kv_dim + c->n_kv_heads * sizeof(float);
     kv->layers = xcalloc(c->n_layers, sizeof(LayerSlots), "the KV cache");
     kv->n_slots = 0;
     kv->max_T = max_T;
@@ -736,7 +791,8 @@ static size_t next_slot(const LayerSlots *ls, size_t slot) {
 // A layer whose ring cannot hold its window (full attention, or a window longer than the
 // context) reaches only n_sink + ring positions.
 static int layer_fills(const KVCache *kv, const LayerConfig *lc, int layer) {
-    return lc->attn_kind == ATTN_FULL || kv->layers[layer].ring < (size_t)lc->window + kv->max_T - 1;
+    return lc->attn_kind == ATTN_FULL ||
+            kv->layers[layer].ring < (size_t)lc->window + kv->max_T - 1;
 }
 
 // Positions a run may reach; SIZE_MAX if no layer fills (a stream of any length).
@@ -763,9 +819,12 @@ static size_t first_visible(const LayerConfig *lc, size_t pos) {
 //   Window keys keep their true distances, as the slots of the reference are contiguous.
 // LM-Infinite (Han et al. 2023): every far global key is at distance min(pos, L), the
 //   distance cap, so its key is rotated at 0 and the query at min(pos, L).
-static size_t sink_key_pos(const KVCache *kv, size_t pos) { return kv->sink_kind == SINKS_LMINF ? 0 : pos; }
+static size_t sink_key_pos(const KVCache *kv, size_t pos) {
+    return kv->sink_kind == SINKS_LMINF ? 0 : pos;
+}
 
-static size_t sink_query_pos(const KVCache *kv, const LayerSlots *ls, const LayerConfig *lc, size_t pos) {
+static size_t sink_query_pos(const KVCache *kv, const LayerSlots *ls, const LayerConfig *lc,
+                             size_t pos) {
     size_t cap = kv->sink_kind == SINKS_LMINF ? kv->limit : ls->n_sink + lc->window - 1;
     return pos < cap ? pos : cap;
 }
@@ -801,7 +860,8 @@ static uint16_t f32_to_f16(float f) {
         return (uint16_t)(sign | (uint32_t)lrintf(v * 0x1p24f));           // in units of 2^-24
     }
     uint32_t h = (a - 0x38000000) >> 13, dropped = a & 0x1fff;             // rebias 127 -> 15
-    h += dropped > 0x1000 || (dropped == 0x1000 && (h & 1));               // a carry bumps the exponent
+    // a carry bumps the exponent
+    h += dropped > 0x1000 || (dropped == 0x1000 && (h & 1));
     return (uint16_t)(sign | h);
 }
 
@@ -828,14 +888,16 @@ static const float *weight_row(const Tensor *w, size_t row, float *scratch) {
     case DT_F32: return (const float *)data + row * cols;
     case DT_F16: case DT_BF16: {
         const uint16_t *src = (const uint16_t *)data + row * cols;
-        for (size_t i = 0; i < cols; i++) scratch[i] = w->dtype == DT_F16 ? f16_to_f32(src[i]) : bf16_to_f32(src[i]);
+        for (size_t i = 0; i < cols; i++)
+            scratch[i] = w->dtype == DT_F16 ? f16_to_f32(src[i]) : bf16_to_f32(src[i]);
         return scratch;
     }
     case DT_Q8_0: {
         const float *scale;
         const int8_t *q = q8_row(w, row, &scale);
         for (size_t b = 0; b < cols / LR_Q8_BLOCK; b++)   // one block of 32 values per scale
-            for (size_t i = b * LR_Q8_BLOCK; i < (b + 1) * LR_Q8_BLOCK; i++) scratch[i] = scale[b] * q[i];
+            for (size_t i = b * LR_Q8_BLOCK; i < (b + 1) * LR_Q8_BLOCK; i++)
+                scratch[i] = scale[b] * q[i];
         return scratch;
     }
     default: return NULL; // unreachable: dtypes were validated when the file was opened
@@ -858,7 +920,8 @@ static void kv_store(const KVCache *kv, uint8_t *row, const float *x, int n_kv_h
             float amax = 0;
             for (int i = 0; i < H; i++) amax = fabsf(xg[i]) > amax ? fabsf(xg[i]) : amax;
             float d = amax / 127, inv = d > 0 ? 1 / d : 0;
-            for (int i = 0; i < H; i++) row[(size_t)g * H + i] = (uint8_t)(int8_t)lrintf(xg[i] * inv);
+            for (int i = 0; i < H; i++)
+                row[(size_t)g * H + i] = (uint8_t)(int8_t)lrintf(xg[i] * inv);
             memcpy(row + n + g * sizeof(float), &d, sizeof(float));
         }
 }
@@ -898,7 +961,8 @@ static void quantize_activations(int16_t *q, float *d, const float *x, size_t n)
         for (int i = 0; i < LR_Q8_BLOCK; i++) {
             float v = xb[i] * inv;
             v = fabsf(v) <= ACT_MAX + 0.5f ? v : 0;                             // nan: d says so
-            q[b * LR_Q8_BLOCK + i] = (int16_t)((v + 0x1.8p23f) - 0x1.8p23f);   // lrintf, vectorizable
+            // lrintf, vectorizable
+            q[b * LR_Q8_BLOCK + i] = (int16_t)((v + 0x1.8p23f) - 0x1.8p23f);
         }
         d[b] = amax / ACT_MAX + poison;
     }
@@ -926,7 +990,8 @@ static float f16_at(const uint8_t *p, size_t i) {
 // n halves (at src, any alignment) to floats, 8 at a time by vcvtph2ps.
 static void f16_to_f32_row(float *dst, const uint8_t *src, int n) {
     int i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * i))));
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * i))));
     for (; i < n; i++) dst[i] = f16_at(src, i);
 }
 
@@ -937,15 +1002,17 @@ static float hsum8(__m256 v) {
 }
 
 // One q8_0 row (cols int8s, cols / 32 scales dw) dotted with quantized activations (qx, dx).
-static float q8_dot(const int8_t *qw, const float *dw, const int16_t *qx, const float *dx, size_t cols) {
+static float q8_dot(const int8_t *qw, const float *dw, const int16_t *qx, const float *dx,
+                    size_t cols) {
     __m256 acc = _mm256_setzero_ps();
     for (size_t b = 0; b < cols / LR_Q8_BLOCK; b++) {
         const int8_t *w = qw + b * LR_Q8_BLOCK;
         const int16_t *x = qx + b * LR_Q8_BLOCK;
         __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
         __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 16)));
-        __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)x)),
-                                       _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(x + 16))));
+        __m256i sum = _mm256_add_epi32(
+                _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)x)),
+                _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(x + 16))));
         acc = _mm256_fmadd_ps(_mm256_set1_ps(dw[b] * dx[b]), _mm256_cvtepi32_ps(sum), acc);
     }
     return hsum8(acc);
@@ -955,8 +1022,8 @@ static float q8_dot(const int8_t *qw, const float *dw, const int16_t *qx, const 
 // panel (cols / 2, Q8_R, 2) with scales dw (cols / 32, Q8_R), xt (cols / 2, Q8_T, 2) with dx
 // (cols / 32, Q8_T). A k pair of one row, broadcast, meets the same pair of 8 tokens in one
 // vpmaddwd; 8 int32 vectors of sums stay in registers through a block, then become floats.
-static void q8_tile(float acc[Q8_R][Q8_T], const int16_t *panel, const float *dw, const int16_t *xt, const float *dx,
-                    size_t cols) {
+static void q8_tile(float acc[Q8_R][Q8_T], const int16_t *panel, const float *dw, const int16_t *xt,
+                    const float *dx, size_t cols) {
     __m256 a[Q8_R][Q8_T / 8];
     memset(a, 0, sizeof(a));
     for (size_t b = 0; b < cols / LR_Q8_BLOCK; b++) {
@@ -964,17 +1031,20 @@ static void q8_tile(float acc[Q8_R][Q8_T], const int16_t *panel, const float *dw
         memset(sum, 0, sizeof(sum));
         for (size_t kp = b * LR_Q8_BLOCK / 2; kp < (b + 1) * LR_Q8_BLOCK / 2; kp++) {
             __m256i x[Q8_T / 8];
-            for (int v = 0; v < Q8_T / 8; v++) x[v] = _mm256_loadu_si256((const __m256i *)(xt + (kp * Q8_T + 8 * v) * 2));
+            for (int v = 0; v < Q8_T / 8; v++)
+                x[v] = _mm256_loadu_si256((const __m256i *)(xt + (kp * Q8_T + 8 * v) * 2));
             for (int r = 0; r < Q8_R; r++) {
                 int32_t pair;
                 memcpy(&pair, panel + (kp * Q8_R + r) * 2, 4);
                 __m256i w = _mm256_set1_epi32(pair);
-                for (int v = 0; v < Q8_T / 8; v++) sum[r][v] = _mm256_add_epi32(sum[r][v], _mm256_madd_epi16(w, x[v]));
+                for (int v = 0; v < Q8_T / 8; v++)
+                    sum[r][v] = _mm256_add_epi32(sum[r][v], _mm256_madd_epi16(w, x[v]));
             }
         }
         for (int r = 0; r < Q8_R; r++)
             for (int v = 0; v < Q8_T / 8; v++) {
-                __m256 d = _mm256_mul_ps(_mm256_set1_ps(dw[b * Q8_R + r]), _mm256_loadu_ps(dx + b * Q8_T + 8 * v));
+                __m256 d = _mm256_mul_ps(_mm256_set1_ps(dw[b * Q8_R + r]),
+                                         _mm256_loadu_ps(dx + b * Q8_T + 8 * v));
                 a[r][v] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum[r][v]), a[r][v]);
             }
     }
@@ -984,14 +1054,17 @@ static void q8_tile(float acc[Q8_R][Q8_T], const int16_t *panel, const float *dw
 // Decode attention over a block of keys (attention_decode): s[j] = scale * q . keys[j], four
 // keys at a time so four sums are in flight; and acc (H) += sum_j w[j] values[j], 64 channels
 // held in registers while the block's values stream past.
-static void decode_scores(float *s, const float *q, const float *const *keys, int nk, int H, float scale) {
+static void decode_scores(float *s, const float *q, const float *const *keys, int nk, int H,
+                          float scale) {
     int j = 0;
     for (; j + 4 <= nk; j += 4) {
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                          _mm256_setzero_ps() };
         int i = 0;
         for (; i + 8 <= H; i += 8) {
             __m256 qi = _mm256_loadu_ps(q + i);
-            for (int r = 0; r < 4; r++) acc[r] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(keys[j + r] + i), acc[r]);
+            for (int r = 0; r < 4; r++)
+                acc[r] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(keys[j + r] + i), acc[r]);
         }
         for (int r = 0; r < 4; r++) {
             float sum = hsum8(acc[r]);
@@ -1009,13 +1082,15 @@ static void decode_values(float *acc, const float *w, const float *const *values
         for (int c = 0; c < 8; c++) a[c] = _mm256_loadu_ps(acc + i0 + 8 * c);
         for (int j = 0; j < nk; j++) {
             __m256 wj = _mm256_set1_ps(w[j]);
-            for (int c = 0; c < 8; c++) a[c] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(values[j] + i0 + 8 * c), a[c]);
+            for (int c = 0; c < 8; c++)
+                a[c] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(values[j] + i0 + 8 * c), a[c]);
         }
         for (int c = 0; c < 8; c++) _mm256_storeu_ps(acc + i0 + 8 * c, a[c]);
     }
     for (; i0 + 8 <= H; i0 += 8) {
         __m256 a = _mm256_loadu_ps(acc + i0);
-        for (int j = 0; j < nk; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), _mm256_loadu_ps(values[j] + i0), a);
+        for (int j = 0; j < nk; j++)
+            a = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), _mm256_loadu_ps(values[j] + i0), a);
         _mm256_storeu_ps(acc + i0, a);
     }
     for (; i0 < H; i0++)
@@ -1026,7 +1101,8 @@ static void f16_to_f32_row(float *dst, const uint8_t *src, int n) {
     for (int i = 0; i < n; i++) dst[i] = f16_at(src, i);
 }
 
-static float q8_dot(const int8_t *qw, const float *dw, const int16_t *qx, const float *dx, size_t cols) {
+static float q8_dot(const int8_t *qw, const float *dw, const int16_t *qx, const float *dx,
+                    size_t cols) {
     float acc = 0;
     for (size_t b = 0; b < cols / LR_Q8_BLOCK; b++) {
         int32_t sum = 0;
@@ -1036,23 +1112,26 @@ static float q8_dot(const int8_t *qw, const float *dw, const int16_t *qx, const 
     return acc;
 }
 
-static void q8_tile(float acc[Q8_R][Q8_T], const int16_t *panel, const float *dw, const int16_t *xt, const float *dx,
-                    size_t cols) {
+static void q8_tile(float acc[Q8_R][Q8_T], const int16_t *panel, const float *dw, const int16_t *xt,
+                    const float *dx, size_t cols) {
     float a[Q8_R][Q8_T] = {{0}};
     for (size_t b = 0; b < cols / LR_Q8_BLOCK; b++) {
         int32_t sum[Q8_R][Q8_T] = {{0}};
         for (size_t kp = b * LR_Q8_BLOCK / 2; kp < (b + 1) * LR_Q8_BLOCK / 2; kp++) {
             const int16_t *w = panel + kp * Q8_R * 2, *x = xt + kp * Q8_T * 2;
             for (int r = 0; r < Q8_R; r++)
-                for (int j = 0; j < Q8_T; j++) sum[r][j] += w[2 * r] * x[2 * j] + w[2 * r + 1] * x[2 * j + 1];
+                for (int j = 0; j < Q8_T; j++)
+                    sum[r][j] += w[2 * r] * x[2 * j] + w[2 * r + 1] * x[2 * j + 1];
         }
         for (int r = 0; r < Q8_R; r++)
-            for (int j = 0; j < Q8_T; j++) a[r][j] += dw[b * Q8_R + r] * dx[b * Q8_T + j] * (float)sum[r][j];
+            for (int j = 0; j < Q8_T; j++)
+                a[r][j] += dw[b * Q8_R + r] * dx[b * Q8_T + j] * (float)sum[r][j];
     }
     memcpy(acc, a, sizeof(a));
 }
 
-static void decode_scores(float *s, const float *q, const float *const *keys, int nk, int H, float scale) {
+static void decode_scores(float *s, const float *q, const float *const *keys, int nk, int H,
+                          float scale) {
     for (int j = 0; j < nk; j++) s[j] = dot(q, keys[j], (size_t)H) * scale;
 }
 
@@ -1071,7 +1150,8 @@ static void decode_values(float *acc, const float *w, const float *const *values
 // SmolLM2 prefill, 2 threads: 5 x 24 318 tokens/s, 4 x 24 287, 3 x 24 282, 2 x 48 228.)
 #define MM_R 5    // weight rows per tile
 #define MM_T 24   // tokens per tile
-static void gemm_tile(float acc[MM_R][MM_T], const float *restrict panel, const float *restrict xt, size_t cols) {
+static void gemm_tile(float acc[MM_R][MM_T], const float *restrict panel, const float *restrict xt,
+                      size_t cols) {
     float a[MM_R][MM_T] = {{0}};
     for (size_t k = 0; k < cols; k++) {
         const float *xk = xt + k * MM_T, *wk = panel + k * MM_R;
@@ -1083,13 +1163,15 @@ static void gemm_tile(float acc[MM_R][MM_T], const float *restrict panel, const 
 
 // Head g's vector (H) of a stored row as floats: a pointer into the cache for f32, else
 // converted into buf.
-static const float *kv_head(const KVCache *kv, const uint8_t *row, int g, int n_kv_heads, int H, float *buf) {
+static const float *kv_head(const KVCache *kv, const uint8_t *row, int g, int n_kv_heads, int H,
+                            float *buf) {
     if (kv->type == KV_F32) return (const float *)row + (size_t)g * H;
     if (kv->type == KV_F16) {
         f16_to_f32_row(buf, row + (size_t)g * H * 2, H);
         return buf;
     }
-    const int8_t *q = (const int8_t *)row + (size_t)g * H;   // q8: int8s, then a float scale per head
+    // q8: int8s, then a float scale per head
+    const int8_t *q = (const int8_t *)row + (size_t)g * H;
     float d;
     memcpy(&d, row + (size_t)n_kv_heads * H + g * sizeof(float), sizeof(float));
     for (int i = 0; i < H; i++) buf[i] = d * q[i];
@@ -1112,25 +1194,34 @@ static void build_matmul_work(MatmulWork *mw, size_t widest, size_t max_T) {
     size_t threads = (size_t)n_threads(), blocks = widest / LR_Q8_BLOCK + 1;
     size_t padded = (max_T + MM_T - 1) / MM_T * MM_T, q8_padded = (max_T + Q8_T - 1) / Q8_T * Q8_T;
     mw->row = xcalloc(mul_size(threads, widest, "scratch"), sizeof(float), "weight rows");
-    mw->panel = xcalloc(mul_size(mul_size(threads, widest, "panels"), MM_R, "panels"), sizeof(float), "weight panels");
-    mw->xt = xcalloc(mul_size(padded, widest, "transposed chunk"), sizeof(float), "the transposed chunk");
-    mw->qx = xcalloc(mul_size(max_T, widest, "quantized chunk"), sizeof(int16_t), "the quantized chunk");
-    mw->dx = xcalloc(mul_size(max_T, blocks, "quantized chunk"), sizeof(float), "the quantized chunk");
-    mw->q8_panel = xcalloc(mul_size(mul_size(threads, widest, "panels"), Q8_R, "panels"), sizeof(int16_t), "q8 panels");
-    mw->q8_dw = xcalloc(mul_size(mul_size(threads, blocks, "panels"), Q8_R, "panels"), sizeof(float), "q8 panels");
-    mw->q8_xt = xcalloc(mul_size(q8_padded, widest, "quantized chunk"), sizeof(int16_t), "the quantized chunk");
-    mw->q8_dx = xcalloc(mul_size(q8_padded, blocks, "quantized chunk"), sizeof(float), "the quantized chunk");
+    mw->panel = xcalloc(mul_size(mul_size(threads, widest, "panels"), MM_R, "panels"),
+                        sizeof(float), "weight panels");
+    mw->xt = xcalloc(mul_size(padded, widest, "transposed chunk"), sizeof(float),
+                     "the transposed chunk");
+    mw->qx = xcalloc(mul_size(max_T, widest, "quantized chunk"), sizeof(int16_t),
+                     "the quantized chunk");
+    mw->dx = xcalloc(mul_size(max_T, blocks, "quantized chunk"), sizeof(float),
+                     "the quantized chunk");
+    mw->q8_panel = xcalloc(mul_size(mul_size(threads, widest, "panels"), Q8_R, "panels"),
+                           sizeof(int16_t), "q8 panels");
+    mw->q8_dw = xcalloc(mul_size(mul_size(threads, blocks, "panels"), Q8_R, "panels"),
+                        sizeof(float), "q8 panels");
+    mw->q8_xt = xcalloc(mul_size(q8_padded, widest, "quantized chunk"), sizeof(int16_t),
+                        "the quantized chunk");
+    mw->q8_dx = xcalloc(mul_size(q8_padded, blocks, "quantized chunk"), sizeof(float),
+                        "the quantized chunk");
 }
 
 static void free_matmul_work(MatmulWork *mw) {
-    void *buffers[] = {mw->row, mw->panel, mw->xt, mw->dx, mw->q8_dw, mw->q8_dx, mw->qx, mw->q8_panel, mw->q8_xt};
+    void *buffers[] = { mw->row,   mw->panel, mw->xt,       mw->dx,   mw->q8_dw,
+                        mw->q8_dx, mw->qx,    mw->q8_panel, mw->q8_xt };
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
 }
 
-// out (T, w.rows) = x (T, w.cols) @ w^T for q8_0 weights: x is quantized once (quantize_activations),
-// then decode is a q8_dot per weight row, and a chunk the blocked product of matmul() below
-// with q8_tile as its register tile: each panel of Q8_R rows is packed in k pairs once per chunk
-// and meets the quantized chunk, packed the same way, Q8_T tokens at a time.
+// out (T, w.rows) = x (T, w.cols) @ w^T for q8_0 weights: x is quantized once
+// (quantize_activations), then decode is a q8_dot per weight row, and a chunk the blocked product
+// of matmul() below with q8_tile as its register tile: each panel of Q8_R rows is packed in k pairs
+// once per chunk and meets the quantized chunk, packed the same way, Q8_T tokens at a time.
 static void matmul_q8(float *out, const float *x, const Tensor *w, int T, const MatmulWork *mw) {
     size_t rows = w->rows, cols = w->cols, blocks = cols / LR_Q8_BLOCK, n = (size_t)T;
     if (T == 1) {   // one row is quantized faster than threads start
@@ -1145,31 +1236,38 @@ static void matmul_q8(float *out, const float *x, const Tensor *w, int T, const 
     }
     size_t tiles = (n + Q8_T - 1) / Q8_T, panels = (rows + Q8_R - 1) / Q8_R;
     PARALLEL_FOR
-    for (size_t t = 0; t < n; t++) quantize_activations(mw->qx + t * cols, mw->dx + t * blocks, x + t * cols, cols);
+    for (size_t t = 0; t < n; t++)
+        quantize_activations(mw->qx + t * cols, mw->dx + t * blocks, x + t * cols, cols);
     PARALLEL_FOR
-    for (size_t tile = 0; tile < tiles; tile++) {   // q8_xt (tiles, cols / 2, Q8_T, 2), q8_dx (tiles, blocks, Q8_T)
+    // q8_xt (tiles, cols / 2, Q8_T, 2), q8_dx (tiles, blocks, Q8_T)
+    for (size_t tile = 0; tile < tiles; tile++) {
         int16_t *xt = mw->q8_xt + tile * Q8_T * cols;
         for (int j = 0; j < Q8_T; j++) {
             size_t t = tile * Q8_T + j;
             for (size_t kp = 0; kp < cols / 2; kp++)
-                for (int i = 0; i < 2; i++) xt[(kp * Q8_T + j) * 2 + i] = t < n ? mw->qx[t * cols + 2 * kp + i] : 0;
-            for (size_t b = 0; b < blocks; b++) mw->q8_dx[(tile * blocks + b) * Q8_T + j] = t < n ? mw->dx[t * blocks + b] : 0;
+                for (int i = 0; i < 2; i++)
+                    xt[(kp * Q8_T + j) * 2 + i] = t < n ? mw->qx[t * cols + 2 * kp + i] : 0;
+            for (size_t b = 0; b < blocks; b++)
+                mw->q8_dx[(tile * blocks + b) * Q8_T + j] = t < n ? mw->dx[t * blocks + b] : 0;
         }
     }
     PARALLEL_FOR
     for (size_t p = 0; p < panels; p++) {
         int16_t *panel = mw->q8_panel + (size_t)thread_id() * cols * Q8_R;   // (cols / 2, Q8_R, 2)
-        float *dw = mw->q8_dw + (size_t)thread_id() * blocks * Q8_R, acc[Q8_R][Q8_T];   // (blocks, Q8_R)
+        // (blocks, Q8_R)
+        float *dw = mw->q8_dw + (size_t)thread_id() * blocks * Q8_R, acc[Q8_R][Q8_T];
         int nr = rows - p * Q8_R < Q8_R ? (int)(rows - p * Q8_R) : Q8_R;
         for (int r = 0; r < Q8_R; r++) {   // rows past the end are zeros
             const float *scale = NULL;
             const int8_t *qw = r < nr ? q8_row(w, p * Q8_R + r, &scale) : NULL;
             for (size_t kp = 0; kp < cols / 2; kp++)
-                for (int i = 0; i < 2; i++) panel[(kp * Q8_R + r) * 2 + i] = qw ? qw[2 * kp + i] : 0;
+                for (int i = 0; i < 2; i++)
+                    panel[(kp * Q8_R + r) * 2 + i] = qw ? qw[2 * kp + i] : 0;
             for (size_t b = 0; b < blocks; b++) dw[b * Q8_R + r] = qw ? scale[b] : 0;
         }
         for (size_t tile = 0; tile < tiles; tile++) {
-            q8_tile(acc, panel, dw, mw->q8_xt + tile * Q8_T * cols, mw->q8_dx + tile * blocks * Q8_T, cols);
+            q8_tile(acc, panel, dw, mw->q8_xt + tile * Q8_T * cols,
+                    mw->q8_dx + tile * blocks * Q8_T, cols);
             for (size_t t = tile * Q8_T; t < n && t < (tile + 1) * Q8_T; t++)
                 for (int r = 0; r < nr; r++) out[t * rows + p * Q8_R + r] = acc[r][t - tile * Q8_T];
         }
@@ -1190,20 +1288,24 @@ static void matmul(float *out, const float *x, const Tensor *w, int T, const Mat
     size_t rows = w->rows, cols = w->cols;
     if (T == 1) {
         PARALLEL_FOR
-        for (size_t r = 0; r < rows; r++) out[r] = dot(weight_row(w, r, mw->row + (size_t)thread_id() * cols), x, cols);
+        for (size_t r = 0; r < rows; r++)
+            out[r] = dot(weight_row(w, r, mw->row + (size_t)thread_id() * cols), x, cols);
         return;
     }
     size_t stride = ((size_t)T + MM_T - 1) / MM_T * MM_T, panels = (rows + MM_R - 1) / MM_R;
     PARALLEL_FOR
     for (size_t t0 = 0; t0 < stride; t0 += MM_T)   // xt (stride / MM_T, cols, MM_T): zero past T
         for (size_t k = 0; k < cols; k++)
-            for (size_t t = t0; t < t0 + MM_T; t++) mw->xt[t0 * cols + k * MM_T + t - t0] = t < (size_t)T ? x[t * cols + k] : 0;
+            for (size_t t = t0; t < t0 + MM_T; t++)
+                mw->xt[t0 * cols + k * MM_T + t - t0] = t < (size_t)T ? x[t * cols + k] : 0;
     PARALLEL_FOR
     for (size_t p = 0; p < panels; p++) {
         float *panel = mw->panel + (size_t)thread_id() * cols * MM_R, acc[MM_R][MM_T];
         int nr = rows - p * MM_R < MM_R ? (int)(rows - p * MM_R) : MM_R;
         for (int r = 0; r < MM_R; r++) {   // panel (cols, MM_R): rows past the end are zeros
-            const float *wr = r < nr ? weight_row(w, p * MM_R + r, mw->row + (size_t)thread_id() * cols) : NULL;
+            const float *wr = r < nr
+                    ? weight_row(w, p * MM_R + r, mw->row + (size_t)thread_id() * cols)
+                    : NULL;
             for (size_t k = 0; k < cols; k++) panel[k * MM_R + r] = wr ? wr[k] : 0;
         }
         for (int t0 = 0; t0 < T; t0 += MM_T) {
@@ -1240,11 +1342,13 @@ static void softmax(float *x, size_t n) {
     for (size_t i = 0; i < n; i++) x[i] /= sum;
 }
 
-// SwiGLU (Shazeer 2020), per row of gate, up (T, n): gate = silu(gate) * up, silu(x) = x / (1 + e^-x).
+// SwiGLU (Shazeer 2020), per row of gate, up (T, n): gate = silu(gate) * up,
+// silu(x) = x / (1 + e^-x).
 static void swiglu(float *gate, const float *up, int T, int n) {
     PARALLEL_FOR_IF(T > 1)
     for (int t = 0; t < T; t++)
-        for (size_t i = (size_t)t * n; i < (size_t)(t + 1) * n; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        for (size_t i = (size_t)t * n; i < (size_t)(t + 1) * n; i++)
+            gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
 // The residual connection: x (T, n) += y (T, n).
@@ -1273,7 +1377,8 @@ static void exp_tile(float *restrict y, const float *restrict x) {
         bits[k] = ((int32_t)n + 127) << 23;   // 2^n: a float's exponent field
     }
     memcpy(scale, bits, sizeof(scale));
-    for (int k = 0; k < ATT_QT; k++) y[k] = x[k] < -87.0f ? 0.0f : x[k] == x[k] ? p[k] * scale[k] : x[k];
+    for (int k = 0; k < ATT_QT; k++)
+        y[k] = x[k] < -87.0f ? 0.0f : x[k] == x[k] ? p[k] * scale[k] : x[k];
 }
 
 // Attention of a chunk of T queries (T, q_dim) at positions pos0.. against the cache of one
@@ -1296,7 +1401,8 @@ static void exp_tile(float *restrict y, const float *restrict x) {
 // s[j][k] = q_k . key_j for ATT_KS keys and the ATT_QT queries of a tile, qt (H, ATT_QT): each
 // key element meets all queries at once (a SIMD loop over k), and ATT_KS keys give the
 // processor independent sums to overlap.
-static void tile_scores(float *restrict s, const float *restrict qt, const float *const *keys, int H) {
+static void tile_scores(float *restrict s, const float *restrict qt, const float *const *keys,
+                        int H) {
     float acc[ATT_KS][ATT_QT] = {{0}};
     for (int i = 0; i < H; i++)
         for (int j = 0; j < ATT_KS; j++) {
@@ -1310,7 +1416,8 @@ static void tile_scores(float *restrict s, const float *restrict qt, const float
 // acc (H, ATT_QT) += values^T @ e, over the nk keys of a block: e (nk, ATT_QT) the softmax
 // weights, values[j] the value row (H) of key j. Like tile_scores, each value element meets the
 // tile's queries at once, and 4 channels at a time stay in registers while the block streams.
-static void tile_values(float *restrict acc, const float *restrict e, const float *const *values, int nk, int H) {
+static void tile_values(float *restrict acc, const float *restrict e, const float *const *values,
+                        int nk, int H) {
     int i0 = 0;
     for (; i0 + 4 <= H; i0 += 4) {
         float a[4][ATT_QT];
@@ -1325,7 +1432,8 @@ static void tile_values(float *restrict acc, const float *restrict e, const floa
     }
     for (; i0 < H; i0++)   // channels past the last multiple of 4
         for (int j = 0; j < nk; j++)
-            for (int k = 0; k < ATT_QT; k++) acc[(size_t)i0 * ATT_QT + k] += values[j][i0] * e[j * ATT_QT + k];
+            for (int k = 0; k < ATT_QT; k++)
+                acc[(size_t)i0 * ATT_QT + k] += values[j][i0] * e[j * ATT_QT + k];
 }
 
 // A tile's online-softmax state: per query the running max m and sum l, and acc (H, ATT_QT).
@@ -1337,8 +1445,9 @@ typedef struct {
 
 // Fold a block of nk keys into the tile, query qt (H, ATT_QT): query k sees keys first[k] ..
 // last[k] of the block (none if last < first). keys[] has ATT_KS entries past nk (repeats).
-static void tile_block(Tile *t, const float *qt, const float *const *keys, const float *const *values, int nk,
-                       const int *first, const int *last, float scale, int H) {
+static void tile_block(Tile *t, const float *qt, const float *const *keys,
+                       const float *const *values, int nk, const int *first, const int *last,
+                       float scale, int H) {
     float m_new[ATT_QT], rescale[ATT_QT], diff[ATT_QT], *s = t->s;
     for (int j = 0; j < nk; j += ATT_KS) tile_scores(s + (size_t)j * ATT_QT, qt, keys + j, H);
     for (int k = 0; k < ATT_QT; k++) m_new[k] = t->m[k];
@@ -1375,11 +1484,12 @@ static void tile_block(Tile *t, const float *qt, const float *const *keys, const
 // (m_r, l_r, acc_r), and the parts merge exactly: m = max m_r, l = sum_r l_r e^(m_r - m),
 // out = sum_r acc_r e^(m_r - m) / l. A range meets its keys ATT_KB at a time: scores, one
 // max, then weights and values.
-// work: (n_threads, ATT_WORK(head_dim)) floats; parts: (n_kv_heads, ATT_RANGES, group, head_dim + 2).
+// work: (n_threads, ATT_WORK(head_dim)) floats;
+// parts: (n_kv_heads, ATT_RANGES, group, head_dim + 2).
 #define ATT_SPLIT 256    // fewest keys per range
 #define ATT_RANGES 64    // most ranges per kv head
-static void attention_decode(float *out, const float *q, const float *q_sink, const KVCache *kv, int layer,
-                             const Config *c, size_t pos, float *work, float *parts) {
+static void attention_decode(float *out, const float *q, const float *q_sink, const KVCache *kv,
+                             int layer, const Config *c, size_t pos, float *work, float *parts) {
     const LayerSlots *ls = &kv->layers[layer];
     int H = c->head_dim, group = c->n_heads / c->n_kv_heads;
     size_t lo = first_visible(&c->layers[layer], pos), n_sink = lo < ls->n_sink ? lo : ls->n_sink;
@@ -1390,38 +1500,51 @@ static void attention_decode(float *out, const float *q, const float *q_sink, co
     PARALLEL_FOR
     for (int job = 0; job < c->n_kv_heads * (int)ranges; job++) {
         int g = job / (int)ranges;
-        size_t j0 = (size_t)(job % (int)ranges) * per_range, j1 = j0 + per_range < n_keys ? j0 + per_range : n_keys;
-        float *kbuf = work + (size_t)thread_id() * ATT_WORK(H);   // (ATT_KB, H) keys converted to f32
+        size_t j0 = (size_t)(job % (int)ranges) * per_range,
+               j1 = j0 + per_range < n_keys ? j0 + per_range : n_keys;
+        // (ATT_KB, H) keys converted to f32
+        float *kbuf = work + (size_t)thread_id() * ATT_WORK(H);
         float *vbuf = kbuf + (size_t)ATT_KB * H;                   // (ATT_KB, H) values
-        float *s = vbuf + (size_t)ATT_KB * H;                      // (ATT_KB) one head's scores, then weights
+        // (ATT_KB) one head's scores, then weights
+        float *s = vbuf + (size_t)ATT_KB * H;
         float *part = parts + ((size_t)g * ATT_RANGES + (size_t)(job % (int)ranges)) * part_floats;
         float *m = part, *l = part + group, *acc = part + 2 * group;   // acc: (group, H)
         for (int h = 0; h < group; h++) m[h] = -INFINITY, l[h] = 0;
         memset(acc, 0, (size_t)group * H * sizeof(float));
         const float *keys[ATT_KB], *values[ATT_KB];
-        size_t slot = kv_slot(ls, lo + (j0 > n_sink ? j0 - n_sink : 0));   // of the range's first window key
+        // of the range's first window key
+        size_t slot = kv_slot(ls, lo + (j0 > n_sink ? j0 - n_sink : 0));
         for (size_t b0 = j0; b0 < j1; b0 += ATT_KB) {
             int nk = j1 - b0 < ATT_KB ? (int)(j1 - b0) : ATT_KB;
-            for (int j = 0; j < nk; j++) {   // key j: a sink (f32, apart) or a window position's slot
-                size_t J = b0 + (size_t)j, at = ((size_t)layer * kv->max_sink + J) * c->kv_dim + (size_t)g * H;
+            // key j: a sink (f32, apart) or a window position's slot
+            for (int j = 0; j < nk; j++) {
+                size_t J = b0 + (size_t)j,
+                       at = ((size_t)layer * kv->max_sink + J) * c->kv_dim + (size_t)g * H;
                 if (J < n_sink) {
                     keys[j] = kv->sink_key + at, values[j] = kv->sink_value + at;
                     continue;
                 }
-                keys[j] = kv_head(kv, kv->key + slot * kv->row_bytes, g, c->n_kv_heads, H, kbuf + (size_t)j * H);
-                values[j] = kv_head(kv, kv->value + slot * kv->row_bytes, g, c->n_kv_heads, H, vbuf + (size_t)j * H);
+                keys[j] = kv_head(kv, kv->key + slot * kv->row_bytes, g, c->n_kv_heads, H,
+                                  kbuf + (size_t)j * H);
+                values[j] = kv_head(kv, kv->value + slot * kv->row_bytes, g, c->n_kv_heads, H,
+                                    vbuf + (size_t)j * H);
                 slot = next_slot(ls, slot);
             }
-            int n_sink_keys = b0 < n_sink ? (int)(n_sink - b0 < (size_t)nk ? n_sink - b0 : (size_t)nk) : 0;
+            int n_sink_keys =
+                    b0 < n_sink ? (int)(n_sink - b0 < (size_t)nk ? n_sink - b0 : (size_t)nk) : 0;
             for (int h = 0; h < group; h++) {
                 size_t at = (size_t)(g * group + h) * H;
-                decode_scores(s, q_sink + at, keys, n_sink_keys, H, scale);   // the sinks' own query
-                decode_scores(s + n_sink_keys, q + at, keys + n_sink_keys, nk - n_sink_keys, H, scale);
+                // the sinks' own query
+                decode_scores(s, q_sink + at, keys, n_sink_keys, H, scale);
+                decode_scores(s + n_sink_keys, q + at, keys + n_sink_keys, nk - n_sink_keys, H,
+                              scale);
                 float m_new = m[h], sum = 0;
                 for (int j = 0; j < nk; j++) m_new = s[j] > m_new ? s[j] : m_new;
-                for (int j0b = 0; j0b < nk; j0b += ATT_QT) {   // e^(s - m_new), ATT_QT at a time (past nk: 0)
+                // e^(s - m_new), ATT_QT at a time (past nk: 0)
+                for (int j0b = 0; j0b < nk; j0b += ATT_QT) {
                     float x[ATT_QT];
-                    for (int k = 0; k < ATT_QT; k++) x[k] = j0b + k < nk ? s[j0b + k] - m_new : -INFINITY;
+                    for (int k = 0; k < ATT_QT; k++)
+                        x[k] = j0b + k < nk ? s[j0b + k] - m_new : -INFINITY;
                     exp_tile(s + j0b, x);
                 }
                 float rescale = expf(m[h] - m_new), *a = acc + (size_t)h * H;
@@ -1436,7 +1559,8 @@ static void attention_decode(float *out, const float *q, const float *q_sink, co
         int g = h / group, hh = h % group;
         const float *first = parts + (size_t)g * ATT_RANGES * part_floats;
         float m_all = -INFINITY, l_all = 0, *oh = out + (size_t)h * H;
-        for (size_t r = 0; r < ranges; r++) m_all = first[r * part_floats + hh] > m_all ? first[r * part_floats + hh] : m_all;
+        for (size_t r = 0; r < ranges; r++)
+            m_all = first[r * part_floats + hh] > m_all ? first[r * part_floats + hh] : m_all;
         memset(oh, 0, (size_t)H * sizeof(float));
         for (size_t r = 0; r < ranges; r++) {
             const float *part = first + r * part_floats;
@@ -1458,21 +1582,28 @@ static void attention(float *out, const float *q, const float *q_sink, const KVC
     }
     const LayerConfig *lc = &c->layers[layer];
     const LayerSlots *ls = &kv->layers[layer];
-    int H = c->head_dim, group = c->n_heads / c->n_kv_heads, n_q = T * group;   // queries per kv head
+    // queries per kv head
+    int H = c->head_dim, group = c->n_heads / c->n_kv_heads, n_q = T * group;
     int tiles = (n_q + ATT_QT - 1) / ATT_QT, n_sink = (int)ls->n_sink;
     float scale = 1.0f / sqrtf((float)H);
     PARALLEL_FOR
     for (int job = 0; job < c->n_kv_heads * tiles; job++) {
-        int g = job / tiles, first = job % tiles * ATT_QT, nq = n_q - first < ATT_QT ? n_q - first : ATT_QT;
-        float *qt = work + (size_t)thread_id() * ATT_WORK(H);   // (H, ATT_QT) the tile's queries, transposed
-        float *qs = qt + (size_t)H * ATT_QT;                     // (H, ATT_QT) the same, rotated for the sinks
-        float *kbuf = qs + (size_t)H * ATT_QT;                   // (ATT_KB, H) keys converted to f32
-        float *vbuf = kbuf + (size_t)ATT_KB * H;                 // (ATT_KB, H) values converted to f32
+        int g = job / tiles, first = job % tiles * ATT_QT,
+            nq = n_q - first < ATT_QT ? n_q - first : ATT_QT;
+        // (H, ATT_QT) the tile's queries, transposed
+        float *qt = work + (size_t)thread_id() * ATT_WORK(H);
+        // (H, ATT_QT) the same, rotated for the sinks
+        float *qs = qt + (size_t)H * ATT_QT;
+        // (ATT_KB, H) keys converted to f32
+        float *kbuf = qs + (size_t)H * ATT_QT;
+        // (ATT_KB, H) values converted to f32
+        float *vbuf = kbuf + (size_t)ATT_KB * H;
         Tile tile = {.acc = vbuf + (size_t)ATT_KB * H};
         tile.s = tile.acc + (size_t)H * ATT_QT;
         int64_t pos[ATT_QT], lo[ATT_QT], lo_all = INT64_MAX, hi_all = 0;
         int first_key[ATT_QT], last_key[ATT_QT];   // what each query sees of a block (j)
-        for (int k = 0; k < ATT_QT; k++) {   // query k of the tile: row t, head h (padding repeats the last)
+        // query k of the tile: row t, head h (padding repeats the last)
+        for (int k = 0; k < ATT_QT; k++) {
             int qi = first + (k < nq ? k : nq - 1), t = qi / group, h = g * group + qi % group;
             size_t at = (size_t)t * c->q_dim + (size_t)h * H;
             for (int i = 0; i < H; i++) qt[i * ATT_QT + k] = q[at + i];
@@ -1483,22 +1614,28 @@ static void attention(float *out, const float *q, const float *q_sink, const KVC
         }
         memset(tile.acc, 0, (size_t)H * ATT_QT * sizeof(float));
         const float *keys[ATT_KB + ATT_KS], *values[ATT_KB];
-        for (int j0 = 0; j0 < n_sink; j0 += ATT_KB) {   // the sinks below a query's window: j is seen iff j < lo
+        // the sinks below a query's window: j is seen iff j < lo
+        for (int j0 = 0; j0 < n_sink; j0 += ATT_KB) {
             int nk = n_sink - j0 < ATT_KB ? n_sink - j0 : ATT_KB;
             size_t at = ((size_t)layer * kv->max_sink + j0) * c->kv_dim + (size_t)g * H;
-            for (int j = 0; j < nk + ATT_KS; j++) keys[j] = kv->sink_key + at + (size_t)(j < nk ? j : nk - 1) * c->kv_dim;
+            for (int j = 0; j < nk + ATT_KS; j++)
+                keys[j] = kv->sink_key + at + (size_t)(j < nk ? j : nk - 1) * c->kv_dim;
             for (int j = 0; j < nk; j++) values[j] = kv->sink_value + at + (size_t)j * c->kv_dim;
-            for (int k = 0; k < ATT_QT; k++) first_key[k] = 0, last_key[k] = (int)(lo[k] < n_sink ? lo[k] : n_sink) - 1 - j0;
+            for (int k = 0; k < ATT_QT; k++)
+                first_key[k] = 0, last_key[k] = (int)(lo[k] < n_sink ? lo[k] : n_sink) - 1 - j0;
             tile_block(&tile, qs, keys, values, nk, first_key, last_key, scale, H);
         }
         for (int64_t p0 = lo_all / ATT_KB * ATT_KB; p0 <= hi_all; p0 += ATT_KB) {
             int nk = hi_all + 1 - p0 < ATT_KB ? (int)(hi_all + 1 - p0) : ATT_KB;
             size_t slot = kv_slot(ls, (size_t)p0);
             for (int j = 0; j < nk; j++, slot = next_slot(ls, slot)) {
-                keys[j] = kv_head(kv, kv->key + slot * kv->row_bytes, g, c->n_kv_heads, H, kbuf + (size_t)j * H);
-                values[j] = kv_head(kv, kv->value + slot * kv->row_bytes, g, c->n_kv_heads, H, vbuf + (size_t)j * H);
+                keys[j] = kv_head(kv, kv->key + slot * kv->row_bytes, g, c->n_kv_heads, H,
+                                  kbuf + (size_t)j * H);
+                values[j] = kv_head(kv, kv->value + slot * kv->row_bytes, g, c->n_kv_heads, H,
+                                    vbuf + (size_t)j * H);
             }
-            for (int j = nk; j < nk + ATT_KS; j++) keys[j] = keys[nk - 1];   // past the block's end: unused
+            // past the block's end: unused
+            for (int j = nk; j < nk + ATT_KS; j++) keys[j] = keys[nk - 1];
             for (int k = 0; k < ATT_QT; k++) {
                 first_key[k] = lo[k] > p0 ? (int)(lo[k] - p0) : 0;
                 last_key[k] = pos[k] - p0 < nk ? (int)(pos[k] - p0) : nk - 1;   // -1: none
@@ -1651,15 +1788,18 @@ static void build_state(RunState *s, const Config *c, int max_T, int all_logits)
     s->att_out = xcalloc(mul_size(max_T, c->q_dim, "att"), sizeof(float), "activations");
     s->hb = xcalloc(mul_size(max_T, c->hidden_dim, "hb"), sizeof(float), "activations");
     s->hb2 = xcalloc(mul_size(max_T, c->hidden_dim, "hb2"), sizeof(float), "activations");
-    s->logits = xcalloc(mul_size(s->n_logit_rows, c->vocab_size, "logits"), sizeof(float), "logits");
-    s->att_work = xcalloc(mul_size(n_threads(), ATT_WORK(c->head_dim), "attention"), sizeof(float), "attention tiles");
-    s->att_parts = xcalloc(mul_size((size_t)c->n_heads * ATT_RANGES, c->head_dim + 2, "attention"), sizeof(float),
-                           "attention ranges");
+    s->logits =
+            xcalloc(mul_size(s->n_logit_rows, c->vocab_size, "logits"), sizeof(float), "logits");
+    s->att_work = xcalloc(mul_size(n_threads(), ATT_WORK(c->head_dim), "attention"), sizeof(float),
+                          "attention tiles");
+    s->att_parts = xcalloc(mul_size((size_t)c->n_heads * ATT_RANGES, c->head_dim + 2, "attention"),
+                           sizeof(float), "attention ranges");
     build_matmul_work(&s->mm, widest, max_T);
 }
 
 static void free_state(RunState *s) {
-    void *buffers[] = {s->x, s->xb, s->q, s->q_sink, s->k, s->v, s->att_out, s->hb, s->hb2, s->logits, s->att_work, s->att_parts};
+    void *buffers[] = { s->x,       s->xb, s->q,   s->q_sink, s->k,        s->v,
+                        s->att_out, s->hb, s->hb2, s->logits, s->att_work, s->att_parts };
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
     free_matmul_work(&s->mm);
 }
@@ -1683,8 +1823,9 @@ static void apply_attention_options(Config *c, AttnOptions *a) {
 
 // Point into the opened, validated file and allocate everything a run needs, once: context
 // cache slots, chunks of up to max_T tokens, logits for every row or only the last.
-static void build_transformer(Transformer *t, const ModelFile *mf, const char *path, const RopeOptions *rope,
-                              AttnOptions *attn, size_t context, int max_T, int all_logits) {
+static void build_transformer(Transformer *t, const ModelFile *mf, const char *path,
+                              const RopeOptions *rope, AttnOptions *attn, size_t context, int max_T,
+                              int all_logits) {
     t->file = *mf;
     read_config(&t->config, &t->file, path);
     apply_rope_options(&t->config, rope);
@@ -1705,7 +1846,9 @@ static void free_transformer(Transformer *t) {
 }
 
 // Keys and values of one position in every layer, in the cache's type.
-static size_t kv_bytes_per_token(const Transformer *t) { return (size_t)2 * t->config.n_layers * t->cache.row_bytes; }
+static size_t kv_bytes_per_token(const Transformer *t) {
+    return (size_t)2 * t->config.n_layers * t->cache.row_bytes;
+}
 
 // One line: which keys a query sees, and how many positions fit.
 static void print_attention(const Transformer *t) {
@@ -1720,12 +1863,18 @@ static void print_attention(const Transformer *t) {
             w_max = c->layers[l].window > w_max ? c->layers[l].window : w_max;
         }
     size_t n_sink = 0;
-    for (int l = 0; l < c->n_layers; l++) n_sink = kv->layers[l].n_sink > n_sink ? kv->layers[l].n_sink : n_sink;
+    for (int l = 0; l < c->n_layers; l++)
+        n_sink = kv->layers[l].n_sink > n_sink ? kv->layers[l].n_sink : n_sink;
     if (!n_windowed) fprintf(stderr, "attention: full");
-    else if (w_min == w_max) fprintf(stderr, "attention: window of %u keys on %d of %d layers", w_max, n_windowed, c->n_layers);
-    else fprintf(stderr, "attention: windows of %u..%u keys on %d of %d layers", w_min, w_max, n_windowed, c->n_layers);
+    else if (w_min == w_max)
+        fprintf(stderr, "attention: window of %u keys on %d of %d layers", w_max, n_windowed,
+                c->n_layers);
+    else
+        fprintf(stderr, "attention: windows of %u..%u keys on %d of %d layers", w_min, w_max,
+                n_windowed, c->n_layers);
     if (n_sink && kv->sink_kind == SINKS_LMINF)
-        fprintf(stderr, " + %zu global tokens at distance min(pos, %zu) (LM-Infinite)", n_sink, kv->limit);
+        fprintf(stderr, " + %zu global tokens at distance min(pos, %zu) (LM-Infinite)", n_sink,
+                kv->limit);
     else if (n_sink) fprintf(stderr, " + %zu sinks at cache-slot distances (StreamingLLM)", n_sink);
     size_t cap = cache_capacity(kv, c);
     if (cap == SIZE_MAX) fprintf(stderr, "; a text of any length\n");
@@ -1738,9 +1887,12 @@ static void print_model_summary(const Transformer *t, const char *path) {
     const RunState *s = &t->state;
     const FileHeader *h = t->file.header;
     size_t params = 0;
-    for (uint32_t i = 0; i < h->n_tensors; i++) params += t->file.tensors[i].rows * t->file.tensors[i].cols;
-    size_t act = (size_t)s->max_T * (2 * c->dim + 3 * c->q_dim + 2 * c->kv_dim + 2 * c->hidden_dim) * sizeof(float) +
-                 (size_t)s->n_logit_rows * c->vocab_size * sizeof(float);
+    for (uint32_t i = 0; i < h->n_tensors; i++)
+        params += t->file.tensors[i].rows * t->file.tensors[i].cols;
+    size_t act = (size_t)s->max_T *
+                    (2 * c->dim + 3 * c->q_dim + 2 * c->kv_dim + 2 * c->hidden_dim) *
+                    sizeof(float) +
+            (size_t)s->n_logit_rows * c->vocab_size * sizeof(float);
     fprintf(stderr, "%s: %s, %.1fM params, %s weights, %d layers, dim %d, %d heads (%d kv) x %d, "
             "vocab %d, trained context %d\n", path, printable(h->arch, sizeof(h->arch)),
             params / 1e6, dtype_name(t->weights.layers[0].wq.dtype), c->n_layers, c->dim,
@@ -1752,9 +1904,13 @@ static void print_model_summary(const Transformer *t, const char *path) {
             lc->rotary_dim, c->head_dim, rope_target_context(lc, c->max_seq_len));
     print_attention(t);
     const KVCache *kv = &t->cache;
-    size_t sink_bytes = (size_t)4 * c->n_layers * kv->max_sink * c->kv_dim * sizeof(float);   // keys and values
-    fprintf(stderr, "memory: weights %.1f MB (mapped), KV cache %.1f MB (%s, %zu bytes/token, %zu slots in all), "
-            "activations %.1f MB\n", t->file.size / 1e6, (2.0 * kv->n_slots * kv->row_bytes + sink_bytes) / 1e6,
+    // keys and values
+    size_t sink_bytes = (size_t)4 * c->n_layers * kv->max_sink * c->kv_dim * sizeof(float);
+    fprintf(stderr,
+            "memory: weights %.1f MB (mapped), KV cache %.1f MB (%s, %zu bytes/token, %zu slots in "
+            "all), "
+            "activations %.1f MB\n",
+            t->file.size / 1e6, (2.0 * kv->n_slots * kv->row_bytes + sink_bytes) / 1e6,
             kv_type_names[kv->type], kv_bytes_per_token(t), kv->n_slots, act / 1e6);
 }
 
@@ -1772,8 +1928,8 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
     int D = c->dim, H = c->head_dim;
     if (T < 1 || T > s->max_T) die("forward: chunk of %d tokens, limit %d", T, s->max_T);
     if (pos0 + T > cache_capacity(kv, c))
-        die("context full: %zu tokens do not fit in %zu positions; raise -c, or set --window", pos0 + T,
-            cache_capacity(kv, c));
+        die("context full: %zu tokens do not fit in %zu positions; raise -c, or set --window",
+            pos0 + T, cache_capacity(kv, c));
 
     rope_update(&tr->rope, c, pos0 + T);
     for (int t = 0; t < T; t++) {   // token embeddings
@@ -1806,17 +1962,20 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
         PARALLEL_FOR_IF(T > 1)
         for (int t = 0; t < T; t++) {
             size_t pos = pos0 + t;
-            float *qt = s->q + (size_t)t * c->q_dim, *kt = s->k + (size_t)t * c->kv_dim, *vt = s->v + (size_t)t * c->kv_dim;
+            float *qt = s->q + (size_t)t * c->q_dim, *kt = s->k + (size_t)t * c->kv_dim,
+                  *vt = s->v + (size_t)t * c->kv_dim;
             if (ls->n_sink) {   // the query again, rotated to meet the sinks
                 float *qs = s->q_sink + (size_t)t * c->q_dim;
                 memcpy(qs, qt, c->q_dim * sizeof(float));
-                rope_rotate(qs, c->n_heads, H, lc->rotary_dim, inv_freq, a, sink_query_pos(kv, ls, lc, pos));
+                rope_rotate(qs, c->n_heads, H, lc->rotary_dim, inv_freq, a,
+                            sink_query_pos(kv, ls, lc, pos));
             }
             if (pos < ls->n_sink) {   // a sink: its key and value kept apart as well
                 size_t at = ((size_t)l * kv->max_sink + pos) * c->kv_dim;
                 memcpy(kv->sink_key + at, kt, c->kv_dim * sizeof(float));
                 memcpy(kv->sink_value + at, vt, c->kv_dim * sizeof(float));
-                rope_rotate(kv->sink_key + at, c->n_kv_heads, H, lc->rotary_dim, inv_freq, a, sink_key_pos(kv, pos));
+                rope_rotate(kv->sink_key + at, c->n_kv_heads, H, lc->rotary_dim, inv_freq, a,
+                            sink_key_pos(kv, pos));
             }
             rope_rotate(qt, c->n_heads, H, lc->rotary_dim, inv_freq, a, pos);
             rope_rotate(kt, c->n_kv_heads, H, lc->rotary_dim, inv_freq, a, pos);
@@ -1856,7 +2015,8 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
 static void check_utf8(const char *what, const char *text, size_t len, const char *hint) {
     size_t valid = utf8_valid_prefix(text, len);
     if (valid < len)
-        die("%s is not valid UTF-8 (byte %zu is 0x%02X); %s", what, valid, (unsigned)(unsigned char)text[valid], hint);
+        die("%s is not valid UTF-8 (byte %zu is 0x%02X); %s", what, valid,
+            (unsigned)(unsigned char)text[valid], hint);
 }
 
 // Load the tokenizer section of the file into tok. Returns 0 when the file has none.
@@ -1864,10 +2024,12 @@ static int load_tokenizer(Tokenizer *tok, const ModelFile *mf, const char *path)
     const FileHeader *h = mf->header;
     if (h->tokenizer_size == 0) return 0;
     char err[256];
-    if (tokenizer_load(tok, mf->bytes + h->tokenizer_offset, h->tokenizer_size, err, sizeof(err)) != 0)
+    if (tokenizer_load(tok, mf->bytes + h->tokenizer_offset, h->tokenizer_size, err, sizeof(err)) !=
+        0)
         die("%s: tokenizer section: %s", path, err);
     if (h->n_layers && tokenizer_vocab_size(tok) > (int)h->vocab_size)
-        die("%s: the tokenizer has %d tokens but the model only %u", path, tokenizer_vocab_size(tok), h->vocab_size);
+        die("%s: the tokenizer has %d tokens but the model only %u", path,
+            tokenizer_vocab_size(tok), h->vocab_size);
     return 1;
 }
 
@@ -1938,7 +2100,9 @@ static void apply_repeat_penalty(const Sampler *sp, float *logits) {
     for (size_t i = 0; i < n; i++) {
         int id = sp->recent[i], seen = 0;
         for (size_t j = 0; j < i && !seen; j++) seen = sp->recent[j] == id;
-        if (!seen) logits[id] = logits[id] > 0 ? logits[id] / sp->repeat_penalty : logits[id] * sp->repeat_penalty;
+        if (!seen)
+            logits[id] = logits[id] > 0 ? logits[id] / sp->repeat_penalty
+                                        : logits[id] * sp->repeat_penalty;
     }
 }
 
@@ -1990,7 +2154,8 @@ static int sample(Sampler *sp, float *logits, int vocab) {
         while (keep < n && before < sp->top_p * mass) before += logits[sp->order[keep++]];
         n = keep;
     }
-    while (n > 1 && logits[sp->order[n - 1]] < sp->min_p * pmax) n--;   // min-p: a ratio to the best
+    // min-p: a ratio to the best
+    while (n > 1 && logits[sp->order[n - 1]] < sp->min_p * pmax) n--;
     float total = 0;
     for (int i = 0; i < n; i++) total += logits[sp->order[i]];
     float r = random_f32(&sp->rng) * total, cdf = 0;
@@ -2014,7 +2179,8 @@ typedef struct {
     Sampler sampler;          // -t -k -p --min-p --repeat-penalty --repeat-last-n settings
     uint64_t seed;            // -s
     const char *system;       // --system: the chat's system prompt
-    long context;             // -c: cache slots to allocate (0 = what the run needs, up to the trained context)
+    // -c: cache slots to allocate (0 = what the run needs, up to the trained context)
+    long context;
     int chunk;                // --chunk: prefill chunk size (0 = mode default)
     int threads;              // --threads (0 = OpenMP default)
     int reference;            // --reference: the plain reference blocks, not the fast kernels
@@ -2025,9 +2191,11 @@ typedef struct {
     long ppl_bucket;          // ppl: --ppl-bucket, predicted tokens per CSV row
     long ppl_tokens;          // ppl: --ppl-tokens, evaluate only the first N tokens (0 = all)
     long passkey_len[MAX_LIST];   // passkey: --passkey-len, prompt lengths in tokens
-    float passkey_depth[MAX_LIST];// passkey: --passkey-depth, where the key sits (0 = start, 1 = end)
+    // passkey: --passkey-depth, where the key sits (0 = start, 1 = end)
+    float passkey_depth[MAX_LIST];
     int n_passkey_len, n_passkey_depth, passkey_trials;
-    long bench_pp[MAX_LIST], bench_tg[MAX_LIST], bench_depth[MAX_LIST];   // bench: --bench-pp/-tg/-depth
+    // bench: --bench-pp/-tg/-depth
+    long bench_pp[MAX_LIST], bench_tg[MAX_LIST], bench_depth[MAX_LIST];
     int n_bench_pp, n_bench_tg, n_bench_depth, reps, json;                // bench: -r, --json
 } Options;
 
@@ -2067,7 +2235,8 @@ static char *read_prompt(const Options *o, size_t *len) {
     FILE *f = strcmp(o->input_path, "-") ? fopen(o->input_path, "rb") : stdin;
     if (!f) die("%s: cannot open: %s", o->input_path, strerror(errno));
     struct stat st;
-    if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) die("%s: is a directory, not a prompt file", o->input_path);
+    if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode))
+        die("%s: is a directory, not a prompt file", o->input_path);
     size_t cap = 1 << 16, n = 0;
     char *text = malloc(cap);
     for (size_t got; text && (got = fread(text + n, 1, cap - n - 1, f)) > 0;) {
@@ -2220,7 +2389,8 @@ static float *prefill(Transformer *t, const int *tokens, size_t n, size_t pos0) 
         logits = forward(t, tokens + done, T, pos0 + done);
         if (!logits) break;
         if (n >= 4096)
-            fprintf(stderr, "\rprefill %zu / %zu tokens, %.0f tok/s", done + T, n, (done + T) / (now_seconds() - start));
+            fprintf(stderr, "\rprefill %zu / %zu tokens, %.0f tok/s", done + T, n,
+                    (done + T) / (now_seconds() - start));
     }
     if (n >= 4096) fprintf(stderr, "\n");
     if (interrupted) die("interrupted during prefill");
@@ -2236,8 +2406,11 @@ static int continue_streaming(Transformer *t) {
     KVCache *kv = &t->cache;
     size_t S = 4, window = 0;
     for (int l = 0; l < c->n_layers; l++)
-        if (layer_fills(kv, &c->layers[l], l) && kv->layers[l].ring < S + (size_t)t->state.max_T + 1) {
-            fprintf(stderr, "\n[context full at %zu tokens, too small to go on through a window: raise -c]\n",
+        if (layer_fills(kv, &c->layers[l], l) &&
+            kv->layers[l].ring < S + (size_t)t->state.max_T + 1) {
+            fprintf(stderr,
+                    "\n[context full at %zu tokens, too small to go on through a window: raise "
+                    "-c]\n",
                     cache_capacity(kv, c));
             return 0;
         }
@@ -2249,15 +2422,21 @@ static int continue_streaming(Transformer *t) {
         lc->attn_kind = ATTN_SLIDING, lc->window = (uint32_t)window;
         for (size_t i = 0; i < S; i++)
             for (int g = 0; g < c->n_kv_heads; g++) {
-                size_t row = kv_slot(ls, i) * kv->row_bytes, at = ((size_t)l * kv->max_sink + i) * c->kv_dim + (size_t)g * c->head_dim;
-                const float *k = kv_head(kv, kv->key + row, g, c->n_kv_heads, c->head_dim, kv->sink_key + at);
-                const float *v = kv_head(kv, kv->value + row, g, c->n_kv_heads, c->head_dim, kv->sink_value + at);
+                size_t row = kv_slot(ls, i) * kv->row_bytes,
+                       at = ((size_t)l * kv->max_sink + i) * c->kv_dim + (size_t)g * c->head_dim;
+                const float *k = kv_head(kv, kv->key + row, g, c->n_kv_heads, c->head_dim,
+                                         kv->sink_key + at);
+                const float *v = kv_head(kv, kv->value + row, g, c->n_kv_heads, c->head_dim,
+                                         kv->sink_value + at);
                 memmove(kv->sink_key + at, k, c->head_dim * sizeof(float));
                 memmove(kv->sink_value + at, v, c->head_dim * sizeof(float));
             }
     }
     kv->sink_kind = SINKS_STREAMING;
-    fprintf(stderr, "\n[context full: going on with %zu sinks + a window of %zu (StreamingLLM); see --window]\n", S, window);
+    fprintf(stderr,
+            "\n[context full: going on with %zu sinks + a window of %zu (StreamingLLM); see "
+            "--window]\n",
+            S, window);
     return 1;
 }
 
@@ -2270,8 +2449,8 @@ static int make_room(Transformer *t, size_t pos, size_t n) {
 // *pos. Stops at the model's end-of-text or end-of-turn token (not fed back; known only with a
 // tokenizer), a full cache or Ctrl-C. Prints text through the tokenizer's stream, or ids.
 // Returns the number of tokens sampled. Output goes to out.
-static int decode(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, float *logits, size_t *pos, int steps,
-                  FILE *out) {
+static int decode(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, float *logits,
+                  size_t *pos, int steps, FILE *out) {
     TokenStream stream;
     print_text = print_text && tok;
     if (print_text) tokenizer_stream_init(&stream, tok, 0);
@@ -2292,15 +2471,18 @@ static int decode(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, f
 }
 
 static void print_stats(size_t n_prompt, double prefill_s, int generated, double decode_s) {
-    fprintf(stderr, "prompt %zu tokens, prefill %.1f tok/s, first token after %.2f s, decode %.1f tok/s (%d tokens), "
-            "peak RSS %.0f MB\n", n_prompt, n_prompt / prefill_s, prefill_s,
-            generated / decode_s, generated, peak_rss_mb());
+    fprintf(stderr,
+            "prompt %zu tokens, prefill %.1f tok/s, first token after %.2f s, decode %.1f tok/s "
+            "(%d tokens), "
+            "peak RSS %.0f MB\n",
+            n_prompt, n_prompt / prefill_s, prefill_s, generated / decode_s, generated,
+            peak_rss_mb());
 }
 
 // -m generate: prefill the prompt, then sample until -n tokens, end of text, a full context or
 // Ctrl-C. Stats on stderr.
-static void generate(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, const int *prompt, size_t n_prompt,
-                     int steps) {
+static void generate(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, const int *prompt,
+                     size_t n_prompt, int steps) {
     for (size_t i = 0; i < n_prompt; i++) sampler_accept(sp, prompt[i]);
     double t0 = now_seconds();
     float *logits = prefill(t, prompt, n_prompt, 0);
@@ -2321,12 +2503,13 @@ typedef struct {
 } ChatFormat;
 
 static const ChatFormat chat_formats[CHAT_COUNT] = {
-    [CHAT_CHATML] = {"<|im_start|>system\n%s<|im_end|>\n", "<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n",
-                     "<|im_end|>\n"},
-    [CHAT_LLAMA3] = {"<|start_header_id|>system<|end_header_id|>\n\n%s<|eot_id|>",
-                     "<|start_header_id|>user<|end_header_id|>\n\n%s<|eot_id|>"
-                     "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"},
-    [CHAT_LLAMA2_INST] = {"[INST] <<SYS>>\n%s\n<</SYS>>\n\n", "[INST] %s [/INST]", " </s><s>"},
+    [CHAT_CHATML] = { "<|im_start|>system\n%s<|im_end|>\n",
+                      "<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>\n" },
+    [CHAT_LLAMA3] = { "<|start_header_id|>system<|end_header_id|>\n\n%s<|eot_id|>",
+                      "<|start_header_id|>user<|end_header_id|>\n\n%s<|eot_id|>"
+                      "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                      "<|eot_id|>" },
+    [CHAT_LLAMA2_INST] = { "[INST] <<SYS>>\n%s\n<</SYS>>\n\n", "[INST] %s [/INST]", " </s><s>" },
 };
 
 // printf into a growing heap string (no fixed-size buffers): appends to *buf.
@@ -2343,9 +2526,11 @@ static void append_format(char **buf, size_t *len, const char *fmt, const char *
 // -m chat: read one user message per line from stdin until EOF; the KV cache keeps the whole
 // conversation, so each turn only prefills its own new tokens.
 // With print_ids, replies are printed as token ids instead of text.
-static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *system, int steps, int print_ids) {
+static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *system, int steps,
+                 int print_ids) {
     int id = tokenizer_chat_template(tok);
-    if (id <= CHAT_NONE || id >= CHAT_COUNT) die("this model has no known chat format; use -m generate");
+    if (id <= CHAT_NONE || id >= CHAT_COUNT)
+        die("this model has no known chat format; use -m generate");
     const ChatFormat *fmt = &chat_formats[id];
     int interactive = isatty(fileno(stdin));
     char *line = NULL;
@@ -2360,7 +2545,8 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *system
         size_t len = 0;
         if (turn > 0) append_format(&text, &len, "%s", fmt->close);
         if (turn == 0 && system) append_format(&text, &len, fmt->system, system);
-        if (id == CHAT_LLAMA2_INST && turn == 0 && system)   // Llama 2 puts the system block inside [INST]
+        // Llama 2 puts the system block inside [INST]
+        if (id == CHAT_LLAMA2_INST && turn == 0 && system)
             append_format(&text, &len, "%s [/INST]", line);
         else
             append_format(&text, &len, fmt->user, line);
@@ -2431,16 +2617,18 @@ static void perplexity(Transformer *t, const int *tokens, size_t n, size_t bucke
     double total = 0, bucket_sum = 0, start = now_seconds();
     size_t bucket_n = 0, predicted = 0;
     for (size_t done = 0; done + 1 < n && !interrupted; done += max_T) {
-        int T = n - 1 - done < (size_t)max_T ? (int)(n - 1 - done) : max_T;   // rows with a next token
+        // rows with a next token
+        int T = n - 1 - done < (size_t)max_T ? (int)(n - 1 - done) : max_T;
         const float *logits = forward(t, tokens + done, T, done);
         if (!logits) break;   // interrupted
         PARALLEL_FOR
-        for (int r = 0; r < T; r++) nll[r] = -token_log_prob(logits + (size_t)r * V, V, tokens[done + r + 1]);
+        for (int r = 0; r < T; r++)
+            nll[r] = -token_log_prob(logits + (size_t)r * V, V, tokens[done + r + 1]);
         for (int r = 0; r < T; r++) {   // position done + r + 1 is predicted
             total += nll[r], bucket_sum += nll[r], bucket_n++, predicted++;
             if (csv && (predicted % bucket == 0 || predicted == n - 1)) {
-                fprintf(csv, "%zu,%zu,%zu,%.6f,%.4f\n", predicted - bucket_n + 1, predicted, bucket_n,
-                        bucket_sum / bucket_n, exp(bucket_sum / bucket_n));
+                fprintf(csv, "%zu,%zu,%zu,%.6f,%.4f\n", predicted - bucket_n + 1, predicted,
+                        bucket_n, bucket_sum / bucket_n, exp(bucket_sum / bucket_n));
                 bucket_sum = 0, bucket_n = 0;
             }
         }
@@ -2454,15 +2642,19 @@ static void perplexity(Transformer *t, const int *tokens, size_t n, size_t bucke
     if (interrupted)
         die("interrupted after %zu tokens (perplexity so far %.4f)", predicted,
             exp(total / predicted));
-    printf("perplexity %.4f over %zu predicted tokens (mean NLL %.6f), %.1f tok/s, peak RSS %.0f MB\n",
-           exp(total / predicted), predicted, total / predicted, predicted / (now_seconds() - start), peak_rss_mb());
+    printf("perplexity %.4f over %zu predicted tokens (mean NLL %.6f), %.1f tok/s, peak RSS %.0f "
+           "MB\n",
+           exp(total / predicted), predicted, total / predicted,
+           predicted / (now_seconds() - start), peak_rss_mb());
 }
 
 // The pass-key prompt (Mohtashami & Jaggi 2023, "Landmark Attention"): a key hidden at
 // fraction `depth` of filler text of about `length` tokens, then the question.
-static const char *PASSKEY_INTRO = "There is an important pass key hidden inside a lot of irrelevant text. "
-                                   "Find it and memorize it. I will quiz you about the pass key.\n";
-static const char *PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+static const char *PASSKEY_INTRO =
+        "There is an important pass key hidden inside a lot of irrelevant text. "
+        "Find it and memorize it. I will quiz you about the pass key.\n";
+static const char *PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here "
+                                    "we go. There and back again. ";
 static const char *PASSKEY_NEEDLE = "The pass key is %s. Remember it. %s is the pass key. ";
 static const char *PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is";
 
@@ -2476,12 +2668,14 @@ static size_t count_tokens(Tokenizer *tok, const char *text) {
 static int *passkey_prompt(Tokenizer *tok, size_t length, float depth, const char *key, size_t *n) {
     char needle[128];
     snprintf(needle, sizeof(needle), PASSKEY_NEEDLE, key, key);
-    size_t fixed = count_tokens(tok, PASSKEY_INTRO) + count_tokens(tok, needle) + count_tokens(tok, PASSKEY_QUESTION) + 1;
+    size_t fixed = count_tokens(tok, PASSKEY_INTRO) + count_tokens(tok, needle) +
+            count_tokens(tok, PASSKEY_QUESTION) + 1;
     size_t unit = count_tokens(tok, PASSKEY_FILLER);
     if (unit == 0) die("the tokenizer turns the pass-key filler text into no tokens");
     size_t units = length > fixed ? (length - fixed) / unit : 0;
     size_t before = (size_t)(units * depth + 0.5f), filler_len = strlen(PASSKEY_FILLER);
-    size_t len = strlen(PASSKEY_INTRO) + strlen(needle) + strlen(PASSKEY_QUESTION) + units * filler_len;
+    size_t len =
+            strlen(PASSKEY_INTRO) + strlen(needle) + strlen(PASSKEY_QUESTION) + units * filler_len;
     char *text = xcalloc(add_size(len, 1, "pass-key prompt"), 1, "pass-key prompt"), *p = text;
     p += sprintf(p, "%s", PASSKEY_INTRO);
     for (size_t u = 0; u <= units; u++) {
@@ -2497,8 +2691,8 @@ static int *passkey_prompt(Tokenizer *tok, size_t length, float depth, const cha
 
 // -m passkey: for each length and depth, `trials` random 5-digit keys; a trial passes when
 // the greedy answer (up to 8 tokens) contains the key. Prints a markdown table of accuracy.
-static void passkey(Transformer *t, Tokenizer *tok, const long *lengths, int n_lengths, const float *depths,
-                    int n_depths, int trials, uint64_t seed) {
+static void passkey(Transformer *t, Tokenizer *tok, const long *lengths, int n_lengths,
+                    const float *depths, int n_depths, int trials, uint64_t seed) {
     Sampler greedy = {.temperature = 0, .top_p = 1, .repeat_penalty = 1};
     build_sampler(&greedy, t->config.vocab_size, seed);
     int *passed = xcalloc((size_t)n_lengths * n_depths, sizeof(int), "pass-key table");
@@ -2510,7 +2704,8 @@ static void passkey(Transformer *t, Tokenizer *tok, const long *lengths, int n_l
                 snprintf(key, sizeof(key), "%05u", (unsigned)(random_f32(&greedy.rng) * 100000));
                 int *prompt = passkey_prompt(tok, (size_t)lengths[li], depths[di], key, &n);
                 if (n + 8 > cache_capacity(&t->cache, &t->config))
-                    die("a pass-key prompt of %zu tokens does not fit in %zu positions", n, cache_capacity(&t->cache, &t->config));
+                    die("a pass-key prompt of %zu tokens does not fit in %zu positions", n,
+                        cache_capacity(&t->cache, &t->config));
                 double t0 = now_seconds();
                 float *logits = prefill(t, prompt, n, 0);
                 FILE *out = open_memstream(&answer, &answer_len);   // the answer, as text
@@ -2521,8 +2716,8 @@ static void passkey(Transformer *t, Tokenizer *tok, const long *lengths, int n_l
                 int ok = strstr(answer, key) != NULL;
                 for (char *c = answer; *c; c++) *c = *c == '\n' ? ' ' : *c;   // one line per trial
                 passed[li * n_depths + di] += ok;
-                fprintf(stderr, "passkey: %zu tokens, depth %.2f, key %s: %s -> \"%s\" (%.1f s)\n", n, depths[di], key,
-                        ok ? "found" : "missed", answer, now_seconds() - t0);
+                fprintf(stderr, "passkey: %zu tokens, depth %.2f, key %s: %s -> \"%s\" (%.1f s)\n",
+                        n, depths[di], key, ok ? "found" : "missed", answer, now_seconds() - t0);
                 free(answer);
                 free(prompt);
             }
@@ -2553,10 +2748,11 @@ static long max_of(const long *values, int n) {
 // -m bench, after llama-bench: prompt processing (ppN: N tokens in chunks) and text generation
 // (tgN: N tokens one at a time), each after `depth` tokens already in the cache, `reps`
 // times; random token ids. Prints a markdown table (or JSON) of tokens/s, mean ± sd.
-static void bench(Transformer *t, const long *pp, int n_pp, const long *tg, int n_tg, const long *depths, int n_depths,
-                  int reps, int json) {
+static void bench(Transformer *t, const long *pp, int n_pp, const long *tg, int n_tg,
+                  const long *depths, int n_depths, int reps, int json) {
     size_t kv_per_token = kv_bytes_per_token(t);
-    size_t max_len = (size_t)(max_of(pp, n_pp) > max_of(tg, n_tg) ? max_of(pp, n_pp) : max_of(tg, n_tg));
+    size_t max_len =
+            (size_t)(max_of(pp, n_pp) > max_of(tg, n_tg) ? max_of(pp, n_pp) : max_of(tg, n_tg));
     int *ids = xcalloc(max_len + 1, sizeof(int), "bench tokens");
     uint64_t rng = 42;
     if (json) printf("{\"kv_bytes_per_token\": %zu, \"results\": [", kv_per_token);
@@ -2564,10 +2760,12 @@ static void bench(Transformer *t, const long *pp, int n_pp, const long *tg, int 
     int first = 1;
     for (int di = 0; di < n_depths; di++) {
         size_t depth = (size_t)depths[di];
-        for (size_t i = 0; i < max_len + 1; i++) ids[i] = (int)(random_f32(&rng) * t->config.vocab_size);
+        for (size_t i = 0; i < max_len + 1; i++)
+            ids[i] = (int)(random_f32(&rng) * t->config.vocab_size);
         int *fill = xcalloc(depth + 1, sizeof(int), "bench depth");
         for (size_t i = 0; i < depth; i++) fill[i] = (int)(random_f32(&rng) * t->config.vocab_size);
-        if (depth) prefill(t, fill, depth, 0);   // the depth stays in the cache; every test runs after it
+        // the depth stays in the cache; every test runs after it
+        if (depth) prefill(t, fill, depth, 0);
         free(fill);
         for (int kind = 0; kind < 2; kind++)
             for (int ti = 0; ti < (kind ? n_tg : n_pp); ti++) {
@@ -2583,18 +2781,23 @@ static void bench(Transformer *t, const long *pp, int n_pp, const long *tg, int 
                     double rate = n / (now_seconds() - t0);
                     sum += rate, sum2 += rate * rate;
                 }
-                double mean = sum / reps, sd = reps > 1 ? sqrt(fmax(0, (sum2 - reps * mean * mean) / (reps - 1))) : 0;
+                double mean = sum / reps,
+                       sd = reps > 1 ? sqrt(fmax(0, (sum2 - reps * mean * mean) / (reps - 1))) : 0;
                 if (json)
-                    printf("%s\n  {\"test\": \"%s%zu\", \"depth\": %zu, \"reps\": %d, \"tokens_per_s\": %.2f, \"sd\": %.2f}",
+                    printf("%s\n  {\"test\": \"%s%zu\", \"depth\": %zu, \"reps\": %d, "
+                           "\"tokens_per_s\": %.2f, \"sd\": %.2f}",
                            first ? "" : ",", kind ? "tg" : "pp", n, depth, reps, mean, sd);
-                else printf("| %s%zu | %zu | %.2f ± %.2f |\n", kind ? "tg" : "pp", n, depth, mean, sd);
+                else
+                    printf("| %s%zu | %zu | %.2f ± %.2f |\n", kind ? "tg" : "pp", n, depth, mean,
+                           sd);
                 fflush(stdout);
                 first = 0;
             }
     }
     if (json) printf("\n], \"peak_rss_mb\": %.0f}\n", peak_rss_mb());
-    else printf("\nKV cache %zu bytes/token, peak RSS %.0f MB, %d threads, chunk %d\n", kv_per_token, peak_rss_mb(),
-                n_threads(), t->state.max_T);
+    else
+        printf("\nKV cache %zu bytes/token, peak RSS %.0f MB, %d threads, chunk %d\n", kv_per_token,
+               peak_rss_mb(), n_threads(), t->state.max_T);
     free(ids);
 }
 
@@ -2603,57 +2806,76 @@ static void bench(Transformer *t, const long *pp, int n_pp, const long *tg, int 
 
 static void usage(FILE *out) {
     fprintf(out,
-        "usage: run MODEL [options]\n"
-        "  -m MODE          generate | chat | tokenize | logits | ppl | passkey | bench  (default generate)\n"
-        "  -i TEXT          the prompt\n"
-        "  -f FILE          read the prompt from FILE, bytes verbatim; - for stdin\n"
-        "  --ids            the prompt is token ids (\"1 2 3\"); generate and chat print ids\n"
-        "  --bos            tokenize: prepend the model's BOS token\n"
-        "  -n N             tokens to generate; -1 = until end of text      (default 256)\n"
-        "  -t T             temperature; 0 = greedy                         (default 0.8)\n"
-        "  -k K             top-k: sample among the K most likely; 0 = off (default 40)\n"
-        "  -p P             top-p (nucleus) threshold in (0, 1]; 1 = off   (default 0.95)\n"
-        "  --min-p P        drop tokens below P x the most likely; 0 = off (default 0.05)\n"
-        "  --repeat-penalty R  penalise recent tokens' logits; 1 = off     (default 1.0)\n"
-        "  --repeat-last-n N   how many recent tokens it looks at          (default 64)\n"
-        "  -s SEED          random seed; same seed, same output            (default: time)\n"
-        "  --system TEXT    chat: the system prompt                        (default: none)\n"
-        "  -c N             context: KV cache slots to allocate            (default: what the run needs,\n"
-        "                   at most the model's trained context; chat: 4096 at most)\n"
-        "  --chunk N        tokens per forward pass in prefill             (default 256; logits: all)\n"
-        "  --threads N      worker threads                                 (default: all cores)\n"
-        "  --reference      run the plain reference matmul and attention, not the fast kernels\n"
-        "  --logits-out F   logits mode: write (n_tokens, vocab) float32 here; the prompt is ids\n"
-        "Attention and the KV cache (see README, \"Windows and sinks\"):\n"
-        "  --window W       every layer sees its last W keys (itself included); no context limit\n"
-        "  --sinks S        with --window: keep the first S tokens too (StreamingLLM)  (default 0)\n"
-        "  --lminf          LM-Infinite: --sinks global tokens (default 10) + a --window local\n"
-        "                   branch (default: the trained context), far keys at a capped distance\n"
-        "  --lminf-limit L  LM-Infinite's distance cap                       (default: the window)\n"
-        "  --kv-type T      f32 | f16 | q8: how keys and values are stored   (default f32)\n"
-        "ppl: perplexity of the text of -f or -i\n"
-        "  --ppl-csv FILE   write first,last,tokens,mean_nll,ppl per bucket of predicted tokens\n"
-        "  --ppl-bucket N   predicted tokens per CSV row                     (default 1024)\n"
-        "  --ppl-tokens N   evaluate only the first N tokens of the text     (default: all)\n"
-        "passkey: find a random key hidden in filler text\n"
-        "  --passkey-len L,..    prompt lengths in tokens                    (default 1024,2048)\n"
-        "  --passkey-depth D,..  where the key sits, 0 = start .. 1 = end    (default 0,0.25,0.5,0.75,1)\n"
-        "  --passkey-trials N    random keys per length and depth            (default 3)\n"
-        "bench: tokens/s of prompt processing and generation at a depth\n"
-        "  --bench-pp N,..  prompt lengths                                   (default 512)\n"
-        "  --bench-tg N,..  tokens generated one by one                      (default 128)\n"
-        "  --bench-depth N,..  tokens already in the cache before each test  (default 0)\n"
-        "  -r N             repetitions, reported as mean ± sd               (default 3)\n"
-        "  --json           JSON instead of a markdown table\n"
-        "RoPE (override the file's setting; see README, \"Longer contexts\"):\n"
-        "  --rope-scaling S none | linear | dynamic | yarn | llama3         (default: the file's)\n"
-        "  --rope-theta B   RoPE base                                      (default: the file's)\n"
-        "  --rope-factor S  context extension factor                       (default: the file's)\n"
-        "  --rope-orig-ctx N  original context L0 of the scaling            (default: trained context)\n"
-        "  --yarn-beta-fast B  YaRN: fast end of the correction range     (default 32)\n"
-        "  --yarn-beta-slow B  YaRN: slow end of the correction range     (default 1)\n"
-        "  --yarn-attn-factor A  YaRN attention factor                     (default 0.1 ln(s) + 1)\n"
-        "  -h, --help       this text\n");
+            "usage: run MODEL [options]\n"
+            "  -m MODE          generate | chat | tokenize | logits | ppl | passkey | bench  "
+            "(default generate)\n"
+            "  -i TEXT          the prompt\n"
+            "  -f FILE          read the prompt from FILE, bytes verbatim; - for stdin\n"
+            "  --ids            the prompt is token ids (\"1 2 3\"); generate and chat print ids\n"
+            "  --bos            tokenize: prepend the model's BOS token\n"
+            "  -n N             tokens to generate; -1 = until end of text      (default 256)\n"
+            "  -t T             temperature; 0 = greedy                         (default 0.8)\n"
+            "  -k K             top-k: sample among the K most likely; 0 = off (default 40)\n"
+            "  -p P             top-p (nucleus) threshold in (0, 1]; 1 = off   (default 0.95)\n"
+            "  --min-p P        drop tokens below P x the most likely; 0 = off (default 0.05)\n"
+            "  --repeat-penalty R  penalise recent tokens' logits; 1 = off     (default 1.0)\n"
+            "  --repeat-last-n N   how many recent tokens it looks at          (default 64)\n"
+            "  -s SEED          random seed; same seed, same output            (default: time)\n"
+            "  --system TEXT    chat: the system prompt                        (default: none)\n"
+            "  -c N             context: KV cache slots to allocate            (default: what the "
+            "run needs,\n"
+            "                   at most the model's trained context; chat: 4096 at most)\n"
+            "  --chunk N        tokens per forward pass in prefill             (default 256; "
+            "logits: all)\n"
+            "  --threads N      worker threads                                 (default: all "
+            "cores)\n"
+            "  --reference      run the plain reference matmul and attention, not the fast "
+            "kernels\n"
+            "  --logits-out F   logits mode: write (n_tokens, vocab) float32 here; the prompt is "
+            "ids\n"
+            "Attention and the KV cache (see README, \"Windows and sinks\"):\n"
+            "  --window W       every layer sees its last W keys (itself included); no context "
+            "limit\n"
+            "  --sinks S        with --window: keep the first S tokens too (StreamingLLM)  "
+            "(default 0)\n"
+            "  --lminf          LM-Infinite: --sinks global tokens (default 10) + a --window "
+            "local\n"
+            "                   branch (default: the trained context), far keys at a capped "
+            "distance\n"
+            "  --lminf-limit L  LM-Infinite's distance cap                       (default: the "
+            "window)\n"
+            "  --kv-type T      f32 | f16 | q8: how keys and values are stored   (default f32)\n"
+            "ppl: perplexity of the text of -f or -i\n"
+            "  --ppl-csv FILE   write first,last,tokens,mean_nll,ppl per bucket of predicted "
+            "tokens\n"
+            "  --ppl-bucket N   predicted tokens per CSV row                     (default 1024)\n"
+            "  --ppl-tokens N   evaluate only the first N tokens of the text     (default: all)\n"
+            "passkey: find a random key hidden in filler text\n"
+            "  --passkey-len L,..    prompt lengths in tokens                    (default "
+            "1024,2048)\n"
+            "  --passkey-depth D,..  where the key sits, 0 = start .. 1 = end    (default "
+            "0,0.25,0.5,0.75,1)\n"
+            "  --passkey-trials N    random keys per length and depth            (default 3)\n"
+            "bench: tokens/s of prompt processing and generation at a depth\n"
+            "  --bench-pp N,..  prompt lengths                                   (default 512)\n"
+            "  --bench-tg N,..  tokens generated one by one                      (default 128)\n"
+            "  --bench-depth N,..  tokens already in the cache before each test  (default 0)\n"
+            "  -r N             repetitions, reported as mean ± sd               (default 3)\n"
+            "  --json           JSON instead of a markdown table\n"
+            "RoPE (override the file's setting; see README, \"Longer contexts\"):\n"
+            "  --rope-scaling S none | linear | dynamic | yarn | llama3         (default: the "
+            "file's)\n"
+            "  --rope-theta B   RoPE base                                      (default: the "
+            "file's)\n"
+            "  --rope-factor S  context extension factor                       (default: the "
+            "file's)\n"
+            "  --rope-orig-ctx N  original context L0 of the scaling            (default: trained "
+            "context)\n"
+            "  --yarn-beta-fast B  YaRN: fast end of the correction range     (default 32)\n"
+            "  --yarn-beta-slow B  YaRN: slow end of the correction range     (default 1)\n"
+            "  --yarn-attn-factor A  YaRN attention factor                     (default 0.1 ln(s) "
+            "+ 1)\n"
+            "  -h, --help       this text\n");
 }
 
 static void usage_error(const char *fmt, const char *arg) {
@@ -2691,7 +2913,8 @@ static long parse_long(const char *flag, const char *s, long lo, long hi) {
     errno = 0;
     long v = strtol(s, &end, 10);
     if (!is_decimal(s, 0) || end == s || *end || errno || v < lo || v > hi) {
-        fprintf(stderr, "error: %s %s: expected an integer in [%ld, %ld] (see run --help)\n", flag, s, lo, hi);
+        fprintf(stderr, "error: %s %s: expected an integer in [%ld, %ld] (see run --help)\n", flag,
+                s, lo, hi);
         exit(2);
     }
     return v;
@@ -2705,7 +2928,8 @@ static float parse_float(const char *flag, const char *s, float lo, float hi) {
     // it is known to fit one
     int fits = v >= -1e30 && v <= hi;
     if (!is_decimal(s, 1) || end == s || *end || errno || !fits || !((float)v >= lo)) {
-        fprintf(stderr, "error: %s %s: expected a number in [%g, %g] (see run --help)\n", flag, s, lo, hi);
+        fprintf(stderr, "error: %s %s: expected a number in [%g, %g] (see run --help)\n", flag, s,
+                lo, hi);
         exit(2);
     }
     return (float)v;
@@ -2765,14 +2989,32 @@ static int takes_value(const char *flag) {
 }
 
 static Options parse_options(int argc, char **argv) {
-    Options o = {.mode = "generate", .steps = 256, .seed = (uint64_t)time(NULL),
-                 .sampler = {.temperature = 0.8f, .top_k = 40, .top_p = 0.95f, .min_p = 0.05f,
-                             .repeat_penalty = 1.0f, .repeat_last_n = 64},
-                 .ppl_bucket = 1024, .passkey_len = {1024, 2048}, .n_passkey_len = 2,
-                 .passkey_depth = {0, 0.25f, 0.5f, 0.75f, 1}, .n_passkey_depth = 5, .passkey_trials = 3,
-                 .bench_pp = {512}, .n_bench_pp = 1, .bench_tg = {128}, .n_bench_tg = 1, .n_bench_depth = 1, .reps = 3,
-                 .attn = {.n_sink = -1, .kv_type = KV_F32}};
-    if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) { usage(stdout); exit(0); }
+    Options o = { .mode = "generate",
+                  .steps = 256,
+                  .seed = (uint64_t)time(NULL),
+                  .sampler = { .temperature = 0.8f,
+                               .top_k = 40,
+                               .top_p = 0.95f,
+                               .min_p = 0.05f,
+                               .repeat_penalty = 1.0f,
+                               .repeat_last_n = 64 },
+                  .ppl_bucket = 1024,
+                  .passkey_len = { 1024, 2048 },
+                  .n_passkey_len = 2,
+                  .passkey_depth = { 0, 0.25f, 0.5f, 0.75f, 1 },
+                  .n_passkey_depth = 5,
+                  .passkey_trials = 3,
+                  .bench_pp = { 512 },
+                  .n_bench_pp = 1,
+                  .bench_tg = { 128 },
+                  .n_bench_tg = 1,
+                  .n_bench_depth = 1,
+                  .reps = 3,
+                  .attn = { .n_sink = -1, .kv_type = KV_F32 } };
+    if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) {
+        usage(stdout);
+        exit(0);
+    }
     if (argc < 2 || argv[1][0] == '-') {
         usage(stderr);
         usage_error("%s", argc < 2 ? "no model file given" : "the model file comes first");
@@ -2797,8 +3039,10 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(flag, "-k")) o.sampler.top_k = (int)parse_long(flag, val, 0, INT32_MAX);
         else if (!strcmp(flag, "-p")) o.sampler.top_p = parse_float(flag, val, 1e-6f, 1);
         else if (!strcmp(flag, "--min-p")) o.sampler.min_p = parse_float(flag, val, 0, 1);
-        else if (!strcmp(flag, "--repeat-penalty")) o.sampler.repeat_penalty = parse_float(flag, val, 1e-3f, 1e3f);
-        else if (!strcmp(flag, "--repeat-last-n")) o.sampler.repeat_last_n = (int)parse_long(flag, val, 0, 1 << 20);
+        else if (!strcmp(flag, "--repeat-penalty"))
+            o.sampler.repeat_penalty = parse_float(flag, val, 1e-3f, 1e3f);
+        else if (!strcmp(flag, "--repeat-last-n"))
+            o.sampler.repeat_last_n = (int)parse_long(flag, val, 0, 1 << 20);
         else if (!strcmp(flag, "--system")) o.system = val;
         else if (!strcmp(flag, "-s")) o.seed = (uint64_t)parse_long(flag, val, 0, INT64_MAX);
         else if (!strcmp(flag, "-c")) o.context = parse_long(flag, val, 1, INT32_MAX);
@@ -2808,43 +3052,67 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(flag, "--ppl-csv")) o.ppl_csv = val;
         else if (!strcmp(flag, "--ppl-bucket")) o.ppl_bucket = parse_long(flag, val, 1, INT32_MAX);
         else if (!strcmp(flag, "--ppl-tokens")) o.ppl_tokens = parse_long(flag, val, 2, INT32_MAX);
-        else if (!strcmp(flag, "--passkey-len")) o.n_passkey_len = parse_long_list(flag, val, o.passkey_len, 64, 1 << 24);
-        else if (!strcmp(flag, "--passkey-depth")) o.n_passkey_depth = parse_float_list(flag, val, o.passkey_depth, 0, 1);
-        else if (!strcmp(flag, "--passkey-trials")) o.passkey_trials = (int)parse_long(flag, val, 1, 100000);
-        else if (!strcmp(flag, "--bench-pp")) o.n_bench_pp = parse_long_list(flag, val, o.bench_pp, 1, 1 << 24);
-        else if (!strcmp(flag, "--bench-tg")) o.n_bench_tg = parse_long_list(flag, val, o.bench_tg, 1, 1 << 24);
-        else if (!strcmp(flag, "--bench-depth")) o.n_bench_depth = parse_long_list(flag, val, o.bench_depth, 0, 1 << 24);
+        else if (!strcmp(flag, "--passkey-len"))
+            o.n_passkey_len = parse_long_list(flag, val, o.passkey_len, 64, 1 << 24);
+        else if (!strcmp(flag, "--passkey-depth"))
+            o.n_passkey_depth = parse_float_list(flag, val, o.passkey_depth, 0, 1);
+        else if (!strcmp(flag, "--passkey-trials"))
+            o.passkey_trials = (int)parse_long(flag, val, 1, 100000);
+        else if (!strcmp(flag, "--bench-pp"))
+            o.n_bench_pp = parse_long_list(flag, val, o.bench_pp, 1, 1 << 24);
+        else if (!strcmp(flag, "--bench-tg"))
+            o.n_bench_tg = parse_long_list(flag, val, o.bench_tg, 1, 1 << 24);
+        else if (!strcmp(flag, "--bench-depth"))
+            o.n_bench_depth = parse_long_list(flag, val, o.bench_depth, 0, 1 << 24);
         else if (!strcmp(flag, "-r")) o.reps = (int)parse_long(flag, val, 1, 1000);
         else if (!strcmp(flag, "--sinks")) o.attn.n_sink = parse_long(flag, val, 0, 4096);
         else if (!strcmp(flag, "--window")) o.attn.window = parse_long(flag, val, 1, INT32_MAX);
         else if (!strcmp(flag, "--lminf-limit")) o.attn.limit = parse_long(flag, val, 1, INT32_MAX);
         else if (!strcmp(flag, "--kv-type")) o.attn.kv_type = parse_kv_type(val);
         else if (!strcmp(flag, "--rope-scaling")) o.rope.scaling = val;
-        else if (!strcmp(flag, "--rope-theta")) o.rope.theta = parse_float(flag, val, 1.0001f, 1e12f);
+        else if (!strcmp(flag, "--rope-theta"))
+            o.rope.theta = parse_float(flag, val, 1.0001f, 1e12f);
         else if (!strcmp(flag, "--rope-factor")) o.rope.factor = parse_float(flag, val, 1, 1e5f);
-        else if (!strcmp(flag, "--rope-orig-ctx")) o.rope.orig_ctx = parse_long(flag, val, 1, INT32_MAX);
-        else if (!strcmp(flag, "--yarn-beta-fast")) o.rope.beta_fast = parse_float(flag, val, 1e-3f, 1e4f);
-        else if (!strcmp(flag, "--yarn-beta-slow")) o.rope.beta_slow = parse_float(flag, val, 1e-3f, 1e4f);
-        else if (!strcmp(flag, "--yarn-attn-factor")) o.rope.attn_factor = parse_float(flag, val, 1e-3f, 100);
+        else if (!strcmp(flag, "--rope-orig-ctx"))
+            o.rope.orig_ctx = parse_long(flag, val, 1, INT32_MAX);
+        else if (!strcmp(flag, "--yarn-beta-fast"))
+            o.rope.beta_fast = parse_float(flag, val, 1e-3f, 1e4f);
+        else if (!strcmp(flag, "--yarn-beta-slow"))
+            o.rope.beta_slow = parse_float(flag, val, 1e-3f, 1e4f);
+        else if (!strcmp(flag, "--yarn-attn-factor"))
+            o.rope.attn_factor = parse_float(flag, val, 1e-3f, 100);
         else usage_error("unknown option %s", flag);
     }
-    static const char *modes[] = {"generate", "chat", "tokenize", "logits", "ppl", "passkey", "bench"};
+    static const char *modes[] = { "generate", "chat",    "tokenize", "logits",
+                                   "ppl",      "passkey", "bench" };
     int known = 0;
-    for (size_t m = 0; m < sizeof(modes) / sizeof(modes[0]); m++) known |= !strcmp(o.mode, modes[m]);
-    if (!known) usage_error("unknown mode '%s' (generate, chat, tokenize, logits, ppl, passkey, bench)", o.mode);
+    for (size_t m = 0; m < sizeof(modes) / sizeof(modes[0]); m++)
+        known |= !strcmp(o.mode, modes[m]);
+    if (!known)
+        usage_error("unknown mode '%s' (generate, chat, tokenize, logits, ppl, passkey, bench)",
+                    o.mode);
     if (!mode_reads_prompt(o.mode)) {
-        if (o.input || o.input_path) usage_error("-m %s takes no prompt: -i and -f do not apply", o.mode);
+        if (o.input || o.input_path)
+            usage_error("-m %s takes no prompt: -i and -f do not apply", o.mode);
     } else if (!o.input == !o.input_path) {
         usage_error("%s", "give the prompt with exactly one of -i TEXT or -f FILE");
     }
     if (o.rope.scaling && rope_type_from_name(o.rope.scaling) < 0)
-        usage_error("unknown --rope-scaling '%s' (none, linear, dynamic, yarn, llama3)", o.rope.scaling);
+        usage_error("unknown --rope-scaling '%s' (none, linear, dynamic, yarn, llama3)",
+                    o.rope.scaling);
     if (o.attn.n_sink >= 0 && !o.attn.window && !o.attn.lminf)
-        usage_error("%s", "--sinks needs --window (the keys between the sinks and the window are dropped)");
+        usage_error(
+                "%s",
+                "--sinks needs --window (the keys between the sinks and the window are dropped)");
     if (o.attn.limit && !o.attn.lminf) usage_error("%s", "--lminf-limit applies only with --lminf");
-    if (o.steps == 0) usage_error("%s", "-n 0 generates nothing: give -n N with N >= 1, or -1 to go on to the end of text");
+    if (o.steps == 0)
+        usage_error(
+                "%s",
+                "-n 0 generates nothing: give -n N with N >= 1, or -1 to go on to the end of text");
     if (o.context && (o.attn.window || o.attn.lminf))
-        usage_error("%s", "-c does not apply with --window or --lminf: every layer then keeps sinks + window slots");
+        usage_error("%s",
+                    "-c does not apply with --window or --lminf: every layer then keeps sinks + "
+                    "window slots");
     if (!strcmp(o.mode, "logits")) {
         if (!o.logits_out) usage_error("%s", "logits mode needs --logits-out FILE");
         o.input_is_ids = 1;
@@ -2856,9 +3124,11 @@ static Options parse_options(int argc, char **argv) {
 // generate; ppl: the text; passkey: the longest prompt; bench: depth + test), at most the
 // trained context for generate and ppl (chat: at most 4096, as its length is unknown).
 static size_t context_slots(const Options *o, const FileHeader *h, size_t n_prompt) {
-    size_t trained = h->max_seq_len, cap = !strcmp(o->mode, "chat") && trained > 4096 ? 4096 : trained;
+    size_t trained = h->max_seq_len,
+           cap = !strcmp(o->mode, "chat") && trained > 4096 ? 4096 : trained;
     if (o->context) return (size_t)o->context;
-    if (o->attn.window || o->attn.lminf) return SIZE_MAX;   // every layer windowed: no full layer to size
+    // every layer windowed: no full layer to size
+    if (o->attn.window || o->attn.lminf) return SIZE_MAX;
     if (!strcmp(o->mode, "logits")) return n_prompt;
     if (!strcmp(o->mode, "passkey")) return (size_t)max_of(o->passkey_len, o->n_passkey_len) + 64;
     if (!strcmp(o->mode, "bench")) {
@@ -2866,7 +3136,8 @@ static size_t context_slots(const Options *o, const FileHeader *h, size_t n_prom
         return (size_t)max_of(o->bench_depth, o->n_bench_depth) + (size_t)(pp > tg ? pp : tg);
     }
     if (!strcmp(o->mode, "ppl")) return n_prompt < trained ? n_prompt : trained;
-    size_t needed = o->steps < 0 || !strcmp(o->mode, "chat") ? SIZE_MAX : n_prompt + (size_t)o->steps;
+    size_t needed =
+            o->steps < 0 || !strcmp(o->mode, "chat") ? SIZE_MAX : n_prompt + (size_t)o->steps;
     return needed < cap ? needed : cap;
 }
 
@@ -2897,14 +3168,16 @@ int main(int argc, char **argv) {
             if (mf.header->n_layers) vocab = (int)mf.header->vocab_size;
             n_prompt = parse_ids(text, len, vocab, &prompt);
         } else {
-            check_utf8("the prompt", text, len, "convert it (iconv -t UTF-8), or give token ids with --ids");
+            check_utf8("the prompt", text, len,
+                       "convert it (iconv -t UTF-8), or give token ids with --ids");
             int add_bos = !strcmp(mode, "tokenize") ? o.bos : o.bos || tokenizer_add_bos(&tok);
             n_prompt = tokenizer_encode(&tok, text, len, add_bos, &prompt);
             if (!prompt) die("out of memory tokenizing the prompt");
         }
         free(text);
         if (o.ppl_tokens && (size_t)o.ppl_tokens < n_prompt) n_prompt = (size_t)o.ppl_tokens;
-        if (n_prompt == 0 && strcmp(mode, "tokenize")) die("the prompt is empty: it has no tokens to start from");
+        if (n_prompt == 0 && strcmp(mode, "tokenize"))
+            die("the prompt is empty: it has no tokens to start from");
     }
     if (!strcmp(mode, "tokenize")) {
         print_ids(prompt, n_prompt);
@@ -2915,22 +3188,31 @@ int main(int argc, char **argv) {
         return 0;
     }
 
-    if (mf.header->n_layers == 0) die("%s is a tokenizer-only file: it can only -m tokenize", o.model_path);
+    if (mf.header->n_layers == 0)
+        die("%s is a tokenizer-only file: it can only -m tokenize", o.model_path);
     if (!strcmp(mode, "ppl") && n_prompt < 2) die("perplexity needs a text of at least 2 tokens");
-    int chunk = o.chunk ? o.chunk : !strcmp(mode, "logits") ? (int)(n_prompt < 65536 ? n_prompt : 65536) : 256;
+    int chunk = o.chunk               ? o.chunk
+            : !strcmp(mode, "logits") ? (int)(n_prompt < 65536 ? n_prompt : 65536)
+                                      : 256;
     if (mode_reads_prompt(mode) && (size_t)chunk > n_prompt) chunk = (int)n_prompt;
     size_t context = context_slots(&o, mf.header, n_prompt);
-    int may_fill = !strcmp(mode, "generate") || !strcmp(mode, "chat");   // and then go on through a window
-    if (may_fill && !o.chunk && context < SIZE_MAX && (size_t)chunk > context / 4) chunk = context >= 8 ? (int)(context / 4) : 1;
+    // and then go on through a window
+    int may_fill = !strcmp(mode, "generate") || !strcmp(mode, "chat");
+    if (may_fill && !o.chunk && context < SIZE_MAX && (size_t)chunk > context / 4)
+        chunk = context >= 8 ? (int)(context / 4) : 1;
     Transformer t = {0};
     build_transformer(&t, &mf, o.model_path, &o.rope, &o.attn, context, chunk, all_logits);
     size_t capacity = cache_capacity(&t.cache, &t.config);
     if (!strcmp(mode, "ppl") && n_prompt > capacity)
-        die("the text has %zu tokens but the context holds %zu: raise -c (full attention keeps every token), "
-            "stream it with --sinks 4 --window W, or evaluate the first N with --ppl-tokens N", n_prompt, capacity);
+        die("the text has %zu tokens but the context holds %zu: raise -c (full attention keeps "
+            "every token), "
+            "stream it with --sinks 4 --window W, or evaluate the first N with --ppl-tokens N",
+            n_prompt, capacity);
     if (n_prompt > capacity)
-        die("the prompt (%zu tokens) does not fit in a context of %zu; raise -c, or read it through a window "
-            "(--sinks 4 --window W)", n_prompt, capacity);
+        die("the prompt (%zu tokens) does not fit in a context of %zu; raise -c, or read it "
+            "through a window "
+            "(--sinks 4 --window W)",
+            n_prompt, capacity);
     t.reference = o.reference;
     print_model_summary(&t, o.model_path);
     if (t.reference)
@@ -2947,9 +3229,11 @@ int main(int argc, char **argv) {
     if (!strcmp(mode, "logits")) write_logits(&t, prompt, n_prompt, &out);
     else if (!strcmp(mode, "ppl")) perplexity(&t, prompt, n_prompt, (size_t)o.ppl_bucket, out.f);
     else if (!strcmp(mode, "passkey"))
-        passkey(&t, &tok, o.passkey_len, o.n_passkey_len, o.passkey_depth, o.n_passkey_depth, o.passkey_trials, o.seed);
+        passkey(&t, &tok, o.passkey_len, o.n_passkey_len, o.passkey_depth, o.n_passkey_depth,
+                o.passkey_trials, o.seed);
     else if (!strcmp(mode, "bench"))
-        bench(&t, o.bench_pp, o.n_bench_pp, o.bench_tg, o.n_bench_tg, o.bench_depth, o.n_bench_depth, o.reps, o.json);
+        bench(&t, o.bench_pp, o.n_bench_pp, o.bench_tg, o.n_bench_tg, o.bench_depth,
+              o.n_bench_depth, o.reps, o.json);
     else if (!strcmp(mode, "chat")) chat(&t, &tok, &sp, o.system, o.steps, o.input_is_ids);
     else generate(&t, has_tokenizer ? &tok : NULL, !o.input_is_ids, &sp, prompt, n_prompt, o.steps);
     if (out_path) close_output(&out);   // after ppl's result is printed, whatever becomes of it

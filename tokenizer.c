@@ -17,7 +17,8 @@
 //   decode       ids -> exact bytes, and a streaming decoder that is safe for a terminal
 //
 // API (run.c #includes this file; it also compiles alone, e.g. for a fuzz driver):
-//   int tokenizer_load(Tokenizer *t, const uint8_t *section, size_t size, char *err, size_t err_len)
+//   int tokenizer_load(Tokenizer *t, const uint8_t *section, size_t size,
+//                      char *err, size_t err_len)
 //       0 on success; -1 with a one-line reason in err. The section must stay mapped while
 //       t is in use (pieces point into it). Nothing here exits or prints.
 //   void tokenizer_free(Tokenizer *t)
@@ -101,7 +102,12 @@ size_t utf8_valid_prefix(const char *text, size_t n) {
 static size_t utf8_put(uint8_t *out, uint32_t c) {
     if (c < 0x80) { out[0] = c; return 1; }
     if (c < 0x800) { out[0] = 0xC0 | c >> 6; out[1] = 0x80 | (c & 0x3F); return 2; }
-    if (c < 0x10000) { out[0] = 0xE0 | c >> 12; out[1] = 0x80 | (c >> 6 & 0x3F); out[2] = 0x80 | (c & 0x3F); return 3; }
+    if (c < 0x10000) {
+        out[0] = 0xE0 | c >> 12;
+        out[1] = 0x80 | (c >> 6 & 0x3F);
+        out[2] = 0x80 | (c & 0x3F);
+        return 3;
+    }
     out[0] = 0xF0 | c >> 18; out[1] = 0x80 | (c >> 12 & 0x3F);
     out[2] = 0x80 | (c >> 6 & 0x3F); out[3] = 0x80 | (c & 0x3F);
     return 4;
@@ -131,10 +137,22 @@ static uint8_t char_class(uint32_t c) {
     return range_lookup(tok_class_ranges, TOK_N_CLASS_RANGES, c);
 }
 
-static uint32_t ccc(uint32_t c) { return c < 0x300 ? 0 : range_lookup(tok_ccc_ranges, TOK_N_CCC_RANGES, c); }
+static uint32_t ccc(uint32_t c) {
+    return c < 0x300 ? 0 : range_lookup(tok_ccc_ranges, TOK_N_CCC_RANGES, c);
+}
 
-// Hangul syllables decompose and compose arithmetically (The Unicode Standard, §3.12).
-enum { H_S0 = 0xAC00, H_L0 = 0x1100, H_V0 = 0x1161, H_T0 = 0x11A7, H_VN = 21, H_TN = 28, H_N = 11172 };
+// Hangul syllables decompose and compose arithmetically: S = 0xAC00 + (l * 21 + v) * 28 + t for
+// jamo indices l, v, t (the Unicode standard's conjoining-jamo rule, as Python's
+// unicodedata.normalize applies it).
+enum {
+    H_S0 = 0xAC00,
+    H_L0 = 0x1100,
+    H_V0 = 0x1161,
+    H_T0 = 0x11A7,
+    H_VN = 21,
+    H_TN = 28,
+    H_N = 11172
+};
 
 // Append the full canonical decomposition of c to out; returns the count (at most 18).
 static size_t nfd_char(uint32_t c, uint32_t *out) {
@@ -209,7 +227,8 @@ static size_t nfc(uint32_t *c, size_t n, uint32_t *tmp) {
 // ----------------------------------------------------------------------------
 // The Tokenizer and its hash tables
 
-typedef struct { uint32_t rank, result; uint64_t key; } PairSlot;   // key = left << 32 | right, +1 so 0 is empty
+// key = left << 32 | right, +1 so 0 is empty
+typedef struct { uint32_t rank, result; uint64_t key; } PairSlot;
 typedef struct { uint64_t hash; uint32_t key_off, key_len, ids_off, n_ids; } CacheSlot;
 
 enum { CACHE_SLOTS = 1 << 16, CACHE_MAX_KEY = 64, CACHE_BYTES = 1 << 22, CACHE_IDS = 1 << 20 };
@@ -229,10 +248,12 @@ typedef struct {
     size_t vocab_mask;
     PairSlot *pairs;             // open-addressed merge table
     size_t pairs_mask;
-    int byte_id[256];            // id of each single byte: its byte-level char, or SPM <0xNN>; -1 none
+    // id of each single byte: its byte-level char, or SPM <0xNN>; -1 none
+    int byte_id[256];
     int spm_word_id;             // SPM: id of "▁" where merges never cross a word start, else -1
     int *specials;               // ids matched whole in the text, by first byte, longest first
-    size_t special_start[257];   // specials[special_start[b] .. special_start[b+1]) start with byte b
+    // specials[special_start[b] .. special_start[b+1]) start with byte b
+    size_t special_start[257];
     CacheSlot *cache;            // byte-level BPE: piece bytes -> ids, cleared when full
     uint8_t *cache_bytes;
     int *cache_ids;
@@ -300,7 +321,12 @@ static size_t table_size(size_t n) {  // a power of two at least twice n
 // ----------------------------------------------------------------------------
 // Loading: check every offset, count, length and id against the section, then index it
 
-#define LOAD_FAIL(...) do { snprintf(err, err_len, __VA_ARGS__); tokenizer_free(t); return -1; } while (0)
+#define LOAD_FAIL(...)                       \
+    do {                                     \
+        snprintf(err, err_len, __VA_ARGS__); \
+        tokenizer_free(t);                   \
+        return -1;                           \
+    } while (0)
 
 void tokenizer_free(Tokenizer *t) {
     free(t->vocab); free(t->pairs); free(t->specials);
@@ -331,7 +357,8 @@ static const Tokenizer *sort_ctx;  // qsort has no context argument
 
 static int compare_specials(const void *a, const void *b) {
     size_t la, lb;
-    const uint8_t *pa = piece_bytes(sort_ctx, *(const int *)a, &la), *pb = piece_bytes(sort_ctx, *(const int *)b, &lb);
+    const uint8_t *pa = piece_bytes(sort_ctx, *(const int *)a, &la),
+                  *pb = piece_bytes(sort_ctx, *(const int *)b, &lb);
     if (pa[0] != pb[0]) return pa[0] - pb[0];
     if (la != lb) return la > lb ? -1 : 1;  // longest first, so the first match is the longest
     return *(const int *)a - *(const int *)b;
@@ -340,20 +367,24 @@ static int compare_specials(const void *a, const void *b) {
 int tokenizer_load(Tokenizer *t, const uint8_t *section, size_t size, char *err, size_t err_len) {
     memset(t, 0, sizeof(*t));
     TokHeader h;
-    if (size < sizeof(h)) LOAD_FAIL("%zu bytes, shorter than its %d-byte header", size, LR_TOK_HEADER_SIZE);
+    if (size < sizeof(h))
+        LOAD_FAIL("%zu bytes, shorter than its %d-byte header", size, LR_TOK_HEADER_SIZE);
     memcpy(&h, section, sizeof(h));
     if (h.magic != LR_TOK_MAGIC) LOAD_FAIL("bad magic 0x%08X", h.magic);
     if (h.version != LR_TOK_VERSION)
-        LOAD_FAIL("version %u, this build reads %d; re-export with export.py", h.version, LR_TOK_VERSION);
+        LOAD_FAIL("version %u, this build reads %d; re-export with export.py", h.version,
+                  LR_TOK_VERSION);
     if (h.kind >= TOK_KIND_COUNT) LOAD_FAIL("unknown kind %u", h.kind);
     if (h.pre >= TOK_PRE_COUNT) LOAD_FAIL("unknown pre-tokenizer %u", h.pre);
     if (h.prefix >= TOK_PREFIX_COUNT) LOAD_FAIL("unknown prefix scheme %u", h.prefix);
-    if ((h.kind == TOK_SPM) != (h.pre == TOK_PRE_NONE) || (h.kind == TOK_BYTE_BPE && h.prefix != TOK_PREFIX_NONE))
+    if ((h.kind == TOK_SPM) != (h.pre == TOK_PRE_NONE) ||
+        (h.kind == TOK_BYTE_BPE && h.prefix != TOK_PREFIX_NONE))
         LOAD_FAIL("kind %u does not go with pre-tokenizer %u / prefix %u", h.kind, h.pre, h.prefix);
     if (h.flags & ~(TOK_FLAG_ADD_BOS | TOK_FLAG_NFC | TOK_FLAG_IGNORE_MERGES))
         LOAD_FAIL("unknown flags 0x%X", h.flags);
     if (h.chat_template >= CHAT_COUNT) LOAD_FAIL("unknown chat template %u", h.chat_template);
-    if (h.n_tokens == 0 || h.n_tokens > (1u << 24)) LOAD_FAIL("n_tokens %u out of range [1, 2^24]", h.n_tokens);
+    if (h.n_tokens == 0 || h.n_tokens > (1u << 24))
+        LOAD_FAIL("n_tokens %u out of range [1, 2^24]", h.n_tokens);
     if (h.n_merges > (1u << 26)) LOAD_FAIL("n_merges %u out of range", h.n_merges);
     if (h.entries_offset % 4 || !table_fits(h.entries_offset, h.n_tokens, sizeof(TokEntry), size))
         LOAD_FAIL("token table (offset %llu, %u entries) misaligned or past the end (%zu bytes)",
@@ -367,11 +398,13 @@ int tokenizer_load(Tokenizer *t, const uint8_t *section, size_t size, char *err,
     int ids[4] = {h.bos_id, h.eos_id, h.eot_id, h.unk_id};
     const char *id_names[4] = {"bos_id", "eos_id", "eot_id", "unk_id"};
     for (int k = 0; k < 4; k++)
-        if (ids[k] < -1 || ids[k] >= (int)h.n_tokens) LOAD_FAIL("%s %d out of range", id_names[k], ids[k]);
+        if (ids[k] < -1 || ids[k] >= (int)h.n_tokens)
+            LOAD_FAIL("%s %d out of range", id_names[k], ids[k]);
 
     t->kind = h.kind, t->pre = h.pre, t->prefix = h.prefix, t->flags = h.flags;
     t->n_tokens = h.n_tokens, t->chat = h.chat_template;
-    t->bos_id = h.bos_id, t->eos_id = h.eos_id, t->eot_id = h.eot_id >= 0 ? h.eot_id : h.eos_id, t->unk_id = h.unk_id;
+    t->bos_id = h.bos_id, t->eos_id = h.eos_id, t->eot_id = h.eot_id >= 0 ? h.eot_id : h.eos_id,
+    t->unk_id = h.unk_id;
     t->entries = (const TokEntry *)(section + h.entries_offset);
     t->strings = section + h.strings_offset;
     const TokMerge *merges = (const TokMerge *)(section + h.merges_offset);
@@ -382,17 +415,21 @@ int tokenizer_load(Tokenizer *t, const uint8_t *section, size_t size, char *err,
     for (uint32_t i = 0; i < h.n_tokens; i++) {
         const TokEntry *e = &t->entries[i];
         if (e->offset > h.strings_size || e->len > h.strings_size - e->offset)
-            LOAD_FAIL("token %u string (offset %u, %u bytes) outside the string table", i, e->offset, e->len);
-        if (e->type < TOK_NORMAL || e->type >= TOK_TYPE_END) LOAD_FAIL("token %u has unknown type %u", i, e->type);
+            LOAD_FAIL("token %u string (offset %u, %u bytes) outside the string table", i,
+                      e->offset, e->len);
+        if (e->type < TOK_NORMAL || e->type >= TOK_TYPE_END)
+            LOAD_FAIL("token %u has unknown type %u", i, e->type);
         if (e->len == 0 && e->type != TOK_UNUSED) LOAD_FAIL("token %u is empty", i);
         size_t len;
         const uint8_t *p = piece_bytes(t, i, &len);
         if (e->type == TOK_BYTE) {
             int v = byte_piece_value(p, len);
-            if (v < 0 || h.kind != TOK_SPM) LOAD_FAIL("byte token %u is not <0xNN> in an SPM model", i);
+            if (v < 0 || h.kind != TOK_SPM)
+                LOAD_FAIL("byte token %u is not <0xNN> in an SPM model", i);
             if (t->byte_id[v] < 0) t->byte_id[v] = i;
         }
-        if (is_special_type(e->type) && utf8_valid_prefix((const char *)p, len) < len)   // it would split characters
+        // it would split characters
+        if (is_special_type(e->type) && utf8_valid_prefix((const char *)p, len) < len)
             LOAD_FAIL("special token %u is not valid UTF-8", i);
         n_special += is_special_type(e->type) && len > 0;
     }
@@ -430,11 +467,14 @@ int tokenizer_load(Tokenizer *t, const uint8_t *section, size_t size, char *err,
     for (uint32_t i = 0; i < h.n_merges; i++) {
         TokMerge m = merges[i];
         if (m.left >= h.n_tokens || m.right >= h.n_tokens || m.result >= h.n_tokens)
-            LOAD_FAIL("merge %u has a token id out of range (%u %u -> %u)", i, m.left, m.right, m.result);
+            LOAD_FAIL("merge %u has a token id out of range (%u %u -> %u)", i, m.left, m.right,
+                      m.result);
         size_t ll, lr, lm;
-        const uint8_t *pl = piece_bytes(t, m.left, &ll), *pr = piece_bytes(t, m.right, &lr), *pm = piece_bytes(t, m.result, &lm);
+        const uint8_t *pl = piece_bytes(t, m.left, &ll), *pr = piece_bytes(t, m.right, &lr),
+                      *pm = piece_bytes(t, m.result, &lm);
         if (ll == 0 || lr == 0 || lm != ll + lr || memcmp(pm, pl, ll) || memcmp(pm + ll, pr, lr))
-            LOAD_FAIL("merge %u: token %u is not token %u followed by token %u", i, m.result, m.left, m.right);
+            LOAD_FAIL("merge %u: token %u is not token %u followed by token %u", i, m.result,
+                      m.left, m.right);
         if (lr >= 3 && !memcmp(pr, "\xE2\x96\x81", 3)) crosses_words = 1;   // X + "▁..."
         if (pair_find(t, m.left, m.right)) continue;  // a duplicate: the first (better) rank stays
         uint64_t key = ((uint64_t)m.left << 32 | m.right) + 1;
@@ -442,14 +482,18 @@ int tokenizer_load(Tokenizer *t, const uint8_t *section, size_t size, char *err,
         while (t->pairs[k].key) k = (k + 1) & t->pairs_mask;
         t->pairs[k] = (PairSlot){m.rank, m.result, key};
     }
-    t->spm_word_id = h.kind == TOK_SPM && !crosses_words ? vocab_find(t, (const uint8_t *)"\xE2\x96\x81", 3) : -1;
+    t->spm_word_id = h.kind == TOK_SPM && !crosses_words
+            ? vocab_find(t, (const uint8_t *)"\xE2\x96\x81", 3)
+            : -1;
     return 0;
 }
 
 int tokenizer_bos_id(const Tokenizer *t) { return t->bos_id; }
 int tokenizer_eos_id(const Tokenizer *t) { return t->eos_id; }
 int tokenizer_eot_id(const Tokenizer *t) { return t->eot_id; }
-int tokenizer_add_bos(const Tokenizer *t) { return (t->flags & TOK_FLAG_ADD_BOS) && t->bos_id >= 0; }
+int tokenizer_add_bos(const Tokenizer *t) {
+    return (t->flags & TOK_FLAG_ADD_BOS) && t->bos_id >= 0;
+}
 int tokenizer_vocab_size(const Tokenizer *t) { return (int)t->n_tokens; }
 int tokenizer_chat_template(const Tokenizer *t) { return (int)t->chat; }
 // The stored spelling of a token (model.h: SPM keeps "▁", byte-level is raw bytes).
@@ -481,12 +525,17 @@ static void vec_push(IdVec *v, int id) {
     v->v[v->n++] = id;
 }
 
-static int cand_less(const Cand *a, const Cand *b) { return a->rank < b->rank || (a->rank == b->rank && a->pos < b->pos); }
+static int cand_less(const Cand *a, const Cand *b) {
+    return a->rank < b->rank || (a->rank == b->rank && a->pos < b->pos);
+}
 
 static int heap_push(Tokenizer *t, size_t *n, Cand c) {
     if (!grow((void **)&t->heap, &t->heap_cap, *n + 1, sizeof(Cand))) return 0;
     size_t i = (*n)++;
-    while (i > 0 && cand_less(&c, &t->heap[(i - 1) / 2])) { t->heap[i] = t->heap[(i - 1) / 2]; i = (i - 1) / 2; }
+    while (i > 0 && cand_less(&c, &t->heap[(i - 1) / 2])) {
+        t->heap[i] = t->heap[(i - 1) / 2];
+        i = (i - 1) / 2;
+    }
     t->heap[i] = c;
     return 1;
 }
@@ -511,7 +560,9 @@ static int push_pair(Tokenizer *t, size_t *hn, int i) {
     int j = t->next[i];
     const PairSlot *p = pair_find(t, t->sym[i], t->sym[j]);
     if (!p) return 1;
-    return heap_push(t, hn, (Cand){p->rank, (uint32_t)i, (uint32_t)t->sym[i], (uint32_t)t->sym[j], p->result});
+    return heap_push(
+            t, hn,
+            (Cand){ p->rank, (uint32_t)i, (uint32_t)t->sym[i], (uint32_t)t->sym[j], p->result });
 }
 
 // Merge the symbols t->sym[first..end) and append the resulting ids to out.
@@ -538,8 +589,9 @@ static void bpe(Tokenizer *t, size_t first, size_t end, IdVec *out) {
 
 static int reserve_symbols(Tokenizer *t, size_t n) {
     size_t cap = t->sym_cap, cap2 = t->sym_cap, cap3 = t->sym_cap;
-    int ok = grow((void **)&t->sym, &cap, n, sizeof(int)) && grow((void **)&t->prev, &cap2, n, sizeof(int)) &&
-             grow((void **)&t->next, &cap3, n, sizeof(int));
+    int ok = grow((void **)&t->sym, &cap, n, sizeof(int)) &&
+            grow((void **)&t->prev, &cap2, n, sizeof(int)) &&
+            grow((void **)&t->next, &cap3, n, sizeof(int));
     if (ok) t->sym_cap = cap;
     return ok;
 }
@@ -600,13 +652,16 @@ static size_t gpt2_piece(const uint32_t *cp, const uint8_t *cls, size_t i, size_
 }
 
 // Llama 3 (max_digits 3) and Qwen2 (max_digits 1):
-// (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
-static size_t llama3_piece(const uint32_t *cp, const uint8_t *cls, size_t i, size_t n, size_t max_digits) {
+// (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}
+//     | ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+   (one regex, cut at a '|')
+static size_t llama3_piece(const uint32_t *cp, const uint8_t *cls, size_t i, size_t n,
+                           size_t max_digits) {
     size_t k = contraction(cp, i, n, 1);
     if (k) return i + k;
     int newline = cp[i] == '\r' || cp[i] == '\n';
     if (IS(i, TOK_CLS_L)) return run_of(cls, i, n, TOK_CLS_L);
-    if (!newline && !IS(i, TOK_CLS_N) && i + 1 < n && IS(i + 1, TOK_CLS_L)) return run_of(cls, i + 1, n, TOK_CLS_L);
+    if (!newline && !IS(i, TOK_CLS_N) && i + 1 < n && IS(i + 1, TOK_CLS_L))
+        return run_of(cls, i + 1, n, TOK_CLS_L);
     if (IS(i, TOK_CLS_N)) {
         k = run_of(cls, i, n, TOK_CLS_N);
         return k - i > max_digits ? i + max_digits : k;
@@ -624,7 +679,8 @@ static size_t llama3_piece(const uint32_t *cp, const uint8_t *cls, size_t i, siz
 }
 
 // End of the piece starting at i of the code points [0, n) of a segment.
-static size_t next_piece(const Tokenizer *t, const uint32_t *cp, const uint8_t *cls, size_t i, size_t n) {
+static size_t next_piece(const Tokenizer *t, const uint32_t *cp, const uint8_t *cls, size_t i,
+                         size_t n) {
     switch (t->pre) {
     case TOK_PRE_LLAMA3: return llama3_piece(cp, cls, i, n, 3);
     case TOK_PRE_QWEN2: return llama3_piece(cp, cls, i, n, 1);
@@ -684,14 +740,16 @@ static void encode_piece(Tokenizer *t, const uint8_t *s, size_t n, IdVec *out) {
     }
     if (!cacheable || out->oom) return;
     size_t n_ids = out->n - start;
-    if (t->cache_n >= CACHE_SLOTS / 2 || t->cache_nbytes + n > CACHE_BYTES || t->cache_nids + n_ids > CACHE_IDS) {
+    if (t->cache_n >= CACHE_SLOTS / 2 || t->cache_nbytes + n > CACHE_BYTES ||
+        t->cache_nids + n_ids > CACHE_IDS) {
         memset(t->cache, 0, CACHE_SLOTS * sizeof(CacheSlot));  // full: start over
         t->cache_n = t->cache_nbytes = t->cache_nids = 0;
         slot = h & (CACHE_SLOTS - 1);
     }
     memcpy(t->cache_bytes + t->cache_nbytes, s, n);
     if (n_ids) memcpy(t->cache_ids + t->cache_nids, out->v + start, n_ids * sizeof(int));
-    t->cache[slot] = (CacheSlot){h, (uint32_t)t->cache_nbytes, (uint32_t)n, (uint32_t)t->cache_nids, (uint32_t)n_ids};
+    t->cache[slot] = (CacheSlot){ h, (uint32_t)t->cache_nbytes, (uint32_t)n,
+                                  (uint32_t)t->cache_nids, (uint32_t)n_ids };
     t->cache_n++, t->cache_nbytes += n, t->cache_nids += n_ids;
 }
 
@@ -701,13 +759,20 @@ static size_t segment_code_points(Tokenizer *t, const uint8_t **text, size_t *n_
     const uint8_t *s = *text;
     size_t n = *n_bytes, m = 0;
     size_t cap = t->cp_cap, cap2 = t->cp_cap, cap3 = t->cp_cap, cap4 = t->cp_cap;
-    size_t need = (t->flags & TOK_FLAG_NFC) ? 18 * n + 1 : n + 1;  // NFD grows a character to at most 18
+    // NFD grows a character to at most 18
+    size_t need = (t->flags & TOK_FLAG_NFC) ? 18 * n + 1 : n + 1;
     if (!grow((void **)&t->cps, &cap, need, 4) || !grow((void **)&t->cps2, &cap2, need, 4) ||
-        !grow((void **)&t->offs, &cap3, need, 4) || !grow((void **)&t->cls, &cap4, need, 1)) { *oom = 1; return 0; }
+        !grow((void **)&t->offs, &cap3, need, 4) || !grow((void **)&t->cls, &cap4, need, 1)) {
+        *oom = 1;
+        return 0;
+    }
     t->cp_cap = cap;
-    for (size_t i = 0; i < n; m++) t->offs[m] = i, i += utf8_next(s, n, i, &t->cps[m]);   // offsets as read
+    // offsets as read
+    for (size_t i = 0; i < n; m++) t->offs[m] = i, i += utf8_next(s, n, i, &t->cps[m]);
     int needs_nfc = 0;
-    for (size_t i = 0; i < n && (t->flags & TOK_FLAG_NFC) && !needs_nfc; i++) needs_nfc = s[i] >= 0xCC;  // any >= U+0300
+    // any >= U+0300
+    for (size_t i = 0; i < n && (t->flags & TOK_FLAG_NFC) && !needs_nfc; i++)
+        needs_nfc = s[i] >= 0xCC;
     if (needs_nfc) {   // the normalized text, re-encoded, and its offsets
         m = nfc(t->cps, m, t->cps2);
         if (!grow((void **)&t->nbuf, &t->nbuf_cap, 4 * m + 1, 1)) { *oom = 1; return 0; }
@@ -730,7 +795,10 @@ static void encode_spm(Tokenizer *t, const uint8_t *s, size_t n, int at_text_sta
     int prefix = t->prefix == TOK_PREFIX_ALL || (t->prefix == TOK_PREFIX_ALWAYS && s[0] != ' ') ||
                  (t->prefix == TOK_PREFIX_FIRST && at_text_start == 1 && s[0] != ' ');
     if (at_text_start < 0) prefix = 0;
-    if (!grow((void **)&t->buf, &t->buf_cap, 3 * n + 3, 1) || !reserve_symbols(t, 3 * n + 3)) { out->oom = 1; return; }
+    if (!grow((void **)&t->buf, &t->buf_cap, 3 * n + 3, 1) || !reserve_symbols(t, 3 * n + 3)) {
+        out->oom = 1;
+        return;
+    }
     size_t nb = 0;
     if (prefix) memcpy(t->buf, "\xE2\x96\x81", 3), nb = 3;
     for (size_t i = 0; i < n; i++) {
@@ -756,11 +824,13 @@ static void encode_spm(Tokenizer *t, const uint8_t *s, size_t n, int at_text_sta
 }
 
 // One run of text between special tokens.
-static void encode_segment(Tokenizer *t, const uint8_t *s, size_t n, int at_text_start, IdVec *out) {
+static void encode_segment(Tokenizer *t, const uint8_t *s, size_t n, int at_text_start,
+                           IdVec *out) {
     if (n == 0) return;
     size_t m = 0;
     int oom = 0;
-    if (t->kind == TOK_BYTE_BPE || (t->flags & TOK_FLAG_NFC)) m = segment_code_points(t, &s, &n, &oom);
+    if (t->kind == TOK_BYTE_BPE || (t->flags & TOK_FLAG_NFC))
+        m = segment_code_points(t, &s, &n, &oom);
     if (oom) { out->oom = 1; return; }
     if (t->kind == TOK_SPM) { encode_spm(t, s, n, at_text_start, out); return; }
     for (size_t i = 0; i < m && !out->oom;)
@@ -804,7 +874,9 @@ static size_t encode_text(Tokenizer *t, const char *text, size_t len, int add_bo
     size_t seg = 0;
     for (i = 0; i < len && !out.oom; i++) {
         size_t n;
-        int id = t->special_start[s[i] + 1] > t->special_start[s[i]] ? match_special(t, s + i, len - i, &n) : -1;
+        int id = t->special_start[s[i] + 1] > t->special_start[s[i]]
+                ? match_special(t, s + i, len - i, &n)
+                : -1;
         if (id < 0) continue;
         encode_segment(t, s + seg, i - seg, seg == 0 ? first : 0, &out);
         vec_push(&out, id);
@@ -858,7 +930,8 @@ size_t tokenizer_decode(const Tokenizer *t, const int *ids, size_t n, char **out
     size_t len = 0;
     for (size_t i = 0; i < n; i++)
         if (ids[i] >= 0 && ids[i] < (int)t->n_tokens) len += token_text(t, ids[i], buf + len);
-    if (t->kind == TOK_SPM && t->prefix != TOK_PREFIX_NONE && len > 0 && buf[0] == ' ') memmove(buf, buf + 1, --len);
+    if (t->kind == TOK_SPM && t->prefix != TOK_PREFIX_NONE && len > 0 && buf[0] == ' ')
+        memmove(buf, buf + 1, --len);
     buf[len] = 0;
     *out = (char *)buf;
     return len;
@@ -884,7 +957,8 @@ void tokenizer_stream_init(TokenStream *s, const Tokenizer *t, int at_start) {
 static void stream_char(const uint8_t *b, int n, FILE *f) {
     uint32_t c;
     utf8_next(b, n, 0, &c);
-    if (c == '\n' || c == '\t' || (c >= 0x20 && c != 0x7F && (c < 0x80 || c >= 0xA0))) fwrite(b, 1, n, f);
+    if (c == '\n' || c == '\t' || (c >= 0x20 && c != 0x7F && (c < 0x80 || c >= 0xA0)))
+        fwrite(b, 1, n, f);
     else fprintf(f, "\\x%02X", (unsigned)c);
 }
 
@@ -918,10 +992,12 @@ void tokenizer_stream_put(TokenStream *s, int id, FILE *f) {
         if (id == t->bos_id) s->at_start = 1;
         return;
     }
-    uint8_t small[64], *buf = t->entries[id].len <= sizeof(small) ? small : malloc(t->entries[id].len);
+    uint8_t small[64],
+            *buf = t->entries[id].len <= sizeof(small) ? small : malloc(t->entries[id].len);
     if (!buf) return;
     size_t n = token_text(t, id, buf), i = 0;
-    if (s->at_start && t->kind == TOK_SPM && t->prefix != TOK_PREFIX_NONE && n > 0 && buf[0] == ' ') i = 1;
+    if (s->at_start && t->kind == TOK_SPM && t->prefix != TOK_PREFIX_NONE && n > 0 && buf[0] == ' ')
+        i = 1;
     s->at_start = 0;
     for (; i < n; i++) stream_byte(s, buf[i], f);
     if (buf != small) free(buf);
