@@ -1661,8 +1661,8 @@ static void attention(float *out, const float *q, const float *q_sink, const KVC
 // rows as float32 (weight_row() dequantizes f16, bf16 and q8_0). matmul() computes the same in
 // blocks; for q8_0 it also rounds x to int16 steps per 32-block, so the two differ there by
 // that rounding (~1e-4 relative), elsewhere by float summation order (~1e-7).
-static void matmul_reference(float *out, const float *x, const Tensor *w, int T) {
-    float *row_buf = xcalloc(w->cols, sizeof(float), "reference matmul");
+// row_buf: (w->cols) floats for weight_row() to dequantize into.
+static void matmul_reference(float *out, const float *x, const Tensor *w, int T, float *row_buf) {
     for (size_t r = 0; r < w->rows; r++) {
         const float *row = weight_row(w, r, row_buf);
         for (int t = 0; t < T; t++) {
@@ -1672,7 +1672,6 @@ static void matmul_reference(float *out, const float *x, const Tensor *w, int T)
             out[(size_t)t * w->rows + r] = (float)sum;
         }
     }
-    free(row_buf);
 }
 
 // Attention of T queries at positions pos0.. against one layer's cache, which already holds
@@ -1761,7 +1760,7 @@ typedef struct {
 // The two blocks that have fast kernels, through the path the run chose: the kernels, or the
 // reference loops they are tested against.
 static void project(Transformer *tr, float *out, const float *x, const Tensor *w, int T) {
-    if (tr->reference) matmul_reference(out, x, w, T);
+    if (tr->reference) matmul_reference(out, x, w, T, tr->state.mm.row);
     else matmul(out, x, w, T, &tr->state.mm);
 }
 

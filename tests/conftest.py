@@ -77,10 +77,10 @@ def run(model, *args, binary=None, check=True, **kw):
     return r
 
 
-def engine_logits(model, ids, tmp_path, chunk=None, binary=None):
-    """Logits (n, vocab) of every position, from ./run -m logits."""
+def engine_logits(model, ids, tmp_path, chunk=None, binary=None, extra=()):
+    """Logits (n, vocab) of every position, from ./run -m logits (extra: more options)."""
     out = os.path.join(str(tmp_path), f"logits_{chunk}.f32")
-    args = ["-m", "logits", "-i", " ".join(map(str, ids)), "--logits-out", out]
+    args = ["-m", "logits", "-i", " ".join(map(str, ids)), "--logits-out", out, *extra]
     if chunk:
         args += ["--chunk", chunk]
     run(model, *args, binary=binary)

@@ -6,7 +6,7 @@ StreamingLLM sinks + window, LM-Infinite. f32 weights, so the only differences a
 order: within 1e-5 of the largest logit."""
 import numpy as np
 import pytest
-from conftest import export, run, tiny_llama
+from conftest import engine_logits, export, run, tiny_llama
 
 BOUND = 1e-5
 IDS = [int(i) for i in np.random.default_rng(3).integers(0, 256, 90)]
@@ -24,21 +24,18 @@ def tiny(tmp_path_factory):
     return export(tiny_llama(d / "hf", max_position_embeddings=256), d / "tiny.bin", "f32")
 
 
-def logits(model, tmp_path, *args, name):
-    out = tmp_path / f"{name}.f32"
-    ids = " ".join(map(str, IDS))
-    run(model, "-m", "logits", "-i", ids, "--logits-out", out, "--threads", 1, *args)
-    return np.fromfile(out, dtype="<f4").reshape(len(IDS), -1)
+def logits(model, tmp_path, *args, chunk=None):
+    return engine_logits(model, IDS, tmp_path, chunk, extra=["--threads", 1, *args])
 
 
 @pytest.mark.parametrize("kv_type", ["f32", "f16", "q8"])
 @pytest.mark.parametrize("kind", list(ATTENTION))
 def test_kernels_equal_the_reference(tiny, tmp_path, kind, kv_type):
     args = [*ATTENTION[kind], "--kv-type", kv_type]
-    ref = logits(tiny, tmp_path, *args, "--reference", name="ref")
+    ref = logits(tiny, tmp_path, *args, "--reference")
     scale = np.abs(ref).max()
     for chunk in (7, 1):   # tiles over chunks of 7; one row at a time: the decode path
-        fast = logits(tiny, tmp_path, *args, "--chunk", chunk, name=f"fast{chunk}")
+        fast = logits(tiny, tmp_path, *args, chunk=chunk)
         err = np.abs(fast - ref).max() / scale
         print(f"\n[reference] {kind} {kv_type} chunk {chunk}: {err:.2e}")
         # One measured exception: decode on an f16 cache, built as ./run is (-march=native
@@ -50,13 +47,10 @@ def test_kernels_equal_the_reference(tiny, tmp_path, kind, kv_type):
 
 def test_smollm2_kernels_equal_the_reference(smollm2_gguf, tmp_path):
     model = export(smollm2_gguf, tmp_path / "smol-f32.bin", "f32")
-    ids = " ".join(map(str, [i * 97 % 49152 for i in range(1, 41)]))
-    out = {}
-    runs = [("ref", ["--reference"]), ("chunk", ["--chunk", 16]), ("decode", ["--chunk", 1])]
-    for name, extra in runs:
-        path = tmp_path / f"{name}.f32"
-        run(model, "-m", "logits", "-i", ids, "--logits-out", path, *extra)
-        out[name] = np.fromfile(path, dtype="<f4").reshape(40, -1)
+    ids = [i * 97 % 49152 for i in range(1, 41)]
+    out = {"ref": engine_logits(model, ids, tmp_path, extra=["--reference"]),
+           "chunk": engine_logits(model, ids, tmp_path, 16),
+           "decode": engine_logits(model, ids, tmp_path, 1)}
     ref = out["ref"]
     for name in ("chunk", "decode"):
         err = np.abs(out[name] - ref).max() / np.abs(ref).max()
@@ -67,8 +61,8 @@ def test_smollm2_kernels_equal_the_reference(smollm2_gguf, tmp_path):
 def test_reference_is_the_reference(tiny, tmp_path):
     """--reference is a different code path, not a flag nobody reads: its logits are not
     bit-identical to the kernels' (they sum in another order), and the banner says so."""
-    fast = logits(tiny, tmp_path, name="fast")
-    ref = logits(tiny, tmp_path, "--reference", name="ref")
+    fast = logits(tiny, tmp_path, chunk=7)
+    ref = logits(tiny, tmp_path, "--reference")
     assert not np.array_equal(fast, ref)
     r = run(tiny, "-m", "logits", "-i", "1 2 3", "--logits-out", tmp_path / "x.f32", "--reference")
     assert "plain reference loops" in r.stderr
