@@ -33,12 +33,13 @@ MAX_FUNCTION = 80
 
 
 def test_lines_fit_a_reader():
-    """No line of the C sources is longer than 100 characters."""
+    """No line of the C sources or of export.py is longer than 100 characters."""
     long_lines = []
-    for name in SOURCES:
+    for name in SOURCES + ["export.py"]:
         lines = enumerate(read(name).split("\n"), 1)
         long_lines += [f"{name}:{n}" for n, line in lines if len(line) > MAX_LINE]
-    print(f"\n[docs] {len(long_lines)} lines over {MAX_LINE} characters in {', '.join(SOURCES)}")
+    print(f"\n[docs] {len(long_lines)} lines over {MAX_LINE} characters in "
+          f"{', '.join(SOURCES)}, export.py")
     assert not long_lines, long_lines[:20]
 
 
