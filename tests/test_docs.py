@@ -356,10 +356,12 @@ TERNARY = re.compile(rf"(?<![\w.>])({OPERAND})\s*[<>]=?\s*({OPERAND})\s*\?\s*({O
 
 
 def min_max_ternaries(text):
-    """(line number, text) of each hand-written min/max. An operand must stand alone: the
-    condition must not continue an arithmetic expression on its left, and the last operand
-    must not be followed by one."""
+    """(line number, text) of each hand-written min/max outside the helpers themselves (functions
+    named min_*, *_max, ...). An operand must stand alone: the condition must not continue an
+    arithmetic expression on its left, and the last operand must not be followed by one."""
     code = code_only(text)
+    helpers = [(first, last) for name, first, last in functions(text)
+               if re.search(r"(^|_)(min|max)(_|$)", name)]
     found = []
     for m in TERNARY.finditer(code):
         left = code[:m.start()].rstrip()[-1:]
@@ -367,8 +369,9 @@ def min_max_ternaries(text):
         if left and left in "+-*/%&|^!~<>" or right and right not in ");,}]:":
             continue
         a, b, x, y = m.groups()
-        if a != b and {a, b} == {x, y}:
-            found.append((code.count("\n", 0, m.start()) + 1, m.group(0)))
+        line = code.count("\n", 0, m.start()) + 1
+        if a != b and {a, b} == {x, y} and not any(f <= line <= l for f, l in helpers):
+            found.append((line, m.group(0)))
     return found
 
 
@@ -377,6 +380,7 @@ def test_min_max_helpers():
     assert min_max_ternaries("n = a < b ? a : b;\nm = k >= x->n ? x->n : k;") == [
         (1, "a < b ? a : b"), (2, "k >= x->n ? x->n : k")]
     assert min_max_ternaries("n = k - i > d ? i + d : k;\nm = a < b ? a : b + 1;") == []
+    assert min_max_ternaries("static int min_int(int a, int b) { return a < b ? a : b; }") == []
     bad = []
     for name in SOURCES:
         lines = read(name).split("\n")
