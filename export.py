@@ -175,7 +175,8 @@ def quantize_q8_0(x):
     """Per row, blocks of 32: d = max|x|/127, q = round(x/d). Returns (int8 quants, f32 scales)."""
     blocks = x.reshape(x.shape[0], -1, LR_Q8_BLOCK)
     d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
-    q = np.divide(blocks, d, out=np.zeros_like(blocks), where=d > 0)  # an all-zero block keeps q = 0
+    # an all-zero block keeps q = 0
+    q = np.divide(blocks, d, out=np.zeros_like(blocks), where=d > 0)
     q = np.clip(np.round(q), -127, 127).astype(np.int8)
     return q.reshape(x.shape), d.reshape(-1).astype("<f4")
 
@@ -190,7 +191,8 @@ def convert(x, dtype, name):
     if dtype == "f16":
         big = float(np.abs(x).max(initial=0))
         if big > 65504:  # float16's largest finite value; beyond it the weight would become inf
-            raise ExportError(f"{name} has |value| {big:g}, beyond float16 range; use --dtype bf16 or f32")
+            raise ExportError(f"{name} has |value| {big:g}, beyond float16 range; "
+                              "use --dtype bf16 or f32")
         return x.astype("<f2")
     return to_bf16(x) if dtype == "bf16" else x.astype("<f4")
 
@@ -289,7 +291,8 @@ class Safetensors:
         """Shape of a tensor we are going to read (None if absent), checking its dtype."""
         entry = self.entries.get(self.describe(name))
         if entry and entry[2] not in ST_DTYPES:
-            raise ExportError(f"{self.describe(name)}: dtype {entry[2]} is not supported (F32, F16, BF16 are)")
+            raise ExportError(f"{self.describe(name)}: dtype {entry[2]} is not supported "
+                              "(F32, F16, BF16 are)")
         return entry and entry[3]
 
     def load(self, name):
@@ -298,7 +301,8 @@ class Safetensors:
     def read(self, hf_name):
         """One HF tensor as float32 (a view of the file when it is stored as F32)."""
         path, offset, dtype, shape = self.entries[hf_name]
-        raw = np.memmap(path, dtype=ST_DTYPES[dtype], mode="r", offset=offset, shape=(math.prod(shape),))
+        raw = np.memmap(path, dtype=ST_DTYPES[dtype], mode="r", offset=offset,
+                        shape=(math.prod(shape),))
         if dtype == "BF16":  # bfloat16 is the top half of a float32
             bits = raw.astype(np.uint32)
             bits <<= 16
@@ -358,7 +362,8 @@ COMMON_DEFAULTS = {"rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddi
 QWEN_DEFAULTS = {"num_key_value_heads": 32, "max_position_embeddings": 32768,
                  "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28}
 ARCHS = {
-    "LlamaForCausalLM": ("llama", {"max_position_embeddings": 2048, "attention_bias": False, "mlp_bias": False}),
+    "LlamaForCausalLM": ("llama", {"max_position_embeddings": 2048, "attention_bias": False,
+                                   "mlp_bias": False}),
     "MistralForCausalLM": ("mistral", {"num_key_value_heads": 8, "max_position_embeddings": 131072,
                                        "sliding_window": 4096}),
     "Qwen2ForCausalLM": ("qwen2", QWEN_DEFAULTS),
@@ -385,8 +390,8 @@ def hf_rope(cfg, arch, head_dim):
     if arch == "phi3":  # Phi3Config renames "yarn" to longrope too and accepts nothing else
         kind = "longrope" if kind == "yarn" else kind
         if kind not in ("default", "longrope"):
-            raise ExportError(f"RoPE type '{kind}' is not supported for Phi3ForCausalLM (transformers takes "
-                              "default and longrope)")
+            raise ExportError(f"RoPE type '{kind}' is not supported for Phi3ForCausalLM "
+                              "(transformers takes default and longrope)")
     if kind not in ROPE_TYPES:
         raise ExportError(f"RoPE type '{kind}' is not supported (known: {', '.join(ROPE_TYPES)})")
     # the dict's rope_theta wins over the top-level one, as in HF
@@ -395,11 +400,12 @@ def hf_rope(cfg, arch, head_dim):
                        "partial_rotary_factor")
     if prf != 1.0 and arch != "phi3":  # only Phi3's rotary code honours it: Llama, Mistral and Qwen
         # rotate the whole head with default RoPE and fail on a shape mismatch with a scaled one
-        raise ExportError(f"partial_rotary_factor {prf} is not supported for {cfg['architectures'][0]} "
-                          "(transformers rotates the whole head for it)")
+        raise ExportError(f"partial_rotary_factor {prf} is not supported for "
+                          f"{cfg['architectures'][0]} (transformers rotates the whole head for it)")
     rotary_dim = int(head_dim * prf)
     if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
-        raise ExportError(f"rotary dimension {rotary_dim} (head_dim {head_dim} x {prf}) must be even, 2..head_dim")
+        raise ExportError(f"rotary dimension {rotary_dim} (head_dim {head_dim} x {prf}) "
+                          "must be even, 2..head_dim")
     rope = {"rope_type": ROPE_TYPES[kind], "rotary_dim": rotary_dim, "rope_theta": theta}
 
     def need(key):
@@ -411,7 +417,8 @@ def hf_rope(cfg, arch, head_dim):
         return config_float(rp.get(key) or default, f"rope {key}")
 
     max_pos = cfg["max_position_embeddings"]  # read_hf has checked it
-    orig = cfg.get("original_max_position_embeddings") or rp.get("original_max_position_embeddings") or max_pos
+    orig = (cfg.get("original_max_position_embeddings")
+            or rp.get("original_max_position_embeddings") or max_pos)
     orig = config_int(orig, "original_max_position_embeddings", 1, U32_MAX)
     if kind in ("linear", "dynamic", "llama3"):
         rope["factor"] = need("factor")
@@ -424,14 +431,16 @@ def hf_rope(cfg, arch, head_dim):
         attention_factor = rp.get("attention_factor")
         given = attention_factor is not None
         if given and not config_float(attention_factor, "attention_factor") > 0:
-            raise ExportError(f"{kind} attention_factor {attention_factor} is not supported (it must be > 0)")
+            raise ExportError(f"{kind} attention_factor {attention_factor} is not supported "
+                              "(it must be > 0)")
         rope["attention_factor"] = attention_factor or 0.0  # 0: run.c derives it
     if kind == "yarn":
         rope.update(beta_fast=optional("beta_fast", 32.0), beta_slow=optional("beta_slow", 1.0),
                     mscale=optional("mscale", 0.0), mscale_all_dim=optional("mscale_all_dim", 0.0),
                     yarn_truncate=int(bool(rp.get("truncate", True))))
     if kind == "llama3":
-        rope.update(low_freq_factor=need("low_freq_factor"), high_freq_factor=need("high_freq_factor"))
+        rope.update(low_freq_factor=need("low_freq_factor"),
+                    high_freq_factor=need("high_freq_factor"))
     factors = {}
     if kind == "longrope":
         for key in ("short_factor", "long_factor"):
@@ -441,7 +450,8 @@ def hf_rope(cfg, arch, head_dim):
                 raise ExportError(f"longrope {key} = {shown(rp[key])} must be a list of numbers")
             values = np.asarray([config_float(v, f"longrope {key}") for v in rp[key]], np.float32)
             if values.shape != (rotary_dim // 2,):
-                raise ExportError(f"longrope {key} has {values.size} values, rotary_dim/2 = {rotary_dim // 2}")
+                raise ExportError(f"longrope {key} has {values.size} values, "
+                                  f"rotary_dim/2 = {rotary_dim // 2}")
             if not (np.isfinite(values).all() and (values > 0).all()):
                 raise ExportError(f"longrope {key} must hold positive finite numbers")
             factors["rope." + key] = values
@@ -457,7 +467,8 @@ def hf_windows(cfg, arch, n_layers):
             return full
         return [(ATTN_SLIDING, config_int(w, "sliding_window", 1, U32_MAX))] * n_layers
     if arch == "phi3":  # Phi3Model masks every layer with sliding_window unless it is null
-        w = cfg["sliding_window"]  # (Phi-3-mini-4k has 2047, within its trained 4096; the 128k ones 262144)
+        # (Phi-3-mini-4k has 2047, within its trained 4096; the 128k ones 262144)
+        w = cfg["sliding_window"]
         if w is None:
             return full
         return [(ATTN_SLIDING, config_int(w, "sliding_window", 1, U32_MAX))] * n_layers
@@ -466,10 +477,11 @@ def hf_windows(cfg, arch, n_layers):
         if w is not None and not cfg.get("layer_types"):
             config_int(cfg["max_window_layers"], "max_window_layers", 0, U32_MAX)
         types = cfg.get("layer_types") or [
-            "sliding_attention" if w is not None and i >= cfg["max_window_layers"] else "full_attention"
-            for i in range(n_layers)]
+            "sliding_attention" if w is not None and i >= cfg["max_window_layers"]
+            else "full_attention" for i in range(n_layers)]
         if len(types) != n_layers or not set(types) <= {"full_attention", "sliding_attention"}:
-            raise ExportError(f"layer_types must list {n_layers} of full_attention/sliding_attention")
+            raise ExportError(f"layer_types must list {n_layers} of "
+                              "full_attention/sliding_attention")
         if "sliding_attention" in types and not w:
             raise ExportError("layer_types has sliding layers but no sliding window is set "
                               "(use_sliding_window / sliding_window)")
@@ -496,8 +508,9 @@ def read_hf(model_dir):
     if name not in ARCHS:
         raise ExportError(f"architecture {name} is not supported (supported: {', '.join(ARCHS)})")
     arch, defaults = ARCHS[name]
-    cfg = {**COMMON_DEFAULTS, **defaults, **raw}  # as in HF, a key given as null overrides the default
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+    cfg = {**COMMON_DEFAULTS, **defaults, **raw}  # as in HF, a key given as null overrides defaults
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "vocab_size"):
         if key not in cfg:
             raise ExportError(f"config.json has no '{key}'")
     # every number the header takes, checked before any arithmetic on it (run.c's ranges)
@@ -515,23 +528,29 @@ def read_hf(model_dir):
         raise ExportError(f"layer_types = {shown(layer_types)} must be a list of strings")
     if cfg["hidden_act"] != "silu":
         raise ExportError(f"hidden_act '{cfg['hidden_act']}' is not supported (only silu)")
-    if cfg.get("mlp_bias") and arch != "phi3":  # Phi3's layers never have biases, whatever the config says
+    # Phi3's layers never have biases, whatever the config says.
+    if cfg.get("mlp_bias") and arch != "phi3":
         raise ExportError("mlp_bias: true is not supported (the model file has no MLP biases)")
-    if cfg.get("attention_bias") and arch != "phi3":  # HF gives o_proj a bias too, which model.h has no slot for
-        raise ExportError("attention_bias: true is not supported (o_proj bias has no place in the model file)")
+    # HF gives o_proj a bias too, which model.h has no slot for.
+    if cfg.get("attention_bias") and arch != "phi3":
+        raise ExportError("attention_bias: true is not supported "
+                          "(o_proj bias has no place in the model file)")
     heads = cfg["num_attention_heads"]
     if arch == "phi3" and cfg["head_dim"] not in (None, cfg["hidden_size"] // heads):
         # Phi3Config has no head_dim: its factor lists are checked against hidden_size / heads
-        raise ExportError(f"head_dim {cfg['head_dim']} != hidden_size / num_attention_heads is not supported for Phi-3")
+        raise ExportError(f"head_dim {cfg['head_dim']} != hidden_size / num_attention_heads "
+                          "is not supported for Phi-3")
     header = {"arch": arch, "n_layers": cfg["num_hidden_layers"], "dim": cfg["hidden_size"],
               "hidden_dim": cfg["intermediate_size"], "n_heads": heads,
               "n_kv_heads": cfg["num_key_value_heads"] or heads,
               "head_dim": cfg["head_dim"] or cfg["hidden_size"] // heads,
               "vocab_size": cfg["vocab_size"], "max_seq_len": cfg["max_position_embeddings"],
-              "norm_eps": cfg["rms_norm_eps"], "tied_embeddings": int(bool(cfg["tie_word_embeddings"])),
+              "norm_eps": cfg["rms_norm_eps"],
+              "tied_embeddings": int(bool(cfg["tie_word_embeddings"])),
               "qkv_bias": int(arch == "qwen2"), "qk_norm": int(arch == "qwen3")}
     rope, factors = hf_rope(cfg, arch, header["head_dim"])
-    layers = [{**rope, "attn_kind": kind, "window": w} for kind, w in hf_windows(cfg, arch, header["n_layers"])]
+    layers = [{**rope, "attn_kind": kind, "window": w}
+              for kind, w in hf_windows(cfg, arch, header["n_layers"])]
     source = Phi3Safetensors(model_dir, header) if arch == "phi3" else Safetensors(model_dir)
     return header, layers, factors, source
 
@@ -559,16 +578,21 @@ class GgufSource:
 
     def shape(self, name):
         t = self.tensors.get(self.describe(name))
-        return None if t is None else tuple(int(n) for n in reversed(t.shape))  # GGUF lists ne0 = cols first
+        # GGUF lists ne0 = cols first
+        return None if t is None else tuple(int(n) for n in reversed(t.shape))
 
     def load(self, name):
         t = self.tensors[self.describe(name)]
         try:
-            w = self.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(self.shape(name))
+            w = self.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         except NotImplementedError:
-            raise ExportError(f"{t.name}: GGUF type {t.tensor_type.name} cannot be dequantized by gguf") from None
+            raise ExportError(f"{t.name}: GGUF type {t.tensor_type.name} cannot be dequantized "
+                              "by gguf") from None
+        w = w.reshape(self.shape(name))
         role = name.split(".")[-1]
-        return unpermute_rows(w, self.heads[role]) if name.startswith("blk.") and role in self.heads else w
+        if name.startswith("blk.") and role in self.heads:
+            return unpermute_rows(w, self.heads[role])
+        return w
 
 
 def open_gguf(path):
@@ -580,7 +604,8 @@ def open_gguf(path):
     try:
         return gguf.GGUFReader(path)
     except (ValueError, IndexError, struct.error, UnicodeDecodeError) as e:
-        raise ExportError(f"{path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from None
+        raise ExportError(f"{path}: not a readable GGUF file, truncated or corrupt "
+                          f"({type(e).__name__}: {e})") from None
 
 
 def read_gguf(path):
@@ -595,7 +620,8 @@ def read_gguf(path):
         return default if field is None else field.contents()
 
     if meta("general.architecture") != "llama":
-        raise ExportError(f"GGUF architecture '{meta('general.architecture')}' is not supported (only llama)")
+        raise ExportError(f"GGUF architecture '{meta('general.architecture')}' is not supported "
+                          "(only llama)")
     if meta("llama.expert_count", 0):
         raise ExportError("mixture-of-experts GGUF models are not supported")
     names = {t.name for t in reader.tensors}
@@ -609,8 +635,10 @@ def read_gguf(path):
     vocab = meta("llama.vocab_size", 0) or len(meta("tokenizer.ggml.tokens", []))
     if not vocab:
         raise ExportError(f"{path}: GGUF has neither llama.vocab_size nor tokenizer.ggml.tokens")
-    if meta("llama.rope.dimension_count", head_dim) != head_dim:  # q/k un-permutation assumes full rotary
-        raise ExportError("partial rotary (rope.dimension_count != head_dim) is not supported for GGUF")
+    # the q/k un-permutation assumes full rotary
+    if meta("llama.rope.dimension_count", head_dim) != head_dim:
+        raise ExportError("partial rotary (rope.dimension_count != head_dim) is not supported "
+                          "for GGUF")
     header = {"arch": "llama", "n_layers": meta("llama.block_count"), "dim": dim,
               "hidden_dim": meta("llama.feed_forward_length"), "n_heads": heads,
               "n_kv_heads": meta("llama.attention.head_count_kv", heads), "head_dim": head_dim,
@@ -622,7 +650,8 @@ def read_gguf(path):
     rope_freqs = None
     if "rope_freqs.weight" in names:  # llama.cpp's Llama 3.1 scaling: one divisor per channel pair
         t = source.tensors["rope_freqs.weight"]
-        rope_freqs = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(-1)
+        rope_freqs = gguf.quants.dequantize(t.data, t.tensor_type)
+        rope_freqs = np.asarray(rope_freqs, dtype=np.float32).reshape(-1)
     rope, factors = gguf_rope(meta, head_dim, header["max_seq_len"], rope_freqs)
     layers = [{**rope, "attn_kind": ATTN_FULL, "window": 0} for _ in range(header["n_layers"])]
     return header, layers, factors, source
@@ -660,12 +689,14 @@ def gguf_rope(meta, head_dim, max_seq_len, rope_freqs=None):
     if kind == "yarn":
         if rope_freqs is not None:
             raise ExportError("GGUF rope_freqs together with yarn scaling is not supported")
-        ext_factor = meta("llama.rope.scaling.yarn_ext_factor", -1.0)  # < 0: unset, which is 1 for yarn
+        # < 0: unset, which is 1 for yarn
+        ext_factor = meta("llama.rope.scaling.yarn_ext_factor", -1.0)
         if not (ext_factor < 0 or ext_factor == 1.0):
             raise ExportError("GGUF rope.scaling.yarn_ext_factor other than 1 is not supported")
         # a = attn_factor (0.1 ln s + 1): llama.cpp multiplies its attn_factor by YaRN's own scale
+        mscale = 0.1 * math.log(factor) + 1 if factor > 1 else 1
         rope.update(rope_type=ROPE_TYPES["yarn"], factor=factor, orig_ctx=orig, yarn_truncate=1,
-                    attention_factor=0.0 if attn == 1.0 else attn * (0.1 * math.log(factor) + 1 if factor > 1 else 1),
+                    attention_factor=0.0 if attn == 1.0 else attn * mscale,
                     beta_fast=number("llama.rope.scaling.yarn_beta_fast", 32.0),
                     beta_slow=number("llama.rope.scaling.yarn_beta_slow", 1.0))
         return rope, {}
@@ -673,9 +704,13 @@ def gguf_rope(meta, head_dim, max_seq_len, rope_freqs=None):
         if factor != 1.0:
             rope.update(rope_type=ROPE_TYPES["linear"], factor=factor)
         return rope, {}
-    ff = np.ones(head_dim // 2, np.float32) if rope_freqs is None else np.asarray(rope_freqs, np.float32)
+    if rope_freqs is None:
+        ff = np.ones(head_dim // 2, np.float32)
+    else:
+        ff = np.asarray(rope_freqs, np.float32)
     if ff.shape != (head_dim // 2,) or not (np.isfinite(ff).all() and (ff > 0).all()):
-        raise ExportError(f"GGUF rope_freqs must hold {head_dim // 2} positive numbers (head_dim / 2), got {ff.size}")
+        raise ExportError(f"GGUF rope_freqs must hold {head_dim // 2} positive numbers "
+                          f"(head_dim / 2), got {ff.size}")
     ff = ff * np.float32(factor)  # 1 / (ff s b^(2i/d)): the divisor and the linear scale in one
     rope.update(rope_type=ROPE_TYPES["longrope"], factor=1.0, attention_factor=attn, orig_ctx=orig)
     return rope, {"rope.short_factor": ff, "rope.long_factor": ff.copy()}
@@ -691,13 +726,14 @@ def expected_tensors(h):
     yield "tok_embd", (V, D)
     for i in range(h["n_layers"]):
         b = f"blk.{i}."
-        yield from [(b + "attn_norm", (D,)), (b + "wq", (Q, D)), (b + "wk", (K, D)), (b + "wv", (K, D)),
-                    (b + "wo", (D, Q))]
+        yield from [(b + "attn_norm", (D,)), (b + "wq", (Q, D)), (b + "wk", (K, D)),
+                    (b + "wv", (K, D)), (b + "wo", (D, Q))]
         if h["qkv_bias"]:
             yield from [(b + "bq", (Q,)), (b + "bk", (K,)), (b + "bv", (K,))]
         if h["qk_norm"]:
             yield from [(b + "q_norm", (H,)), (b + "k_norm", (H,))]
-        yield from [(b + "ffn_norm", (D,)), (b + "w_gate", (F, D)), (b + "w_up", (F, D)), (b + "w_down", (D, F))]
+        yield from [(b + "ffn_norm", (D,)), (b + "w_gate", (F, D)), (b + "w_up", (F, D)),
+                    (b + "w_down", (D, F))]
     yield "output_norm", (D,)
     if not h["tied_embeddings"]:
         yield "output", (V, D)
@@ -710,7 +746,8 @@ def check_config(h):
     config_int(h["n_layers"], "n_layers", 1, MAX_LAYERS)
     config_int(h["vocab_size"], "vocab_size", 1, MAX_VOCAB)
     if h["n_heads"] % h["n_kv_heads"]:
-        raise ExportError(f"n_heads {h['n_heads']} is not a multiple of n_kv_heads {h['n_kv_heads']}")
+        raise ExportError(f"n_heads {h['n_heads']} is not a multiple of "
+                          f"n_kv_heads {h['n_kv_heads']}")
     if h["n_heads"] * h["head_dim"] > DIM_LIMIT:
         raise ExportError(f"n_heads x head_dim = {h['n_heads'] * h['head_dim']} is above "
                           f"{DIM_LIMIT}")
@@ -812,7 +849,8 @@ def plan_tensors(h, factors, source, dtype):
         if got is None:
             raise ExportError(f"missing tensor {source.describe(name)}")
         if tuple(got) != shape:
-            raise ExportError(f"tensor {source.describe(name)} has shape {list(got)}, expected {list(shape)}")
+            raise ExportError(f"tensor {source.describe(name)} has shape {list(got)}, "
+                              f"expected {list(shape)}")
         plan.append((name, shape, partial(source.load, name)))
     plan += [(name, v.shape, lambda v=v: v) for name, v in factors.items()]
     out, unblockable = [], []
@@ -835,7 +873,8 @@ def write_model(path, header, layers, plan, tokenizer=b""):
     about one tensor."""
     table_offset = HEADER.size + LAYER.size * len(layers)
     tok_offset = (table_offset + TENSOR.size * len(plan) + 7) // 8 * 8 if tokenizer else 0
-    offset = align(tok_offset + len(tokenizer) if tokenizer else table_offset + TENSOR.size * len(plan))
+    table_end = table_offset + TENSOR.size * len(plan)
+    offset = align(tok_offset + len(tokenizer) if tokenizer else table_end)
     entries = []
     for name, shape, dtype, _ in plan:
         rows, cols = shape if len(shape) == 2 else (shape[0], 1)
@@ -848,7 +887,8 @@ def write_model(path, header, layers, plan, tokenizer=b""):
     file_size = entries[-1]["offset"] + entries[-1]["size"]
     header = {**header, "magic": LR_MAGIC, "version": LR_VERSION, "header_size": HEADER.size,
               "n_layers": len(layers), "n_tensors": len(plan), "tensor_table_offset": table_offset,
-              "tokenizer_offset": tok_offset, "tokenizer_size": len(tokenizer), "file_size": file_size}
+              "tokenizer_offset": tok_offset, "tokenizer_size": len(tokenizer),
+              "file_size": file_size}
 
     def fill(f):
         f.write(pack(HEADER, HEADER_FIELDS, header))
@@ -931,11 +971,11 @@ CHAT_NONE, CHAT_CHATML, CHAT_LLAMA3, CHAT_LLAMA2_INST = 0, 1, 2, 3
 FLAG_ADD_BOS, FLAG_NFC, FLAG_IGNORE_MERGES = 1, 2, 4
 
 # The Split regexes of the Llama 3 and Qwen2 pre-tokenizers, as they appear in tokenizer.json.
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
-GGUF_PRE = {"gpt2": PRE_GPT2, "gpt-2": PRE_GPT2, "default": PRE_GPT2, "llama-bpe": PRE_LLAMA3, "llama3": PRE_LLAMA3,
-            "qwen2": PRE_QWEN2, "smollm": PRE_SMOLLM}
+GGUF_PRE = {"gpt2": PRE_GPT2, "gpt-2": PRE_GPT2, "default": PRE_GPT2, "llama-bpe": PRE_LLAMA3,
+            "llama3": PRE_LLAMA3, "qwen2": PRE_QWEN2, "smollm": PRE_SMOLLM}
 BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 
 
@@ -964,7 +1004,8 @@ def unmap_bytes(s):
     try:
         return bytes(BYTE_DECODER[c] for c in s)
     except KeyError as e:
-        raise TokenizerError(f"byte-level token {s!r} has character {e.args[0]!r} outside the byte alphabet")
+        raise TokenizerError(f"byte-level token {s!r} has character {e.args[0]!r} outside "
+                             "the byte alphabet")
 
 
 def chat_template_id(template):
@@ -994,8 +1035,9 @@ def pack_tokenizer_section(kind, pre, prefix, flags, tokens, merges, bos, eos, e
     if len(strings) >= 1 << 32:
         raise TokenizerError("tokenizer strings exceed 4 GB")
     eot = eos if eot is None or eot < 0 else eot
-    header = struct.pack("<6I2I4iI3I4Q", TOK_MAGIC, TOK_VERSION, kind, pre, prefix, flags, n, len(merges),
-                         bos, eos, eot, unk, chat, 0, 0, 0, entries_off, merges_off, strings_off, len(strings))
+    header = struct.pack("<6I2I4iI3I4Q", TOK_MAGIC, TOK_VERSION, kind, pre, prefix, flags, n,
+                         len(merges), bos, eos, eot, unk, chat, 0, 0, 0, entries_off, merges_off,
+                         strings_off, len(strings))
     assert len(header) == TOK_HEADER_SIZE
     merge_bytes = b"".join(struct.pack("<4I", *m) for m in merges)
     return header + b"".join(entries) + merge_bytes + strings
@@ -1009,7 +1051,8 @@ def spm_merges(tokens):
     for i, (text, _, typ) in enumerate(tokens):
         if typ in (T_NORMAL, T_UNUSED) and text not in ids:
             ids[text] = i
-    order = sorted((i for i, t in enumerate(tokens) if t[2] == T_NORMAL), key=lambda i: (-tokens[i][1], i))
+    order = sorted((i for i, t in enumerate(tokens) if t[2] == T_NORMAL),
+                   key=lambda i: (-tokens[i][1], i))
     merges = []
     for rank, i in enumerate(order):
         text = tokens[i][0]
@@ -1062,7 +1105,8 @@ def _fields(buf):
 
 def parse_spm_model(data):
     """The parts of sentencepiece_model.proto ModelProto we need, with the proto defaults."""
-    m = {"pieces": [], "model_type": 1, "byte_fallback": False, "unk_id": 0, "bos_id": 1, "eos_id": 2,
+    m = {"pieces": [], "model_type": 1, "byte_fallback": False, "unk_id": 0, "bos_id": 1,
+         "eos_id": 2,
          "normalizer_name": "", "precompiled_charsmap": b"", "add_dummy_prefix": True,
          "remove_extra_whitespaces": True}
     for field, _, value in _fields(data):
@@ -1102,24 +1146,31 @@ def tokenizer_section_from_spm(path, config=None, prefix=None):
     config = config or {}
     m = parse_spm_model(open(path, "rb").read())
     if m["model_type"] != 2:
-        raise TokenizerError(f"{path}: SentencePiece model_type {m['model_type']} is not BPE (2); unigram is not supported")
-    if m["normalizer_name"] not in ("identity", "") or (m["normalizer_name"] == "" and m["precompiled_charsmap"]):
-        raise TokenizerError(f"{path}: SentencePiece normalizer {m['normalizer_name']!r} is not supported (only identity)")
+        raise TokenizerError(f"{path}: SentencePiece model_type {m['model_type']} is not BPE (2); "
+                             "unigram is not supported")
+    normalizer = m["normalizer_name"]
+    if normalizer not in ("identity", "") or (normalizer == "" and m["precompiled_charsmap"]):
+        raise TokenizerError(f"{path}: SentencePiece normalizer {normalizer!r} is not supported "
+                             "(only identity)")
     if m["remove_extra_whitespaces"]:
-        raise TokenizerError(f"{path}: remove_extra_whitespaces is set; only models that keep whitespace are supported")
+        raise TokenizerError(f"{path}: remove_extra_whitespaces is set; only models that keep "
+                             "whitespace are supported")
     tokens = []
     for piece, score, typ in m["pieces"]:
         if typ == T_BYTE and not BYTE_TOKEN.fullmatch(piece):
             raise TokenizerError(f"{path}: byte piece {piece!r} is not <0xNN>")
         tokens.append((piece.encode("utf-8"), score, typ))
     if prefix is None:
-        prefix = PREFIX_NONE if not m["add_dummy_prefix"] else PREFIX_FIRST if config.get("legacy") is False else PREFIX_ALL
+        if not m["add_dummy_prefix"]:
+            prefix = PREFIX_NONE
+        else:
+            prefix = PREFIX_FIRST if config.get("legacy") is False else PREFIX_ALL
     vocab = {p: i for i, (p, _, _) in reversed(list(enumerate(m["pieces"])))}
     bos, eos = m["bos_id"], m["eos_id"]
     chat = chat_template_id(config.get("chat_template"))
     flags = FLAG_ADD_BOS if config.get("add_bos_token", True) and bos >= 0 else 0
-    return pack_tokenizer_section(TOK_SPM, PRE_NONE, prefix, flags, tokens, spm_merges(tokens), bos, eos,
-                                  eot_id(chat, vocab, eos), m["unk_id"], chat)
+    return pack_tokenizer_section(TOK_SPM, PRE_NONE, prefix, flags, tokens, spm_merges(tokens),
+                                  bos, eos, eot_id(chat, vocab, eos), m["unk_id"], chat)
 
 
 def eot_id(chat, vocab, eos):
@@ -1143,12 +1194,14 @@ def _byte_level_pre(pre):
         raise TokenizerError(f"unsupported byte-level pre_tokenizer {json.dumps(pre)[:200]}")
     if types == ["ByteLevel"] and last.get("use_regex", True):
         return PRE_GPT2
-    if types == ["Digits", "ByteLevel"] and items[0].get("individual_digits") and last.get("use_regex", True):
+    if (types == ["Digits", "ByteLevel"] and items[0].get("individual_digits")
+            and last.get("use_regex", True)):
         return PRE_SMOLLM
     if types == ["Split", "ByteLevel"] and not last.get("use_regex", True):
         split = items[0]
         regex = split.get("pattern", {}).get("Regex")
-        if split.get("behavior") == "Isolated" and not split.get("invert") and regex in (LLAMA3_REGEX, QWEN2_REGEX):
+        if (split.get("behavior") == "Isolated" and not split.get("invert")
+                and regex in (LLAMA3_REGEX, QWEN2_REGEX)):
             return PRE_LLAMA3 if regex == LLAMA3_REGEX else PRE_QWEN2
     raise TokenizerError(f"unsupported byte-level pre_tokenizer {json.dumps(pre)[:300]}")
 
@@ -1158,9 +1211,12 @@ def tokenizer_section_from_json(tok, config=None):
     config = config or {}
     model = tok.get("model", {})
     if model.get("type") != "BPE":
-        raise TokenizerError(f"tokenizer.json model type {model.get('type')!r} is not supported (only BPE)")
-    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") or model.get("dropout"):
-        raise TokenizerError("tokenizer.json BPE with subword prefix/suffix or dropout is not supported")
+        raise TokenizerError(f"tokenizer.json model type {model.get('type')!r} is not supported "
+                             "(only BPE)")
+    unsupported = ("continuing_subword_prefix", "end_of_word_suffix", "dropout")
+    if any(model.get(key) for key in unsupported):
+        raise TokenizerError("tokenizer.json BPE with subword prefix/suffix or dropout is not "
+                             "supported")
     norm, pre = tok.get("normalizer"), tok.get("pre_tokenizer") or {}
     flags, prefix, pre_id = 0, PREFIX_NONE, PRE_NONE
     pre_types = json.dumps(pre)
@@ -1172,13 +1228,15 @@ def tokenizer_section_from_json(tok, config=None):
             raise TokenizerError(f"unsupported normalizer {json.dumps(norm)[:200]}")
     else:
         kind = TOK_SPM
-        legacy_norm = [{"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "},
-                                                                   "content": "\u2581"}]
-        if norm and norm.get("type") == "Sequence" and norm.get("normalizers") == legacy_norm and not pre:
+        legacy_norm = [{"type": "Prepend", "prepend": "\u2581"},
+                       {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]
+        if (norm and norm.get("type") == "Sequence" and norm.get("normalizers") == legacy_norm
+                and not pre):
             prefix = PREFIX_ALL
-        elif norm is None and pre.get("type") == "Metaspace" and pre.get("replacement") == "\u2581" \
-                and not pre.get("split", False):
-            scheme = pre.get("prepend_scheme", "always" if pre.get("add_prefix_space", True) else "never")
+        elif (norm is None and pre.get("type") == "Metaspace"
+              and pre.get("replacement") == "\u2581" and not pre.get("split", False)):
+            default_scheme = "always" if pre.get("add_prefix_space", True) else "never"
+            scheme = pre.get("prepend_scheme", default_scheme)
             prefix = {"always": PREFIX_ALWAYS, "first": PREFIX_FIRST, "never": PREFIX_NONE}[scheme]
         else:
             raise TokenizerError(f"unsupported SentencePiece-style normalizer/pre_tokenizer: "
@@ -1189,7 +1247,8 @@ def tokenizer_section_from_json(tok, config=None):
     added = tok.get("added_tokens", [])
     for a in added:
         if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
-            raise TokenizerError(f"added token {a['content']!r} uses lstrip/rstrip/single_word, which is not supported")
+            raise TokenizerError(f"added token {a['content']!r} uses lstrip/rstrip/single_word, "
+                                 "which is not supported")
     n = max([*vocab.values(), *(a["id"] for a in added)]) + 1
     tokens = [(b"", 0.0, T_UNUSED)] * n
     for text, i in vocab.items():
@@ -1199,7 +1258,8 @@ def tokenizer_section_from_json(tok, config=None):
             byte = model.get("byte_fallback") and BYTE_TOKEN.fullmatch(text)
             tokens[i] = (text.encode("utf-8"), -float(i), T_BYTE if byte else T_NORMAL)
     for a in added:
-        tokens[a["id"]] = (a["content"].encode("utf-8"), 0.0, T_CONTROL if a.get("special") else T_USER_DEFINED)
+        token_type = T_CONTROL if a.get("special") else T_USER_DEFINED
+        tokens[a["id"]] = (a["content"].encode("utf-8"), 0.0, token_type)
     unk = model.get("unk_token")
     if unk is not None and unk in vocab:
         tokens[vocab[unk]] = (tokens[vocab[unk]][0], 0.0, T_UNKNOWN)
@@ -1212,11 +1272,13 @@ def tokenizer_section_from_json(tok, config=None):
 
     names = {a["content"]: a["id"] for a in added}
     names.update({k: v for k, v in vocab.items() if k not in names})
-    bos, eos = token_ids(_special_name(config, "bos_token"), names), token_ids(_special_name(config, "eos_token"), names)
+    bos = token_ids(_special_name(config, "bos_token"), names)
+    eos = token_ids(_special_name(config, "eos_token"), names)
     # The post-processor says whether HF prepends BOS (Llama: "<s>", Llama 3: "<|begin_of_text|>").
     post = tok.get("post_processor") or {}
     procs = post.get("processors", []) if post.get("type") == "Sequence" else [post]
-    single = next((p.get("single") for p in procs if p.get("type") == "TemplateProcessing"), None) or []
+    templates = (p.get("single") for p in procs if p.get("type") == "TemplateProcessing")
+    single = next(templates, None) or []
     first = single[0].get("SpecialToken", {}).get("id") if single else None
     add_bos = config.get("add_bos_token", first is not None)
     if first is not None and bos < 0:
@@ -1265,15 +1327,19 @@ def tokenizer_section_from_gguf(reader):
     if kind == "llama":
         scores = _gguf_value(reader, "tokenizer.ggml.scores") or [0.0] * len(texts)
         tokens = [(t.encode("utf-8"), float(s), int(ty)) for t, s, ty in zip(texts, scores, types)]
-        prefix = PREFIX_ALL if _gguf_value(reader, "tokenizer.ggml.add_space_prefix", True) else PREFIX_NONE
-        flags = FLAG_ADD_BOS if _gguf_value(reader, "tokenizer.ggml.add_bos_token", True) and bos >= 0 else 0
+        add_prefix = _gguf_value(reader, "tokenizer.ggml.add_space_prefix", True)
+        prefix = PREFIX_ALL if add_prefix else PREFIX_NONE
+        add_bos = _gguf_value(reader, "tokenizer.ggml.add_bos_token", True)
+        flags = FLAG_ADD_BOS if add_bos and bos >= 0 else 0
         return pack_tokenizer_section(TOK_SPM, PRE_NONE, prefix, flags, tokens, spm_merges(tokens),
                                       bos, eos, eot, unk, chat)
     if kind != "gpt2":
-        raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported (only llama and gpt2)")
+        raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported "
+                             "(only llama and gpt2)")
     pre_name = _gguf_value(reader, "tokenizer.ggml.pre", "default")
     if pre_name not in GGUF_PRE:
-        raise TokenizerError(f"GGUF pre-tokenizer {pre_name!r} is not supported ({', '.join(GGUF_PRE)})")
+        raise TokenizerError(f"GGUF pre-tokenizer {pre_name!r} is not supported "
+                             f"({', '.join(GGUF_PRE)})")
     pre = GGUF_PRE[pre_name]
     # Llama 3 sets ignore_merges in its tokenizer.json; Qwen2's tokenizer.json normalizes to NFC.
     flags = (FLAG_IGNORE_MERGES if pre == PRE_LLAMA3 else 0) | (FLAG_NFC if pre == PRE_QWEN2 else 0)
@@ -1282,14 +1348,16 @@ def tokenizer_section_from_gguf(reader):
     tokens = []
     for t, ty in zip(texts, types):
         ty = int(ty)
-        tokens.append((unmap_bytes(t) if ty in (T_NORMAL, T_UNUSED, T_BYTE) else t.encode("utf-8"), 0.0, ty))
+        spelled = unmap_bytes(t) if ty in (T_NORMAL, T_UNUSED, T_BYTE) else t.encode("utf-8")
+        tokens.append((spelled, 0.0, ty))
     merges = []
     for rank, m in enumerate(_gguf_value(reader, "tokenizer.ggml.merges") or []):
         a, b = m.split(" ")
         if a not in names or b not in names or a + b not in names:
             raise TokenizerError(f"GGUF merge {m!r} names a token that is not in the vocabulary")
         merges.append((names[a], names[b], names[a + b], rank))
-    return pack_tokenizer_section(TOK_BYTE_BPE, pre, PREFIX_NONE, flags, tokens, merges, bos, eos, eot, unk, chat)
+    return pack_tokenizer_section(TOK_BYTE_BPE, pre, PREFIX_NONE, flags, tokens, merges, bos, eos,
+                                  eot, unk, chat)
 
 
 def write_tokenizer_only(section, path, arch="tokenizer"):
@@ -1297,7 +1365,8 @@ def write_tokenizer_only(section, path, arch="tokenizer"):
     run.c's tokenize mode reads it; loading it as a model fails (n_layers = 0)."""
     vocab = struct.unpack_from("<I", section, 24)[0]
     header = {name: 0 for name, _ in HEADER_FIELDS}
-    header.update({"magic": LR_MAGIC, "version": LR_VERSION, "header_size": HEADER.size, "vocab_size": vocab,
+    header.update({"magic": LR_MAGIC, "version": LR_VERSION, "header_size": HEADER.size,
+                   "vocab_size": vocab,
                    "norm_eps": 0.0, "arch": arch, "tensor_table_offset": HEADER.size,
                    "tokenizer_offset": HEADER.size, "tokenizer_size": len(section),
                    "file_size": HEADER.size + len(section)})
@@ -1385,19 +1454,20 @@ def export(args):
 
 def main():
     ap = argparse.ArgumentParser(
-        description="Export a Hugging Face model directory (Llama, Mistral, Qwen2, Qwen3, Phi-3; safetensors) "
-                    "or a llama-architecture GGUF file to a longrun model file.",
+        description="Export a Hugging Face model directory (Llama, Mistral, Qwen2, Qwen3, Phi-3; "
+                    "safetensors) or a llama-architecture GGUF file to a longrun model file.",
         epilog="example: python export.py ./SmolLM2-135M-Instruct model.bin --dtype q8_0")
-    ap.add_argument("source", help="HF model directory (config.json + *.safetensors) or a .gguf file")
+    ap.add_argument("source",
+                    help="HF model directory (config.json + *.safetensors) or a .gguf file")
     ap.add_argument("out", help="output model file (written as OUT.tmp, then renamed); never one "
                                 "of the files it reads")
     ap.add_argument("--dtype", choices=list(DTYPES), default="q8_0",
-                    help="storage type of the weight matrices (default: q8_0, int8 with one f32 scale "
-                         "per 32 values, ~4x smaller than f32; f32 is the exact reference). Norms and "
-                         "biases are always f32.")
+                    help="storage type of the weight matrices (default: q8_0, int8 with one f32 "
+                         "scale per 32 values, ~4x smaller than f32; f32 is the exact reference). "
+                         "Norms and biases are always f32.")
     ap.add_argument("--tokenizer-only", action="store_true",
-                    help="write only the tokenizer (for ./run FILE -m tokenize), from tokenizer.json / "
-                         "tokenizer.model or the GGUF metadata")
+                    help="write only the tokenizer (for ./run FILE -m tokenize), from "
+                         "tokenizer.json / tokenizer.model or the GGUF metadata")
     args = ap.parse_args()
     for sig in STOP_SIGNALS:
         signal.signal(sig, on_signal)

@@ -54,7 +54,8 @@
 // range the first continuation byte must lie in (Unicode Table 3-7: no overlongs,
 // no surrogates, nothing above U+10FFFF).
 static int utf8_expect(uint8_t b, uint8_t *lo, uint8_t *hi) {
-    *lo = 0x80, *hi = 0xBF;
+    *lo = 0x80;
+    *hi = 0xBF;
     if (b < 0x80) return 0;
     if (b < 0xC2) return -1;
     if (b < 0xE0) return 1;
@@ -72,14 +73,18 @@ static int utf8_expect(uint8_t b, uint8_t *lo, uint8_t *hi) {
 static size_t utf8_next(const uint8_t *s, size_t n, size_t i, uint32_t *cp) {
     uint8_t lo, hi, b = s[i];
     int need = utf8_expect(b, &lo, &hi);
-    if (need == 0) { *cp = b; return 1; }
+    if (need == 0) {
+        *cp = b;
+        return 1;
+    }
     *cp = 0xFFFD;
     if (need < 0) return 1;
     uint32_t c = b & (0x3F >> need);
     for (int k = 1; k <= need; k++) {
         if (i + k >= n || s[i + k] < lo || s[i + k] > hi) return k;
         c = c << 6 | (s[i + k] & 0x3F);
-        lo = 0x80, hi = 0xBF;
+        lo = 0x80;
+        hi = 0xBF;
     }
     *cp = c;
     return need + 1;
@@ -99,17 +104,27 @@ size_t utf8_valid_prefix(const char *text, size_t n) {
     return i;
 }
 
+// Encode the code point c as UTF-8 into out; returns the byte count (1 to 4).
 static size_t utf8_put(uint8_t *out, uint32_t c) {
-    if (c < 0x80) { out[0] = c; return 1; }
-    if (c < 0x800) { out[0] = 0xC0 | c >> 6; out[1] = 0x80 | (c & 0x3F); return 2; }
+    if (c < 0x80) {
+        out[0] = c;
+        return 1;
+    }
+    if (c < 0x800) {
+        out[0] = 0xC0 | c >> 6;
+        out[1] = 0x80 | (c & 0x3F);
+        return 2;
+    }
     if (c < 0x10000) {
         out[0] = 0xE0 | c >> 12;
         out[1] = 0x80 | (c >> 6 & 0x3F);
         out[2] = 0x80 | (c & 0x3F);
         return 3;
     }
-    out[0] = 0xF0 | c >> 18; out[1] = 0x80 | (c >> 12 & 0x3F);
-    out[2] = 0x80 | (c >> 6 & 0x3F); out[3] = 0x80 | (c & 0x3F);
+    out[0] = 0xF0 | c >> 18;
+    out[1] = 0x80 | (c >> 12 & 0x3F);
+    out[2] = 0x80 | (c >> 6 & 0x3F);
+    out[3] = 0x80 | (c & 0x3F);
     return 4;
 }
 
@@ -204,7 +219,10 @@ static size_t nfc(uint32_t *c, size_t n, uint32_t *tmp) {
     for (size_t i = 1; i < m; i++) {  // stable insertion sort of each run of non-zero classes
         uint32_t x = tmp[i], cx = ccc(x);
         size_t j = i;
-        while (cx && j > 0 && ccc(tmp[j - 1]) > cx) { tmp[j] = tmp[j - 1]; j--; }
+        while (cx && j > 0 && ccc(tmp[j - 1]) > cx) {
+            tmp[j] = tmp[j - 1];
+            j--;
+        }
         tmp[j] = x;
     }
     size_t out = 0, starter = 0;
@@ -217,7 +235,10 @@ static size_t nfc(uint32_t *c, size_t n, uint32_t *tmp) {
             c[starter] = comp;
             continue;
         }
-        if (cx == 0) { starter = out; have_starter = 1; }
+        if (cx == 0) {
+            starter = out;
+            have_starter = 1;
+        }
         last_cc = cx;
         c[out++] = x;
     }
@@ -227,17 +248,32 @@ static size_t nfc(uint32_t *c, size_t n, uint32_t *tmp) {
 // ----------------------------------------------------------------------------
 // The Tokenizer and its hash tables
 
-// key = left << 32 | right, +1 so 0 is empty
-typedef struct { uint32_t rank, result; uint64_t key; } PairSlot;
-typedef struct { uint64_t hash; uint32_t key_off, key_len, ids_off, n_ids; } CacheSlot;
+// A merge: left + right -> result, best rank first.
+typedef struct {
+    uint32_t rank, result;
+    uint64_t key;                 // left << 32 | right, + 1 so that 0 marks an empty slot
+} PairSlot;
+
+// A cached piece: its bytes cache_bytes[key_off..+key_len), its ids cache_ids[ids_off..+n_ids).
+typedef struct {
+    uint64_t hash;
+    uint32_t key_off, key_len, ids_off, n_ids;
+} CacheSlot;
 
 enum { CACHE_SLOTS = 1 << 16, CACHE_MAX_KEY = 64, CACHE_BYTES = 1 << 22, CACHE_IDS = 1 << 20 };
 
-typedef struct { int *v; size_t n, cap; int oom; } IdVec;
+// A growing array of ids; oom is set once an allocation failed, and later pushes do nothing.
+typedef struct {
+    int *v;
+    size_t n, cap;
+    int oom;
+} IdVec;
 
 // A candidate merge of the symbols at pos and next[pos], valid while both still hold
 // the ids it was made from.
-typedef struct { uint32_t rank, pos, left, right, result; } Cand;
+typedef struct {
+    uint32_t rank, pos, left, right, result;
+} Cand;
 
 typedef struct {
     uint32_t kind, pre, prefix, flags, n_tokens, chat;
@@ -280,7 +316,9 @@ static uint64_t hash_bytes(const uint8_t *s, size_t n) {
 }
 
 static uint64_t hash_u64(uint64_t x) {
-    x ^= x >> 33; x *= 0xff51afd7ed558ccdull; x ^= x >> 33;
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
     return x;
 }
 
@@ -319,20 +357,23 @@ static size_t table_size(size_t n) {  // a power of two at least twice n
 }
 
 // ----------------------------------------------------------------------------
-// Loading: check every offset, count, length and id against the section, then index it
+// Loading: check every offset, count, length and id against the section, then index it.
+// Each step below returns 0, or -1 with a one-line reason in err; tokenizer_load frees what
+// the steps before the failing one built.
 
+// Write the reason the section is refused into err and return -1.
 #define LOAD_FAIL(...)                       \
     do {                                     \
         snprintf(err, err_len, __VA_ARGS__); \
-        tokenizer_free(t);                   \
         return -1;                           \
     } while (0)
 
 void tokenizer_free(Tokenizer *t) {
-    free(t->vocab); free(t->pairs); free(t->specials);
-    free(t->cache); free(t->cache_bytes); free(t->cache_ids);
-    free(t->sym); free(t->prev); free(t->next); free(t->heap);
-    free(t->cps); free(t->cps2); free(t->offs); free(t->cls); free(t->buf); free(t->nbuf);
+    void *owned[] = { t->vocab, t->pairs, t->specials, t->cache, t->cache_bytes, t->cache_ids,
+                      t->sym, t->prev, t->next, t->heap, t->cps, t->cps2, t->offs, t->cls,
+                      t->buf, t->nbuf };
+    for (size_t i = 0; i < sizeof(owned) / sizeof(owned[0]); i++)
+        free(owned[i]);
     memset(t, 0, sizeof(*t));
 }
 
@@ -341,80 +382,111 @@ static int table_fits(uint64_t off, uint64_t count, uint64_t elem, uint64_t size
     return off <= size && count <= (size - off) / elem;
 }
 
+// The value of an upper-case hexadecimal digit, or -1.
+static int hex_digit(int c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
 // "<0xNN>" -> NN, or -1.
 static int byte_piece_value(const uint8_t *s, size_t n) {
     if (n != 6 || memcmp(s, "<0x", 3) != 0 || s[5] != '>') return -1;
-    int v = 0;
-    for (int k = 3; k < 5; k++) {
-        int c = s[k], d = c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
-        if (d < 0) return -1;
-        v = v * 16 + d;
-    }
-    return v;
+    int hi = hex_digit(s[3]);
+    int lo = hex_digit(s[4]);
+    return hi < 0 || lo < 0 ? -1 : hi * 16 + lo;
 }
 
 static const Tokenizer *sort_ctx;  // qsort has no context argument
 
 static int compare_specials(const void *a, const void *b) {
     size_t la, lb;
-    const uint8_t *pa = piece_bytes(sort_ctx, *(const int *)a, &la),
-                  *pb = piece_bytes(sort_ctx, *(const int *)b, &lb);
+    const uint8_t *pa = piece_bytes(sort_ctx, *(const int *)a, &la);
+    const uint8_t *pb = piece_bytes(sort_ctx, *(const int *)b, &lb);
     if (pa[0] != pb[0]) return pa[0] - pb[0];
     if (la != lb) return la > lb ? -1 : 1;  // longest first, so the first match is the longest
     return *(const int *)a - *(const int *)b;
 }
 
-int tokenizer_load(Tokenizer *t, const uint8_t *section, size_t size, char *err, size_t err_len) {
-    memset(t, 0, sizeof(*t));
-    TokHeader h;
-    if (size < sizeof(h))
-        LOAD_FAIL("%zu bytes, shorter than its %d-byte header", size, LR_TOK_HEADER_SIZE);
-    memcpy(&h, section, sizeof(h));
-    if (h.magic != LR_TOK_MAGIC) LOAD_FAIL("bad magic 0x%08X", h.magic);
-    if (h.version != LR_TOK_VERSION)
-        LOAD_FAIL("version %u, this build reads %d; re-export with export.py", h.version,
+// The header's own fields: magic, version, known kinds and flags, counts in range, and the
+// kind going with its pre-tokenizer and prefix scheme.
+static int check_header_fields(const TokHeader *h, char *err, size_t err_len) {
+    if (h->magic != LR_TOK_MAGIC) LOAD_FAIL("bad magic 0x%08X", h->magic);
+    if (h->version != LR_TOK_VERSION)
+        LOAD_FAIL("version %u, this build reads %d; re-export with export.py", h->version,
                   LR_TOK_VERSION);
-    if (h.kind >= TOK_KIND_COUNT) LOAD_FAIL("unknown kind %u", h.kind);
-    if (h.pre >= TOK_PRE_COUNT) LOAD_FAIL("unknown pre-tokenizer %u", h.pre);
-    if (h.prefix >= TOK_PREFIX_COUNT) LOAD_FAIL("unknown prefix scheme %u", h.prefix);
-    if ((h.kind == TOK_SPM) != (h.pre == TOK_PRE_NONE) ||
-        (h.kind == TOK_BYTE_BPE && h.prefix != TOK_PREFIX_NONE))
-        LOAD_FAIL("kind %u does not go with pre-tokenizer %u / prefix %u", h.kind, h.pre, h.prefix);
-    if (h.flags & ~(TOK_FLAG_ADD_BOS | TOK_FLAG_NFC | TOK_FLAG_IGNORE_MERGES))
-        LOAD_FAIL("unknown flags 0x%X", h.flags);
-    if (h.chat_template >= CHAT_COUNT) LOAD_FAIL("unknown chat template %u", h.chat_template);
-    if (h.n_tokens == 0 || h.n_tokens > (1u << 24))
-        LOAD_FAIL("n_tokens %u out of range [1, 2^24]", h.n_tokens);
-    if (h.n_merges > (1u << 26)) LOAD_FAIL("n_merges %u out of range", h.n_merges);
-    if (h.entries_offset % 4 || !table_fits(h.entries_offset, h.n_tokens, sizeof(TokEntry), size))
+    if (h->kind >= TOK_KIND_COUNT) LOAD_FAIL("unknown kind %u", h->kind);
+    if (h->pre >= TOK_PRE_COUNT) LOAD_FAIL("unknown pre-tokenizer %u", h->pre);
+    if (h->prefix >= TOK_PREFIX_COUNT) LOAD_FAIL("unknown prefix scheme %u", h->prefix);
+    if ((h->kind == TOK_SPM) != (h->pre == TOK_PRE_NONE) ||
+        (h->kind == TOK_BYTE_BPE && h->prefix != TOK_PREFIX_NONE))
+        LOAD_FAIL("kind %u does not go with pre-tokenizer %u / prefix %u", h->kind, h->pre,
+                  h->prefix);
+    if (h->flags & ~(TOK_FLAG_ADD_BOS | TOK_FLAG_NFC | TOK_FLAG_IGNORE_MERGES))
+        LOAD_FAIL("unknown flags 0x%X", h->flags);
+    if (h->chat_template >= CHAT_COUNT) LOAD_FAIL("unknown chat template %u", h->chat_template);
+    if (h->n_tokens == 0 || h->n_tokens > (1u << 24))
+        LOAD_FAIL("n_tokens %u out of range [1, 2^24]", h->n_tokens);
+    if (h->n_merges > (1u << 26)) LOAD_FAIL("n_merges %u out of range", h->n_merges);
+    return 0;
+}
+
+// The three tables inside the section (the two of 4-byte fields aligned), and the special
+// token ids -1 or a token.
+static int check_header_tables(const TokHeader *h, size_t size, char *err, size_t err_len) {
+    if (h->entries_offset % 4 ||
+        !table_fits(h->entries_offset, h->n_tokens, sizeof(TokEntry), size))
         LOAD_FAIL("token table (offset %llu, %u entries) misaligned or past the end (%zu bytes)",
-                  (unsigned long long)h.entries_offset, h.n_tokens, size);
-    if (h.merges_offset % 4 || !table_fits(h.merges_offset, h.n_merges, sizeof(TokMerge), size))
+                  (unsigned long long)h->entries_offset, h->n_tokens, size);
+    if (h->merges_offset % 4 || !table_fits(h->merges_offset, h->n_merges, sizeof(TokMerge), size))
         LOAD_FAIL("merge table (offset %llu, %u entries) misaligned or past the end (%zu bytes)",
-                  (unsigned long long)h.merges_offset, h.n_merges, size);
-    if (!table_fits(h.strings_offset, h.strings_size, 1, size) || h.strings_size > UINT32_MAX)
+                  (unsigned long long)h->merges_offset, h->n_merges, size);
+    if (!table_fits(h->strings_offset, h->strings_size, 1, size) || h->strings_size > UINT32_MAX)
         LOAD_FAIL("strings (offset %llu, %llu bytes) run past the end (%zu bytes)",
-                  (unsigned long long)h.strings_offset, (unsigned long long)h.strings_size, size);
-    int ids[4] = {h.bos_id, h.eos_id, h.eot_id, h.unk_id};
-    const char *id_names[4] = {"bos_id", "eos_id", "eot_id", "unk_id"};
+                  (unsigned long long)h->strings_offset, (unsigned long long)h->strings_size,
+                  size);
+    int ids[4] = { h->bos_id, h->eos_id, h->eot_id, h->unk_id };
+    const char *id_names[4] = { "bos_id", "eos_id", "eot_id", "unk_id" };
     for (int k = 0; k < 4; k++)
-        if (ids[k] < -1 || ids[k] >= (int)h.n_tokens)
+        if (ids[k] < -1 || ids[k] >= (int)h->n_tokens)
             LOAD_FAIL("%s %d out of range", id_names[k], ids[k]);
+    return 0;
+}
 
-    t->kind = h.kind, t->pre = h.pre, t->prefix = h.prefix, t->flags = h.flags;
-    t->n_tokens = h.n_tokens, t->chat = h.chat_template;
-    t->bos_id = h.bos_id, t->eos_id = h.eos_id, t->eot_id = h.eot_id >= 0 ? h.eot_id : h.eos_id,
-    t->unk_id = h.unk_id;
-    t->entries = (const TokEntry *)(section + h.entries_offset);
-    t->strings = section + h.strings_offset;
-    const TokMerge *merges = (const TokMerge *)(section + h.merges_offset);
+// Read and check the header into *h, and take its settings into t.
+static int read_header(Tokenizer *t, TokHeader *h, const uint8_t *section, size_t size,
+                       char *err, size_t err_len) {
+    if (size < sizeof(*h))
+        LOAD_FAIL("%zu bytes, shorter than its %d-byte header", size, LR_TOK_HEADER_SIZE);
+    memcpy(h, section, sizeof(*h));
+    if (check_header_fields(h, err, err_len) < 0 || check_header_tables(h, size, err, err_len) < 0)
+        return -1;
+    t->kind = h->kind;
+    t->pre = h->pre;
+    t->prefix = h->prefix;
+    t->flags = h->flags;
+    t->n_tokens = h->n_tokens;
+    t->chat = h->chat_template;
+    t->bos_id = h->bos_id;
+    t->eos_id = h->eos_id;
+    t->eot_id = h->eot_id >= 0 ? h->eot_id : h->eos_id;   // no end-of-turn token: end of text
+    t->unk_id = h->unk_id;
+    t->entries = (const TokEntry *)(section + h->entries_offset);
+    t->strings = section + h->strings_offset;
+    return 0;
+}
 
-    // Every token: a string inside the blob, a known type; byte tokens spelled <0xNN>.
-    for (int b = 0; b < 256; b++) t->byte_id[b] = -1;
-    size_t n_special = 0;
-    for (uint32_t i = 0; i < h.n_tokens; i++) {
+// Every token: a string inside the string table, a known type; byte tokens spelled <0xNN>
+// (and only in SPM models), special tokens valid UTF-8 (else a match would split a character).
+// Fills t->byte_id from the byte tokens and counts the non-empty special tokens.
+static int check_tokens(Tokenizer *t, uint64_t strings_size, size_t *n_special, char *err,
+                        size_t err_len) {
+    for (int b = 0; b < 256; b++)
+        t->byte_id[b] = -1;
+    *n_special = 0;
+    for (uint32_t i = 0; i < t->n_tokens; i++) {
         const TokEntry *e = &t->entries[i];
-        if (e->offset > h.strings_size || e->len > h.strings_size - e->offset)
+        if (e->offset > strings_size || e->len > strings_size - e->offset)
             LOAD_FAIL("token %u string (offset %u, %u bytes) outside the string table", i,
                       e->offset, e->len);
         if (e->type < TOK_NORMAL || e->type >= TOK_TYPE_END)
@@ -424,67 +496,96 @@ int tokenizer_load(Tokenizer *t, const uint8_t *section, size_t size, char *err,
         const uint8_t *p = piece_bytes(t, i, &len);
         if (e->type == TOK_BYTE) {
             int v = byte_piece_value(p, len);
-            if (v < 0 || h.kind != TOK_SPM)
+            if (v < 0 || t->kind != TOK_SPM)
                 LOAD_FAIL("byte token %u is not <0xNN> in an SPM model", i);
             if (t->byte_id[v] < 0) t->byte_id[v] = i;
         }
-        // it would split characters
         if (is_special_type(e->type) && utf8_valid_prefix((const char *)p, len) < len)
             LOAD_FAIL("special token %u is not valid UTF-8", i);
-        n_special += is_special_type(e->type) && len > 0;
+        *n_special += is_special_type(e->type) && len > 0;
     }
+    return 0;
+}
 
-    // Vocabulary hash of the non-special strings, each string once.
-    t->vocab_mask = table_size(h.n_tokens) - 1;
+// The vocabulary hash of the non-special strings (each string at most once; in a byte-level
+// model the one-byte strings are the byte tokens), and the special tokens sorted by first byte,
+// longest first, with the start of each first byte's bucket.
+static int index_vocab(Tokenizer *t, size_t n_special, char *err, size_t err_len) {
+    t->vocab_mask = table_size(t->n_tokens) - 1;
     t->vocab = calloc(t->vocab_mask + 1, sizeof(uint32_t));
     t->specials = malloc((n_special + 1) * sizeof(int));
     if (!t->vocab || !t->specials) LOAD_FAIL("out of memory loading the tokenizer");
-    n_special = 0;
-    for (uint32_t i = 0; i < h.n_tokens; i++) {
+    size_t n = 0;
+    for (uint32_t i = 0; i < t->n_tokens; i++) {
         size_t len;
         const uint8_t *p = piece_bytes(t, i, &len);
         if (len == 0) continue;
-        if (is_special_type(t->entries[i].type)) { t->specials[n_special++] = i; continue; }
+        if (is_special_type(t->entries[i].type)) {
+            t->specials[n++] = i;
+            continue;
+        }
         int twin = vocab_find(t, p, len);
         if (twin >= 0) LOAD_FAIL("tokens %d and %u are the same string (%zu bytes)", twin, i, len);
         size_t k = hash_bytes(p, len) & t->vocab_mask;
         while (t->vocab[k]) k = (k + 1) & t->vocab_mask;
         t->vocab[k] = i + 1;
-        if (h.kind == TOK_BYTE_BPE && len == 1 && t->byte_id[p[0]] < 0) t->byte_id[p[0]] = i;
+        if (t->kind == TOK_BYTE_BPE && len == 1 && t->byte_id[p[0]] < 0) t->byte_id[p[0]] = i;
     }
     sort_ctx = t;
-    qsort(t->specials, n_special, sizeof(int), compare_specials);
+    qsort(t->specials, n, sizeof(int), compare_specials);
     for (size_t i = 0, b = 0; b <= 256; b++) {  // bucket boundaries by first byte
-        while (i < n_special && t->strings[t->entries[t->specials[i]].offset] < b) i++;
+        while (i < n && t->strings[t->entries[t->specials[i]].offset] < b) i++;
         t->special_start[b] = i;
     }
+    return 0;
+}
 
-    // Merge table: every merge must spell its result exactly (left + right).
+// The merge table: every merge must spell its result exactly (left + right); of two merges of
+// the same pair the first (better) rank stays. SPM models whose merges never put anything
+// before a "▁" get t->spm_word_id, so that encode_spm can merge word by word.
+static int index_merges(Tokenizer *t, const TokMerge *merges, uint32_t n_merges, char *err,
+                        size_t err_len) {
     int crosses_words = 0;
-    t->pairs_mask = table_size(h.n_merges) - 1;
+    t->pairs_mask = table_size(n_merges) - 1;
     t->pairs = calloc(t->pairs_mask + 1, sizeof(PairSlot));
     if (!t->pairs) LOAD_FAIL("out of memory loading the tokenizer");
-    for (uint32_t i = 0; i < h.n_merges; i++) {
+    for (uint32_t i = 0; i < n_merges; i++) {
         TokMerge m = merges[i];
-        if (m.left >= h.n_tokens || m.right >= h.n_tokens || m.result >= h.n_tokens)
+        if (m.left >= t->n_tokens || m.right >= t->n_tokens || m.result >= t->n_tokens)
             LOAD_FAIL("merge %u has a token id out of range (%u %u -> %u)", i, m.left, m.right,
                       m.result);
         size_t ll, lr, lm;
-        const uint8_t *pl = piece_bytes(t, m.left, &ll), *pr = piece_bytes(t, m.right, &lr),
-                      *pm = piece_bytes(t, m.result, &lm);
+        const uint8_t *pl = piece_bytes(t, m.left, &ll);
+        const uint8_t *pr = piece_bytes(t, m.right, &lr);
+        const uint8_t *pm = piece_bytes(t, m.result, &lm);
         if (ll == 0 || lr == 0 || lm != ll + lr || memcmp(pm, pl, ll) || memcmp(pm + ll, pr, lr))
             LOAD_FAIL("merge %u: token %u is not token %u followed by token %u", i, m.result,
                       m.left, m.right);
         if (lr >= 3 && !memcmp(pr, "\xE2\x96\x81", 3)) crosses_words = 1;   // X + "▁..."
-        if (pair_find(t, m.left, m.right)) continue;  // a duplicate: the first (better) rank stays
+        if (pair_find(t, m.left, m.right)) continue;
         uint64_t key = ((uint64_t)m.left << 32 | m.right) + 1;
         size_t k = hash_u64(key) & t->pairs_mask;
         while (t->pairs[k].key) k = (k + 1) & t->pairs_mask;
-        t->pairs[k] = (PairSlot){m.rank, m.result, key};
+        t->pairs[k] = (PairSlot){ m.rank, m.result, key };
     }
-    t->spm_word_id = h.kind == TOK_SPM && !crosses_words
+    t->spm_word_id = t->kind == TOK_SPM && !crosses_words
             ? vocab_find(t, (const uint8_t *)"\xE2\x96\x81", 3)
             : -1;
+    return 0;
+}
+
+int tokenizer_load(Tokenizer *t, const uint8_t *section, size_t size, char *err, size_t err_len) {
+    memset(t, 0, sizeof(*t));
+    TokHeader h;
+    size_t n_special;
+    if (read_header(t, &h, section, size, err, err_len) < 0 ||
+        check_tokens(t, h.strings_size, &n_special, err, err_len) < 0 ||
+        index_vocab(t, n_special, err, err_len) < 0 ||
+        index_merges(t, (const TokMerge *)(section + h.merges_offset), h.n_merges, err,
+                     err_len) < 0) {
+        tokenizer_free(t);
+        return -1;
+    }
     return 0;
 }
 
@@ -516,12 +617,16 @@ static int grow(void **p, size_t *cap, size_t need, size_t elem) {
     while (c < need) c *= 2;
     void *q = realloc(*p, c * elem);
     if (!q) return 0;
-    *p = q, *cap = c;
+    *p = q;
+    *cap = c;
     return 1;
 }
 
 static void vec_push(IdVec *v, int id) {
-    if (v->oom || !grow((void **)&v->v, &v->cap, v->n + 1, sizeof(int))) { v->oom = 1; return; }
+    if (v->oom || !grow((void **)&v->v, &v->cap, v->n + 1, sizeof(int))) {
+        v->oom = 1;
+        return;
+    }
     v->v[v->n++] = id;
 }
 
@@ -548,7 +653,8 @@ static Cand heap_pop(Tokenizer *t, size_t *n) {
         if (c >= *n) break;
         if (c + 1 < *n && cand_less(&t->heap[c + 1], &t->heap[c])) c++;
         if (!cand_less(&t->heap[c], &last)) break;
-        t->heap[i] = t->heap[c], i = c;
+        t->heap[i] = t->heap[c];
+        i = c;
     }
     if (*n) t->heap[i] = last;
     return top;
@@ -572,8 +678,12 @@ static void bpe(Tokenizer *t, size_t first, size_t end, IdVec *out) {
         t->prev[i] = i > first ? (int)i - 1 : -1;
         t->next[i] = i + 1 < end ? (int)i + 1 : -1;
     }
-    for (size_t i = first; i + 1 < end; i++)
-        if (!push_pair(t, &hn, i)) { out->oom = 1; return; }
+    for (size_t i = first; i + 1 < end; i++) {
+        if (!push_pair(t, &hn, i)) {
+            out->oom = 1;
+            return;
+        }
+    }
     while (hn > 0) {
         Cand c = heap_pop(t, &hn);
         int a = c.pos, b = t->next[a];
@@ -582,7 +692,10 @@ static void bpe(Tokenizer *t, size_t first, size_t end, IdVec *out) {
         t->next[a] = t->next[b];
         if (t->next[b] >= 0) t->prev[t->next[b]] = a;
         t->sym[b] = -1;
-        if (!push_pair(t, &hn, t->prev[a]) || !push_pair(t, &hn, a)) { out->oom = 1; return; }
+        if (!push_pair(t, &hn, t->prev[a]) || !push_pair(t, &hn, a)) {
+            out->oom = 1;
+            return;
+        }
     }
     for (int i = first < end ? (int)first : -1; i >= 0; i = t->next[i]) vec_push(out, t->sym[i]);
 }
@@ -709,14 +822,21 @@ static int reserve_cache(Tokenizer *t) {
     t->cache_bytes = malloc(CACHE_BYTES);
     t->cache_ids = malloc(CACHE_IDS * sizeof(int));
     if (t->cache && t->cache_bytes && t->cache_ids) return 1;
-    free(t->cache), free(t->cache_bytes), free(t->cache_ids);
-    t->cache = NULL, t->cache_bytes = NULL, t->cache_ids = NULL;
+    free(t->cache);
+    free(t->cache_bytes);
+    free(t->cache_ids);
+    t->cache = NULL;
+    t->cache_bytes = NULL;
+    t->cache_ids = NULL;
     return 0;
 }
 
 // A byte-level piece: from the cache, or whole (ignore_merges), or by BPE over its bytes.
 static void encode_piece(Tokenizer *t, const uint8_t *s, size_t n, IdVec *out) {
-    if (!reserve_cache(t)) { out->oom = 1; return; }
+    if (!reserve_cache(t)) {
+        out->oom = 1;
+        return;
+    }
     uint64_t h = hash_bytes(s, n);
     size_t slot = h & (CACHE_SLOTS - 1);
     int cacheable = n <= CACHE_MAX_KEY;
@@ -732,7 +852,10 @@ static void encode_piece(Tokenizer *t, const uint8_t *s, size_t n, IdVec *out) {
     if (whole >= 0) {
         vec_push(out, whole);
     } else {
-        if (!reserve_symbols(t, n)) { out->oom = 1; return; }
+        if (!reserve_symbols(t, n)) {
+            out->oom = 1;
+            return;
+        }
         size_t m = 0;
         for (size_t k = 0; k < n; k++)  // a byte missing from the vocabulary is dropped, as HF does
             if (t->byte_id[s[k]] >= 0) t->sym[m++] = t->byte_id[s[k]];
@@ -750,7 +873,9 @@ static void encode_piece(Tokenizer *t, const uint8_t *s, size_t n, IdVec *out) {
     if (n_ids) memcpy(t->cache_ids + t->cache_nids, out->v + start, n_ids * sizeof(int));
     t->cache[slot] = (CacheSlot){ h, (uint32_t)t->cache_nbytes, (uint32_t)n,
                                   (uint32_t)t->cache_nids, (uint32_t)n_ids };
-    t->cache_n++, t->cache_nbytes += n, t->cache_nids += n_ids;
+    t->cache_n++;
+    t->cache_nbytes += n;
+    t->cache_nids += n_ids;
 }
 
 // Decode s[0..n) (valid UTF-8) into t->cps / t->offs / t->cls; with NFC, normalize first and
@@ -767,18 +892,28 @@ static size_t segment_code_points(Tokenizer *t, const uint8_t **text, size_t *n_
         return 0;
     }
     t->cp_cap = cap;
-    // offsets as read
-    for (size_t i = 0; i < n; m++) t->offs[m] = i, i += utf8_next(s, n, i, &t->cps[m]);
+    // the code points and the byte offset of each, as read
+    for (size_t i = 0; i < n; m++) {
+        t->offs[m] = i;
+        i += utf8_next(s, n, i, &t->cps[m]);
+    }
     int needs_nfc = 0;
     // any >= U+0300
     for (size_t i = 0; i < n && (t->flags & TOK_FLAG_NFC) && !needs_nfc; i++)
         needs_nfc = s[i] >= 0xCC;
     if (needs_nfc) {   // the normalized text, re-encoded, and its offsets
         m = nfc(t->cps, m, t->cps2);
-        if (!grow((void **)&t->nbuf, &t->nbuf_cap, 4 * m + 1, 1)) { *oom = 1; return 0; }
+        if (!grow((void **)&t->nbuf, &t->nbuf_cap, 4 * m + 1, 1)) {
+            *oom = 1;
+            return 0;
+        }
         size_t nb = 0;
-        for (size_t i = 0; i < m; i++) t->offs[i] = nb, nb += utf8_put(t->nbuf + nb, t->cps[i]);
-        *text = t->nbuf, *n_bytes = nb;
+        for (size_t i = 0; i < m; i++) {
+            t->offs[i] = nb;
+            nb += utf8_put(t->nbuf + nb, t->cps[i]);
+        }
+        *text = t->nbuf;
+        *n_bytes = nb;
     }
     for (size_t i = 0; i < m; i++) t->cls[i] = char_class(t->cps[i]);
     t->offs[m] = *n_bytes;
@@ -800,10 +935,17 @@ static void encode_spm(Tokenizer *t, const uint8_t *s, size_t n, int at_text_sta
         return;
     }
     size_t nb = 0;
-    if (prefix) memcpy(t->buf, "\xE2\x96\x81", 3), nb = 3;
+    if (prefix) {
+        memcpy(t->buf, "\xE2\x96\x81", 3);
+        nb = 3;
+    }
     for (size_t i = 0; i < n; i++) {
-        if (s[i] == ' ') memcpy(t->buf + nb, "\xE2\x96\x81", 3), nb += 3;
-        else t->buf[nb++] = s[i];
+        if (s[i] == ' ') {
+            memcpy(t->buf + nb, "\xE2\x96\x81", 3);
+            nb += 3;
+        } else {
+            t->buf[nb++] = s[i];
+        }
     }
     size_t m = 0;
     for (size_t i = 0; i < nb;) {
@@ -819,8 +961,13 @@ static void encode_spm(Tokenizer *t, const uint8_t *s, size_t n, int at_text_sta
         }
         i += len;
     }
-    for (size_t first = 0, end = 1; first < m; end++)
-        if (end == m || t->sym[end] == t->spm_word_id) bpe(t, first, end, out), first = end;
+    // BPE over each word: the symbols up to the next "▁" piece (or all of them, as one word)
+    for (size_t first = 0, end = 1; first < m; end++) {
+        if (end == m || t->sym[end] == t->spm_word_id) {
+            bpe(t, first, end, out);
+            first = end;
+        }
+    }
 }
 
 // One run of text between special tokens.
@@ -831,8 +978,14 @@ static void encode_segment(Tokenizer *t, const uint8_t *s, size_t n, int at_text
     int oom = 0;
     if (t->kind == TOK_BYTE_BPE || (t->flags & TOK_FLAG_NFC))
         m = segment_code_points(t, &s, &n, &oom);
-    if (oom) { out->oom = 1; return; }
-    if (t->kind == TOK_SPM) { encode_spm(t, s, n, at_text_start, out); return; }
+    if (oom) {
+        out->oom = 1;
+        return;
+    }
+    if (t->kind == TOK_SPM) {
+        encode_spm(t, s, n, at_text_start, out);
+        return;
+    }
     for (size_t i = 0; i < m && !out->oom;)
         for (size_t end = pre_split_end(t, t->cls, i, m), j; i < end && !out->oom; i = j) {
             j = next_piece(t, t->cps, t->cls, i, end);
@@ -860,14 +1013,18 @@ static size_t encode_text(Tokenizer *t, const char *text, size_t len, int add_bo
     size_t i;
     if (utf8_valid_prefix(text, len) < len) {
         clean = malloc(3 * len);
-        if (!clean) { *ids = NULL; return 0; }
+        if (!clean) {
+            *ids = NULL;
+            return 0;
+        }
         size_t nb = 0;
         for (i = 0; i < len;) {
             uint32_t c;
             i += utf8_next(s, len, i, &c);
             nb += utf8_put(clean + nb, c);
         }
-        s = clean, len = nb;
+        s = clean;
+        len = nb;
     }
     if (add_bos && t->bos_id >= 0) vec_push(&out, t->bos_id);
     int first = continued ? -1 : 1;   // what the first run of text is to encode_segment
@@ -880,12 +1037,19 @@ static size_t encode_text(Tokenizer *t, const char *text, size_t len, int add_bo
         if (id < 0) continue;
         encode_segment(t, s + seg, i - seg, seg == 0 ? first : 0, &out);
         vec_push(&out, id);
-        seg = i + n, i = seg - 1;
+        seg = i + n;
+        i = seg - 1;
     }
     if (!out.oom) encode_segment(t, s + seg, len - seg, seg == 0 ? first : 0, &out);
     free(clean);
-    if (!out.oom) vec_push(&out, 0), out.n--;  // so an empty result is still a valid pointer
-    if (out.oom) { free(out.v); *ids = NULL; return 0; }
+    // a terminating 0, so that even an empty result is a valid pointer
+    vec_push(&out, 0);
+    if (out.oom) {
+        free(out.v);
+        *ids = NULL;
+        return 0;
+    }
+    out.n--;
     *ids = out.v;
     return out.n;
 }
@@ -909,12 +1073,22 @@ size_t tokenizer_encode_continued(Tokenizer *t, const char *text, size_t len, in
 static size_t token_text(const Tokenizer *t, int id, uint8_t *out) {
     size_t len;
     const uint8_t *p = piece_bytes(t, id, &len);
-    if (t->kind != TOK_SPM) { memcpy(out, p, len); return len; }
-    if (t->entries[id].type == TOK_BYTE) { out[0] = (uint8_t)byte_piece_value(p, len); return 1; }
+    if (t->kind != TOK_SPM) {
+        memcpy(out, p, len);
+        return len;
+    }
+    if (t->entries[id].type == TOK_BYTE) {
+        out[0] = (uint8_t)byte_piece_value(p, len);
+        return 1;
+    }
     size_t n = 0;
     for (size_t i = 0; i < len; i++) {
-        if (i + 2 < len && memcmp(p + i, "\xE2\x96\x81", 3) == 0) out[n++] = ' ', i += 2;
-        else out[n++] = p[i];
+        if (i + 2 < len && memcmp(p + i, "\xE2\x96\x81", 3) == 0) {
+            out[n++] = ' ';
+            i += 2;
+        } else {
+            out[n++] = p[i];
+        }
     }
     return n;
 }
@@ -926,7 +1100,10 @@ size_t tokenizer_decode(const Tokenizer *t, const int *ids, size_t n, char **out
     for (size_t i = 0; i < n; i++)
         if (ids[i] >= 0 && ids[i] < (int)t->n_tokens) cap += t->entries[ids[i]].len;
     uint8_t *buf = malloc(cap);
-    if (!buf) { *out = NULL; return 0; }
+    if (!buf) {
+        *out = NULL;
+        return 0;
+    }
     size_t len = 0;
     for (size_t i = 0; i < n; i++)
         if (ids[i] >= 0 && ids[i] < (int)t->n_tokens) len += token_text(t, ids[i], buf + len);
@@ -951,7 +1128,8 @@ typedef struct {
 // as it does after BOS).
 void tokenizer_stream_init(TokenStream *s, const Tokenizer *t, int at_start) {
     memset(s, 0, sizeof(*s));
-    s->t = t, s->at_start = at_start;
+    s->t = t;
+    s->at_start = at_start;
 }
 
 static void stream_char(const uint8_t *b, int n, FILE *f) {
@@ -967,8 +1145,13 @@ static void stream_byte(TokenStream *s, uint8_t b, FILE *f) {
         if (s->n_pending == 0) {
             uint8_t lo, hi;
             int need = utf8_expect(b, &lo, &hi);
-            if (need < 0) { fputs("\xEF\xBF\xBD", f); return; }
-            s->pending[0] = b, s->n_pending = 1, s->need = need + 1;
+            if (need < 0) {
+                fputs("\xEF\xBF\xBD", f);
+                return;
+            }
+            s->pending[0] = b;
+            s->n_pending = 1;
+            s->need = need + 1;
         } else {
             uint8_t lo = 0x80, hi = 0xBF;
             if (s->n_pending == 1) utf8_expect(s->pending[0], &lo, &hi);
@@ -979,7 +1162,10 @@ static void stream_byte(TokenStream *s, uint8_t b, FILE *f) {
             }
             s->pending[s->n_pending++] = b;
         }
-        if (s->n_pending == s->need) { stream_char(s->pending, s->need, f); s->n_pending = 0; }
+        if (s->n_pending == s->need) {
+            stream_char(s->pending, s->need, f);
+            s->n_pending = 0;
+        }
         return;
     }
 }
