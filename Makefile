@@ -14,7 +14,7 @@ WARN = -std=c11 -Wall -Wextra
 OPENMP ?= $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo -fopenmp)
 # The sanitizer build the tests use: address + undefined behaviour, stop at the first report.
 SANITIZE = -O1 -g -fsanitize=address,undefined,float-cast-overflow -fno-omit-frame-pointer -fno-sanitize-recover=all
-SOURCES = run.c tokenizer.c tokenizer_unicode.h model.h
+SOURCES = run.c kernels.c tokenizer.c tokenizer_unicode.h model.h
 
 PYTHON ?= python3
 VENV = .venv

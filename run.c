@@ -1,15 +1,18 @@
-// run.c - longrun: long-context transformer inference in one C file.
+// run.c - longrun: long-context transformer inference, from file bytes to sampled token.
 //
-// How to read this file: the sections follow the data, from file bytes to sampled token.
-//   errors and sizes   die(), checked size arithmetic, threads
+// How to read this file: the sections follow the data, top to bottom.
+//   errors and sizes   die(), checked size arithmetic, min and max, threads
 //   model file         mmap, validate every header field and tensor, Config, weights
+//   number formats     f16, bf16 and q8_0 values, and a weight row as float32
 //   RoPE               rotation frequencies per layer, and the rotation itself
-//   KV cache           which slot holds which position, and what a query may see
-//   blocks             rmsnorm, matmul over a chunk, attention of a chunk against the cache
+//   KV cache           which slot holds which position, what a query may see, the sinks
+//   blocks             rmsnorm, SwiGLU, softmax, and plain matmul and attention
 //   forward            prefill and decode are one function; decode is T = 1
-//   sampler            greedy, temperature, top-p
-//   modes              generate, logits
-//   CLI                options and main
+//   fast kernels       kernels.c: the same matmul and attention, fast
+//   tokenizer          tokenizer.c: text <-> ids
+//   sampler            greedy, temperature, top-k, top-p, min-p, repetition penalty
+//   modes              generate, chat, logits, tokenize; ppl, passkey, bench
+//   command line       options and main
 // Letters used in comments: T tokens in a chunk, S cache slots, V vocab, D dim,
 // H head_dim, pos a token's position in the text, slot where its K/V live in the cache.
 #define _POSIX_C_SOURCE 200809L
@@ -84,6 +87,13 @@ static size_t add_size(size_t a, size_t b, const char *what) {
     if (a > SIZE_MAX - b) die("%s: size overflows", what);
     return a + b;
 }
+
+static size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
+static size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
+static int min_int(int a, int b) { return a < b ? a : b; }
+// NaN in a loses to b, as in fmaxf(); one comparison, so loops of it vectorize.
+static float max_float(float a, float b) { return a > b ? a : b; }
+static float min_float(float a, float b) { return a < b ? a : b; }
 
 static void *xcalloc(size_t n, size_t size, const char *what) {
     size_t bytes = mul_size(n, size, what);
@@ -204,6 +214,93 @@ static void check_section(const char *path, const char *what, uint64_t offset, u
             path, what, (unsigned long long)offset, (unsigned long long)size, file_size);
 }
 
+// The header's own fields and the sections it points to. Returns 0 for a tokenizer-only file
+// (export.py --tokenizer-only), which has no tensors to check.
+static int check_header(ModelFile *mf, const char *path) {
+    const FileHeader *h = mf->header;
+    size_t size = mf->size;
+    if (h->magic != LR_MAGIC)
+        die("%s: not a longrun model file (bad magic); export one with export.py", path);
+    if (h->version != LR_VERSION)
+        die("%s: format version %u, this run reads version %d; re-export with export.py", path,
+            h->version, LR_VERSION);
+    if (h->header_size != LR_HEADER_SIZE)
+        die("%s: header size %u, expected %d", path, h->header_size, LR_HEADER_SIZE);
+    if (h->file_size != size)
+        die("%s: header says %llu bytes but the file has %zu; truncated or corrupt", path,
+            (unsigned long long)h->file_size, size);
+    check_section(path, "tokenizer section", h->tokenizer_offset, h->tokenizer_size, size);
+    // its tables are read in place, as uint32 and float
+    if (h->tokenizer_size && h->tokenizer_offset % 8)
+        die("%s: tokenizer section offset %llu is not 8-byte aligned", path,
+            (unsigned long long)h->tokenizer_offset);
+    // a tokenizer-only file (export.py --tokenizer-only)
+    if (h->n_layers == 0 && h->n_tensors == 0) {
+        if (h->tokenizer_size == 0) die("%s: the file has neither weights nor a tokenizer", path);
+        return 0;
+    }
+    if (h->n_layers == 0 || h->n_layers > 4096)
+        die("%s: n_layers %u out of range [1, 4096]", path, h->n_layers);
+    if (h->vocab_size == 0 || h->vocab_size > (1u << 24))
+        die("%s: vocab_size %u out of range", path, h->vocab_size);
+    check_section(path, "layer table", h->header_size, (uint64_t)h->n_layers * LR_LAYER_CONFIG_SIZE,
+                  size);
+    if (h->n_tensors == 0 || h->n_tensors > 1000000)
+        die("%s: n_tensors %u out of range", path, h->n_tensors);
+    if (h->tensor_table_offset % 8) die("%s: tensor table offset %llu is not 8-byte aligned", path,
+                                       (unsigned long long)h->tensor_table_offset);
+    check_section(path, "tensor table", h->tensor_table_offset,
+                  (uint64_t)h->n_tensors * LR_TENSOR_ENTRY_SIZE, size);
+    mf->tensors = (const TensorEntry *)(mf->bytes + h->tensor_table_offset);
+    return 1;
+}
+
+// Every tensor: a terminated name, a known dtype, a size that matches its shape, aligned data
+// inside the file, after the metadata (which ends at data_start).
+static void check_tensor_entry(const TensorEntry *e, uint32_t index, uint64_t data_start,
+                               size_t file_size, const char *path) {
+    if (memchr(e->name, 0, LR_NAME_LEN) == NULL || e->name[0] == 0)
+        die("%s: tensor %u has an empty or unterminated name", path, index);
+    for (const char *c = e->name; *c; c++)
+        if ((unsigned char)*c < 0x20 || (unsigned char)*c >= 0x7f)
+            die("%s: tensor %u has a name with a control or non-ASCII byte: %s", path, index,
+                printable(e->name, LR_NAME_LEN));
+    if (e->dtype >= DT_COUNT)
+        die("%s: tensor %s has unknown dtype %u", path, e->name, e->dtype);
+    if (e->n_dims < 1 || e->n_dims > 2 || (e->n_dims == 1 && e->cols != 1))
+        die("%s: tensor %s has a bad shape (n_dims %u)", path, e->name, e->n_dims);
+    if (e->rows == 0 || e->cols == 0 || e->rows > UINT32_MAX || e->cols > UINT32_MAX)
+        die("%s: tensor %s has a bad shape (%llu x %llu)", path, e->name,
+            (unsigned long long)e->rows, (unsigned long long)e->cols);
+    if (e->dtype == DT_Q8_0 && e->cols % LR_Q8_BLOCK)
+        die("%s: q8_0 tensor %s has %llu columns, not a multiple of %d", path, e->name,
+            (unsigned long long)e->cols, LR_Q8_BLOCK);
+    if (e->size != tensor_bytes(e->dtype, e->rows, e->cols, e->name))
+        die("%s: tensor %s is %llu bytes, but %s %llu x %llu needs %zu", path, e->name,
+            (unsigned long long)e->size, dtype_name(e->dtype), (unsigned long long)e->rows,
+            (unsigned long long)e->cols, tensor_bytes(e->dtype, e->rows, e->cols, e->name));
+    if (e->offset % LR_ALIGN)
+        die("%s: tensor %s data is not %d-byte aligned", path, e->name, LR_ALIGN);
+    if (e->offset < data_start)
+        die("%s: tensor %s data overlaps the file's metadata", path, e->name);
+    check_section(path, e->name, e->offset, e->size, file_size);
+}
+
+// No two tensors' data overlap: sorted by offset, each ends before the next begins.
+static void check_no_overlap(const ModelFile *mf, const char *path) {
+    uint32_t n = mf->header->n_tensors;
+    const TensorEntry **sorted = xcalloc(n, sizeof(*sorted), "tensor table");
+    for (uint32_t i = 0; i < n; i++) sorted[i] = &mf->tensors[i];
+    qsort(sorted, n, sizeof(*sorted), compare_offsets);
+    uint32_t overlap = 0;
+    for (uint32_t i = 1; i < n && !overlap; i++)
+        if (sorted[i - 1]->offset + sorted[i - 1]->size > sorted[i]->offset) overlap = i;
+    const char *first = overlap ? sorted[overlap - 1]->name : NULL,
+               *second = overlap ? sorted[overlap]->name : NULL;
+    free(sorted);
+    if (overlap) die("%s: tensors %s and %s overlap", path, first, second);
+}
+
 // Map the file and check the header, the section bounds and every tensor table entry
 // before anything trusts a size from it.
 static void open_model_file(ModelFile *mf, const char *path) {
@@ -223,85 +320,15 @@ static void open_model_file(ModelFile *mf, const char *path) {
     if (bytes == MAP_FAILED) die("%s: cannot mmap: %s", path, strerror(errno));
     mf->bytes = bytes;
     mf->size = size;
-    const FileHeader *h = mf->header = bytes;
-
-    if (h->magic != LR_MAGIC)
-        die("%s: not a longrun model file (bad magic); export one with export.py", path);
-    if (h->version != LR_VERSION)
-        die("%s: format version %u, this run reads version %d; re-export with export.py", path,
-            h->version, LR_VERSION);
-    if (h->header_size != LR_HEADER_SIZE)
-        die("%s: header size %u, expected %d", path, h->header_size, LR_HEADER_SIZE);
-    if (h->file_size != size)
-        die("%s: header says %llu bytes but the file has %zu; truncated or corrupt", path,
-            (unsigned long long)h->file_size, size);
-    check_section(path, "tokenizer section", h->tokenizer_offset, h->tokenizer_size, size);
-    // its tables are read in place, as uint32 and float
-    if (h->tokenizer_size && h->tokenizer_offset % 8)
-        die("%s: tokenizer section offset %llu is not 8-byte aligned", path,
-            (unsigned long long)h->tokenizer_offset);
-    // a tokenizer-only file (export.py --tokenizer-only)
-    if (h->n_layers == 0 && h->n_tensors == 0) {
-        if (h->tokenizer_size == 0) die("%s: the file has neither weights nor a tokenizer", path);
-        return;
-    }
-    if (h->n_layers == 0 || h->n_layers > 4096)
-        die("%s: n_layers %u out of range [1, 4096]", path, h->n_layers);
-    if (h->vocab_size == 0 || h->vocab_size > (1u << 24))
-        die("%s: vocab_size %u out of range", path, h->vocab_size);
-    check_section(path, "layer table", h->header_size, (uint64_t)h->n_layers * LR_LAYER_CONFIG_SIZE,
-                  size);
-    if (h->n_tensors == 0 || h->n_tensors > 1000000)
-        die("%s: n_tensors %u out of range", path, h->n_tensors);
-    if (h->tensor_table_offset % 8) die("%s: tensor table offset %llu is not 8-byte aligned", path,
-                                       (unsigned long long)h->tensor_table_offset);
-    check_section(path, "tensor table", h->tensor_table_offset,
-                  (uint64_t)h->n_tensors * LR_TENSOR_ENTRY_SIZE, size);
-    mf->tensors = (const TensorEntry *)(mf->bytes + h->tensor_table_offset);
-
-    // Every tensor: a terminated name, a known dtype, a size that matches its shape, aligned
-    // data inside the file, after the metadata, overlapping no other tensor.
+    mf->header = bytes;
+    if (!check_header(mf, path)) return;
+    const FileHeader *h = mf->header;
     uint64_t data_start = h->tensor_table_offset + (uint64_t)h->n_tensors * LR_TENSOR_ENTRY_SIZE;
     if (h->tokenizer_size && h->tokenizer_offset + h->tokenizer_size > data_start)
         data_start = h->tokenizer_offset + h->tokenizer_size;
-    for (uint32_t i = 0; i < h->n_tensors; i++) {
-        const TensorEntry *e = &mf->tensors[i];
-        if (memchr(e->name, 0, LR_NAME_LEN) == NULL || e->name[0] == 0)
-            die("%s: tensor %u has an empty or unterminated name", path, i);
-        for (const char *c = e->name; *c; c++)
-            if ((unsigned char)*c < 0x20 || (unsigned char)*c >= 0x7f)
-                die("%s: tensor %u has a name with a control or non-ASCII byte: %s", path, i,
-                    printable(e->name, LR_NAME_LEN));
-        if (e->dtype >= DT_COUNT)
-            die("%s: tensor %s has unknown dtype %u", path, e->name, e->dtype);
-        if (e->n_dims < 1 || e->n_dims > 2 || (e->n_dims == 1 && e->cols != 1))
-            die("%s: tensor %s has a bad shape (n_dims %u)", path, e->name, e->n_dims);
-        if (e->rows == 0 || e->cols == 0 || e->rows > UINT32_MAX || e->cols > UINT32_MAX)
-            die("%s: tensor %s has a bad shape (%llu x %llu)", path, e->name,
-                (unsigned long long)e->rows, (unsigned long long)e->cols);
-        if (e->dtype == DT_Q8_0 && e->cols % LR_Q8_BLOCK)
-            die("%s: q8_0 tensor %s has %llu columns, not a multiple of %d", path, e->name,
-                (unsigned long long)e->cols, LR_Q8_BLOCK);
-        if (e->size != tensor_bytes(e->dtype, e->rows, e->cols, e->name))
-            die("%s: tensor %s is %llu bytes, but %s %llu x %llu needs %zu", path, e->name,
-                (unsigned long long)e->size, dtype_name(e->dtype), (unsigned long long)e->rows,
-                (unsigned long long)e->cols, tensor_bytes(e->dtype, e->rows, e->cols, e->name));
-        if (e->offset % LR_ALIGN)
-            die("%s: tensor %s data is not %d-byte aligned", path, e->name, LR_ALIGN);
-        if (e->offset < data_start)
-            die("%s: tensor %s data overlaps the file's metadata", path, e->name);
-        check_section(path, e->name, e->offset, e->size, size);
-    }
-    const TensorEntry **sorted = xcalloc(h->n_tensors, sizeof(*sorted), "tensor table");
-    for (uint32_t i = 0; i < h->n_tensors; i++) sorted[i] = &mf->tensors[i];
-    qsort(sorted, h->n_tensors, sizeof(*sorted), compare_offsets);
-    uint32_t overlap = 0;
-    for (uint32_t i = 1; i < h->n_tensors && !overlap; i++)
-        if (sorted[i - 1]->offset + sorted[i - 1]->size > sorted[i]->offset) overlap = i;
-    const char *first = overlap ? sorted[overlap - 1]->name : NULL,
-               *second = overlap ? sorted[overlap]->name : NULL;
-    free(sorted);
-    if (overlap) die("%s: tensors %s and %s overlap", path, first, second);
+    for (uint32_t i = 0; i < h->n_tensors; i++)
+        check_tensor_entry(&mf->tensors[i], i, data_start, size, path);
+    check_no_overlap(mf, path);
 }
 
 static void close_model_file(ModelFile *mf) { munmap((void *)mf->bytes, mf->size); }
@@ -310,7 +337,9 @@ static void close_model_file(ModelFile *mf) { munmap((void *)mf->bytes, mf->size
 static void read_config(Config *c, const ModelFile *mf, const char *path) {
     const FileHeader *h = mf->header;
     const uint32_t limit = 1u << 20; // any dimension beyond a million is a corrupt file
-    struct { const char *name; uint32_t value;
+    struct {
+        const char *name;
+        uint32_t value;
     } dims[] = { { "dim", h->dim },           { "hidden_dim", h->hidden_dim },
                  { "n_heads", h->n_heads },   { "n_kv_heads", h->n_kv_heads },
                  { "head_dim", h->head_dim }, { "max_seq_len", h->max_seq_len } };
@@ -411,6 +440,85 @@ static void build_weights(Weights *w, const Config *c, const ModelFile *mf, cons
 }
 
 // ----------------------------------------------------------------------------
+// Number formats: half floats, bfloat16 and q8_0 rows, and a weight row as float32
+
+// IEEE half to float without branches, so loops of it vectorize: the exponent and mantissa
+// bits move to a float's place, and multiplying by 2^112 turns the exponent bias 15 into 127
+// (exact, subnormal halves included); exponent 31 is inf or nan.
+static float f16_to_f32(uint16_t h) {
+    uint32_t rest = (uint32_t)(h & 0x7fff) << 13, bits;
+    float f;
+    memcpy(&f, &rest, 4);
+    f *= 0x1p112f;
+    memcpy(&bits, &f, 4);
+    bits = (h & 0x7c00) == 0x7c00 ? rest | 0x7f800000 : bits;
+    bits |= (uint32_t)(h & 0x8000) << 16;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// Float to IEEE half, rounding to nearest even; 65520 and beyond become inf.
+static uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000, a = x & 0x7fffffff;
+    if (a > 0x7f800000) return (uint16_t)(sign | 0x7e00);                  // nan
+    if (a >= 0x477ff000) return (uint16_t)(sign | 0x7c00);                 // inf, or too big
+    if (a < 0x38800000) {                                                  // below 2^-14: subnormal
+        float v;
+        memcpy(&v, &a, 4);
+        return (uint16_t)(sign | (uint32_t)lrintf(v * 0x1p24f));           // in units of 2^-24
+    }
+    uint32_t h = (a - 0x38000000) >> 13, dropped = a & 0x1fff;             // rebias 127 -> 15
+    // a carry bumps the exponent
+    h += dropped > 0x1000 || (dropped == 0x1000 && (h & 1));
+    return (uint16_t)(sign | h);
+}
+
+static float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// Where row `row` of a q8_0 tensor lives: its cols int8s, and its cols / 32 block scales (all
+// rows' int8s come first, then all scales; model.h).
+static const int8_t *q8_row(const Tensor *w, size_t row, const float **scale) {
+    *scale = (const float *)(w->data + w->rows * w->cols) + row * (w->cols / LR_Q8_BLOCK);
+    return (const int8_t *)w->data + row * w->cols;
+}
+
+// Row `row` of w as float32: a pointer into the file for f32, else dequantized into scratch
+// (cols floats). With kernels.c's matmul_q8(), the only place that knows the dtypes.
+static const float *weight_row(const Tensor *w, size_t row, float *scratch) {
+    size_t cols = w->cols;
+    const uint8_t *data = w->data;
+    switch (w->dtype) {
+    case DT_F32: return (const float *)data + row * cols;
+    case DT_F16: case DT_BF16: {
+        const uint16_t *src = (const uint16_t *)data + row * cols;
+        for (size_t i = 0; i < cols; i++)
+            scratch[i] = w->dtype == DT_F16 ? f16_to_f32(src[i]) : bf16_to_f32(src[i]);
+        return scratch;
+    }
+    case DT_Q8_0: {
+        const float *scale;
+        const int8_t *q = q8_row(w, row, &scale);
+        for (size_t b = 0; b < cols / LR_Q8_BLOCK; b++)   // one block of 32 values per scale
+            for (size_t i = b * LR_Q8_BLOCK; i < (b + 1) * LR_Q8_BLOCK; i++)
+                scratch[i] = scale[b] * q[i];
+        return scratch;
+    }
+    default: return NULL; // unreachable: dtypes were validated when the file was opened
+    }
+}
+
+// f16_to_f32() over a row of n halves at src (any alignment): the KV cache reads f16 keys
+// with it. In kernels.c, as F16C does it in one instruction where the processor has it.
+static void f16_to_f32_row(float *dst, const uint8_t *src, int n);
+
+// ----------------------------------------------------------------------------
 // RoPE: rotation frequencies per layer, and the rotation itself
 
 typedef struct {
@@ -467,7 +575,10 @@ static float rope_frequencies(const LayerConfig *lc, const float *short_factor,
     case ROPE_YARN: {    // YaRN (Peng et al. 2023): pairs below the correction range keep f_i,
                          // pairs above it get f_i / s, a linear ramp in between; a = 0.1 ln s + 1
         double lo = yarn_corr_dim(lc->beta_fast, lc), hi = yarn_corr_dim(lc->beta_slow, lc);
-        if (lc->yarn_truncate) { lo = floor(lo); hi = ceil(hi); }
+        if (lc->yarn_truncate) {
+            lo = floor(lo);
+            hi = ceil(hi);
+        }
         if (lo < 0) lo = 0;
         if (hi > lc->rotary_dim - 1) hi = lc->rotary_dim - 1;
         if (lo == hi) hi += 0.001;
@@ -534,56 +645,6 @@ static void rope_update(Rope *r, const Config *c, size_t seq_len) {
         r->attn_factor[l] = rope_frequencies(lc, r->short_factor, r->long_factor, want,
                                              r->inv_freq + (size_t)l * r->stride);
         r->table_len[l] = want;
-    }
-}
-
-// Command-line RoPE settings (0 / NULL = keep the file's). A new --rope-scaling starts from
-// that method's defaults (HF's), so any model can take any method without re-export.
-typedef struct {
-    const char *scaling;          // none | linear | dynamic | yarn | llama3
-    float theta, factor;          // --rope-theta, --rope-factor
-    long orig_ctx;                // --rope-orig-ctx; default: the trained context
-    float beta_fast, beta_slow;   // --yarn-beta-fast, --yarn-beta-slow
-    float attn_factor;            // --yarn-attn-factor
-} RopeOptions;
-
-static int rope_type_from_name(const char *name) {
-    if (!strcmp(name, "none")) return ROPE_DEFAULT;
-    for (int t = ROPE_LINEAR; t < ROPE_LONGROPE; t++)
-        if (!strcmp(name, rope_type_name(t))) return t;
-    return -1;
-}
-
-static void apply_rope_options(Config *c, const RopeOptions *o) {
-    for (int l = 0; l < c->n_layers; l++) {
-        LayerConfig *lc = &c->layers[l];
-        if (lc->rotary_dim == 0) continue;   // NoPE layers stay so
-        if (o->scaling) {
-            LayerConfig fresh = { .attn_kind = lc->attn_kind,
-                                  .window = lc->window,
-                                  .rotary_dim = lc->rotary_dim,
-                                  .rope_theta = lc->rope_theta,
-                                  .rope_type = (uint32_t)rope_type_from_name(o->scaling),
-                                  .factor = 1,
-                                  .orig_ctx = (uint32_t)c->max_seq_len,
-                                  .beta_fast = 32,
-                                  .beta_slow = 1,
-                                  .yarn_truncate = 1,
-                                  .low_freq_factor = 1,
-                                  .high_freq_factor = 4 };
-            *lc = fresh;
-        }
-        if ((o->factor || o->orig_ctx) && lc->rope_type == ROPE_DEFAULT)
-            die("--rope-factor and --rope-orig-ctx need a scaling method: add --rope-scaling");
-        if ((o->beta_fast || o->beta_slow || o->attn_factor) && lc->rope_type != ROPE_YARN)
-            die("--yarn-* options need yarn scaling (this model has '%s'): add --rope-scaling yarn",
-                rope_type_name(lc->rope_type));
-        if (o->theta) lc->rope_theta = o->theta;
-        if (o->factor) lc->factor = o->factor;
-        if (o->orig_ctx) lc->orig_ctx = (uint32_t)o->orig_ctx;
-        if (o->beta_fast) lc->beta_fast = o->beta_fast;
-        if (o->beta_slow) lc->beta_slow = o->beta_slow;
-        if (o->attn_factor) lc->attention_factor = o->attn_factor;
     }
 }
 
@@ -669,7 +730,24 @@ static void build_rope(Rope *r, const Config *c, const ModelFile *mf, const char
     }
 }
 
-static void free_rope(Rope *r) { free(r->inv_freq); free(r->attn_factor); free(r->table_len); }
+static void free_rope(Rope *r) {
+    free(r->inv_freq);
+    free(r->attn_factor);
+    free(r->table_len);
+}
+
+// One layer's rotation: its frequency table, attention factor and rotated channels.
+typedef struct {
+    const float *inv_freq;   // (rotary_dim / 2)
+    float attn_factor;
+    int rotary_dim;
+} LayerRope;
+
+static LayerRope layer_rope(const Rope *r, const Config *c, int layer) {
+    LayerRope rope = {r->inv_freq + (size_t)layer * r->stride, r->attn_factor[layer],
+                      (int)c->layers[layer].rotary_dim};
+    return rope;
+}
 
 // Rotate each head of vec (n_heads, head_dim) to position pos, rotate-half style (GPT-NeoX,
 // as HF): channel pair i is (i, i + d/2), d = rotary_dim; channels d..head_dim-1 pass through.
@@ -678,15 +756,17 @@ static void free_rope(Rope *r) { free(r->inv_freq); free(r->attn_factor); free(r
 // The angle and its cos and sin are computed in double: at position 10^6 a float angle would
 // be off by 0.06 radians, and streams with a window reach such positions (HF's float angles
 // agree with these to about 1e-7 relative over its trained contexts).
-static void rope_rotate(float *vec, int n_heads, int head_dim, int rotary_dim,
-                        const float *inv_freq, float attn_factor, size_t pos) {
-    int half = rotary_dim / 2;
+static void rope_rotate(float *vec, int n_heads, int head_dim, const LayerRope *rope,
+                        size_t pos) {
+    int half = rope->rotary_dim / 2;
     for (int i = 0; i < half; i++) {
-        double angle = (double)pos * inv_freq[i];
-        float c = (float)cos(angle) * attn_factor, s = (float)sin(angle) * attn_factor;
+        double angle = (double)pos * rope->inv_freq[i];
+        float c = (float)cos(angle) * rope->attn_factor;
+        float s = (float)sin(angle) * rope->attn_factor;
         for (int h = 0; h < n_heads; h++) {
             float *x = vec + (size_t)h * head_dim;
-            float x0 = x[i], x1 = x[i + half];
+            float x0 = x[i];
+            float x1 = x[i + half];
             x[i] = x0 * c - x1 * s;
             x[i + half] = x1 * c + x0 * s;
         }
@@ -707,13 +787,15 @@ static void rope_rotate(float *vec, int n_heads, int head_dim, int rotary_dim,
 // context is full at n_sink + ring positions. A window of W keys needs a ring of W + max_T - 1
 // slots (a chunk writes its keys before its first query looks back W - 1 positions), whatever
 // the length of the text, so a windowed layer never fills; a window longer than the context
-// gets the context's slots and fills like a full layer.
+// gets the context's slots and fills like a full layer. This section is the only code that
+// knows the slot arithmetic and the cache's number type: both attention paths read keys
+// through visible_keys() and read_visible().
 
 typedef enum { KV_F32, KV_F16, KV_Q8, KV_COUNT } KVType;
 static const char *kv_type_names[KV_COUNT] = {"f32", "f16", "q8"};
 
-// What the sink slots are for: StreamingLLM's attention sinks (Xiao et al. 2023) or LM-Infinite's
-// global tokens (Han et al. 2023).
+// What the sink slots are for: StreamingLLM's attention sinks (Xiao et al. 2023) or
+// LM-Infinite's global tokens (Han et al. 2023).
 typedef enum { SINKS_STREAMING, SINKS_LMINF } SinkKind;
 
 typedef struct {
@@ -724,91 +806,155 @@ typedef struct {
     int kv_type;      // --kv-type: KVType of the stored keys and values
 } AttnOptions;
 
+// One layer's part of the cache, and the keys its queries see.
 typedef struct {
     size_t first;     // the layer's first slot in the cache
     size_t n_sink;    // slots holding positions 0 .. n_sink-1 for good
     size_t ring;      // slots the later positions take in turn
+    size_t window;    // keys a query sees, itself included; SIZE_MAX: every earlier key
+    int fills;        // the ring cannot hold the window: n_sink + ring positions at most
 } LayerSlots;
 
 typedef struct {
     KVType type;
     SinkKind sink_kind;
     size_t limit;           // LM-Infinite: far keys are scored at this distance
-    size_t row_bytes;       // one slot: kv_dim values (q8: int8s, then a float scale per kv head)
+    int n_kv_heads, head_dim;
+    size_t kv_dim;          // n_kv_heads * head_dim: one position's key (or value)
+    size_t row_bytes;       // one slot: kv_dim values (q8: int8s, then a float scale per head)
     uint8_t *key, *value;   // (all layers' slots, row_bytes)
     size_t max_sink;        // sink copies per layer
-    float *sink_key;        // (n_layers, max_sink, kv_dim) f32: sink keys rotated at sink_key_pos()
+    float *sink_key;        // (n_layers, max_sink, kv_dim) f32: rotated at sink_key_pos()
     float *sink_value;      // (n_layers, max_sink, kv_dim) f32
     LayerSlots *layers;     // (n_layers)
     size_t n_slots;         // all layers' slots
     int max_T;              // the longest chunk, which the rings make room for
 } KVCache;
 
-// Each layer's slots: a full layer `context` of them, a windowed one n_sink + W + max_T - 1
-// (at most n_sink + context).
+// --window, --sinks and --lminf defaults. LM-Infinite's (Han et al. 2023): the local window
+// and the distance cap are the trained context, with 10 global tokens.
+static void resolve_attention_options(AttnOptions *a, const Config *c) {
+    if (a->lminf) {
+        if (!a->window) a->window = c->max_seq_len;
+        if (a->n_sink < 0) a->n_sink = 10;
+        if (!a->limit) a->limit = a->window;
+    }
+    if (a->n_sink < 0) a->n_sink = 0;
+}
+
+static size_t kv_row_bytes(KVType type, const Config *c) {
+    if (type == KV_F32) return (size_t)c->kv_dim * sizeof(float);
+    if (type == KV_F16) return (size_t)c->kv_dim * sizeof(uint16_t);
+    return (size_t)c->kv_dim + (size_t)c->n_kv_heads * sizeof(float);   // q8
+}
+
+// Each layer's window: the file's (if it slides) and --window, whichever is shorter; its
+// slots: a full layer `context` of them, a windowed one n_sink + W + max_T - 1 (at most
+// n_sink + context).
 static void build_cache(KVCache *kv, const Config *c, const AttnOptions *a, size_t context,
                         int max_T) {
     kv->type = (KVType)a->kv_type;
     kv->sink_kind = a->lminf ? SINKS_LMINF : SINKS_STREAMING;
     kv->limit = (size_t)a->limit;
-    kv->row_bytes = kv->type == KV_F32 ? c->kv_dim * sizeof(float)
-            : kv->type == KV_F16       ? c->kv_dim * sizeof(uint16_t)
-                                       : (size_t)c->kv_dim + c->n_kv_heads * sizeof(float);
+    kv->n_kv_heads = c->n_kv_heads;
+    kv->head_dim = c->head_dim;
+    kv->kv_dim = (size_t)c->kv_dim;
+    kv->row_bytes = kv_row_bytes(kv->type, c);
     kv->layers = xcalloc(c->n_layers, sizeof(LayerSlots), "the KV cache");
     kv->n_slots = 0;
     kv->max_T = max_T;
-    kv->max_sink = (size_t)(a->n_sink > 4 ? a->n_sink : 4);   // 4: what a full context switches to
+    kv->max_sink = max_size((size_t)a->n_sink, 4);   // 4: what a full context switches to
     for (int l = 0; l < c->n_layers; l++) {
         const LayerConfig *lc = &c->layers[l];
         LayerSlots *ls = &kv->layers[l];
+        ls->window = lc->attn_kind == ATTN_SLIDING ? lc->window : SIZE_MAX;
+        if (a->window) ls->window = min_size(ls->window, (size_t)a->window);
+        int windowed = ls->window != SIZE_MAX;
+        size_t ring = windowed ? add_size(ls->window, max_T - 1, "KV cache") : SIZE_MAX;
         ls->first = kv->n_slots;
-        ls->n_sink = lc->attn_kind == ATTN_SLIDING ? (size_t)a->n_sink : 0;
-        size_t ring = add_size(lc->window, max_T - 1, "KV cache");
-        ls->ring = lc->attn_kind == ATTN_SLIDING && ring < context ? ring : context;
+        ls->n_sink = windowed ? (size_t)a->n_sink : 0;
+        ls->ring = min_size(ring, context);
+        ls->fills = ls->ring < ring;
         kv->n_slots = add_size(kv->n_slots, add_size(ls->n_sink, ls->ring, "KV cache"), "KV cache");
     }
-    size_t sink_floats = mul_size(mul_size(c->n_layers, kv->max_sink, "sinks"), c->kv_dim, "sinks");
+    size_t sinks = mul_size(mul_size(c->n_layers, kv->max_sink, "sinks"), c->kv_dim, "sinks");
     kv->key = xcalloc(kv->n_slots, kv->row_bytes, "the KV cache");
     kv->value = xcalloc(kv->n_slots, kv->row_bytes, "the KV cache");
-    kv->sink_key = xcalloc(sink_floats, sizeof(float), "the sink keys");
-    kv->sink_value = xcalloc(sink_floats, sizeof(float), "the sink values");
+    kv->sink_key = xcalloc(sinks, sizeof(float), "the sink keys");
+    kv->sink_value = xcalloc(sinks, sizeof(float), "the sink values");
 }
 
 static void free_cache(KVCache *kv) {
-    free(kv->key), free(kv->value), free(kv->sink_key), free(kv->sink_value), free(kv->layers);
+    free(kv->key);
+    free(kv->value);
+    free(kv->sink_key);
+    free(kv->sink_value);
+    free(kv->layers);
 }
 
 static size_t kv_slot(const LayerSlots *ls, size_t pos) {
-    return ls->first + (pos < ls->n_sink ? pos : ls->n_sink + (pos - ls->n_sink) % ls->ring);
+    if (pos < ls->n_sink) return ls->first + pos;
+    return ls->first + ls->n_sink + (pos - ls->n_sink) % ls->ring;
 }
 
 // kv_slot(ls, pos + 1) from slot = kv_slot(ls, pos), without the division: the loops over
 // consecutive positions step with it.
 static size_t next_slot(const LayerSlots *ls, size_t slot) {
-    return slot + 1 == ls->first + ls->n_sink + ls->ring ? ls->first + ls->n_sink : slot + 1;
-}
-
-// A layer whose ring cannot hold its window (full attention, or a window longer than the
-// context) reaches only n_sink + ring positions.
-static int layer_fills(const KVCache *kv, const LayerConfig *lc, int layer) {
-    return lc->attn_kind == ATTN_FULL ||
-            kv->layers[layer].ring < (size_t)lc->window + kv->max_T - 1;
+    if (slot + 1 == ls->first + ls->n_sink + ls->ring) return ls->first + ls->n_sink;
+    return slot + 1;
 }
 
 // Positions a run may reach; SIZE_MAX if no layer fills (a stream of any length).
-static size_t cache_capacity(const KVCache *kv, const Config *c) {
+static size_t cache_capacity(const KVCache *kv, int n_layers) {
     size_t cap = SIZE_MAX;
-    for (int l = 0; l < c->n_layers; l++)
-        if (layer_fills(kv, &c->layers[l], l) && kv->layers[l].n_sink + kv->layers[l].ring < cap)
-            cap = kv->layers[l].n_sink + kv->layers[l].ring;
+    for (int l = 0; l < n_layers; l++)
+        if (kv->layers[l].fills) cap = min_size(cap, kv->layers[l].n_sink + kv->layers[l].ring);
     return cap;
 }
 
-// First position a query at pos may attend to in this layer (HF's sliding-window mask, as in
-// Mistral: key k is visible iff k <= pos and pos - k < W). Sinks below it are scored apart.
-static size_t first_visible(const LayerConfig *lc, size_t pos) {
-    if (lc->attn_kind == ATTN_SLIDING && pos >= lc->window) return pos - lc->window + 1;
-    return 0;
+// Store one slot's row x (kv_dim) in the cache's type. q8: per kv head, int8 q = round(x / d)
+// with d = max|x| / 127, and the float d after all the heads' int8s.
+static void kv_store(const KVCache *kv, uint8_t *row, const float *x) {
+    size_t n = kv->kv_dim;
+    int H = kv->head_dim;
+    if (kv->type == KV_F32) memcpy(row, x, n * sizeof(float));
+    if (kv->type == KV_F16)
+        for (size_t i = 0; i < n; i++) {
+            uint16_t h = f32_to_f16(x[i]);
+            memcpy(row + 2 * i, &h, 2);
+        }
+    if (kv->type == KV_Q8)
+        for (int g = 0; g < kv->n_kv_heads; g++) {
+            const float *xg = x + (size_t)g * H;
+            float amax = 0;
+            for (int i = 0; i < H; i++) amax = max_float(amax, fabsf(xg[i]));
+            float d = amax / 127;
+            float inv = d > 0 ? 1 / d : 0;
+            for (int i = 0; i < H; i++)
+                row[(size_t)g * H + i] = (uint8_t)(int8_t)lrintf(xg[i] * inv);
+            memcpy(row + n + g * sizeof(float), &d, sizeof(float));
+        }
+}
+
+// Head g's vector (H) of a stored row as floats: a pointer into the cache for f32, else
+// converted into buf.
+static const float *kv_head(const KVCache *kv, const uint8_t *row, int g, float *buf) {
+    int H = kv->head_dim;
+    if (kv->type == KV_F32) return (const float *)row + (size_t)g * H;
+    if (kv->type == KV_F16) {
+        f16_to_f32_row(buf, row + (size_t)g * H * 2, H);
+        return buf;
+    }
+    const int8_t *q = (const int8_t *)row + (size_t)g * H;   // q8: int8s, then a scale per head
+    float d;
+    memcpy(&d, row + kv->kv_dim + g * sizeof(float), sizeof(float));
+    for (int i = 0; i < H; i++) buf[i] = d * q[i];
+    return buf;
+}
+
+// Sink j's f32 copy in a layer: key or value (kv_dim).
+static float *sink_row(const KVCache *kv, float *copies, int layer, size_t j) {
+    return copies + ((size_t)layer * kv->max_sink + j) * kv->kv_dim;
 }
 
 // The sinks keep the first positions' keys a second time, in f32, rotated where the sink
@@ -823,108 +969,123 @@ static size_t sink_key_pos(const KVCache *kv, size_t pos) {
     return kv->sink_kind == SINKS_LMINF ? 0 : pos;
 }
 
-static size_t sink_query_pos(const KVCache *kv, const LayerSlots *ls, const LayerConfig *lc,
-                             size_t pos) {
-    size_t cap = kv->sink_kind == SINKS_LMINF ? kv->limit : ls->n_sink + lc->window - 1;
-    return pos < cap ? pos : cap;
+static size_t sink_query_pos(const KVCache *kv, int layer, size_t pos) {
+    const LayerSlots *ls = &kv->layers[layer];
+    if (kv->sink_kind == SINKS_LMINF) return min_size(pos, kv->limit);
+    return min_size(pos, ls->n_sink + ls->window - 1);
+}
+
+// Write position pos's key k (kv_dim, not yet rotated; rotated in place to pos) and value v
+// into its slot of the layer, and for a sink position its f32 copies too, the key rotated at
+// sink_key_pos().
+static void kv_write(KVCache *kv, int layer, size_t pos, float *k, const float *v,
+                     const LayerRope *rope) {
+    const LayerSlots *ls = &kv->layers[layer];
+    if (pos < ls->n_sink) {
+        float *sink_k = sink_row(kv, kv->sink_key, layer, pos);
+        memcpy(sink_k, k, kv->kv_dim * sizeof(float));
+        memcpy(sink_row(kv, kv->sink_value, layer, pos), v, kv->kv_dim * sizeof(float));
+        rope_rotate(sink_k, kv->n_kv_heads, kv->head_dim, rope, sink_key_pos(kv, pos));
+    }
+    rope_rotate(k, kv->n_kv_heads, kv->head_dim, rope, pos);
+    size_t slot = kv_slot(ls, pos);
+    kv_store(kv, kv->key + slot * kv->row_bytes, k);
+    kv_store(kv, kv->value + slot * kv->row_bytes, v);
+}
+
+// The keys a query at pos sees in a layer, in the order both attention paths take them:
+// first the sinks below its window (visible key j < n_sink is sink j, met by the query
+// rotated for the sinks), then every position lo .. pos (HF's sliding-window mask, as in
+// Mistral: key k is visible iff k <= pos and pos - k < W).
+typedef struct {
+    size_t n_sink;   // sinks below the window
+    size_t lo;       // first position in the window
+    size_t pos;      // the query's own position, the last key it sees
+} VisibleKeys;
+
+static VisibleKeys visible_keys(const KVCache *kv, int layer, size_t pos) {
+    const LayerSlots *ls = &kv->layers[layer];
+    VisibleKeys vis = {.lo = 0, .pos = pos};
+    if (pos >= ls->window) vis.lo = pos - ls->window + 1;
+    vis.n_sink = min_size(vis.lo, ls->n_sink);
+    return vis;
+}
+
+// Head g of sinks j0 .. j0+n-1 of a layer: pointers to their f32 copies.
+static void read_sinks(const KVCache *kv, int layer, size_t j0, int n, int g,
+                       const float **keys, const float **values) {
+    size_t at = (size_t)g * kv->head_dim;
+    for (int j = 0; j < n; j++) {
+        keys[j] = sink_row(kv, kv->sink_key, layer, j0 + j) + at;
+        values[j] = sink_row(kv, kv->sink_value, layer, j0 + j) + at;
+    }
+}
+
+// Head g of positions p0 .. p0+n-1 of a layer, read back from their slots as floats
+// (kv_head(); kbuf, vbuf: (n, head_dim) room to convert into).
+static void read_positions(const KVCache *kv, int layer, size_t p0, int n, int g,
+                           const float **keys, const float **values, float *kbuf, float *vbuf) {
+    const LayerSlots *ls = &kv->layers[layer];
+    size_t slot = kv_slot(ls, p0);
+    for (int j = 0; j < n; j++) {
+        size_t at = (size_t)j * kv->head_dim;
+        keys[j] = kv_head(kv, kv->key + slot * kv->row_bytes, g, kbuf + at);
+        values[j] = kv_head(kv, kv->value + slot * kv->row_bytes, g, vbuf + at);
+        slot = next_slot(ls, slot);
+    }
+}
+
+// Head g of visible keys j0 .. j0+n-1 of a query (numbered as visible_keys() orders them).
+static void read_visible(const KVCache *kv, int layer, const VisibleKeys *vis, size_t j0, int n,
+                         int g, const float **keys, const float **values, float *kbuf,
+                         float *vbuf) {
+    int n_sinks = (int)(j0 < vis->n_sink ? min_size(vis->n_sink - j0, (size_t)n) : 0);
+    read_sinks(kv, layer, j0, n_sinks, g, keys, values);
+    size_t p0 = vis->lo + (j0 + n_sinks - vis->n_sink);
+    size_t at = (size_t)n_sinks * kv->head_dim;
+    read_positions(kv, layer, p0, n - n_sinks, g, keys + n_sinks, values + n_sinks, kbuf + at,
+                   vbuf + at);
+}
+
+// The context-full policy of generate and chat: when a full-attention layer's slots are all
+// taken, it goes on as StreamingLLM with 4 sinks and the rest of its slots as the window. The
+// slots already hold the positions where the sinks-and-ring rule looks for them, so nothing
+// moves; the sinks' f32 copies are read back from the cache. Returns the window, or 0 (and
+// changes nothing) if a layer is too small for it.
+static size_t kv_continue_streaming(KVCache *kv, int n_layers) {
+    const size_t S = 4;
+    size_t window = 0;
+    for (int l = 0; l < n_layers; l++)
+        if (kv->layers[l].fills && kv->layers[l].ring < S + (size_t)kv->max_T + 1) return 0;
+    for (int l = 0; l < n_layers; l++) {
+        LayerSlots *ls = &kv->layers[l];
+        if (!ls->fills || ls->n_sink) continue;
+        ls->n_sink = S;
+        ls->ring -= S;
+        ls->window = ls->ring - kv->max_T + 1;
+        ls->fills = 0;
+        window = ls->window;
+        for (size_t i = 0; i < S; i++)
+            for (int g = 0; g < kv->n_kv_heads; g++) {
+                size_t row = kv_slot(ls, i) * kv->row_bytes;
+                size_t at = (size_t)g * kv->head_dim;
+                float *k = sink_row(kv, kv->sink_key, l, i) + at;
+                float *v = sink_row(kv, kv->sink_value, l, i) + at;
+                memmove(k, kv_head(kv, kv->key + row, g, k), kv->head_dim * sizeof(float));
+                memmove(v, kv_head(kv, kv->value + row, g, v), kv->head_dim * sizeof(float));
+            }
+    }
+    kv->sink_kind = SINKS_STREAMING;
+    return window;
 }
 
 // ----------------------------------------------------------------------------
-// Blocks: the operations forward() is made of
-
-// IEEE half to float without branches, so loops of it vectorize: the exponent and mantissa
-// bits move to a float's place, and multiplying by 2^112 turns the exponent bias 15 into 127
-// (exact, subnormal halves included); exponent 31 is inf or nan.
-static float f16_to_f32(uint16_t h) {
-    uint32_t rest = (uint32_t)(h & 0x7fff) << 13, bits;
-    float f;
-    memcpy(&f, &rest, 4);
-    f *= 0x1p112f;
-    memcpy(&bits, &f, 4);
-    bits = (h & 0x7c00) == 0x7c00 ? rest | 0x7f800000 : bits;
-    bits |= (uint32_t)(h & 0x8000) << 16;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-// Float to IEEE half, rounding to nearest even; 65520 and beyond become inf.
-static uint16_t f32_to_f16(float f) {
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    uint32_t sign = (x >> 16) & 0x8000, a = x & 0x7fffffff;
-    if (a > 0x7f800000) return (uint16_t)(sign | 0x7e00);                  // nan
-    if (a >= 0x477ff000) return (uint16_t)(sign | 0x7c00);                 // inf, or too big
-    if (a < 0x38800000) {                                                  // below 2^-14: subnormal
-        float v;
-        memcpy(&v, &a, 4);
-        return (uint16_t)(sign | (uint32_t)lrintf(v * 0x1p24f));           // in units of 2^-24
-    }
-    uint32_t h = (a - 0x38000000) >> 13, dropped = a & 0x1fff;             // rebias 127 -> 15
-    // a carry bumps the exponent
-    h += dropped > 0x1000 || (dropped == 0x1000 && (h & 1));
-    return (uint16_t)(sign | h);
-}
-
-static float bf16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-// Where row `row` of a q8_0 tensor lives: its cols int8s, and its cols / 32 block scales (all
-// rows' int8s come first, then all scales; model.h).
-static const int8_t *q8_row(const Tensor *w, size_t row, const float **scale) {
-    *scale = (const float *)(w->data + w->rows * w->cols) + row * (w->cols / LR_Q8_BLOCK);
-    return (const int8_t *)w->data + row * w->cols;
-}
-
-// Row `row` of w as float32: a pointer into the file for f32, else dequantized into scratch
-// (cols floats). With matmul_q8() below, the only place that knows the dtypes.
-static const float *weight_row(const Tensor *w, size_t row, float *scratch) {
-    size_t cols = w->cols;
-    const uint8_t *data = w->data;
-    switch (w->dtype) {
-    case DT_F32: return (const float *)data + row * cols;
-    case DT_F16: case DT_BF16: {
-        const uint16_t *src = (const uint16_t *)data + row * cols;
-        for (size_t i = 0; i < cols; i++)
-            scratch[i] = w->dtype == DT_F16 ? f16_to_f32(src[i]) : bf16_to_f32(src[i]);
-        return scratch;
-    }
-    case DT_Q8_0: {
-        const float *scale;
-        const int8_t *q = q8_row(w, row, &scale);
-        for (size_t b = 0; b < cols / LR_Q8_BLOCK; b++)   // one block of 32 values per scale
-            for (size_t i = b * LR_Q8_BLOCK; i < (b + 1) * LR_Q8_BLOCK; i++)
-                scratch[i] = scale[b] * q[i];
-        return scratch;
-    }
-    default: return NULL; // unreachable: dtypes were validated when the file was opened
-    }
-}
-
-// Store one slot's row x (kv_dim) in the cache's type. q8: per kv head, int8 q = round(x / d)
-// with d = max|x| / 127, and the float d after all the heads' int8s.
-static void kv_store(const KVCache *kv, uint8_t *row, const float *x, int n_kv_heads, int H) {
-    size_t n = (size_t)n_kv_heads * H;
-    if (kv->type == KV_F32) memcpy(row, x, n * sizeof(float));
-    if (kv->type == KV_F16)
-        for (size_t i = 0; i < n; i++) {
-            uint16_t h = f32_to_f16(x[i]);
-            memcpy(row + 2 * i, &h, 2);
-        }
-    if (kv->type == KV_Q8)
-        for (int g = 0; g < n_kv_heads; g++) {
-            const float *xg = x + (size_t)g * H;
-            float amax = 0;
-            for (int i = 0; i < H; i++) amax = fabsf(xg[i]) > amax ? fabsf(xg[i]) : amax;
-            float d = amax / 127, inv = d > 0 ? 1 / d : 0;
-            for (int i = 0; i < H; i++)
-                row[(size_t)g * H + i] = (uint8_t)(int8_t)lrintf(xg[i] * inv);
-            memcpy(row + n + g * sizeof(float), &d, sizeof(float));
-        }
-}
+// Blocks: the operations forward() is made of, each the plain loop
+//
+// matmul_reference() and attention_reference() are the textbook algorithms, with no tiles,
+// no SIMD and no threads. They are executable, not decoration: `--reference` sends the whole
+// forward pass through them, and the tests hold the fast kernels of kernels.c to them
+// (tests/test_reference.py).
 
 // Dot product with 16 independent partial sums, a shape the compiler turns into SIMD
 // without -ffast-math (a single running sum would force it to add in order).
@@ -937,383 +1098,6 @@ static float dot(const float *a, const float *b, size_t n) {
     for (; i < n; i++) sum += a[i] * b[i];
     for (int j = 0; j < 16; j++) sum += acc[j];
     return sum;
-}
-
-// q8_0 weights meet activations quantized per 32-block too (as llama.cpp's Q8_0 x Q8_0 does, but
-// to int16): each block of x becomes integers q = round(x * ACT_MAX / max|x|) and one float
-// d = max|x| / ACT_MAX, so a block's 32 products sum exactly in int32 (|sum| <= 32 * 128 *
-// 32767 < 2^31) and cost one float multiply-add: sum_b dw_b dx_b sum_i qw_i qx_i. int16, not
-// int8, because x86 without AVX-512 VNNI multiplies int16 pairs (vpmaddwd) at the same speed
-// as it would int8 ones, and the rounding then costs no accuracy: on SmolLM2, top-1 agreement
-// with HF stays 100% where int8 activations dropped it to 96.5%. A NaN or infinite x makes its
-// block's d NaN, so it reaches the output.
-#define ACT_MAX 32767
-static void quantize_activations(int16_t *q, float *d, const float *x, size_t n) {
-    for (size_t b = 0; b < n / LR_Q8_BLOCK; b++) {
-        const float *xb = x + b * LR_Q8_BLOCK;
-        float amax = 0, poison = 0;
-        for (int i = 0; i < LR_Q8_BLOCK; i++) {
-            float a = fabsf(xb[i]);
-            amax = a > amax ? a : amax;
-            poison += 0 * xb[i];
-        }
-        float inv = amax > 0 ? ACT_MAX / amax : 0;
-        for (int i = 0; i < LR_Q8_BLOCK; i++) {
-            float v = xb[i] * inv;
-            v = fabsf(v) <= ACT_MAX + 0.5f ? v : 0;                             // nan: d says so
-            // lrintf, vectorizable
-            q[b * LR_Q8_BLOCK + i] = (int16_t)((v + 0x1.8p23f) - 0x1.8p23f);
-        }
-        d[b] = amax / ACT_MAX + poison;
-    }
-}
-
-// The kernels that come twice: AVX2 intrinsics, where the compiler does not find the loop
-// shape by itself, and the portable C every other machine compiles (tests/test_kernels.py
-// checks both against double references): f16_to_f32_row() (F16C's vcvtph2ps), the two
-// integer ones, q8_dot() for decode and q8_tile() for a chunk, and decode attention's two
-// loops, decode_scores() / decode_values().
-// Measured here (AMD EPYC, 2 threads, 57 MB of q8_0 rows): q8_dot 26.7 GB/s against 10.8 for
-// float activations; q8_tile 41-50 G multiply-adds/s per core against 31-33 for gemm_tile.
-#define Q8_R 2    // weight rows per q8 tile
-#define Q8_T 32   // tokens per q8 tile
-// Half i of the bytes at p (any alignment), as a float.
-static float f16_at(const uint8_t *p, size_t i) {
-    uint16_t h;
-    memcpy(&h, p + 2 * i, 2);
-    return f16_to_f32(h);
-}
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-
-// n halves (at src, any alignment) to floats, 8 at a time by vcvtph2ps.
-static void f16_to_f32_row(float *dst, const uint8_t *src, int n) {
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * i))));
-    for (; i < n; i++) dst[i] = f16_at(src, i);
-}
-
-static float hsum8(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
-
-// One q8_0 row (cols int8s, cols / 32 scales dw) dotted with quantized activations (qx, dx).
-static float q8_dot(const int8_t *qw, const float *dw, const int16_t *qx, const float *dx,
-                    size_t cols) {
-    __m256 acc = _mm256_setzero_ps();
-    for (size_t b = 0; b < cols / LR_Q8_BLOCK; b++) {
-        const int8_t *w = qw + b * LR_Q8_BLOCK;
-        const int16_t *x = qx + b * LR_Q8_BLOCK;
-        __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
-        __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 16)));
-        __m256i sum = _mm256_add_epi32(
-                _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)x)),
-                _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(x + 16))));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(dw[b] * dx[b]), _mm256_cvtepi32_ps(sum), acc);
-    }
-    return hsum8(acc);
-}
-
-// acc (Q8_R, Q8_T) = the products of Q8_R weight rows and Q8_T tokens, both packed in k pairs:
-// panel (cols / 2, Q8_R, 2) with scales dw (cols / 32, Q8_R), xt (cols / 2, Q8_T, 2) with dx
-// (cols / 32, Q8_T). A k pair of one row, broadcast, meets the same pair of 8 tokens in one
-// vpmaddwd; 8 int32 vectors of sums stay in registers through a block, then become floats.
-static void q8_tile(float acc[Q8_R][Q8_T], const int16_t *panel, const float *dw, const int16_t *xt,
-                    const float *dx, size_t cols) {
-    __m256 a[Q8_R][Q8_T / 8];
-    memset(a, 0, sizeof(a));
-    for (size_t b = 0; b < cols / LR_Q8_BLOCK; b++) {
-        __m256i sum[Q8_R][Q8_T / 8];
-        memset(sum, 0, sizeof(sum));
-        for (size_t kp = b * LR_Q8_BLOCK / 2; kp < (b + 1) * LR_Q8_BLOCK / 2; kp++) {
-            __m256i x[Q8_T / 8];
-            for (int v = 0; v < Q8_T / 8; v++)
-                x[v] = _mm256_loadu_si256((const __m256i *)(xt + (kp * Q8_T + 8 * v) * 2));
-            for (int r = 0; r < Q8_R; r++) {
-                int32_t pair;
-                memcpy(&pair, panel + (kp * Q8_R + r) * 2, 4);
-                __m256i w = _mm256_set1_epi32(pair);
-                for (int v = 0; v < Q8_T / 8; v++)
-                    sum[r][v] = _mm256_add_epi32(sum[r][v], _mm256_madd_epi16(w, x[v]));
-            }
-        }
-        for (int r = 0; r < Q8_R; r++)
-            for (int v = 0; v < Q8_T / 8; v++) {
-                __m256 d = _mm256_mul_ps(_mm256_set1_ps(dw[b * Q8_R + r]),
-                                         _mm256_loadu_ps(dx + b * Q8_T + 8 * v));
-                a[r][v] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum[r][v]), a[r][v]);
-            }
-    }
-    for (int r = 0; r < Q8_R; r++)
-        for (int v = 0; v < Q8_T / 8; v++) _mm256_storeu_ps(&acc[r][8 * v], a[r][v]);
-}
-// Decode attention over a block of keys (attention_decode): s[j] = scale * q . keys[j], four
-// keys at a time so four sums are in flight; and acc (H) += sum_j w[j] values[j], 64 channels
-// held in registers while the block's values stream past.
-static void decode_scores(float *s, const float *q, const float *const *keys, int nk, int H,
-                          float scale) {
-    int j = 0;
-    for (; j + 4 <= nk; j += 4) {
-        __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                          _mm256_setzero_ps() };
-        int i = 0;
-        for (; i + 8 <= H; i += 8) {
-            __m256 qi = _mm256_loadu_ps(q + i);
-            for (int r = 0; r < 4; r++)
-                acc[r] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(keys[j + r] + i), acc[r]);
-        }
-        for (int r = 0; r < 4; r++) {
-            float sum = hsum8(acc[r]);
-            for (int t = i; t < H; t++) sum += q[t] * keys[j + r][t];
-            s[j + r] = sum * scale;
-        }
-    }
-    for (; j < nk; j++) s[j] = dot(q, keys[j], (size_t)H) * scale;
-}
-
-static void decode_values(float *acc, const float *w, const float *const *values, int nk, int H) {
-    int i0 = 0;
-    for (; i0 + 64 <= H; i0 += 64) {
-        __m256 a[8];
-        for (int c = 0; c < 8; c++) a[c] = _mm256_loadu_ps(acc + i0 + 8 * c);
-        for (int j = 0; j < nk; j++) {
-            __m256 wj = _mm256_set1_ps(w[j]);
-            for (int c = 0; c < 8; c++)
-                a[c] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(values[j] + i0 + 8 * c), a[c]);
-        }
-        for (int c = 0; c < 8; c++) _mm256_storeu_ps(acc + i0 + 8 * c, a[c]);
-    }
-    for (; i0 + 8 <= H; i0 += 8) {
-        __m256 a = _mm256_loadu_ps(acc + i0);
-        for (int j = 0; j < nk; j++)
-            a = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), _mm256_loadu_ps(values[j] + i0), a);
-        _mm256_storeu_ps(acc + i0, a);
-    }
-    for (; i0 < H; i0++)
-        for (int j = 0; j < nk; j++) acc[i0] += w[j] * values[j][i0];
-}
-#else
-static void f16_to_f32_row(float *dst, const uint8_t *src, int n) {
-    for (int i = 0; i < n; i++) dst[i] = f16_at(src, i);
-}
-
-static float q8_dot(const int8_t *qw, const float *dw, const int16_t *qx, const float *dx,
-                    size_t cols) {
-    float acc = 0;
-    for (size_t b = 0; b < cols / LR_Q8_BLOCK; b++) {
-        int32_t sum = 0;
-        for (size_t i = b * LR_Q8_BLOCK; i < (b + 1) * LR_Q8_BLOCK; i++) sum += qw[i] * qx[i];
-        acc += dw[b] * dx[b] * (float)sum;
-    }
-    return acc;
-}
-
-static void q8_tile(float acc[Q8_R][Q8_T], const int16_t *panel, const float *dw, const int16_t *xt,
-                    const float *dx, size_t cols) {
-    float a[Q8_R][Q8_T] = {{0}};
-    for (size_t b = 0; b < cols / LR_Q8_BLOCK; b++) {
-        int32_t sum[Q8_R][Q8_T] = {{0}};
-        for (size_t kp = b * LR_Q8_BLOCK / 2; kp < (b + 1) * LR_Q8_BLOCK / 2; kp++) {
-            const int16_t *w = panel + kp * Q8_R * 2, *x = xt + kp * Q8_T * 2;
-            for (int r = 0; r < Q8_R; r++)
-                for (int j = 0; j < Q8_T; j++)
-                    sum[r][j] += w[2 * r] * x[2 * j] + w[2 * r + 1] * x[2 * j + 1];
-        }
-        for (int r = 0; r < Q8_R; r++)
-            for (int j = 0; j < Q8_T; j++)
-                a[r][j] += dw[b * Q8_R + r] * dx[b * Q8_T + j] * (float)sum[r][j];
-    }
-    memcpy(acc, a, sizeof(a));
-}
-
-static void decode_scores(float *s, const float *q, const float *const *keys, int nk, int H,
-                          float scale) {
-    for (int j = 0; j < nk; j++) s[j] = dot(q, keys[j], (size_t)H) * scale;
-}
-
-static void decode_values(float *acc, const float *w, const float *const *values, int nk, int H) {
-    for (int j = 0; j < nk; j++)
-        for (int i = 0; i < H; i++) acc[i] += w[j] * values[j][i];
-}
-#endif
-
-// The register tile of the blocked product: acc (MM_R, MM_T) = panel^T @ xt over cols, where
-// panel (cols, MM_R) holds MM_R weight rows k-major and xt (cols, MM_T) MM_T tokens of the
-// chunk, transposed. Each step of k meets MM_R broadcast weights with MM_T token values (three
-// 8-float vectors): MM_R * MM_T sums that stay in registers (15 of the 16 256-bit ones of
-// AVX2) for the whole row, 15 multiply-adds per 20 loads where a dot product needs two loads
-// per multiply-add, and both operands stream sequentially through the cache. (Measured on
-// SmolLM2 prefill, 2 threads: 5 x 24 318 tokens/s, 4 x 24 287, 3 x 24 282, 2 x 48 228.)
-#define MM_R 5    // weight rows per tile
-#define MM_T 24   // tokens per tile
-static void gemm_tile(float acc[MM_R][MM_T], const float *restrict panel, const float *restrict xt,
-                      size_t cols) {
-    float a[MM_R][MM_T] = {{0}};
-    for (size_t k = 0; k < cols; k++) {
-        const float *xk = xt + k * MM_T, *wk = panel + k * MM_R;
-        for (int r = 0; r < MM_R; r++)
-            for (int j = 0; j < MM_T; j++) a[r][j] += wk[r] * xk[j];
-    }
-    memcpy(acc, a, sizeof(a));
-}
-
-// Head g's vector (H) of a stored row as floats: a pointer into the cache for f32, else
-// converted into buf.
-static const float *kv_head(const KVCache *kv, const uint8_t *row, int g, int n_kv_heads, int H,
-                            float *buf) {
-    if (kv->type == KV_F32) return (const float *)row + (size_t)g * H;
-    if (kv->type == KV_F16) {
-        f16_to_f32_row(buf, row + (size_t)g * H * 2, H);
-        return buf;
-    }
-    // q8: int8s, then a float scale per head
-    const int8_t *q = (const int8_t *)row + (size_t)g * H;
-    float d;
-    memcpy(&d, row + (size_t)n_kv_heads * H + g * sizeof(float), sizeof(float));
-    for (int i = 0; i < H; i++) buf[i] = d * q[i];
-    return buf;
-}
-
-// Scratch for matmul(), sized for chunks of up to max_T tokens of up to `widest` columns:
-//   row (n_threads, widest)            one dequantized weight row per thread
-//   panel (n_threads, widest * MM_R)   a packed float panel per thread
-//   xt (max_T up to MM_T, widest)      the chunk transposed tile by tile
-//   qx (max_T, widest), dx (max_T, widest / 32)           the chunk quantized for q8_0 weights
-//   q8_panel (n_threads, widest * Q8_R), q8_dw (n_threads, widest / 32 * Q8_R)   packed q8 panels
-//   q8_xt (max_T up to Q8_T, widest), q8_dx (same, widest / 32)   the quantized chunk in k pairs
-typedef struct {
-    float *row, *panel, *xt, *dx, *q8_dw, *q8_dx;
-    int16_t *qx, *q8_panel, *q8_xt;
-} MatmulWork;
-
-static void build_matmul_work(MatmulWork *mw, size_t widest, size_t max_T) {
-    size_t threads = (size_t)n_threads(), blocks = widest / LR_Q8_BLOCK + 1;
-    size_t padded = (max_T + MM_T - 1) / MM_T * MM_T, q8_padded = (max_T + Q8_T - 1) / Q8_T * Q8_T;
-    mw->row = xcalloc(mul_size(threads, widest, "scratch"), sizeof(float), "weight rows");
-    mw->panel = xcalloc(mul_size(mul_size(threads, widest, "panels"), MM_R, "panels"),
-                        sizeof(float), "weight panels");
-    mw->xt = xcalloc(mul_size(padded, widest, "transposed chunk"), sizeof(float),
-                     "the transposed chunk");
-    mw->qx = xcalloc(mul_size(max_T, widest, "quantized chunk"), sizeof(int16_t),
-                     "the quantized chunk");
-    mw->dx = xcalloc(mul_size(max_T, blocks, "quantized chunk"), sizeof(float),
-                     "the quantized chunk");
-    mw->q8_panel = xcalloc(mul_size(mul_size(threads, widest, "panels"), Q8_R, "panels"),
-                           sizeof(int16_t), "q8 panels");
-    mw->q8_dw = xcalloc(mul_size(mul_size(threads, blocks, "panels"), Q8_R, "panels"),
-                        sizeof(float), "q8 panels");
-    mw->q8_xt = xcalloc(mul_size(q8_padded, widest, "quantized chunk"), sizeof(int16_t),
-                        "the quantized chunk");
-    mw->q8_dx = xcalloc(mul_size(q8_padded, blocks, "quantized chunk"), sizeof(float),
-                        "the quantized chunk");
-}
-
-static void free_matmul_work(MatmulWork *mw) {
-    void *buffers[] = { mw->row,   mw->panel, mw->xt,       mw->dx,   mw->q8_dw,
-                        mw->q8_dx, mw->qx,    mw->q8_panel, mw->q8_xt };
-    for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
-}
-
-// out (T, w.rows) = x (T, w.cols) @ w^T for q8_0 weights: x is quantized once
-// (quantize_activations), then decode is a q8_dot per weight row, and a chunk the blocked product
-// of matmul() below with q8_tile as its register tile: each panel of Q8_R rows is packed in k pairs
-// once per chunk and meets the quantized chunk, packed the same way, Q8_T tokens at a time.
-static void matmul_q8(float *out, const float *x, const Tensor *w, int T, const MatmulWork *mw) {
-    size_t rows = w->rows, cols = w->cols, blocks = cols / LR_Q8_BLOCK, n = (size_t)T;
-    if (T == 1) {   // one row is quantized faster than threads start
-        quantize_activations(mw->qx, mw->dx, x, cols);
-        PARALLEL_FOR
-        for (size_t r = 0; r < rows; r++) {
-            const float *dw;
-            const int8_t *qw = q8_row(w, r, &dw);
-            out[r] = q8_dot(qw, dw, mw->qx, mw->dx, cols);
-        }
-        return;
-    }
-    size_t tiles = (n + Q8_T - 1) / Q8_T, panels = (rows + Q8_R - 1) / Q8_R;
-    PARALLEL_FOR
-    for (size_t t = 0; t < n; t++)
-        quantize_activations(mw->qx + t * cols, mw->dx + t * blocks, x + t * cols, cols);
-    PARALLEL_FOR
-    // q8_xt (tiles, cols / 2, Q8_T, 2), q8_dx (tiles, blocks, Q8_T)
-    for (size_t tile = 0; tile < tiles; tile++) {
-        int16_t *xt = mw->q8_xt + tile * Q8_T * cols;
-        for (int j = 0; j < Q8_T; j++) {
-            size_t t = tile * Q8_T + j;
-            for (size_t kp = 0; kp < cols / 2; kp++)
-                for (int i = 0; i < 2; i++)
-                    xt[(kp * Q8_T + j) * 2 + i] = t < n ? mw->qx[t * cols + 2 * kp + i] : 0;
-            for (size_t b = 0; b < blocks; b++)
-                mw->q8_dx[(tile * blocks + b) * Q8_T + j] = t < n ? mw->dx[t * blocks + b] : 0;
-        }
-    }
-    PARALLEL_FOR
-    for (size_t p = 0; p < panels; p++) {
-        int16_t *panel = mw->q8_panel + (size_t)thread_id() * cols * Q8_R;   // (cols / 2, Q8_R, 2)
-        // (blocks, Q8_R)
-        float *dw = mw->q8_dw + (size_t)thread_id() * blocks * Q8_R, acc[Q8_R][Q8_T];
-        int nr = rows - p * Q8_R < Q8_R ? (int)(rows - p * Q8_R) : Q8_R;
-        for (int r = 0; r < Q8_R; r++) {   // rows past the end are zeros
-            const float *scale = NULL;
-            const int8_t *qw = r < nr ? q8_row(w, p * Q8_R + r, &scale) : NULL;
-            for (size_t kp = 0; kp < cols / 2; kp++)
-                for (int i = 0; i < 2; i++)
-                    panel[(kp * Q8_R + r) * 2 + i] = qw ? qw[2 * kp + i] : 0;
-            for (size_t b = 0; b < blocks; b++) dw[b * Q8_R + r] = qw ? scale[b] : 0;
-        }
-        for (size_t tile = 0; tile < tiles; tile++) {
-            q8_tile(acc, panel, dw, mw->q8_xt + tile * Q8_T * cols,
-                    mw->q8_dx + tile * blocks * Q8_T, cols);
-            for (size_t t = tile * Q8_T; t < n && t < (tile + 1) * Q8_T; t++)
-                for (int r = 0; r < nr; r++) out[t * rows + p * Q8_R + r] = acc[r][t - tile * Q8_T];
-        }
-    }
-}
-
-// out (T, w.rows) = x (T, w.cols) @ w^T. Decode (T = 1) is a dot product per weight row, at
-// the speed memory delivers the weights. A chunk is a blocked matrix product (Goto & van de
-// Geijn 2008, "Anatomy of high-performance matrix multiplication"): each panel of MM_R weight
-// rows is converted to floats and packed once per chunk, then meets the transposed chunk MM_T
-// tokens at a time in gemm_tile(), so the weights are read once per chunk, not once per token.
-// q8_0 weights take the integer path, matmul_q8().
-static void matmul(float *out, const float *x, const Tensor *w, int T, const MatmulWork *mw) {
-    if (w->dtype == DT_Q8_0) {
-        matmul_q8(out, x, w, T, mw);
-        return;
-    }
-    size_t rows = w->rows, cols = w->cols;
-    if (T == 1) {
-        PARALLEL_FOR
-        for (size_t r = 0; r < rows; r++)
-            out[r] = dot(weight_row(w, r, mw->row + (size_t)thread_id() * cols), x, cols);
-        return;
-    }
-    size_t stride = ((size_t)T + MM_T - 1) / MM_T * MM_T, panels = (rows + MM_R - 1) / MM_R;
-    PARALLEL_FOR
-    for (size_t t0 = 0; t0 < stride; t0 += MM_T)   // xt (stride / MM_T, cols, MM_T): zero past T
-        for (size_t k = 0; k < cols; k++)
-            for (size_t t = t0; t < t0 + MM_T; t++)
-                mw->xt[t0 * cols + k * MM_T + t - t0] = t < (size_t)T ? x[t * cols + k] : 0;
-    PARALLEL_FOR
-    for (size_t p = 0; p < panels; p++) {
-        float *panel = mw->panel + (size_t)thread_id() * cols * MM_R, acc[MM_R][MM_T];
-        int nr = rows - p * MM_R < MM_R ? (int)(rows - p * MM_R) : MM_R;
-        for (int r = 0; r < MM_R; r++) {   // panel (cols, MM_R): rows past the end are zeros
-            const float *wr = r < nr
-                    ? weight_row(w, p * MM_R + r, mw->row + (size_t)thread_id() * cols)
-                    : NULL;
-            for (size_t k = 0; k < cols; k++) panel[k * MM_R + r] = wr ? wr[k] : 0;
-        }
-        for (int t0 = 0; t0 < T; t0 += MM_T) {
-            gemm_tile(acc, panel, mw->xt + (size_t)t0 * cols, cols);
-            for (int t = t0; t < T && t < t0 + MM_T; t++)
-                for (int r = 0; r < nr; r++) out[(size_t)t * rows + p * MM_R + r] = acc[r][t - t0];
-        }
-    }
 }
 
 // RMSNorm (Zhang & Sennrich 2019), per row of x (T, n): out = w * x / sqrt(mean(x^2) + eps).
@@ -1333,15 +1117,6 @@ static void add_bias(float *x, const float *bias, int T, int n) {
         for (int i = 0; i < n; i++) x[(size_t)t * n + i] += bias[i];
 }
 
-// In-place softmax over x[0..n): subtract the max first so exp never overflows.
-static void softmax(float *x, size_t n) {
-    float max = -INFINITY;
-    for (size_t i = 0; i < n; i++) max = x[i] > max ? x[i] : max;
-    float sum = 0;
-    for (size_t i = 0; i < n; i++) { x[i] = expf(x[i] - max); sum += x[i]; }
-    for (size_t i = 0; i < n; i++) x[i] /= sum;
-}
-
 // SwiGLU (Shazeer 2020), per row of gate, up (T, n): gate = silu(gate) * up,
 // silu(x) = x / (1 + e^-x).
 static void swiglu(float *gate, const float *up, int T, int n) {
@@ -1358,309 +1133,8 @@ static void add_rows(float *x, const float *y, int T, int n) {
         for (size_t i = (size_t)t * n; i < (size_t)(t + 1) * n; i++) x[i] += y[i];
 }
 
-// y[k] = e^x[k] for the ATT_QT values of a tile, as plain arithmetic the compiler vectorizes
-// (libm's expf is a call per value): e^x = 2^n e^r with n = round(x / ln 2), r = x - n ln 2
-// (ln 2 in two parts, for exactness), e^r by Cephes' degree-7 polynomial; relative error about
-// 1e-7. x < -87 (-inf: a masked score) gives 0; a NaN stays NaN (and never reaches the int).
-#define ATT_QT 16   // queries per attention tile: the vector width of its loops
-static void exp_tile(float *restrict y, const float *restrict x) {
-    float p[ATT_QT], scale[ATT_QT];
-    int32_t bits[ATT_QT];
-    for (int k = 0; k < ATT_QT; k++) {
-        float c = x[k] > -87.0f ? x[k] : -87.0f;   // NaN fails the test: -87
-        c = c < 88.0f ? c : 88.0f;
-        float n = floorf(c * 1.44269504f + 0.5f), r = c - n * 0.693359375f + n * 2.12194440e-4f;
-        float q = 1.9875691500e-4f;
-        q = q * r + 1.3981999507e-3f, q = q * r + 8.3334519073e-3f, q = q * r + 4.1665795894e-2f;
-        q = q * r + 1.6666665459e-1f, q = q * r + 5.0000001201e-1f;
-        p[k] = q * r * r + r + 1.0f;
-        bits[k] = ((int32_t)n + 127) << 23;   // 2^n: a float's exponent field
-    }
-    memcpy(scale, bits, sizeof(scale));
-    for (int k = 0; k < ATT_QT; k++)
-        y[k] = x[k] < -87.0f ? 0.0f : x[k] == x[k] ? p[k] * scale[k] : x[k];
-}
-
-// Attention of a chunk of T queries (T, q_dim) at positions pos0.. against the cache of one
-// layer, whose slots already hold this chunk's keys and values. out: (T, q_dim).
-// Scaled dot-product attention (Vaswani et al. 2017) with grouped-query heads (Ainslie et al.
-// 2023): query head h reads kv head h / (n_heads / n_kv_heads).
-// It is computed in tiles, as FlashAttention does (Dao et al. 2022): ATT_QT queries that share
-// a kv head (the group's heads over several rows) meet the keys ATT_KB at a time, and an online
-// softmax keeps per query the running max m, the sum l of e^(s - m) and the weighted sum of
-// values, rescaled by e^(m_old - m_new) when m grows; no score row of length S is stored. Every
-// loop over the tile's queries is a SIMD loop. The sinks, if any, come first, then key blocks
-// that start at multiples of ATT_KB in position, so a query meets the same blocks however a
-// text is cut into chunks of 2 or more (one row is decode's: attention_decode() below; the
-// logits of the two paths differ by rounding, ~1e-6, as do matmul's).
-// work: (n_threads, ATT_WORK(head_dim)) floats.
-#define ATT_KB 64   // keys per block
-#define ATT_KS 4    // keys per call of tile_scores
-#define ATT_WORK(H) ((size_t)(H) * (ATT_QT * 3 + ATT_KB * 2) + ATT_KB * ATT_QT)
-
-// s[j][k] = q_k . key_j for ATT_KS keys and the ATT_QT queries of a tile, qt (H, ATT_QT): each
-// key element meets all queries at once (a SIMD loop over k), and ATT_KS keys give the
-// processor independent sums to overlap.
-static void tile_scores(float *restrict s, const float *restrict qt, const float *const *keys,
-                        int H) {
-    float acc[ATT_KS][ATT_QT] = {{0}};
-    for (int i = 0; i < H; i++)
-        for (int j = 0; j < ATT_KS; j++) {
-            float x = keys[j][i];
-            SIMD
-            for (int k = 0; k < ATT_QT; k++) acc[j][k] += x * qt[i * ATT_QT + k];
-        }
-    memcpy(s, acc, sizeof(acc));
-}
-
-// acc (H, ATT_QT) += values^T @ e, over the nk keys of a block: e (nk, ATT_QT) the softmax
-// weights, values[j] the value row (H) of key j. Like tile_scores, each value element meets the
-// tile's queries at once, and 4 channels at a time stay in registers while the block streams.
-static void tile_values(float *restrict acc, const float *restrict e, const float *const *values,
-                        int nk, int H) {
-    int i0 = 0;
-    for (; i0 + 4 <= H; i0 += 4) {
-        float a[4][ATT_QT];
-        memcpy(a, acc + (size_t)i0 * ATT_QT, sizeof(a));
-        for (int j = 0; j < nk; j++)
-            for (int ii = 0; ii < 4; ii++) {
-                float v = values[j][i0 + ii];
-                SIMD
-                for (int k = 0; k < ATT_QT; k++) a[ii][k] += v * e[j * ATT_QT + k];
-            }
-        memcpy(acc + (size_t)i0 * ATT_QT, a, sizeof(a));
-    }
-    for (; i0 < H; i0++)   // channels past the last multiple of 4
-        for (int j = 0; j < nk; j++)
-            for (int k = 0; k < ATT_QT; k++)
-                acc[(size_t)i0 * ATT_QT + k] += values[j][i0] * e[j * ATT_QT + k];
-}
-
-// A tile's online-softmax state: per query the running max m and sum l, and acc (H, ATT_QT).
-typedef struct {
-    float m[ATT_QT], l[ATT_QT];
-    float *acc;
-    float *s;   // (ATT_KB, ATT_QT) the block's scores, then weights
-} Tile;
-
-// Fold a block of nk keys into the tile, query qt (H, ATT_QT): query k sees keys first[k] ..
-// last[k] of the block (none if last < first). keys[] has ATT_KS entries past nk (repeats).
-static void tile_block(Tile *t, const float *qt, const float *const *keys,
-                       const float *const *values, int nk, const int *first, const int *last,
-                       float scale, int H) {
-    float m_new[ATT_QT], rescale[ATT_QT], diff[ATT_QT], *s = t->s;
-    for (int j = 0; j < nk; j += ATT_KS) tile_scores(s + (size_t)j * ATT_QT, qt, keys + j, H);
-    for (int k = 0; k < ATT_QT; k++) m_new[k] = t->m[k];
-    for (int j = 0; j < nk; j++)   // scale, mask (causal, window, sinks), and the block's max
-        for (int k = 0; k < ATT_QT; k++) {
-            float x = s[j * ATT_QT + k] * scale;
-            x = j >= first[k] && j <= last[k] ? x : -INFINITY;
-            s[j * ATT_QT + k] = x;
-            m_new[k] = x > m_new[k] ? x : m_new[k];
-        }
-    for (int k = 0; k < ATT_QT; k++) {   // a query with nothing visible yet keeps m = -inf
-        m_new[k] = m_new[k] == -INFINITY ? 0 : m_new[k];
-        diff[k] = t->m[k] - m_new[k];
-    }
-    exp_tile(rescale, diff);
-    for (int k = 0; k < ATT_QT; k++) t->l[k] *= rescale[k];
-    for (int j = 0; j < nk; j++) {   // weights e^(s - m_new), masked keys 0
-        float *sj = s + (size_t)j * ATT_QT;
-        for (int k = 0; k < ATT_QT; k++) diff[k] = sj[k] - m_new[k];
-        exp_tile(sj, diff);
-        for (int k = 0; k < ATT_QT; k++) t->l[k] += sj[k];
-    }
-    for (int i = 0; i < H; i++)
-        for (int k = 0; k < ATT_QT; k++) t->acc[(size_t)i * ATT_QT + k] *= rescale[k];
-    for (int k = 0; k < ATT_QT; k++) t->m[k] = t->l[k] > 0 ? m_new[k] : -INFINITY;
-    tile_values(t->acc, s, values, nk, H);
-}
-
-// One decoded token against its visible keys: Flash-Decoding (Dao et al. 2023, "Flash-Decoding
-// for long-context inference"). A tile of ATT_QT queries would hold only the group's few heads,
-// and the n_kv_heads jobs would leave threads idle, so instead the visible keys (the sinks
-// below the window, then positions lo..pos) are cut into ranges of at least ATT_SPLIT keys;
-// each job (kv head g, range r) keeps its own online softmax per head of the group, partial
-// (m_r, l_r, acc_r), and the parts merge exactly: m = max m_r, l = sum_r l_r e^(m_r - m),
-// out = sum_r acc_r e^(m_r - m) / l. A range meets its keys ATT_KB at a time: scores, one
-// max, then weights and values.
-// work: (n_threads, ATT_WORK(head_dim)) floats;
-// parts: (n_kv_heads, ATT_RANGES, group, head_dim + 2).
-#define ATT_SPLIT 256    // fewest keys per range
-#define ATT_RANGES 64    // most ranges per kv head
-static void attention_decode(float *out, const float *q, const float *q_sink, const KVCache *kv,
-                             int layer, const Config *c, size_t pos, float *work, float *parts) {
-    const LayerSlots *ls = &kv->layers[layer];
-    int H = c->head_dim, group = c->n_heads / c->n_kv_heads;
-    size_t lo = first_visible(&c->layers[layer], pos), n_sink = lo < ls->n_sink ? lo : ls->n_sink;
-    size_t n_keys = n_sink + (pos - lo + 1), ranges = (n_keys + ATT_SPLIT - 1) / ATT_SPLIT;
-    ranges = ranges < ATT_RANGES ? ranges : ATT_RANGES;
-    size_t per_range = (n_keys + ranges - 1) / ranges, part_floats = (size_t)group * (H + 2);
-    float scale = 1.0f / sqrtf((float)H);
-    PARALLEL_FOR
-    for (int job = 0; job < c->n_kv_heads * (int)ranges; job++) {
-        int g = job / (int)ranges;
-        size_t j0 = (size_t)(job % (int)ranges) * per_range,
-               j1 = j0 + per_range < n_keys ? j0 + per_range : n_keys;
-        // (ATT_KB, H) keys converted to f32
-        float *kbuf = work + (size_t)thread_id() * ATT_WORK(H);
-        float *vbuf = kbuf + (size_t)ATT_KB * H;                   // (ATT_KB, H) values
-        // (ATT_KB) one head's scores, then weights
-        float *s = vbuf + (size_t)ATT_KB * H;
-        float *part = parts + ((size_t)g * ATT_RANGES + (size_t)(job % (int)ranges)) * part_floats;
-        float *m = part, *l = part + group, *acc = part + 2 * group;   // acc: (group, H)
-        for (int h = 0; h < group; h++) m[h] = -INFINITY, l[h] = 0;
-        memset(acc, 0, (size_t)group * H * sizeof(float));
-        const float *keys[ATT_KB], *values[ATT_KB];
-        // of the range's first window key
-        size_t slot = kv_slot(ls, lo + (j0 > n_sink ? j0 - n_sink : 0));
-        for (size_t b0 = j0; b0 < j1; b0 += ATT_KB) {
-            int nk = j1 - b0 < ATT_KB ? (int)(j1 - b0) : ATT_KB;
-            // key j: a sink (f32, apart) or a window position's slot
-            for (int j = 0; j < nk; j++) {
-                size_t J = b0 + (size_t)j,
-                       at = ((size_t)layer * kv->max_sink + J) * c->kv_dim + (size_t)g * H;
-                if (J < n_sink) {
-                    keys[j] = kv->sink_key + at, values[j] = kv->sink_value + at;
-                    continue;
-                }
-                keys[j] = kv_head(kv, kv->key + slot * kv->row_bytes, g, c->n_kv_heads, H,
-                                  kbuf + (size_t)j * H);
-                values[j] = kv_head(kv, kv->value + slot * kv->row_bytes, g, c->n_kv_heads, H,
-                                    vbuf + (size_t)j * H);
-                slot = next_slot(ls, slot);
-            }
-            int n_sink_keys =
-                    b0 < n_sink ? (int)(n_sink - b0 < (size_t)nk ? n_sink - b0 : (size_t)nk) : 0;
-            for (int h = 0; h < group; h++) {
-                size_t at = (size_t)(g * group + h) * H;
-                // the sinks' own query
-                decode_scores(s, q_sink + at, keys, n_sink_keys, H, scale);
-                decode_scores(s + n_sink_keys, q + at, keys + n_sink_keys, nk - n_sink_keys, H,
-                              scale);
-                float m_new = m[h], sum = 0;
-                for (int j = 0; j < nk; j++) m_new = s[j] > m_new ? s[j] : m_new;
-                // e^(s - m_new), ATT_QT at a time (past nk: 0)
-                for (int j0b = 0; j0b < nk; j0b += ATT_QT) {
-                    float x[ATT_QT];
-                    for (int k = 0; k < ATT_QT; k++)
-                        x[k] = j0b + k < nk ? s[j0b + k] - m_new : -INFINITY;
-                    exp_tile(s + j0b, x);
-                }
-                float rescale = expf(m[h] - m_new), *a = acc + (size_t)h * H;
-                for (int i = 0; i < H; i++) a[i] *= rescale;
-                for (int j = 0; j < nk; j++) sum += s[j];
-                decode_values(a, s, values, nk, H);
-                l[h] = l[h] * rescale + sum, m[h] = m_new;
-            }
-        }
-    }
-    for (int h = 0; h < c->n_heads; h++) {   // merge the ranges of each head
-        int g = h / group, hh = h % group;
-        const float *first = parts + (size_t)g * ATT_RANGES * part_floats;
-        float m_all = -INFINITY, l_all = 0, *oh = out + (size_t)h * H;
-        for (size_t r = 0; r < ranges; r++)
-            m_all = first[r * part_floats + hh] > m_all ? first[r * part_floats + hh] : m_all;
-        memset(oh, 0, (size_t)H * sizeof(float));
-        for (size_t r = 0; r < ranges; r++) {
-            const float *part = first + r * part_floats;
-            float w = expf(part[hh] - m_all);
-            l_all += part[group + hh] * w;
-            for (int i = 0; i < H; i++) oh[i] += part[2 * group + (size_t)hh * H + i] * w;
-        }
-        for (int i = 0; i < H; i++) oh[i] /= l_all;
-    }
-}
-
-// q_sink: the queries rotated at sink_query_pos() (T, q_dim); unused without sinks. One row
-// (decode) goes to attention_decode(), which uses parts; a chunk is cut into tiles.
-static void attention(float *out, const float *q, const float *q_sink, const KVCache *kv, int layer,
-                      const Config *c, int T, size_t pos0, float *work, float *parts) {
-    if (T == 1) {
-        attention_decode(out, q, q_sink, kv, layer, c, pos0, work, parts);
-        return;
-    }
-    const LayerConfig *lc = &c->layers[layer];
-    const LayerSlots *ls = &kv->layers[layer];
-    // queries per kv head
-    int H = c->head_dim, group = c->n_heads / c->n_kv_heads, n_q = T * group;
-    int tiles = (n_q + ATT_QT - 1) / ATT_QT, n_sink = (int)ls->n_sink;
-    float scale = 1.0f / sqrtf((float)H);
-    PARALLEL_FOR
-    for (int job = 0; job < c->n_kv_heads * tiles; job++) {
-        int g = job / tiles, first = job % tiles * ATT_QT,
-            nq = n_q - first < ATT_QT ? n_q - first : ATT_QT;
-        // (H, ATT_QT) the tile's queries, transposed
-        float *qt = work + (size_t)thread_id() * ATT_WORK(H);
-        // (H, ATT_QT) the same, rotated for the sinks
-        float *qs = qt + (size_t)H * ATT_QT;
-        // (ATT_KB, H) keys converted to f32
-        float *kbuf = qs + (size_t)H * ATT_QT;
-        // (ATT_KB, H) values converted to f32
-        float *vbuf = kbuf + (size_t)ATT_KB * H;
-        Tile tile = {.acc = vbuf + (size_t)ATT_KB * H};
-        tile.s = tile.acc + (size_t)H * ATT_QT;
-        int64_t pos[ATT_QT], lo[ATT_QT], lo_all = INT64_MAX, hi_all = 0;
-        int first_key[ATT_QT], last_key[ATT_QT];   // what each query sees of a block (j)
-        // query k of the tile: row t, head h (padding repeats the last)
-        for (int k = 0; k < ATT_QT; k++) {
-            int qi = first + (k < nq ? k : nq - 1), t = qi / group, h = g * group + qi % group;
-            size_t at = (size_t)t * c->q_dim + (size_t)h * H;
-            for (int i = 0; i < H; i++) qt[i * ATT_QT + k] = q[at + i];
-            if (n_sink) for (int i = 0; i < H; i++) qs[i * ATT_QT + k] = q_sink[at + i];
-            pos[k] = (int64_t)(pos0 + t), lo[k] = (int64_t)first_visible(lc, pos0 + t);
-            lo_all = lo[k] < lo_all ? lo[k] : lo_all, hi_all = pos[k] > hi_all ? pos[k] : hi_all;
-            tile.m[k] = -INFINITY, tile.l[k] = 0;
-        }
-        memset(tile.acc, 0, (size_t)H * ATT_QT * sizeof(float));
-        const float *keys[ATT_KB + ATT_KS], *values[ATT_KB];
-        // the sinks below a query's window: j is seen iff j < lo
-        for (int j0 = 0; j0 < n_sink; j0 += ATT_KB) {
-            int nk = n_sink - j0 < ATT_KB ? n_sink - j0 : ATT_KB;
-            size_t at = ((size_t)layer * kv->max_sink + j0) * c->kv_dim + (size_t)g * H;
-            for (int j = 0; j < nk + ATT_KS; j++)
-                keys[j] = kv->sink_key + at + (size_t)(j < nk ? j : nk - 1) * c->kv_dim;
-            for (int j = 0; j < nk; j++) values[j] = kv->sink_value + at + (size_t)j * c->kv_dim;
-            for (int k = 0; k < ATT_QT; k++)
-                first_key[k] = 0, last_key[k] = (int)(lo[k] < n_sink ? lo[k] : n_sink) - 1 - j0;
-            tile_block(&tile, qs, keys, values, nk, first_key, last_key, scale, H);
-        }
-        for (int64_t p0 = lo_all / ATT_KB * ATT_KB; p0 <= hi_all; p0 += ATT_KB) {
-            int nk = hi_all + 1 - p0 < ATT_KB ? (int)(hi_all + 1 - p0) : ATT_KB;
-            size_t slot = kv_slot(ls, (size_t)p0);
-            for (int j = 0; j < nk; j++, slot = next_slot(ls, slot)) {
-                keys[j] = kv_head(kv, kv->key + slot * kv->row_bytes, g, c->n_kv_heads, H,
-                                  kbuf + (size_t)j * H);
-                values[j] = kv_head(kv, kv->value + slot * kv->row_bytes, g, c->n_kv_heads, H,
-                                    vbuf + (size_t)j * H);
-            }
-            // past the block's end: unused
-            for (int j = nk; j < nk + ATT_KS; j++) keys[j] = keys[nk - 1];
-            for (int k = 0; k < ATT_QT; k++) {
-                first_key[k] = lo[k] > p0 ? (int)(lo[k] - p0) : 0;
-                last_key[k] = pos[k] - p0 < nk ? (int)(pos[k] - p0) : nk - 1;   // -1: none
-            }
-            tile_block(&tile, qt, keys, values, nk, first_key, last_key, scale, H);
-        }
-        for (int k = 0; k < nq; k++) {
-            int qi = first + k, t = qi / group, h = g * group + qi % group;
-            float *oh = out + (size_t)t * c->q_dim + (size_t)h * H, inv = 1.0f / tile.l[k];
-            for (int i = 0; i < H; i++) oh[i] = tile.acc[(size_t)i * ATT_QT + k] * inv;
-        }
-    }
-}
-
-// ----------------------------------------------------------------------------
-// Reference blocks: the plain algorithms the fast kernels above compute
-//
-// Each is the textbook loop, a few dozen lines, with no tiles, no SIMD and no threads. They
-// are executable, not decoration: `--reference` sends the whole forward pass through them,
-// and the tests hold the fast kernels to them (tests/test_reference.py).
-
 // out (T, rows) = x (T, cols) @ w^T: one dot product per output, in double, over the weights'
-// rows as float32 (weight_row() dequantizes f16, bf16 and q8_0). matmul() computes the same in
-// blocks; for q8_0 it also rounds x to int16 steps per 32-block, so the two differ there by
-// that rounding (~1e-4 relative), elsewhere by float summation order (~1e-7).
+// rows as float32 (weight_row() dequantizes f16, bf16 and q8_0).
 // row_buf: (w->cols) floats for weight_row() to dequantize into.
 static void matmul_reference(float *out, const float *x, const Tensor *w, int T, float *row_buf) {
     for (size_t r = 0; r < w->rows; r++) {
@@ -1674,59 +1148,71 @@ static void matmul_reference(float *out, const float *x, const Tensor *w, int T,
     }
 }
 
-// Attention of T queries at positions pos0.. against one layer's cache, which already holds
-// their keys and values; q, out: (T, q_dim). For query row t at position p and head h (kv
-// head g = h / group, grouped-query attention):
-//   visible keys: the sinks below its window (sink j for j < min(first_visible(p), n_sink)),
-//     scored with the query rotated for the sinks (q_sink) against their own f32 copies; then
-//     every position first_visible(p) .. p, read back from its cache slot;
-//   out_h = sum_j softmax_j(q . k_j / sqrt(H)) v_j over exactly those keys.
-// attention() (tiles with an online softmax) and attention_decode() (Flash-Decoding ranges)
-// compute the same sums in another order.
+// In-place softmax over x[0..n): subtract the max first so exp never overflows.
+static void softmax(float *x, size_t n) {
+    float max = -INFINITY;
+    for (size_t i = 0; i < n; i++) max = max_float(max, x[i]);
+    float sum = 0;
+    for (size_t i = 0; i < n; i++) {
+        x[i] = expf(x[i] - max);
+        sum += x[i];
+    }
+    for (size_t i = 0; i < n; i++) x[i] /= sum;
+}
+
+// Scaled dot-product attention (Vaswani et al. 2017) with grouped-query heads (Ainslie et al.
+// 2023) of T queries at positions pos0.. against one layer's cache, which already holds their
+// keys and values; q, q_sink (the queries rotated for the sinks), out: (T, q_dim). For query
+// row t at position p and head h, whose kv head is g = h / (n_heads / n_kv_heads):
+//   out_h = sum_j softmax_j(q . k_j / sqrt(H)) v_j
+// over exactly the keys visible_keys() lists (the sinks below the window, scored with q_sink,
+// then positions lo .. p), each read back from the cache by read_visible().
 static void attention_reference(float *out, const float *q, const float *q_sink,
                                 const KVCache *kv, int layer, const Config *c, int T,
                                 size_t pos0) {
-    const LayerSlots *ls = &kv->layers[layer];
-    int H = c->head_dim, group = c->n_heads / c->n_kv_heads;
+    int H = c->head_dim;
+    int group = c->n_heads / c->n_kv_heads;
     float scale = 1.0f / sqrtf((float)H);
-    size_t most_keys = add_size(ls->n_sink, pos0 + (size_t)T, "reference attention");
+    size_t most_keys = add_size(kv->layers[layer].n_sink, pos0 + (size_t)T, "attention");
     float *weights = xcalloc(most_keys, sizeof(float), "reference attention");
-    float *head_buf = xcalloc(H, sizeof(float), "reference attention");
+    float *key_buf = xcalloc(H, sizeof(float), "reference attention");
+    float *value_buf = xcalloc(H, sizeof(float), "reference attention");
     for (int t = 0; t < T; t++) {
-        size_t pos = pos0 + (size_t)t;
-        size_t lo = first_visible(&c->layers[layer], pos);
-        size_t n_sink = lo < ls->n_sink ? lo : ls->n_sink;
+        VisibleKeys vis = visible_keys(kv, layer, pos0 + (size_t)t);
+        size_t n = vis.n_sink + (vis.pos - vis.lo + 1);
         for (int h = 0; h < c->n_heads; h++) {
-            int g = h / group;
             size_t at = (size_t)t * c->q_dim + (size_t)h * H;
-            size_t n = 0;
-            for (size_t j = 0; j < n_sink; j++) {   // scores of the sinks, then of the window
-                const float *k = kv->sink_key + ((size_t)layer * kv->max_sink + j) * c->kv_dim;
-                weights[n++] = dot(q_sink + at, k + (size_t)g * H, H) * scale;
-            }
-            for (size_t p = lo; p <= pos; p++) {
-                const uint8_t *row = kv->key + kv_slot(ls, p) * kv->row_bytes;
-                const float *k = kv_head(kv, row, g, c->n_kv_heads, H, head_buf);
-                weights[n++] = dot(q + at, k, H) * scale;
+            const float *key, *value;
+            for (size_t j = 0; j < n; j++) {   // the scores, then their softmax
+                read_visible(kv, layer, &vis, j, 1, h / group, &key, &value, key_buf, value_buf);
+                const float *query = j < vis.n_sink ? q_sink + at : q + at;
+                weights[j] = dot(query, key, H) * scale;
             }
             softmax(weights, n);
             float *oh = out + at;
             memset(oh, 0, (size_t)H * sizeof(float));
-            n = 0;
-            for (size_t j = 0; j < n_sink; j++, n++) {   // the weighted sum of the values
-                const float *v = kv->sink_value + ((size_t)layer * kv->max_sink + j) * c->kv_dim;
-                for (int i = 0; i < H; i++) oh[i] += weights[n] * v[(size_t)g * H + i];
-            }
-            for (size_t p = lo; p <= pos; p++, n++) {
-                const uint8_t *row = kv->value + kv_slot(ls, p) * kv->row_bytes;
-                const float *v = kv_head(kv, row, g, c->n_kv_heads, H, head_buf);
-                for (int i = 0; i < H; i++) oh[i] += weights[n] * v[i];
+            for (size_t j = 0; j < n; j++) {   // the weighted sum of the values
+                read_visible(kv, layer, &vis, j, 1, h / group, &key, &value, key_buf, value_buf);
+                for (int i = 0; i < H; i++) oh[i] += weights[j] * value[i];
             }
         }
     }
     free(weights);
-    free(head_buf);
+    free(key_buf);
+    free(value_buf);
 }
+
+// ----------------------------------------------------------------------------
+// The fast kernels: the same sums as matmul_reference() and attention_reference(), in the
+// orders a processor computes fastest (kernels.c, included after forward(); it says how).
+// Their scratch, sized once for the longest chunk, is one KernelWork.
+
+typedef struct KernelWork KernelWork;
+static KernelWork *new_kernel_work(size_t widest, int max_T, int head_dim, int n_heads);
+static void free_kernel_work(KernelWork *kw);
+static void matmul(float *out, const float *x, const Tensor *w, int T, KernelWork *kw);
+static void attention(float *out, const float *q, const float *q_sink, const KVCache *kv,
+                      int layer, const Config *c, int T, size_t pos0, KernelWork *kw);
 
 // ----------------------------------------------------------------------------
 // The transformer and its forward pass
@@ -1742,13 +1228,12 @@ typedef struct {
     float *att_out;     // (max_T, q_dim)
     float *hb, *hb2;    // (max_T, hidden_dim)
     float *logits;      // (n_logit_rows, V)
-    float *att_work;    // (n_threads, ATT_WORK(head_dim)) attention tiles
-    float *att_parts;   // (n_kv_heads, ATT_RANGES, group, head_dim + 2) decode's partial softmaxes
-    MatmulWork mm;      // matmul's scratch: packed panels, the chunk transposed or quantized
+    float *row;         // (widest) one weight row dequantized: embeddings, matmul_reference()
+    KernelWork *kernels;   // the fast kernels' scratch
 } RunState;
 
 typedef struct {
-    Config config;
+    Config config;      // read-only once loaded
     Weights weights;
     Rope rope;
     KVCache cache;
@@ -1760,78 +1245,200 @@ typedef struct {
 // The two blocks that have fast kernels, through the path the run chose: the kernels, or the
 // reference loops they are tested against.
 static void project(Transformer *tr, float *out, const float *x, const Tensor *w, int T) {
-    if (tr->reference) matmul_reference(out, x, w, T, tr->state.mm.row);
-    else matmul(out, x, w, T, &tr->state.mm);
+    if (tr->reference) matmul_reference(out, x, w, T, tr->state.row);
+    else matmul(out, x, w, T, tr->state.kernels);
 }
 
 static void attend(Transformer *tr, int layer, int T, size_t pos0) {
     RunState *s = &tr->state;
+    const Config *c = &tr->config;
     if (tr->reference)
-        attention_reference(s->att_out, s->q, s->q_sink, &tr->cache, layer, &tr->config, T, pos0);
-    else
-        attention(s->att_out, s->q, s->q_sink, &tr->cache, layer, &tr->config, T, pos0,
-                  s->att_work, s->att_parts);
+        attention_reference(s->att_out, s->q, s->q_sink, &tr->cache, layer, c, T, pos0);
+    else attention(s->att_out, s->q, s->q_sink, &tr->cache, layer, c, T, pos0, s->kernels);
+}
+
+// RoPE for the chunk's rows at positions pos0..: each query rotated to its position (and a
+// second time to meet the sinks, if the layer has any), each key rotated and written to the
+// cache with its value.
+static void rotate_and_cache(Transformer *tr, int layer, int T, size_t pos0) {
+    const Config *c = &tr->config;
+    RunState *s = &tr->state;
+    KVCache *kv = &tr->cache;
+    LayerRope rope = layer_rope(&tr->rope, c, layer);
+    int has_sinks = kv->layers[layer].n_sink > 0;
+    PARALLEL_FOR_IF(T > 1)
+    for (int t = 0; t < T; t++) {
+        size_t pos = pos0 + t;
+        float *q = s->q + (size_t)t * c->q_dim;
+        if (has_sinks) {
+            float *q_sink = s->q_sink + (size_t)t * c->q_dim;
+            memcpy(q_sink, q, c->q_dim * sizeof(float));
+            rope_rotate(q_sink, c->n_heads, c->head_dim, &rope, sink_query_pos(kv, layer, pos));
+        }
+        rope_rotate(q, c->n_heads, c->head_dim, &rope, pos);
+        float *k = s->k + (size_t)t * c->kv_dim;
+        kv_write(kv, layer, pos, k, s->v + (size_t)t * c->kv_dim, &rope);
+    }
+}
+
+// Run T tokens at positions pos0 .. pos0+T-1 through the model. Their keys and values are
+// added to the cache, so the next call continues the text. Returns the logits: (T, V) when
+// built with all_logits, else (1, V) for the last token. Prefill is one call per chunk,
+// decode one call per token. A chunk (T > 1) gives up at the next layer after a Ctrl-C and
+// returns NULL, the cache half written: its callers then stop the run, as they would after the
+// chunk. (A decode step always finishes: chat goes on after a Ctrl-C.)
+static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
+    const Config *c = &tr->config;
+    const Weights *w = &tr->weights;
+    RunState *s = &tr->state;
+    int D = c->dim;
+    int H = c->head_dim;
+    if (T < 1 || T > s->max_T) die("forward: chunk of %d tokens, limit %d", T, s->max_T);
+    size_t capacity = cache_capacity(&tr->cache, c->n_layers);
+    if (pos0 + T > capacity)
+        die("context full: %zu tokens do not fit in %zu positions; raise -c, or set --window",
+            pos0 + T, capacity);
+
+    rope_update(&tr->rope, c, pos0 + T);
+    for (int t = 0; t < T; t++) {   // token embeddings
+        const float *row = weight_row(&w->tok_embd, tokens[t], s->row);
+        memcpy(s->x + (size_t)t * D, row, D * sizeof(float));
+    }
+
+    for (int l = 0; l < c->n_layers; l++) {
+        if (T > 1 && interrupted) return NULL;
+        const LayerWeights *lw = &w->layers[l];
+
+        // attention: q, k, v projections, optional bias and per-head norm, RoPE, cache, attend
+        rmsnorm(s->xb, s->x, (const float *)lw->attn_norm.data, T, D, c->norm_eps);
+        project(tr, s->q, s->xb, &lw->wq, T);
+        project(tr, s->k, s->xb, &lw->wk, T);
+        project(tr, s->v, s->xb, &lw->wv, T);
+        if (c->qkv_bias) {
+            add_bias(s->q, (const float *)lw->bq.data, T, c->q_dim);
+            add_bias(s->k, (const float *)lw->bk.data, T, c->kv_dim);
+            add_bias(s->v, (const float *)lw->bv.data, T, c->kv_dim);
+        }
+        if (c->qk_norm) {   // Qwen3: RMSNorm over each head's H channels, before RoPE
+            rmsnorm(s->q, s->q, (const float *)lw->q_norm.data, T * c->n_heads, H, c->norm_eps);
+            rmsnorm(s->k, s->k, (const float *)lw->k_norm.data, T * c->n_kv_heads, H, c->norm_eps);
+        }
+        rotate_and_cache(tr, l, T, pos0);
+        attend(tr, l, T, pos0);
+        project(tr, s->xb, s->att_out, &lw->wo, T);
+        add_rows(s->x, s->xb, T, D);
+
+        // MLP: x += w_down(silu(w_gate(n)) * w_up(n)), n = rmsnorm(x)
+        rmsnorm(s->xb, s->x, (const float *)lw->ffn_norm.data, T, D, c->norm_eps);
+        project(tr, s->hb, s->xb, &lw->w_gate, T);
+        project(tr, s->hb2, s->xb, &lw->w_up, T);
+        swiglu(s->hb, s->hb2, T, c->hidden_dim);
+        project(tr, s->xb, s->hb, &lw->w_down, T);
+        add_rows(s->x, s->xb, T, D);
+    }
+
+    if (T > 1 && interrupted) return NULL;
+
+    // classifier, on every row or only the last one
+    int rows = s->n_logit_rows == 1 ? 1 : T;
+    const float *last = s->x + (size_t)(T - rows) * D;
+    rmsnorm(s->xb, last, (const float *)w->output_norm.data, rows, D, c->norm_eps);
+    project(tr, s->logits, s->xb, &w->output, rows);
+    return s->logits;
+}
+
+// ----------------------------------------------------------------------------
+// Building a transformer, and describing it
+
+// Command-line RoPE settings (0 / NULL = keep the file's). A new --rope-scaling starts from
+// that method's defaults (HF's), so any model can take any method without re-export.
+typedef struct {
+    const char *scaling;          // none | linear | dynamic | yarn | llama3
+    float theta, factor;          // --rope-theta, --rope-factor
+    long orig_ctx;                // --rope-orig-ctx; default: the trained context
+    float beta_fast, beta_slow;   // --yarn-beta-fast, --yarn-beta-slow
+    float attn_factor;            // --yarn-attn-factor
+} RopeOptions;
+
+static int rope_type_from_name(const char *name) {
+    if (!strcmp(name, "none")) return ROPE_DEFAULT;
+    for (int t = ROPE_LINEAR; t < ROPE_LONGROPE; t++)
+        if (!strcmp(name, rope_type_name(t))) return t;
+    return -1;
+}
+
+static void apply_rope_options(Config *c, const RopeOptions *o) {
+    for (int l = 0; l < c->n_layers; l++) {
+        LayerConfig *lc = &c->layers[l];
+        if (lc->rotary_dim == 0) continue;   // NoPE layers stay so
+        if (o->scaling) {
+            LayerConfig fresh = { .attn_kind = lc->attn_kind,
+                                  .window = lc->window,
+                                  .rotary_dim = lc->rotary_dim,
+                                  .rope_theta = lc->rope_theta,
+                                  .rope_type = (uint32_t)rope_type_from_name(o->scaling),
+                                  .factor = 1,
+                                  .orig_ctx = (uint32_t)c->max_seq_len,
+                                  .beta_fast = 32,
+                                  .beta_slow = 1,
+                                  .yarn_truncate = 1,
+                                  .low_freq_factor = 1,
+                                  .high_freq_factor = 4 };
+            *lc = fresh;
+        }
+        if ((o->factor || o->orig_ctx) && lc->rope_type == ROPE_DEFAULT)
+            die("--rope-factor and --rope-orig-ctx need a scaling method: add --rope-scaling");
+        if ((o->beta_fast || o->beta_slow || o->attn_factor) && lc->rope_type != ROPE_YARN)
+            die("--yarn-* options need yarn scaling (this model has '%s'): add --rope-scaling yarn",
+                rope_type_name(lc->rope_type));
+        if (o->theta) lc->rope_theta = o->theta;
+        if (o->factor) lc->factor = o->factor;
+        if (o->orig_ctx) lc->orig_ctx = (uint32_t)o->orig_ctx;
+        if (o->beta_fast) lc->beta_fast = o->beta_fast;
+        if (o->beta_slow) lc->beta_slow = o->beta_slow;
+        if (o->attn_factor) lc->attention_factor = o->attn_factor;
+    }
 }
 
 static void build_state(RunState *s, const Config *c, int max_T, int all_logits) {
-    int widest = c->dim > c->hidden_dim ? c->dim : c->hidden_dim;
-    widest = widest > c->q_dim ? widest : c->q_dim;
+    size_t widest = max_size(max_size(c->dim, c->hidden_dim), c->q_dim);
+    size_t T = (size_t)max_T;
     s->max_T = max_T;
     s->n_logit_rows = all_logits ? max_T : 1;
-    s->x = xcalloc(mul_size(max_T, c->dim, "x"), sizeof(float), "activations");
-    s->xb = xcalloc(mul_size(max_T, c->dim, "xb"), sizeof(float), "activations");
-    s->q = xcalloc(mul_size(max_T, c->q_dim, "q"), sizeof(float), "activations");
-    s->q_sink = xcalloc(mul_size(max_T, c->q_dim, "q"), sizeof(float), "activations");
-    s->k = xcalloc(mul_size(max_T, c->kv_dim, "k"), sizeof(float), "activations");
-    s->v = xcalloc(mul_size(max_T, c->kv_dim, "v"), sizeof(float), "activations");
-    s->att_out = xcalloc(mul_size(max_T, c->q_dim, "att"), sizeof(float), "activations");
-    s->hb = xcalloc(mul_size(max_T, c->hidden_dim, "hb"), sizeof(float), "activations");
-    s->hb2 = xcalloc(mul_size(max_T, c->hidden_dim, "hb2"), sizeof(float), "activations");
-    s->logits =
-            xcalloc(mul_size(s->n_logit_rows, c->vocab_size, "logits"), sizeof(float), "logits");
-    s->att_work = xcalloc(mul_size(n_threads(), ATT_WORK(c->head_dim), "attention"), sizeof(float),
-                          "attention tiles");
-    s->att_parts = xcalloc(mul_size((size_t)c->n_heads * ATT_RANGES, c->head_dim + 2, "attention"),
-                           sizeof(float), "attention ranges");
-    build_matmul_work(&s->mm, widest, max_T);
+    s->x = xcalloc(mul_size(T, c->dim, "x"), sizeof(float), "activations");
+    s->xb = xcalloc(mul_size(T, c->dim, "xb"), sizeof(float), "activations");
+    s->q = xcalloc(mul_size(T, c->q_dim, "q"), sizeof(float), "activations");
+    s->q_sink = xcalloc(mul_size(T, c->q_dim, "q"), sizeof(float), "activations");
+    s->k = xcalloc(mul_size(T, c->kv_dim, "k"), sizeof(float), "activations");
+    s->v = xcalloc(mul_size(T, c->kv_dim, "v"), sizeof(float), "activations");
+    s->att_out = xcalloc(mul_size(T, c->q_dim, "att"), sizeof(float), "activations");
+    s->hb = xcalloc(mul_size(T, c->hidden_dim, "hb"), sizeof(float), "activations");
+    s->hb2 = xcalloc(mul_size(T, c->hidden_dim, "hb2"), sizeof(float), "activations");
+    size_t logit_floats = mul_size(s->n_logit_rows, c->vocab_size, "logits");
+    s->logits = xcalloc(logit_floats, sizeof(float), "logits");
+    s->row = xcalloc(widest, sizeof(float), "a weight row");
+    s->kernels = new_kernel_work(widest, max_T, c->head_dim, c->n_heads);
 }
 
 static void free_state(RunState *s) {
-    void *buffers[] = { s->x,       s->xb, s->q,   s->q_sink, s->k,        s->v,
-                        s->att_out, s->hb, s->hb2, s->logits, s->att_work, s->att_parts };
+    void *buffers[] = { s->x,  s->xb,  s->q,      s->q_sink, s->k,  s->v,
+                        s->hb, s->hb2, s->logits, s->att_out, s->row };
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
-    free_matmul_work(&s->mm);
-}
-
-// --window, --sinks and --lminf over the file's per-layer windows: every layer gets a window of
-// at most W, and the sinks. LM-Infinite's defaults (Han et al. 2023): the local window and the
-// distance cap are the trained context, with 10 global tokens.
-static void apply_attention_options(Config *c, AttnOptions *a) {
-    if (a->lminf) {
-        if (!a->window) a->window = c->max_seq_len;
-        if (a->n_sink < 0) a->n_sink = 10;
-        if (!a->limit) a->limit = a->window;
-    }
-    if (a->n_sink < 0) a->n_sink = 0;
-    for (int l = 0; l < c->n_layers && a->window; l++) {
-        LayerConfig *lc = &c->layers[l];
-        if (lc->attn_kind != ATTN_SLIDING || lc->window > (uint32_t)a->window)
-            lc->attn_kind = ATTN_SLIDING, lc->window = (uint32_t)a->window;
-    }
+    free_kernel_work(s->kernels);
 }
 
 // Point into the opened, validated file and allocate everything a run needs, once: context
 // cache slots, chunks of up to max_T tokens, logits for every row or only the last.
 static void build_transformer(Transformer *t, const ModelFile *mf, const char *path,
-                              const RopeOptions *rope, AttnOptions *attn, size_t context, int max_T,
-                              int all_logits) {
+                              const RopeOptions *rope, AttnOptions *attn, size_t context,
+                              int max_T, int all_logits) {
     t->file = *mf;
     read_config(&t->config, &t->file, path);
     apply_rope_options(&t->config, rope);
     check_rope_config(&t->config, path);
     build_weights(&t->weights, &t->config, &t->file, path);
     build_rope(&t->rope, &t->config, &t->file, path);
-    apply_attention_options(&t->config, attn);
+    resolve_attention_options(attn, &t->config);
     build_cache(&t->cache, &t->config, attn, context, max_T);
     build_state(&t->state, &t->config, max_T, all_logits);
 }
@@ -1854,28 +1461,29 @@ static void print_attention(const Transformer *t) {
     const Config *c = &t->config;
     const KVCache *kv = &t->cache;
     int n_windowed = 0;
-    uint32_t w_min = UINT32_MAX, w_max = 0;
-    for (int l = 0; l < c->n_layers; l++)
-        if (c->layers[l].attn_kind == ATTN_SLIDING) {
-            n_windowed++;
-            w_min = c->layers[l].window < w_min ? c->layers[l].window : w_min;
-            w_max = c->layers[l].window > w_max ? c->layers[l].window : w_max;
-        }
+    size_t w_min = SIZE_MAX;
+    size_t w_max = 0;
     size_t n_sink = 0;
-    for (int l = 0; l < c->n_layers; l++)
-        n_sink = kv->layers[l].n_sink > n_sink ? kv->layers[l].n_sink : n_sink;
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerSlots *ls = &kv->layers[l];
+        n_sink = max_size(n_sink, ls->n_sink);
+        if (ls->window == SIZE_MAX) continue;
+        n_windowed++;
+        w_min = min_size(w_min, ls->window);
+        w_max = max_size(w_max, ls->window);
+    }
     if (!n_windowed) fprintf(stderr, "attention: full");
     else if (w_min == w_max)
-        fprintf(stderr, "attention: window of %u keys on %d of %d layers", w_max, n_windowed,
+        fprintf(stderr, "attention: window of %zu keys on %d of %d layers", w_max, n_windowed,
                 c->n_layers);
     else
-        fprintf(stderr, "attention: windows of %u..%u keys on %d of %d layers", w_min, w_max,
+        fprintf(stderr, "attention: windows of %zu..%zu keys on %d of %d layers", w_min, w_max,
                 n_windowed, c->n_layers);
     if (n_sink && kv->sink_kind == SINKS_LMINF)
         fprintf(stderr, " + %zu global tokens at distance min(pos, %zu) (LM-Infinite)", n_sink,
                 kv->limit);
     else if (n_sink) fprintf(stderr, " + %zu sinks at cache-slot distances (StreamingLLM)", n_sink);
-    size_t cap = cache_capacity(kv, c);
+    size_t cap = cache_capacity(kv, c->n_layers);
     if (cap == SIZE_MAX) fprintf(stderr, "; a text of any length\n");
     else fprintf(stderr, "; context %zu tokens\n", cap);
 }
@@ -1913,97 +1521,11 @@ static void print_model_summary(const Transformer *t, const char *path) {
             kv_type_names[kv->type], kv_bytes_per_token(t), kv->n_slots, act / 1e6);
 }
 
-// Run T tokens at positions pos0 .. pos0+T-1 through the model. Their keys and values are
-// added to the cache, so the next call continues the text. Returns the logits: (T, V) when
-// built with all_logits, else (1, V) for the last token. Prefill is one call per chunk,
-// decode one call per token. A chunk (T > 1) gives up at the next layer after a Ctrl-C and
-// returns NULL, the cache half written: its callers then stop the run, as they would after the
-// chunk. (A decode step always finishes: chat goes on after a Ctrl-C.)
-static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
-    const Config *c = &tr->config;
-    const Weights *w = &tr->weights;
-    RunState *s = &tr->state;
-    KVCache *kv = &tr->cache;
-    int D = c->dim, H = c->head_dim;
-    if (T < 1 || T > s->max_T) die("forward: chunk of %d tokens, limit %d", T, s->max_T);
-    if (pos0 + T > cache_capacity(kv, c))
-        die("context full: %zu tokens do not fit in %zu positions; raise -c, or set --window",
-            pos0 + T, cache_capacity(kv, c));
+// ----------------------------------------------------------------------------
+// The fast kernels: matmul() and attention(), and their scratch (one translation unit with
+// this file)
 
-    rope_update(&tr->rope, c, pos0 + T);
-    for (int t = 0; t < T; t++) {   // token embeddings
-        const float *row = weight_row(&w->tok_embd, tokens[t], s->mm.row);
-        memcpy(s->x + (size_t)t * D, row, D * sizeof(float));
-    }
-
-    for (int l = 0; l < c->n_layers; l++) {
-        if (T > 1 && interrupted) return NULL;
-        const LayerWeights *lw = &w->layers[l];
-        const LayerConfig *lc = &c->layers[l];
-        const LayerSlots *ls = &kv->layers[l];
-
-        // attention: q, k, v projections, optional bias and per-head norm, RoPE, cache, attend
-        rmsnorm(s->xb, s->x, (const float *)lw->attn_norm.data, T, D, c->norm_eps);
-        project(tr, s->q, s->xb, &lw->wq, T);
-        project(tr, s->k, s->xb, &lw->wk, T);
-        project(tr, s->v, s->xb, &lw->wv, T);
-        if (c->qkv_bias) {
-            add_bias(s->q, (const float *)lw->bq.data, T, c->q_dim);
-            add_bias(s->k, (const float *)lw->bk.data, T, c->kv_dim);
-            add_bias(s->v, (const float *)lw->bv.data, T, c->kv_dim);
-        }
-        if (c->qk_norm) {   // Qwen3: RMSNorm over each head's H channels, before RoPE
-            rmsnorm(s->q, s->q, (const float *)lw->q_norm.data, T * c->n_heads, H, c->norm_eps);
-            rmsnorm(s->k, s->k, (const float *)lw->k_norm.data, T * c->n_kv_heads, H, c->norm_eps);
-        }
-        const float *inv_freq = tr->rope.inv_freq + (size_t)l * tr->rope.stride;
-        float a = tr->rope.attn_factor[l];
-        PARALLEL_FOR_IF(T > 1)
-        for (int t = 0; t < T; t++) {
-            size_t pos = pos0 + t;
-            float *qt = s->q + (size_t)t * c->q_dim, *kt = s->k + (size_t)t * c->kv_dim,
-                  *vt = s->v + (size_t)t * c->kv_dim;
-            if (ls->n_sink) {   // the query again, rotated to meet the sinks
-                float *qs = s->q_sink + (size_t)t * c->q_dim;
-                memcpy(qs, qt, c->q_dim * sizeof(float));
-                rope_rotate(qs, c->n_heads, H, lc->rotary_dim, inv_freq, a,
-                            sink_query_pos(kv, ls, lc, pos));
-            }
-            if (pos < ls->n_sink) {   // a sink: its key and value kept apart as well
-                size_t at = ((size_t)l * kv->max_sink + pos) * c->kv_dim;
-                memcpy(kv->sink_key + at, kt, c->kv_dim * sizeof(float));
-                memcpy(kv->sink_value + at, vt, c->kv_dim * sizeof(float));
-                rope_rotate(kv->sink_key + at, c->n_kv_heads, H, lc->rotary_dim, inv_freq, a,
-                            sink_key_pos(kv, pos));
-            }
-            rope_rotate(qt, c->n_heads, H, lc->rotary_dim, inv_freq, a, pos);
-            rope_rotate(kt, c->n_kv_heads, H, lc->rotary_dim, inv_freq, a, pos);
-            size_t slot = kv_slot(ls, pos);
-            kv_store(kv, kv->key + slot * kv->row_bytes, kt, c->n_kv_heads, H);
-            kv_store(kv, kv->value + slot * kv->row_bytes, vt, c->n_kv_heads, H);
-        }
-        attend(tr, l, T, pos0);
-        project(tr, s->xb, s->att_out, &lw->wo, T);
-        add_rows(s->x, s->xb, T, D);
-
-        // MLP: x += w_down(silu(w_gate(n)) * w_up(n)), n = rmsnorm(x)
-        rmsnorm(s->xb, s->x, (const float *)lw->ffn_norm.data, T, D, c->norm_eps);
-        project(tr, s->hb, s->xb, &lw->w_gate, T);
-        project(tr, s->hb2, s->xb, &lw->w_up, T);
-        swiglu(s->hb, s->hb2, T, c->hidden_dim);
-        project(tr, s->xb, s->hb, &lw->w_down, T);
-        add_rows(s->x, s->xb, T, D);
-    }
-
-    if (T > 1 && interrupted) return NULL;
-
-    // classifier, on every row or only the last one
-    int rows = s->n_logit_rows == 1 ? 1 : T;
-    const float *last = s->x + (size_t)(T - rows) * D;
-    rmsnorm(s->xb, last, (const float *)w->output_norm.data, rows, D, c->norm_eps);
-    project(tr, s->logits, s->xb, &w->output, rows);
-    return s->logits;
-}
+#include "kernels.c"
 
 // ----------------------------------------------------------------------------
 // The tokenizer: text <-> ids, in tokenizer.c (one translation unit with this file)
@@ -2055,7 +1577,10 @@ static void build_sampler(Sampler *sp, int vocab, uint64_t seed) {
     sp->n_seen = 0;
 }
 
-static void free_sampler(Sampler *sp) { free(sp->order); free(sp->recent); }
+static void free_sampler(Sampler *sp) {
+    free(sp->order);
+    free(sp->recent);
+}
 
 // Record a token of the text (prompt or generated) for the repetition penalty.
 static void sampler_accept(Sampler *sp, int token) {
@@ -2064,7 +1589,9 @@ static void sampler_accept(Sampler *sp, int token) {
 }
 
 static float random_f32(uint64_t *state) { // xorshift64*, uniform in [0, 1)
-    *state ^= *state >> 12; *state ^= *state << 25; *state ^= *state >> 27;
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
     return ((*state * 0x2545F4914F6CDD1Dull) >> 40) / 16777216.0f;
 }
 
@@ -2138,7 +1665,10 @@ static int sample(Sampler *sp, float *logits, int vocab) {
         for (int i = 0; i < n; i++) mass += logits[sp->order[i]];
     } else if (sp->top_p >= 1 && sp->min_p <= 0) {   // the whole distribution: no sorting needed
         float r = random_f32(&sp->rng), cdf = 0;
-        for (int i = 0; i < vocab; i++) { cdf += logits[i]; if (r < cdf) return i; }
+        for (int i = 0; i < vocab; i++) {
+            cdf += logits[i];
+            if (r < cdf) return i;
+        }
         return vocab - 1;
     } else {   // sort only tokens that can survive: below (1-top_p)/V none is in the nucleus
         // (the tokens beneath it hold less than 1-top_p together); the margin covers rounding
@@ -2158,7 +1688,10 @@ static int sample(Sampler *sp, float *logits, int vocab) {
     float total = 0;
     for (int i = 0; i < n; i++) total += logits[sp->order[i]];
     float r = random_f32(&sp->rng) * total, cdf = 0;
-    for (int i = 0; i < n; i++) { cdf += logits[sp->order[i]]; if (r < cdf) return sp->order[i]; }
+    for (int i = 0; i < n; i++) {
+        cdf += logits[sp->order[i]];
+        if (r < cdf) return sp->order[i];
+    }
     return sp->order[n - 1];
 }
 
@@ -2214,7 +1747,7 @@ static size_t parse_ids(const char *text, size_t len, int vocab, int **ids_out) 
         long v = strtol(p, &end, 10);
         size_t token_len = strcspn(p, " \t\n\r,");   // the whole word, for the message
         if (*p < '0' || *p > '9' || end != p + token_len || errno)
-            die("token ids: '%s' is not a token id", printable(p, token_len < 20 ? token_len : 20));
+            die("token ids: '%s' is not a token id", printable(p, min_size(token_len, 20)));
         if (v < 0 || v >= vocab) die("token ids: %ld is outside the vocabulary [0, %d)", v, vocab);
         ids[n++] = (int)v;
         p = end;
@@ -2378,70 +1911,62 @@ static void close_output(OutputFile *out) {
     pending_output[0] = 0;
 }
 
-// Feed n tokens to the model from position pos0 in chunks; return the last token's logits.
-// Long prompts show their progress on stderr.
-static float *prefill(Transformer *t, const int *tokens, size_t n, size_t pos0) {
-    float *logits = NULL;
+// Feed tokens[0..n) to the model from position pos0, max_T at a time, and hand each chunk's
+// logits to each(ctx, logits, done, T): rows for tokens done .. done+T-1 (or only the last
+// row, as the transformer was built). The one chunk loop of prefill, logits and ppl; long
+// texts show `what`'s progress on stderr. Stops after a Ctrl-C; returns the tokens fed.
+typedef void (*ChunkDone)(void *ctx, float *logits, size_t done, int T);
+
+static size_t run_chunks(Transformer *t, const int *tokens, size_t n, size_t pos0,
+                         const char *what, ChunkDone each, void *ctx) {
     double start = now_seconds();
-    for (size_t done = 0; done < n && !interrupted; done += t->state.max_T) {
-        int T = n - done < (size_t)t->state.max_T ? (int)(n - done) : t->state.max_T;
-        logits = forward(t, tokens + done, T, pos0 + done);
-        if (!logits) break;
+    size_t done = 0;
+    while (done < n && !interrupted) {
+        int T = (int)min_size(n - done, (size_t)t->state.max_T);
+        float *logits = forward(t, tokens + done, T, pos0 + done);
+        if (!logits) break;   // a Ctrl-C inside the chunk
+        each(ctx, logits, done, T);
+        done += (size_t)T;
         if (n >= 4096)
-            fprintf(stderr, "\rprefill %zu / %zu tokens, %.0f tok/s", done + T, n,
-                    (done + T) / (now_seconds() - start));
+            fprintf(stderr, "\r%s %zu / %zu tokens, %.0f tok/s", what, done, n,
+                    done / (now_seconds() - start));
     }
     if (n >= 4096) fprintf(stderr, "\n");
+    return done;
+}
+
+static void keep_logits(void *last, float *logits, size_t done, int T) {
+    (void)done;
+    (void)T;
+    *(float **)last = logits;
+}
+
+// Feed n tokens to the model from position pos0 in chunks; return the last token's logits.
+static float *prefill(Transformer *t, const int *tokens, size_t n, size_t pos0) {
+    float *logits = NULL;
+    run_chunks(t, tokens, n, pos0, "prefill", keep_logits, &logits);
     if (interrupted) die("interrupted during prefill");
     return logits;
 }
 
-// The context-full policy of generate and chat: when a full-attention cache is full, go on as
-// StreamingLLM with 4 sinks and the rest of the slots as the window. The slots already hold
-// the positions where the sinks-and-ring rule looks for them, so nothing moves; the sinks'
-// f32 copies are read back from the cache. Says so once; returns 0 if the cache is too small.
+// The context-full policy of generate and chat: a full cache goes on as StreamingLLM
+// (kv_continue_streaming()). Says so once; returns 0 if the cache is too small for it.
 static int continue_streaming(Transformer *t) {
-    Config *c = &t->config;
-    KVCache *kv = &t->cache;
-    size_t S = 4, window = 0;
-    for (int l = 0; l < c->n_layers; l++)
-        if (layer_fills(kv, &c->layers[l], l) &&
-            kv->layers[l].ring < S + (size_t)t->state.max_T + 1) {
-            fprintf(stderr,
-                    "\n[context full at %zu tokens, too small to go on through a window: raise "
-                    "-c]\n",
-                    cache_capacity(kv, c));
-            return 0;
-        }
-    for (int l = 0; l < c->n_layers; l++) {
-        LayerConfig *lc = &c->layers[l];
-        LayerSlots *ls = &kv->layers[l];
-        if (!layer_fills(kv, lc, l) || ls->n_sink) continue;
-        ls->n_sink = S, ls->ring -= S, window = ls->ring - t->state.max_T + 1;
-        lc->attn_kind = ATTN_SLIDING, lc->window = (uint32_t)window;
-        for (size_t i = 0; i < S; i++)
-            for (int g = 0; g < c->n_kv_heads; g++) {
-                size_t row = kv_slot(ls, i) * kv->row_bytes,
-                       at = ((size_t)l * kv->max_sink + i) * c->kv_dim + (size_t)g * c->head_dim;
-                const float *k = kv_head(kv, kv->key + row, g, c->n_kv_heads, c->head_dim,
-                                         kv->sink_key + at);
-                const float *v = kv_head(kv, kv->value + row, g, c->n_kv_heads, c->head_dim,
-                                         kv->sink_value + at);
-                memmove(kv->sink_key + at, k, c->head_dim * sizeof(float));
-                memmove(kv->sink_value + at, v, c->head_dim * sizeof(float));
-            }
+    size_t capacity = cache_capacity(&t->cache, t->config.n_layers);
+    size_t window = kv_continue_streaming(&t->cache, t->config.n_layers);
+    if (!window) {
+        fprintf(stderr, "\n[context full at %zu tokens, too small to go on through a window: "
+                "raise -c]\n", capacity);
+        return 0;
     }
-    kv->sink_kind = SINKS_STREAMING;
-    fprintf(stderr,
-            "\n[context full: going on with %zu sinks + a window of %zu (StreamingLLM); see "
-            "--window]\n",
-            S, window);
+    fprintf(stderr, "\n[context full: going on with 4 sinks + a window of %zu (StreamingLLM); "
+            "see --window]\n", window);
     return 1;
 }
 
 // Room for n more tokens at pos: there is, or the context-full policy makes it.
 static int make_room(Transformer *t, size_t pos, size_t n) {
-    return pos + n <= cache_capacity(&t->cache, &t->config) || continue_streaming(t);
+    return pos + n <= cache_capacity(&t->cache, t->config.n_layers) || continue_streaming(t);
 }
 
 // Sample up to steps tokens (-1: no limit) after logits, printing each and feeding it back at
@@ -2535,7 +2060,10 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *system
     char *line = NULL;
     size_t line_cap = 0, pos = 0;
     for (int turn = 0;; turn++) {
-        if (interactive) { fprintf(stderr, "> "); fflush(stderr); }
+        if (interactive) {
+            fprintf(stderr, "> ");
+            fflush(stderr);
+        }
         ssize_t got = getline(&line, &line_cap, stdin);
         if (got < 0) break;
         while (got > 0 && (line[got - 1] == '\n' || line[got - 1] == '\r')) line[--got] = 0;
@@ -2556,7 +2084,7 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *system
         if (!ids) die("out of memory tokenizing the chat turn");
         if (!make_room(t, pos, n))
             die("this turn (%zu tokens) does not fit the context at %zu of %zu; raise -c", n, pos,
-                cache_capacity(&t->cache, &t->config));
+                cache_capacity(&t->cache, t->config.n_layers));
         for (size_t i = 0; i < n; i++) sampler_accept(sp, ids[i]);
         double t0 = now_seconds();
         float *logits = prefill(t, ids, n, pos);
@@ -2572,19 +2100,25 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *system
     free(line);
 }
 
+// Where write_logits() puts each chunk's rows.
+typedef struct {
+    OutputFile *out;
+    int V;
+} LogitsFile;
+
+static void write_chunk(void *file, float *logits, size_t done, int T) {
+    LogitsFile *lf = file;
+    (void)done;
+    if (fwrite(logits, sizeof(float) * lf->V, T, lf->out->f) != (size_t)T)
+        die("%s: write failed: %s", lf->out->path, strerror(errno));
+}
+
 // -m logits: run the ids in chunks and write every position's logits as raw float32 (n, V).
 static void write_logits(Transformer *t, const int *tokens, size_t n, OutputFile *out) {
-    int V = t->config.vocab_size;
-    for (size_t done = 0; done < n; done += t->state.max_T) {
-        if (interrupted)
-            die("interrupted after %zu of %zu tokens; %s not written", done, n, out->path);
-        int T = n - done < (size_t)t->state.max_T ? (int)(n - done) : t->state.max_T;
-        float *logits = forward(t, tokens + done, T, done);
-        if (!logits || interrupted)
-            die("interrupted after %zu of %zu tokens; %s not written", done, n, out->path);
-        if (fwrite(logits, sizeof(float) * V, T, out->f) != (size_t)T)
-            die("%s: write failed: %s", out->path, strerror(errno));
-    }
+    LogitsFile lf = {out, t->config.vocab_size};
+    size_t done = run_chunks(t, tokens, n, 0, "logits", write_chunk, &lf);
+    if (done < n || interrupted)
+        die("interrupted after %zu of %zu tokens; %s not written", done, n, out->path);
 }
 
 // -m tokenize: the ids of the prompt on one line, as HF's encode(text, add_special_tokens=False).
@@ -2599,10 +2133,42 @@ static void print_ids(const int *ids, size_t n) {
 // log p(target | logits) for one row of V logits, as log-softmax with a float64 sum.
 static double token_log_prob(const float *logits, int V, int target) {
     float max = logits[0];
-    for (int i = 1; i < V; i++) max = logits[i] > max ? logits[i] : max;
+    for (int i = 1; i < V; i++) max = max_float(logits[i], max);
     double sum = 0;
     for (int i = 0; i < V; i++) sum += expf(logits[i] - max);
     return (double)(logits[target] - max) - log(sum);
+}
+
+// The running sums of a perplexity pass: row r of a chunk that starts at token `done`
+// predicts token done + r + 1.
+typedef struct {
+    const int *tokens;
+    int V;
+    size_t n, bucket;      // the text's tokens; predicted positions per CSV row
+    FILE *csv;
+    double *nll;           // (max_T) one chunk's negative log-likelihoods
+    double total, bucket_sum;
+    size_t bucket_n, predicted;
+} PerplexityRun;
+
+static void score_chunk(void *run, float *logits, size_t done, int T) {
+    PerplexityRun *p = run;
+    PARALLEL_FOR
+    for (int r = 0; r < T; r++)
+        p->nll[r] = -token_log_prob(logits + (size_t)r * p->V, p->V, p->tokens[done + r + 1]);
+    for (int r = 0; r < T; r++) {
+        p->total += p->nll[r];
+        p->bucket_sum += p->nll[r];
+        p->bucket_n++;
+        p->predicted++;
+        if (p->csv && (p->predicted % p->bucket == 0 || p->predicted == p->n - 1)) {
+            double mean = p->bucket_sum / p->bucket_n;
+            fprintf(p->csv, "%zu,%zu,%zu,%.6f,%.4f\n", p->predicted - p->bucket_n + 1,
+                    p->predicted, p->bucket_n, mean, exp(mean));
+            p->bucket_sum = 0;
+            p->bucket_n = 0;
+        }
+    }
 }
 
 // -m ppl: perplexity exp(mean NLL) of a text, every token predicted from all before it that
@@ -2610,41 +2176,20 @@ static double token_log_prob(const float *logits, int V, int target) {
 // chunk's logits, whatever the text's length. With a csv file, one row per `bucket` predicted
 // positions: first,last,tokens,mean_nll,ppl.
 static void perplexity(Transformer *t, const int *tokens, size_t n, size_t bucket, FILE *csv) {
-    int V = t->config.vocab_size, max_T = t->state.max_T;
+    PerplexityRun p = {.tokens = tokens, .V = t->config.vocab_size, .n = n, .bucket = bucket,
+                       .csv = csv};
+    p.nll = xcalloc(t->state.max_T, sizeof(double), "nll row");
     if (csv) fprintf(csv, "first,last,tokens,mean_nll,ppl\n");
-    double *nll = xcalloc(max_T, sizeof(double), "nll row");
-    double total = 0, bucket_sum = 0, start = now_seconds();
-    size_t bucket_n = 0, predicted = 0;
-    for (size_t done = 0; done + 1 < n && !interrupted; done += max_T) {
-        // rows with a next token
-        int T = n - 1 - done < (size_t)max_T ? (int)(n - 1 - done) : max_T;
-        const float *logits = forward(t, tokens + done, T, done);
-        if (!logits) break;   // interrupted
-        PARALLEL_FOR
-        for (int r = 0; r < T; r++)
-            nll[r] = -token_log_prob(logits + (size_t)r * V, V, tokens[done + r + 1]);
-        for (int r = 0; r < T; r++) {   // position done + r + 1 is predicted
-            total += nll[r], bucket_sum += nll[r], bucket_n++, predicted++;
-            if (csv && (predicted % bucket == 0 || predicted == n - 1)) {
-                fprintf(csv, "%zu,%zu,%zu,%.6f,%.4f\n", predicted - bucket_n + 1, predicted,
-                        bucket_n, bucket_sum / bucket_n, exp(bucket_sum / bucket_n));
-                bucket_sum = 0, bucket_n = 0;
-            }
-        }
-        if (n >= 4096)
-            fprintf(stderr, "\rppl %zu / %zu tokens, %.0f tok/s, ppl so far %.3f", predicted + 1, n,
-                    predicted / (now_seconds() - start), exp(total / predicted));
-    }
-    if (n >= 4096) fprintf(stderr, "\n");
-    free(nll);
-    if (interrupted && predicted == 0) die("interrupted before the first chunk was scored");
+    double start = now_seconds();
+    run_chunks(t, tokens, n - 1, 0, "ppl", score_chunk, &p);   // the rows with a next token
+    free(p.nll);
+    double mean = p.total / p.predicted;
+    if (interrupted && p.predicted == 0) die("interrupted before the first chunk was scored");
     if (interrupted)
-        die("interrupted after %zu tokens (perplexity so far %.4f)", predicted,
-            exp(total / predicted));
-    printf("perplexity %.4f over %zu predicted tokens (mean NLL %.6f), %.1f tok/s, peak RSS %.0f "
-           "MB\n",
-           exp(total / predicted), predicted, total / predicted,
-           predicted / (now_seconds() - start), peak_rss_mb());
+        die("interrupted after %zu tokens (perplexity so far %.4f)", p.predicted, exp(mean));
+    printf("perplexity %.4f over %zu predicted tokens (mean NLL %.6f), %.1f tok/s, "
+           "peak RSS %.0f MB\n",
+           exp(mean), p.predicted, mean, p.predicted / (now_seconds() - start), peak_rss_mb());
 }
 
 // The pass-key prompt (Mohtashami & Jaggi 2023, "Landmark Attention"): a key hidden at
@@ -2702,9 +2247,9 @@ static void passkey(Transformer *t, Tokenizer *tok, const long *lengths, int n_l
                 size_t n, answer_len, pos;
                 snprintf(key, sizeof(key), "%05u", (unsigned)(random_f32(&greedy.rng) * 100000));
                 int *prompt = passkey_prompt(tok, (size_t)lengths[li], depths[di], key, &n);
-                if (n + 8 > cache_capacity(&t->cache, &t->config))
+                if (n + 8 > cache_capacity(&t->cache, t->config.n_layers))
                     die("a pass-key prompt of %zu tokens does not fit in %zu positions", n,
-                        cache_capacity(&t->cache, &t->config));
+                        cache_capacity(&t->cache, t->config.n_layers));
                 double t0 = now_seconds();
                 float *logits = prefill(t, prompt, n, 0);
                 FILE *out = open_memstream(&answer, &answer_len);   // the answer, as text
@@ -2778,7 +2323,8 @@ static void bench(Transformer *t, const long *pp, int n_pp, const long *tg, int 
                         forward(t, &ids[i], 1, depth + i);
                     }
                     double rate = n / (now_seconds() - t0);
-                    sum += rate, sum2 += rate * rate;
+                    sum += rate;
+                    sum2 += rate * rate;
                 }
                 double mean = sum / reps,
                        sd = reps > 1 ? sqrt(fmax(0, (sum2 - reps * mean * mean) / (reps - 1))) : 0;
@@ -2939,7 +2485,8 @@ static int split_list(const char *flag, const char *s, char items[MAX_LIST][64])
     for (int n = 0; n < MAX_LIST; n++) {
         size_t len = strcspn(s, ",");
         if (len >= sizeof(items[n])) break;
-        memcpy(items[n], s, len), items[n][len] = 0;
+        memcpy(items[n], s, len);
+        items[n][len] = 0;
         if (!s[len]) return n + 1;
         s += len + 1;
     }
@@ -2987,7 +2534,8 @@ static int takes_value(const char *flag) {
     return 0;
 }
 
-static Options parse_options(int argc, char **argv) {
+// The defaults, as usage() states them.
+static Options default_options(void) {
     Options o = { .mode = "generate",
                   .steps = 256,
                   .seed = (uint64_t)time(NULL),
@@ -3010,6 +2558,127 @@ static Options parse_options(int argc, char **argv) {
                   .n_bench_depth = 1,
                   .reps = 3,
                   .attn = { .n_sink = -1, .kv_type = KV_F32 } };
+    return o;
+}
+
+// An option without a value: set it and return 1, or return 0 if flag is not one.
+static int parse_switch(Options *o, const char *flag) {
+    int *target = NULL;
+    if (!strcmp(flag, "--ids")) target = &o->input_is_ids;
+    if (!strcmp(flag, "--bos")) target = &o->bos;
+    if (!strcmp(flag, "--json")) target = &o->json;
+    if (!strcmp(flag, "--lminf")) target = &o->attn.lminf;
+    if (!strcmp(flag, "--reference")) target = &o->reference;
+    if (target) *target = 1;
+    return target != NULL;
+}
+
+// Options of the sampler, the prompt and the run's size.
+static int parse_run_option(Options *o, const char *flag, const char *val) {
+    Sampler *sp = &o->sampler;
+    if (!strcmp(flag, "-m")) o->mode = val;
+    else if (!strcmp(flag, "-i")) o->input = val;
+    else if (!strcmp(flag, "-f")) o->input_path = val;
+    else if (!strcmp(flag, "-n")) o->steps = (int)parse_long(flag, val, -1, INT32_MAX);
+    else if (!strcmp(flag, "-t")) sp->temperature = parse_float(flag, val, 0, 100);
+    else if (!strcmp(flag, "-k")) sp->top_k = (int)parse_long(flag, val, 0, INT32_MAX);
+    else if (!strcmp(flag, "-p")) sp->top_p = parse_float(flag, val, 1e-6f, 1);
+    else if (!strcmp(flag, "--min-p")) sp->min_p = parse_float(flag, val, 0, 1);
+    else if (!strcmp(flag, "--repeat-penalty"))
+        sp->repeat_penalty = parse_float(flag, val, 1e-3f, 1e3f);
+    else if (!strcmp(flag, "--repeat-last-n"))
+        sp->repeat_last_n = (int)parse_long(flag, val, 0, 1 << 20);
+    else if (!strcmp(flag, "--system")) o->system = val;
+    else if (!strcmp(flag, "-s")) o->seed = (uint64_t)parse_long(flag, val, 0, INT64_MAX);
+    else if (!strcmp(flag, "-c")) o->context = parse_long(flag, val, 1, INT32_MAX);
+    else if (!strcmp(flag, "--chunk")) o->chunk = (int)parse_long(flag, val, 1, 1 << 16);
+    else if (!strcmp(flag, "--threads")) o->threads = (int)parse_long(flag, val, 1, 1024);
+    else if (!strcmp(flag, "--logits-out")) o->logits_out = val;
+    else return 0;
+    return 1;
+}
+
+// Options of the measuring modes: ppl, passkey, bench.
+static int parse_measure_option(Options *o, const char *flag, const char *val) {
+    if (!strcmp(flag, "--ppl-csv")) o->ppl_csv = val;
+    else if (!strcmp(flag, "--ppl-bucket")) o->ppl_bucket = parse_long(flag, val, 1, INT32_MAX);
+    else if (!strcmp(flag, "--ppl-tokens")) o->ppl_tokens = parse_long(flag, val, 2, INT32_MAX);
+    else if (!strcmp(flag, "--passkey-len"))
+        o->n_passkey_len = parse_long_list(flag, val, o->passkey_len, 64, 1 << 24);
+    else if (!strcmp(flag, "--passkey-depth"))
+        o->n_passkey_depth = parse_float_list(flag, val, o->passkey_depth, 0, 1);
+    else if (!strcmp(flag, "--passkey-trials"))
+        o->passkey_trials = (int)parse_long(flag, val, 1, 100000);
+    else if (!strcmp(flag, "--bench-pp"))
+        o->n_bench_pp = parse_long_list(flag, val, o->bench_pp, 1, 1 << 24);
+    else if (!strcmp(flag, "--bench-tg"))
+        o->n_bench_tg = parse_long_list(flag, val, o->bench_tg, 1, 1 << 24);
+    else if (!strcmp(flag, "--bench-depth"))
+        o->n_bench_depth = parse_long_list(flag, val, o->bench_depth, 0, 1 << 24);
+    else if (!strcmp(flag, "-r")) o->reps = (int)parse_long(flag, val, 1, 1000);
+    else return 0;
+    return 1;
+}
+
+// Options of attention, the KV cache and RoPE.
+static int parse_model_option(Options *o, const char *flag, const char *val) {
+    RopeOptions *r = &o->rope;
+    if (!strcmp(flag, "--sinks")) o->attn.n_sink = parse_long(flag, val, 0, 4096);
+    else if (!strcmp(flag, "--window")) o->attn.window = parse_long(flag, val, 1, INT32_MAX);
+    else if (!strcmp(flag, "--lminf-limit")) o->attn.limit = parse_long(flag, val, 1, INT32_MAX);
+    else if (!strcmp(flag, "--kv-type")) o->attn.kv_type = parse_kv_type(val);
+    else if (!strcmp(flag, "--rope-scaling")) r->scaling = val;
+    else if (!strcmp(flag, "--rope-theta")) r->theta = parse_float(flag, val, 1.0001f, 1e12f);
+    else if (!strcmp(flag, "--rope-factor")) r->factor = parse_float(flag, val, 1, 1e5f);
+    else if (!strcmp(flag, "--rope-orig-ctx")) r->orig_ctx = parse_long(flag, val, 1, INT32_MAX);
+    else if (!strcmp(flag, "--yarn-beta-fast"))
+        r->beta_fast = parse_float(flag, val, 1e-3f, 1e4f);
+    else if (!strcmp(flag, "--yarn-beta-slow"))
+        r->beta_slow = parse_float(flag, val, 1e-3f, 1e4f);
+    else if (!strcmp(flag, "--yarn-attn-factor"))
+        r->attn_factor = parse_float(flag, val, 1e-3f, 100);
+    else return 0;
+    return 1;
+}
+
+// Refuse combinations of options that cannot mean anything.
+static void check_options(Options *o) {
+    static const char *modes[] = { "generate", "chat",    "tokenize", "logits",
+                                   "ppl",      "passkey", "bench" };
+    int known = 0;
+    for (size_t m = 0; m < sizeof(modes) / sizeof(modes[0]); m++)
+        known |= !strcmp(o->mode, modes[m]);
+    if (!known)
+        usage_error("unknown mode '%s' (generate, chat, tokenize, logits, ppl, passkey, bench)",
+                    o->mode);
+    if (!mode_reads_prompt(o->mode)) {
+        if (o->input || o->input_path)
+            usage_error("-m %s takes no prompt: -i and -f do not apply", o->mode);
+    } else if (!o->input == !o->input_path) {
+        usage_error("%s", "give the prompt with exactly one of -i TEXT or -f FILE");
+    }
+    if (o->rope.scaling && rope_type_from_name(o->rope.scaling) < 0)
+        usage_error("unknown --rope-scaling '%s' (none, linear, dynamic, yarn, llama3)",
+                    o->rope.scaling);
+    if (o->attn.n_sink >= 0 && !o->attn.window && !o->attn.lminf)
+        usage_error("%s", "--sinks needs --window (the keys between the sinks and the window "
+                    "are dropped)");
+    if (o->attn.limit && !o->attn.lminf)
+        usage_error("%s", "--lminf-limit applies only with --lminf");
+    if (o->steps == 0)
+        usage_error("%s", "-n 0 generates nothing: give -n N with N >= 1, or -1 to go on to the "
+                    "end of text");
+    if (o->context && (o->attn.window || o->attn.lminf))
+        usage_error("%s", "-c does not apply with --window or --lminf: every layer then keeps "
+                    "sinks + window slots");
+    if (!strcmp(o->mode, "logits")) {
+        if (!o->logits_out) usage_error("%s", "logits mode needs --logits-out FILE");
+        o->input_is_ids = 1;
+    }
+}
+
+static Options parse_options(int argc, char **argv) {
+    Options o = default_options();
     if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) {
         usage(stdout);
         exit(0);
@@ -3021,101 +2690,19 @@ static Options parse_options(int argc, char **argv) {
     o.model_path = argv[1];
     for (int i = 2; i < argc; i++) {
         const char *flag = argv[i];
-        if (!strcmp(flag, "-h") || !strcmp(flag, "--help")) { usage(stdout); exit(0); }
-        if (!strcmp(flag, "--ids")) { o.input_is_ids = 1; continue; }
-        if (!strcmp(flag, "--bos")) { o.bos = 1; continue; }
-        if (!strcmp(flag, "--json")) { o.json = 1; continue; }
-        if (!strcmp(flag, "--lminf")) { o.attn.lminf = 1; continue; }
-        if (!strcmp(flag, "--reference")) { o.reference = 1; continue; }
+        if (!strcmp(flag, "-h") || !strcmp(flag, "--help")) {
+            usage(stdout);
+            exit(0);
+        }
+        if (parse_switch(&o, flag)) continue;
         if (!takes_value(flag)) usage_error("unknown option %s", flag);
         if (i + 1 >= argc) usage_error("%s needs a value", flag);
         const char *val = argv[++i];
-        if (!strcmp(flag, "-m")) o.mode = val;
-        else if (!strcmp(flag, "-i")) o.input = val;
-        else if (!strcmp(flag, "-f")) o.input_path = val;
-        else if (!strcmp(flag, "-n")) o.steps = (int)parse_long(flag, val, -1, INT32_MAX);
-        else if (!strcmp(flag, "-t")) o.sampler.temperature = parse_float(flag, val, 0, 100);
-        else if (!strcmp(flag, "-k")) o.sampler.top_k = (int)parse_long(flag, val, 0, INT32_MAX);
-        else if (!strcmp(flag, "-p")) o.sampler.top_p = parse_float(flag, val, 1e-6f, 1);
-        else if (!strcmp(flag, "--min-p")) o.sampler.min_p = parse_float(flag, val, 0, 1);
-        else if (!strcmp(flag, "--repeat-penalty"))
-            o.sampler.repeat_penalty = parse_float(flag, val, 1e-3f, 1e3f);
-        else if (!strcmp(flag, "--repeat-last-n"))
-            o.sampler.repeat_last_n = (int)parse_long(flag, val, 0, 1 << 20);
-        else if (!strcmp(flag, "--system")) o.system = val;
-        else if (!strcmp(flag, "-s")) o.seed = (uint64_t)parse_long(flag, val, 0, INT64_MAX);
-        else if (!strcmp(flag, "-c")) o.context = parse_long(flag, val, 1, INT32_MAX);
-        else if (!strcmp(flag, "--chunk")) o.chunk = (int)parse_long(flag, val, 1, 1 << 16);
-        else if (!strcmp(flag, "--threads")) o.threads = (int)parse_long(flag, val, 1, 1024);
-        else if (!strcmp(flag, "--logits-out")) o.logits_out = val;
-        else if (!strcmp(flag, "--ppl-csv")) o.ppl_csv = val;
-        else if (!strcmp(flag, "--ppl-bucket")) o.ppl_bucket = parse_long(flag, val, 1, INT32_MAX);
-        else if (!strcmp(flag, "--ppl-tokens")) o.ppl_tokens = parse_long(flag, val, 2, INT32_MAX);
-        else if (!strcmp(flag, "--passkey-len"))
-            o.n_passkey_len = parse_long_list(flag, val, o.passkey_len, 64, 1 << 24);
-        else if (!strcmp(flag, "--passkey-depth"))
-            o.n_passkey_depth = parse_float_list(flag, val, o.passkey_depth, 0, 1);
-        else if (!strcmp(flag, "--passkey-trials"))
-            o.passkey_trials = (int)parse_long(flag, val, 1, 100000);
-        else if (!strcmp(flag, "--bench-pp"))
-            o.n_bench_pp = parse_long_list(flag, val, o.bench_pp, 1, 1 << 24);
-        else if (!strcmp(flag, "--bench-tg"))
-            o.n_bench_tg = parse_long_list(flag, val, o.bench_tg, 1, 1 << 24);
-        else if (!strcmp(flag, "--bench-depth"))
-            o.n_bench_depth = parse_long_list(flag, val, o.bench_depth, 0, 1 << 24);
-        else if (!strcmp(flag, "-r")) o.reps = (int)parse_long(flag, val, 1, 1000);
-        else if (!strcmp(flag, "--sinks")) o.attn.n_sink = parse_long(flag, val, 0, 4096);
-        else if (!strcmp(flag, "--window")) o.attn.window = parse_long(flag, val, 1, INT32_MAX);
-        else if (!strcmp(flag, "--lminf-limit")) o.attn.limit = parse_long(flag, val, 1, INT32_MAX);
-        else if (!strcmp(flag, "--kv-type")) o.attn.kv_type = parse_kv_type(val);
-        else if (!strcmp(flag, "--rope-scaling")) o.rope.scaling = val;
-        else if (!strcmp(flag, "--rope-theta"))
-            o.rope.theta = parse_float(flag, val, 1.0001f, 1e12f);
-        else if (!strcmp(flag, "--rope-factor")) o.rope.factor = parse_float(flag, val, 1, 1e5f);
-        else if (!strcmp(flag, "--rope-orig-ctx"))
-            o.rope.orig_ctx = parse_long(flag, val, 1, INT32_MAX);
-        else if (!strcmp(flag, "--yarn-beta-fast"))
-            o.rope.beta_fast = parse_float(flag, val, 1e-3f, 1e4f);
-        else if (!strcmp(flag, "--yarn-beta-slow"))
-            o.rope.beta_slow = parse_float(flag, val, 1e-3f, 1e4f);
-        else if (!strcmp(flag, "--yarn-attn-factor"))
-            o.rope.attn_factor = parse_float(flag, val, 1e-3f, 100);
-        else usage_error("unknown option %s", flag);
+        int known = parse_run_option(&o, flag, val) || parse_measure_option(&o, flag, val) ||
+                    parse_model_option(&o, flag, val);
+        if (!known) usage_error("unknown option %s", flag);
     }
-    static const char *modes[] = { "generate", "chat",    "tokenize", "logits",
-                                   "ppl",      "passkey", "bench" };
-    int known = 0;
-    for (size_t m = 0; m < sizeof(modes) / sizeof(modes[0]); m++)
-        known |= !strcmp(o.mode, modes[m]);
-    if (!known)
-        usage_error("unknown mode '%s' (generate, chat, tokenize, logits, ppl, passkey, bench)",
-                    o.mode);
-    if (!mode_reads_prompt(o.mode)) {
-        if (o.input || o.input_path)
-            usage_error("-m %s takes no prompt: -i and -f do not apply", o.mode);
-    } else if (!o.input == !o.input_path) {
-        usage_error("%s", "give the prompt with exactly one of -i TEXT or -f FILE");
-    }
-    if (o.rope.scaling && rope_type_from_name(o.rope.scaling) < 0)
-        usage_error("unknown --rope-scaling '%s' (none, linear, dynamic, yarn, llama3)",
-                    o.rope.scaling);
-    if (o.attn.n_sink >= 0 && !o.attn.window && !o.attn.lminf)
-        usage_error(
-                "%s",
-                "--sinks needs --window (the keys between the sinks and the window are dropped)");
-    if (o.attn.limit && !o.attn.lminf) usage_error("%s", "--lminf-limit applies only with --lminf");
-    if (o.steps == 0)
-        usage_error(
-                "%s",
-                "-n 0 generates nothing: give -n N with N >= 1, or -1 to go on to the end of text");
-    if (o.context && (o.attn.window || o.attn.lminf))
-        usage_error("%s",
-                    "-c does not apply with --window or --lminf: every layer then keeps sinks + "
-                    "window slots");
-    if (!strcmp(o.mode, "logits")) {
-        if (!o.logits_out) usage_error("%s", "logits mode needs --logits-out FILE");
-        o.input_is_ids = 1;
-    }
+    check_options(&o);
     return o;
 }
 
@@ -3123,21 +2710,100 @@ static Options parse_options(int argc, char **argv) {
 // generate; ppl: the text; passkey: the longest prompt; bench: depth + test), at most the
 // trained context for generate and ppl (chat: at most 4096, as its length is unknown).
 static size_t context_slots(const Options *o, const FileHeader *h, size_t n_prompt) {
-    size_t trained = h->max_seq_len,
-           cap = !strcmp(o->mode, "chat") && trained > 4096 ? 4096 : trained;
+    size_t trained = h->max_seq_len;
+    size_t cap = !strcmp(o->mode, "chat") ? min_size(trained, 4096) : trained;
     if (o->context) return (size_t)o->context;
     // every layer windowed: no full layer to size
     if (o->attn.window || o->attn.lminf) return SIZE_MAX;
     if (!strcmp(o->mode, "logits")) return n_prompt;
     if (!strcmp(o->mode, "passkey")) return (size_t)max_of(o->passkey_len, o->n_passkey_len) + 64;
     if (!strcmp(o->mode, "bench")) {
-        long pp = max_of(o->bench_pp, o->n_bench_pp), tg = max_of(o->bench_tg, o->n_bench_tg);
-        return (size_t)max_of(o->bench_depth, o->n_bench_depth) + (size_t)(pp > tg ? pp : tg);
+        size_t pp = (size_t)max_of(o->bench_pp, o->n_bench_pp);
+        size_t tg = (size_t)max_of(o->bench_tg, o->n_bench_tg);
+        return (size_t)max_of(o->bench_depth, o->n_bench_depth) + max_size(pp, tg);
     }
-    if (!strcmp(o->mode, "ppl")) return n_prompt < trained ? n_prompt : trained;
-    size_t needed =
-            o->steps < 0 || !strcmp(o->mode, "chat") ? SIZE_MAX : n_prompt + (size_t)o->steps;
-    return needed < cap ? needed : cap;
+    if (!strcmp(o->mode, "ppl")) return min_size(n_prompt, trained);
+    if (o->steps < 0 || !strcmp(o->mode, "chat")) return cap;
+    return min_size(n_prompt + (size_t)o->steps, cap);
+}
+
+// Tokens per forward pass: --chunk, else 256 (logits: the whole text, up to 65536), never more
+// than the prompt; generate and chat, which may fill the context and go on through a window,
+// default to at most a quarter of the context, to leave room for that window.
+static int chunk_size(const Options *o, size_t n_prompt, size_t context) {
+    int chunk = o->chunk;
+    if (!chunk) chunk = !strcmp(o->mode, "logits") ? (int)min_size(n_prompt, 65536) : 256;
+    if (mode_reads_prompt(o->mode)) chunk = (int)min_size((size_t)chunk, n_prompt);
+    int may_fill = !strcmp(o->mode, "generate") || !strcmp(o->mode, "chat");
+    if (may_fill && !o->chunk && context < SIZE_MAX && (size_t)chunk > context / 4)
+        chunk = (int)max_size(context / 4, 1);
+    return chunk;
+}
+
+// The prompt as ids: given as ids, or encoded (tokenize: BOS only with --bos; the other
+// modes: the model's own BOS policy, as HF's encode with special tokens).
+static int *prompt_ids(const Options *o, Tokenizer *tok, int has_tokenizer, const ModelFile *mf,
+                       size_t *n_prompt) {
+    int *prompt = NULL;
+    if (!o->input_is_ids && !has_tokenizer)
+        die("%s has no tokenizer: re-export it, or give token ids with --ids", o->model_path);
+    size_t len;
+    char *text = read_prompt(o, &len);
+    if (o->input_is_ids) {
+        int vocab = tokenizer_vocab_size(tok);
+        if (mf->header->n_layers) vocab = (int)mf->header->vocab_size;
+        *n_prompt = parse_ids(text, len, vocab, &prompt);
+    } else {
+        check_utf8("the prompt", text, len,
+                   "convert it (iconv -t UTF-8), or give token ids with --ids");
+        int add_bos = o->bos || (strcmp(o->mode, "tokenize") && tokenizer_add_bos(tok));
+        *n_prompt = tokenizer_encode(tok, text, len, add_bos, &prompt);
+        if (!prompt) die("out of memory tokenizing the prompt");
+    }
+    free(text);
+    if (o->ppl_tokens && (size_t)o->ppl_tokens < *n_prompt) *n_prompt = (size_t)o->ppl_tokens;
+    if (*n_prompt == 0 && strcmp(o->mode, "tokenize"))
+        die("the prompt is empty: it has no tokens to start from");
+    return prompt;
+}
+
+// A prompt the context cannot hold is refused before any work.
+static void check_prompt_fits(const Transformer *t, const char *mode, size_t n_prompt) {
+    size_t capacity = cache_capacity(&t->cache, t->config.n_layers);
+    if (!strcmp(mode, "ppl") && n_prompt > capacity)
+        die("the text has %zu tokens but the context holds %zu: raise -c (full attention keeps "
+            "every token), stream it with --sinks 4 --window W, or evaluate the first N with "
+            "--ppl-tokens N", n_prompt, capacity);
+    if (n_prompt > capacity)
+        die("the prompt (%zu tokens) does not fit in a context of %zu; raise -c, or read it "
+            "through a window (--sinks 4 --window W)", n_prompt, capacity);
+}
+
+// Run the chosen mode on a built transformer.
+static void run_mode(Transformer *t, const Options *o, Tokenizer *tok, int has_tokenizer,
+                     const int *prompt, size_t n_prompt) {
+    const char *mode = o->mode;
+    const char *inputs[] = {o->model_path, o->input_path};
+    const char *out_path = NULL;   // the run's output file, if it has one
+    if (!strcmp(mode, "logits")) out_path = o->logits_out;
+    if (!strcmp(mode, "ppl")) out_path = o->ppl_csv;
+    OutputFile out = {0};
+    if (out_path) out = open_output(out_path, inputs, 2);
+    Sampler sp = o->sampler;
+    build_sampler(&sp, t->config.vocab_size, o->seed);
+    if (!strcmp(mode, "logits")) write_logits(t, prompt, n_prompt, &out);
+    else if (!strcmp(mode, "ppl")) perplexity(t, prompt, n_prompt, (size_t)o->ppl_bucket, out.f);
+    else if (!strcmp(mode, "passkey"))
+        passkey(t, tok, o->passkey_len, o->n_passkey_len, o->passkey_depth, o->n_passkey_depth,
+                o->passkey_trials, o->seed);
+    else if (!strcmp(mode, "bench"))
+        bench(t, o->bench_pp, o->n_bench_pp, o->bench_tg, o->n_bench_tg, o->bench_depth,
+              o->n_bench_depth, o->reps, o->json);
+    else if (!strcmp(mode, "chat")) chat(t, tok, &sp, o->system, o->steps, o->input_is_ids);
+    else generate(t, has_tokenizer ? tok : NULL, !o->input_is_ids, &sp, prompt, n_prompt,
+                  o->steps);
+    if (out_path) close_output(&out);   // after ppl's result is printed, whatever becomes of it
+    free_sampler(&sp);
 }
 
 int main(int argc, char **argv) {
@@ -3149,35 +2815,11 @@ int main(int argc, char **argv) {
     Tokenizer tok = {0};
     int has_tokenizer = load_tokenizer(&tok, &mf, o.model_path);
     const char *mode = o.mode;
-    int all_logits = !strcmp(mode, "logits") || !strcmp(mode, "ppl");
     if ((!strcmp(mode, "chat") || !strcmp(mode, "passkey")) && !has_tokenizer)
         die("%s has no tokenizer, which -m %s needs; re-export it", o.model_path, mode);
-
-    // The prompt as ids: given as ids, or encoded (tokenize: BOS only with --bos; the other
-    // modes: the model's own BOS policy, as HF's encode with special tokens).
     size_t n_prompt = 0;
     int *prompt = NULL;
-    if (mode_reads_prompt(mode)) {
-        if (!o.input_is_ids && !has_tokenizer)
-            die("%s has no tokenizer: re-export it, or give token ids with --ids", o.model_path);
-        size_t len;
-        char *text = read_prompt(&o, &len);
-        if (o.input_is_ids) {
-            int vocab = tokenizer_vocab_size(&tok);
-            if (mf.header->n_layers) vocab = (int)mf.header->vocab_size;
-            n_prompt = parse_ids(text, len, vocab, &prompt);
-        } else {
-            check_utf8("the prompt", text, len,
-                       "convert it (iconv -t UTF-8), or give token ids with --ids");
-            int add_bos = !strcmp(mode, "tokenize") ? o.bos : o.bos || tokenizer_add_bos(&tok);
-            n_prompt = tokenizer_encode(&tok, text, len, add_bos, &prompt);
-            if (!prompt) die("out of memory tokenizing the prompt");
-        }
-        free(text);
-        if (o.ppl_tokens && (size_t)o.ppl_tokens < n_prompt) n_prompt = (size_t)o.ppl_tokens;
-        if (n_prompt == 0 && strcmp(mode, "tokenize"))
-            die("the prompt is empty: it has no tokens to start from");
-    }
+    if (mode_reads_prompt(mode)) prompt = prompt_ids(&o, &tok, has_tokenizer, &mf, &n_prompt);
     if (!strcmp(mode, "tokenize")) {
         print_ids(prompt, n_prompt);
         finish_stdout();
@@ -3190,54 +2832,19 @@ int main(int argc, char **argv) {
     if (mf.header->n_layers == 0)
         die("%s is a tokenizer-only file: it can only -m tokenize", o.model_path);
     if (!strcmp(mode, "ppl") && n_prompt < 2) die("perplexity needs a text of at least 2 tokens");
-    int chunk = o.chunk               ? o.chunk
-            : !strcmp(mode, "logits") ? (int)(n_prompt < 65536 ? n_prompt : 65536)
-                                      : 256;
-    if (mode_reads_prompt(mode) && (size_t)chunk > n_prompt) chunk = (int)n_prompt;
     size_t context = context_slots(&o, mf.header, n_prompt);
-    // and then go on through a window
-    int may_fill = !strcmp(mode, "generate") || !strcmp(mode, "chat");
-    if (may_fill && !o.chunk && context < SIZE_MAX && (size_t)chunk > context / 4)
-        chunk = context >= 8 ? (int)(context / 4) : 1;
+    int chunk = chunk_size(&o, n_prompt, context);
+    int all_logits = !strcmp(mode, "logits") || !strcmp(mode, "ppl");
     Transformer t = {0};
     build_transformer(&t, &mf, o.model_path, &o.rope, &o.attn, context, chunk, all_logits);
-    size_t capacity = cache_capacity(&t.cache, &t.config);
-    if (!strcmp(mode, "ppl") && n_prompt > capacity)
-        die("the text has %zu tokens but the context holds %zu: raise -c (full attention keeps "
-            "every token), "
-            "stream it with --sinks 4 --window W, or evaluate the first N with --ppl-tokens N",
-            n_prompt, capacity);
-    if (n_prompt > capacity)
-        die("the prompt (%zu tokens) does not fit in a context of %zu; raise -c, or read it "
-            "through a window "
-            "(--sinks 4 --window W)",
-            n_prompt, capacity);
+    check_prompt_fits(&t, mode, n_prompt);
     t.reference = o.reference;
     print_model_summary(&t, o.model_path);
     if (t.reference)
         fprintf(stderr, "blocks: the plain reference loops (--reference), not the kernels\n");
     catch_signals();
-    const char *inputs[] = {o.model_path, o.input_path};
-    const char *out_path = NULL;   // the run's output file, if it has one
-    if (!strcmp(mode, "logits")) out_path = o.logits_out;
-    if (!strcmp(mode, "ppl")) out_path = o.ppl_csv;
-    OutputFile out = {0};
-    if (out_path) out = open_output(out_path, inputs, 2);
-    Sampler sp = o.sampler;
-    build_sampler(&sp, t.config.vocab_size, o.seed);
-    if (!strcmp(mode, "logits")) write_logits(&t, prompt, n_prompt, &out);
-    else if (!strcmp(mode, "ppl")) perplexity(&t, prompt, n_prompt, (size_t)o.ppl_bucket, out.f);
-    else if (!strcmp(mode, "passkey"))
-        passkey(&t, &tok, o.passkey_len, o.n_passkey_len, o.passkey_depth, o.n_passkey_depth,
-                o.passkey_trials, o.seed);
-    else if (!strcmp(mode, "bench"))
-        bench(&t, o.bench_pp, o.n_bench_pp, o.bench_tg, o.n_bench_tg, o.bench_depth,
-              o.n_bench_depth, o.reps, o.json);
-    else if (!strcmp(mode, "chat")) chat(&t, &tok, &sp, o.system, o.steps, o.input_is_ids);
-    else generate(&t, has_tokenizer ? &tok : NULL, !o.input_is_ids, &sp, prompt, n_prompt, o.steps);
-    if (out_path) close_output(&out);   // after ppl's result is printed, whatever becomes of it
+    run_mode(&t, &o, &tok, has_tokenizer, prompt, n_prompt);
     finish_stdout();
-    free_sampler(&sp);
     free_transformer(&t);
     free(prompt);
     if (has_tokenizer) tokenizer_free(&tok);

@@ -56,9 +56,8 @@ static void check_matmul(DType dt, size_t rows, size_t cols, int T) {
     if (dt == DT_Q8_0) round_activations(xr, x, (size_t)T * cols);
     else memcpy(xr, x, (size_t)T * cols * sizeof(float));
     Tensor t = make_weight(dt, rows, cols, w);
-    MatmulWork mw;
-    build_matmul_work(&mw, cols, (size_t)T);
-    matmul(out, x, &t, T, &mw);
+    KernelWork *kw = new_kernel_work(cols, T, 8, 1);
+    matmul(out, x, &t, T, kw);
     double worst = 0;
     for (int tk = 0; tk < T; tk++)
         for (size_t r = 0; r < rows; r++) {
@@ -72,7 +71,7 @@ static void check_matmul(DType dt, size_t rows, size_t cols, int T) {
     snprintf(what, sizeof(what), "matmul %-4s %3zu x %4zu, T = %d", dtype_name(dt), rows, cols, T);
     report(what, worst);
     free(w), free(x), free(xr), free(out), free((void *)t.data);
-    free_matmul_work(&mw);
+    free_kernel_work(kw);
 }
 
 // Attention of T queries at pos0.. over keys 0 .. pos0+T-1 in one layer (full, or a window),
@@ -94,12 +93,11 @@ static void check_attention(KVType kt, int H, int n_heads, int n_kv_heads, size_
     for (size_t i = 0; i < (size_t)T * c.q_dim; i++) q[i] = 4 * random_f32(&rng) - 2;
     for (size_t p = 0; p < n; p++) {
         size_t slot = kv_slot(&kv.layers[0], p);
-        kv_store(&kv, kv.key + slot * kv.row_bytes, keys + p * c.kv_dim, n_kv_heads, H);
-        kv_store(&kv, kv.value + slot * kv.row_bytes, values + p * c.kv_dim, n_kv_heads, H);
+        kv_store(&kv, kv.key + slot * kv.row_bytes, keys + p * c.kv_dim);
+        kv_store(&kv, kv.value + slot * kv.row_bytes, values + p * c.kv_dim);
     }
-    float *work = calloc((size_t)n_threads() * ATT_WORK(H), sizeof(float));
-    float *parts = calloc((size_t)n_heads * ATT_RANGES * (H + 2), sizeof(float));
-    attention(out, q, q, &kv, 0, &c, T, pos0, work, parts);
+    KernelWork *kw = new_kernel_work(8, T, H, n_heads);
+    attention(out, q, q, &kv, 0, &c, T, pos0, kw);
     double worst = 0, *s = malloc(n * sizeof(double));
     for (int t = 0; t < T; t++)
         for (int h = 0; h < n_heads; h++) {
@@ -124,7 +122,8 @@ static void check_attention(KVType kt, int H, int n_heads, int n_kv_heads, size_
     snprintf(what, sizeof(what), "attention %s H %d, %d/%d heads, window %zu, pos %zu, T = %d", kv_type_names[kt], H,
              n_heads, n_kv_heads, window, pos0, T);
     report(what, worst);
-    free(keys), free(values), free(q), free(out), free(work), free(parts), free(s);
+    free(keys), free(values), free(q), free(out), free(s);
+    free_kernel_work(kw);
     free_cache(&kv);
 }
 

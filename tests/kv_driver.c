@@ -31,14 +31,14 @@ int main(int argc, char **argv) {
     if (argc == 3 && !strcmp(argv[1], "q8")) {
         int H = atoi(argv[2]);
         if (H < 1 || H > 4096) return 2;
-        KVCache kv = {.type = KV_Q8};
+        KVCache kv = {.type = KV_Q8, .n_kv_heads = 1, .head_dim = H, .kv_dim = (size_t)H};
         float x[4096], buf[4096];
         uint8_t row[4096 + sizeof(float)];
         for (;;) {
             for (int i = 0; i < H; i++)
                 if (scanf("%f", &x[i]) != 1) return 0;
-            kv_store(&kv, row, x, 1, H);
-            const float *y = kv_head(&kv, row, 0, 1, H, buf);
+            kv_store(&kv, row, x);
+            const float *y = kv_head(&kv, row, 0, buf);
             for (int i = 0; i < H; i++) printf("%.9g\n", y[i]);
         }
     }
