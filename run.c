@@ -132,7 +132,7 @@ static void set_threads(int n) { (void)n; }
 #endif
 
 // ----------------------------------------------------------------------------
-// The model file: mmap it, validate everything, then point into it
+// The model file: what it holds, mapped into memory and every field checked
 
 typedef struct {
     int n_layers;
@@ -147,7 +147,8 @@ typedef struct {
     int max_seq_len;  // trained context length
     float norm_eps;
     int tied_embeddings, qkv_bias, qk_norm;
-    // (n_layers) attention kind, window and RoPE per layer; a copy, so options can edit it
+    // (n_layers) attention kind, window and RoPE per layer: a copy, which the RoPE options
+    // edit while loading; read-only once built (the cache keeps the windows it uses)
     LayerConfig *layers;
 } Config;
 
@@ -332,112 +333,6 @@ static void open_model_file(ModelFile *mf, const char *path) {
 }
 
 static void close_model_file(ModelFile *mf) { munmap((void *)mf->bytes, mf->size); }
-
-// Copy the header into a Config, refusing values that make no sense or would overflow later.
-static void read_config(Config *c, const ModelFile *mf, const char *path) {
-    const FileHeader *h = mf->header;
-    const uint32_t limit = 1u << 20; // any dimension beyond a million is a corrupt file
-    struct {
-        const char *name;
-        uint32_t value;
-    } dims[] = { { "dim", h->dim },           { "hidden_dim", h->hidden_dim },
-                 { "n_heads", h->n_heads },   { "n_kv_heads", h->n_kv_heads },
-                 { "head_dim", h->head_dim }, { "max_seq_len", h->max_seq_len } };
-    for (size_t i = 0; i < sizeof(dims) / sizeof(dims[0]); i++)
-        if (dims[i].value == 0 || dims[i].value > limit)
-            die("%s: %s = %u is out of range [1, %u]", path, dims[i].name, dims[i].value, limit);
-    if (h->n_heads % h->n_kv_heads)
-        die("%s: n_heads %u is not a multiple of n_kv_heads %u", path, h->n_heads, h->n_kv_heads);
-    if ((uint64_t)h->n_heads * h->head_dim > limit)
-        die("%s: n_heads * head_dim is too large", path);
-    if (!(h->norm_eps >= 0 && h->norm_eps < 1))
-        die("%s: norm_eps %g out of range", path, h->norm_eps);
-    c->n_layers = (int)h->n_layers;
-    c->dim = (int)h->dim;
-    c->hidden_dim = (int)h->hidden_dim;
-    c->n_heads = (int)h->n_heads;
-    c->n_kv_heads = (int)h->n_kv_heads;
-    c->head_dim = (int)h->head_dim;
-    c->q_dim = c->n_heads * c->head_dim;
-    c->kv_dim = c->n_kv_heads * c->head_dim;
-    c->vocab_size = (int)h->vocab_size;
-    c->max_seq_len = (int)h->max_seq_len;
-    c->norm_eps = h->norm_eps;
-    c->tied_embeddings = h->tied_embeddings != 0;
-    c->qkv_bias = h->qkv_bias != 0;
-    c->qk_norm = h->qk_norm != 0;
-    c->layers = xcalloc(c->n_layers, sizeof(LayerConfig), "layer configs");
-    memcpy(c->layers, mf->bytes + h->header_size, (size_t)c->n_layers * sizeof(LayerConfig));
-    for (int l = 0; l < c->n_layers; l++) {
-        const LayerConfig *lc = &c->layers[l];
-        if (lc->attn_kind >= ATTN_COUNT)
-            die("%s: layer %d has unknown attention kind %u", path, l, lc->attn_kind);
-        if (lc->attn_kind == ATTN_SLIDING && lc->window == 0)
-            die("%s: layer %d slides with window 0", path, l);
-        if (lc->rope_type >= ROPE_COUNT)
-            die("%s: layer %d has unknown rope type %u", path, l, lc->rope_type);
-        if (lc->rotary_dim % 2 || lc->rotary_dim > h->head_dim)
-            die("%s: layer %d rotary_dim %u must be even and at most head_dim %u", path, l,
-                lc->rotary_dim, h->head_dim);
-        if (lc->rotary_dim && !(lc->rope_theta > 1 && isfinite(lc->rope_theta)))
-            die("%s: layer %d rope_theta %g out of range", path, l, lc->rope_theta);
-        if (lc->orig_ctx == 0) c->layers[l].orig_ctx = h->max_seq_len;   // dynamic NTK's M, as HF
-    }
-}
-
-// Find a tensor by name and check it has the expected shape; vectors must be f32.
-static Tensor get_tensor(const ModelFile *mf, const char *path, const char *name, size_t rows,
-                         size_t cols) {
-    for (uint32_t i = 0; i < mf->header->n_tensors; i++) {
-        const TensorEntry *e = &mf->tensors[i];
-        if (strcmp(e->name, name) != 0) continue;
-        if (e->rows != rows || e->cols != cols)
-            die("%s: tensor %s is %llu x %llu, the config needs %zu x %zu", path, name,
-                (unsigned long long)e->rows, (unsigned long long)e->cols, rows, cols);
-        if (cols == 1 && e->dtype != DT_F32)
-            die("%s: vector %s must be f32, not %s", path, name, dtype_name(e->dtype));
-        return (Tensor){mf->bytes + e->offset, (DType)e->dtype, rows, cols};
-    }
-    die("%s: tensor %s is missing", path, name);
-    return (Tensor){0};
-}
-
-static Tensor get_layer_tensor(const ModelFile *mf, const char *path, int layer, const char *name,
-                               size_t rows, size_t cols) {
-    char full[LR_NAME_LEN];
-    snprintf(full, sizeof(full), "blk.%d.%s", layer, name);
-    return get_tensor(mf, path, full, rows, cols);
-}
-
-static void build_weights(Weights *w, const Config *c, const ModelFile *mf, const char *path) {
-    size_t D = c->dim, V = c->vocab_size, F = c->hidden_dim, Q = c->q_dim, K = c->kv_dim,
-           H = c->head_dim;
-    w->tok_embd = get_tensor(mf, path, "tok_embd", V, D);
-    w->output_norm = get_tensor(mf, path, "output_norm", D, 1);
-    w->output = c->tied_embeddings ? w->tok_embd : get_tensor(mf, path, "output", V, D);
-    w->layers = xcalloc(c->n_layers, sizeof(LayerWeights), "layer weights");
-    for (int l = 0; l < c->n_layers; l++) {
-        LayerWeights *lw = &w->layers[l];
-        lw->attn_norm = get_layer_tensor(mf, path, l, "attn_norm", D, 1);
-        lw->wq = get_layer_tensor(mf, path, l, "wq", Q, D);
-        lw->wk = get_layer_tensor(mf, path, l, "wk", K, D);
-        lw->wv = get_layer_tensor(mf, path, l, "wv", K, D);
-        lw->wo = get_layer_tensor(mf, path, l, "wo", D, Q);
-        if (c->qkv_bias) {
-            lw->bq = get_layer_tensor(mf, path, l, "bq", Q, 1);
-            lw->bk = get_layer_tensor(mf, path, l, "bk", K, 1);
-            lw->bv = get_layer_tensor(mf, path, l, "bv", K, 1);
-        }
-        if (c->qk_norm) {
-            lw->q_norm = get_layer_tensor(mf, path, l, "q_norm", H, 1);
-            lw->k_norm = get_layer_tensor(mf, path, l, "k_norm", H, 1);
-        }
-        lw->ffn_norm = get_layer_tensor(mf, path, l, "ffn_norm", D, 1);
-        lw->w_gate = get_layer_tensor(mf, path, l, "w_gate", F, D);
-        lw->w_up = get_layer_tensor(mf, path, l, "w_up", F, D);
-        lw->w_down = get_layer_tensor(mf, path, l, "w_down", D, F);
-    }
-}
 
 // ----------------------------------------------------------------------------
 // Number formats: half floats, bfloat16 and q8_0 rows, and a weight row as float32
@@ -648,88 +543,6 @@ static void rope_update(Rope *r, const Config *c, size_t seq_len) {
     }
 }
 
-// Refuse RoPE parameters that make no sense, from the file or the command line.
-static void check_rope_config(const Config *c, const char *path) {
-    for (int l = 0; l < c->n_layers; l++) {
-        const LayerConfig *lc = &c->layers[l];
-        const char *name = rope_type_name(lc->rope_type);
-        if (lc->rope_type == ROPE_DEFAULT) continue;   // (a NoPE layer's setting is checked too:
-                                                      // the banner and the context read it)
-        if (!(lc->factor >= 1 && lc->factor < 1e6f) &&
-            !(lc->rope_type == ROPE_LONGROPE && lc->factor > 0))
-            die("%s: layer %d: %s RoPE scaling needs a factor >= 1 (--rope-factor), got %g", path,
-                l, name, lc->factor);
-        if (lc->orig_ctx == 0)
-            die("%s: layer %d: %s RoPE scaling needs the original context length", path, l, name);
-        if (!(lc->attention_factor >= 0 && lc->attention_factor < 100))
-            die("%s: layer %d: attention factor %g out of range", path, l, lc->attention_factor);
-        if (lc->rope_type == ROPE_YARN && !(lc->beta_fast > lc->beta_slow && lc->beta_slow > 0))
-            die("%s: layer %d: yarn needs beta_fast > beta_slow > 0, got %g and %g", path, l,
-                lc->beta_fast, lc->beta_slow);
-        if (lc->rope_type == ROPE_LLAMA3 &&
-            !(lc->high_freq_factor > lc->low_freq_factor && lc->low_freq_factor > 0))
-            die("%s: layer %d: llama3 needs high_freq_factor > low_freq_factor > 0", path, l);
-    }
-}
-
-// The context a layer's RoPE setting is meant to reach: s L0 for a scaled method, else the
-// trained context.
-static size_t rope_target_context(const LayerConfig *lc, int max_seq_len) {
-    if (lc->rope_type == ROPE_DEFAULT || lc->rope_type == ROPE_LONGROPE || lc->orig_ctx == 0)
-        return (size_t)max_seq_len;
-    double target = (double)lc->factor * lc->orig_ctx;   // checked finite; in double, no overflow
-    return target < (double)SIZE_MAX / 2 ? (size_t)target : SIZE_MAX / 2;
-}
-
-// Every value derived from a layer's RoPE setting must be a usable number: a file's YaRN
-// mscale can make the attention factor NaN, or a LongRoPE factor of 0 a frequency infinite,
-// while each stored field looks fine on its own.
-static void check_rope_table(const float *inv_freq, int half, float attn_factor, int layer,
-                             const char *path) {
-    if (!(attn_factor > 0 && attn_factor < 100))
-        die("%s: layer %d: the RoPE attention factor works out to %g; its scaling parameters are "
-            "broken", path, layer, attn_factor);
-    for (int i = 0; i < half; i++)
-        if (!isfinite(inv_freq[i]))
-            die("%s: layer %d: RoPE frequency %d works out to %g; its scaling parameters are "
-                "broken", path, layer, i, inv_freq[i]);
-}
-
-// The tables as HF builds them at load: at the original length L0 (LongRoPE: the short list).
-static void build_rope(Rope *r, const Config *c, const ModelFile *mf, const char *path) {
-    r->stride = c->head_dim / 2;
-    r->inv_freq =
-            xcalloc(mul_size(c->n_layers, r->stride, "rope table"), sizeof(float), "rope table");
-    r->attn_factor = xcalloc(c->n_layers, sizeof(float), "rope table");
-    r->table_len = xcalloc(c->n_layers, sizeof(size_t), "rope table");
-    size_t n_factors = 0;   // LongRoPE: the length of its two lists, one factor per pair
-    for (int l = 0; l < c->n_layers; l++) {
-        const LayerConfig *lc = &c->layers[l];
-        size_t half = lc->rotary_dim / 2;
-        float *inv_freq = r->inv_freq + (size_t)l * r->stride;
-        if (lc->rope_type == ROPE_LONGROPE && half > 0) {
-            if (!r->short_factor) {   // the lists are shared: every LongRoPE layer must fit them
-                n_factors = half;
-                Tensor short_list = get_tensor(mf, path, "rope.short_factor", half, 1);
-                Tensor long_list = get_tensor(mf, path, "rope.long_factor", half, 1);
-                r->short_factor = (const float *)short_list.data;
-                r->long_factor = (const float *)long_list.data;
-            }
-            if (half != n_factors)
-                die("%s: layer %d rotates %zu channel pairs but the LongRoPE factor lists hold %zu",
-                    path, l, half, n_factors);
-            // the long list's table too, checked now rather than when a text first needs it
-            size_t past_L0 = (size_t)lc->orig_ctx + 1;
-            float a = rope_frequencies(lc, r->short_factor, r->long_factor, past_L0, inv_freq);
-            check_rope_table(inv_freq, (int)half, a, l, path);
-        }
-        r->table_len[l] = lc->orig_ctx;
-        r->attn_factor[l] = rope_frequencies(lc, r->short_factor, r->long_factor, lc->orig_ctx,
-                                             inv_freq);
-        check_rope_table(inv_freq, (int)half, r->attn_factor[l], l, path);
-    }
-}
-
 static void free_rope(Rope *r) {
     free(r->inv_freq);
     free(r->attn_factor);
@@ -798,14 +611,6 @@ static const char *kv_type_names[KV_COUNT] = {"f32", "f16", "q8"};
 // LM-Infinite's global tokens (Han et al. 2023).
 typedef enum { SINKS_STREAMING, SINKS_LMINF } SinkKind;
 
-typedef struct {
-    long n_sink;      // --sinks: StreamingLLM sinks, or LM-Infinite's global tokens
-    long window;      // --window: keys per query, itself included (0: the model's own)
-    int lminf;        // --lminf: sinks are LM-Infinite's global branch
-    long limit;       // --lminf-limit: LM-Infinite's distance cap (0: the window)
-    int kv_type;      // --kv-type: KVType of the stored keys and values
-} AttnOptions;
-
 // One layer's part of the cache, and the keys its queries see.
 typedef struct {
     size_t first;     // the layer's first slot in the cache
@@ -830,59 +635,6 @@ typedef struct {
     size_t n_slots;         // all layers' slots
     int max_T;              // the longest chunk, which the rings make room for
 } KVCache;
-
-// --window, --sinks and --lminf defaults. LM-Infinite's (Han et al. 2023): the local window
-// and the distance cap are the trained context, with 10 global tokens.
-static void resolve_attention_options(AttnOptions *a, const Config *c) {
-    if (a->lminf) {
-        if (!a->window) a->window = c->max_seq_len;
-        if (a->n_sink < 0) a->n_sink = 10;
-        if (!a->limit) a->limit = a->window;
-    }
-    if (a->n_sink < 0) a->n_sink = 0;
-}
-
-static size_t kv_row_bytes(KVType type, const Config *c) {
-    if (type == KV_F32) return (size_t)c->kv_dim * sizeof(float);
-    if (type == KV_F16) return (size_t)c->kv_dim * sizeof(uint16_t);
-    return (size_t)c->kv_dim + (size_t)c->n_kv_heads * sizeof(float);   // q8
-}
-
-// Each layer's window: the file's (if it slides) and --window, whichever is shorter; its
-// slots: a full layer `context` of them, a windowed one n_sink + W + max_T - 1 (at most
-// n_sink + context).
-static void build_cache(KVCache *kv, const Config *c, const AttnOptions *a, size_t context,
-                        int max_T) {
-    kv->type = (KVType)a->kv_type;
-    kv->sink_kind = a->lminf ? SINKS_LMINF : SINKS_STREAMING;
-    kv->limit = (size_t)a->limit;
-    kv->n_kv_heads = c->n_kv_heads;
-    kv->head_dim = c->head_dim;
-    kv->kv_dim = (size_t)c->kv_dim;
-    kv->row_bytes = kv_row_bytes(kv->type, c);
-    kv->layers = xcalloc(c->n_layers, sizeof(LayerSlots), "the KV cache");
-    kv->n_slots = 0;
-    kv->max_T = max_T;
-    kv->max_sink = max_size((size_t)a->n_sink, 4);   // 4: what a full context switches to
-    for (int l = 0; l < c->n_layers; l++) {
-        const LayerConfig *lc = &c->layers[l];
-        LayerSlots *ls = &kv->layers[l];
-        ls->window = lc->attn_kind == ATTN_SLIDING ? lc->window : SIZE_MAX;
-        if (a->window) ls->window = min_size(ls->window, (size_t)a->window);
-        int windowed = ls->window != SIZE_MAX;
-        size_t ring = windowed ? add_size(ls->window, max_T - 1, "KV cache") : SIZE_MAX;
-        ls->first = kv->n_slots;
-        ls->n_sink = windowed ? (size_t)a->n_sink : 0;
-        ls->ring = min_size(ring, context);
-        ls->fills = ls->ring < ring;
-        kv->n_slots = add_size(kv->n_slots, add_size(ls->n_sink, ls->ring, "KV cache"), "KV cache");
-    }
-    size_t sinks = mul_size(mul_size(c->n_layers, kv->max_sink, "sinks"), c->kv_dim, "sinks");
-    kv->key = xcalloc(kv->n_slots, kv->row_bytes, "the KV cache");
-    kv->value = xcalloc(kv->n_slots, kv->row_bytes, "the KV cache");
-    kv->sink_key = xcalloc(sinks, sizeof(float), "the sink keys");
-    kv->sink_value = xcalloc(sinks, sizeof(float), "the sink values");
-}
 
 static void free_cache(KVCache *kv) {
     free(kv->key);
@@ -1348,7 +1100,59 @@ static float *forward(Transformer *tr, const int *tokens, int T, size_t pos0) {
 }
 
 // ----------------------------------------------------------------------------
-// Building a transformer, and describing it
+// Building a transformer: from the checked file to the structs forward() reads; describing it
+
+// Copy the header into a Config, refusing values that make no sense or would overflow later.
+static void read_config(Config *c, const ModelFile *mf, const char *path) {
+    const FileHeader *h = mf->header;
+    const uint32_t limit = 1u << 20; // any dimension beyond a million is a corrupt file
+    struct {
+        const char *name;
+        uint32_t value;
+    } dims[] = { { "dim", h->dim },           { "hidden_dim", h->hidden_dim },
+                 { "n_heads", h->n_heads },   { "n_kv_heads", h->n_kv_heads },
+                 { "head_dim", h->head_dim }, { "max_seq_len", h->max_seq_len } };
+    for (size_t i = 0; i < sizeof(dims) / sizeof(dims[0]); i++)
+        if (dims[i].value == 0 || dims[i].value > limit)
+            die("%s: %s = %u is out of range [1, %u]", path, dims[i].name, dims[i].value, limit);
+    if (h->n_heads % h->n_kv_heads)
+        die("%s: n_heads %u is not a multiple of n_kv_heads %u", path, h->n_heads, h->n_kv_heads);
+    if ((uint64_t)h->n_heads * h->head_dim > limit)
+        die("%s: n_heads * head_dim is too large", path);
+    if (!(h->norm_eps >= 0 && h->norm_eps < 1))
+        die("%s: norm_eps %g out of range", path, h->norm_eps);
+    c->n_layers = (int)h->n_layers;
+    c->dim = (int)h->dim;
+    c->hidden_dim = (int)h->hidden_dim;
+    c->n_heads = (int)h->n_heads;
+    c->n_kv_heads = (int)h->n_kv_heads;
+    c->head_dim = (int)h->head_dim;
+    c->q_dim = c->n_heads * c->head_dim;
+    c->kv_dim = c->n_kv_heads * c->head_dim;
+    c->vocab_size = (int)h->vocab_size;
+    c->max_seq_len = (int)h->max_seq_len;
+    c->norm_eps = h->norm_eps;
+    c->tied_embeddings = h->tied_embeddings != 0;
+    c->qkv_bias = h->qkv_bias != 0;
+    c->qk_norm = h->qk_norm != 0;
+    c->layers = xcalloc(c->n_layers, sizeof(LayerConfig), "layer configs");
+    memcpy(c->layers, mf->bytes + h->header_size, (size_t)c->n_layers * sizeof(LayerConfig));
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerConfig *lc = &c->layers[l];
+        if (lc->attn_kind >= ATTN_COUNT)
+            die("%s: layer %d has unknown attention kind %u", path, l, lc->attn_kind);
+        if (lc->attn_kind == ATTN_SLIDING && lc->window == 0)
+            die("%s: layer %d slides with window 0", path, l);
+        if (lc->rope_type >= ROPE_COUNT)
+            die("%s: layer %d has unknown rope type %u", path, l, lc->rope_type);
+        if (lc->rotary_dim % 2 || lc->rotary_dim > h->head_dim)
+            die("%s: layer %d rotary_dim %u must be even and at most head_dim %u", path, l,
+                lc->rotary_dim, h->head_dim);
+        if (lc->rotary_dim && !(lc->rope_theta > 1 && isfinite(lc->rope_theta)))
+            die("%s: layer %d rope_theta %g out of range", path, l, lc->rope_theta);
+        if (lc->orig_ctx == 0) c->layers[l].orig_ctx = h->max_seq_len;   // dynamic NTK's M, as HF
+    }
+}
 
 // Command-line RoPE settings (0 / NULL = keep the file's). A new --rope-scaling starts from
 // that method's defaults (HF's), so any model can take any method without re-export.
@@ -1398,6 +1202,204 @@ static void apply_rope_options(Config *c, const RopeOptions *o) {
         if (o->beta_slow) lc->beta_slow = o->beta_slow;
         if (o->attn_factor) lc->attention_factor = o->attn_factor;
     }
+}
+
+// Refuse RoPE parameters that make no sense, from the file or the command line.
+static void check_rope_config(const Config *c, const char *path) {
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerConfig *lc = &c->layers[l];
+        const char *name = rope_type_name(lc->rope_type);
+        if (lc->rope_type == ROPE_DEFAULT) continue;   // (a NoPE layer's setting is checked too:
+                                                      // the banner and the context read it)
+        if (!(lc->factor >= 1 && lc->factor < 1e6f) &&
+            !(lc->rope_type == ROPE_LONGROPE && lc->factor > 0))
+            die("%s: layer %d: %s RoPE scaling needs a factor >= 1 (--rope-factor), got %g", path,
+                l, name, lc->factor);
+        if (lc->orig_ctx == 0)
+            die("%s: layer %d: %s RoPE scaling needs the original context length", path, l, name);
+        if (!(lc->attention_factor >= 0 && lc->attention_factor < 100))
+            die("%s: layer %d: attention factor %g out of range", path, l, lc->attention_factor);
+        if (lc->rope_type == ROPE_YARN && !(lc->beta_fast > lc->beta_slow && lc->beta_slow > 0))
+            die("%s: layer %d: yarn needs beta_fast > beta_slow > 0, got %g and %g", path, l,
+                lc->beta_fast, lc->beta_slow);
+        if (lc->rope_type == ROPE_LLAMA3 &&
+            !(lc->high_freq_factor > lc->low_freq_factor && lc->low_freq_factor > 0))
+            die("%s: layer %d: llama3 needs high_freq_factor > low_freq_factor > 0", path, l);
+    }
+}
+
+// Find a tensor by name and check it has the expected shape; vectors must be f32.
+static Tensor get_tensor(const ModelFile *mf, const char *path, const char *name, size_t rows,
+                         size_t cols) {
+    for (uint32_t i = 0; i < mf->header->n_tensors; i++) {
+        const TensorEntry *e = &mf->tensors[i];
+        if (strcmp(e->name, name) != 0) continue;
+        if (e->rows != rows || e->cols != cols)
+            die("%s: tensor %s is %llu x %llu, the config needs %zu x %zu", path, name,
+                (unsigned long long)e->rows, (unsigned long long)e->cols, rows, cols);
+        if (cols == 1 && e->dtype != DT_F32)
+            die("%s: vector %s must be f32, not %s", path, name, dtype_name(e->dtype));
+        return (Tensor){mf->bytes + e->offset, (DType)e->dtype, rows, cols};
+    }
+    die("%s: tensor %s is missing", path, name);
+    return (Tensor){0};
+}
+
+static Tensor get_layer_tensor(const ModelFile *mf, const char *path, int layer, const char *name,
+                               size_t rows, size_t cols) {
+    char full[LR_NAME_LEN];
+    snprintf(full, sizeof(full), "blk.%d.%s", layer, name);
+    return get_tensor(mf, path, full, rows, cols);
+}
+
+static void build_weights(Weights *w, const Config *c, const ModelFile *mf, const char *path) {
+    size_t D = c->dim, V = c->vocab_size, F = c->hidden_dim, Q = c->q_dim, K = c->kv_dim,
+           H = c->head_dim;
+    w->tok_embd = get_tensor(mf, path, "tok_embd", V, D);
+    w->output_norm = get_tensor(mf, path, "output_norm", D, 1);
+    w->output = c->tied_embeddings ? w->tok_embd : get_tensor(mf, path, "output", V, D);
+    w->layers = xcalloc(c->n_layers, sizeof(LayerWeights), "layer weights");
+    for (int l = 0; l < c->n_layers; l++) {
+        LayerWeights *lw = &w->layers[l];
+        lw->attn_norm = get_layer_tensor(mf, path, l, "attn_norm", D, 1);
+        lw->wq = get_layer_tensor(mf, path, l, "wq", Q, D);
+        lw->wk = get_layer_tensor(mf, path, l, "wk", K, D);
+        lw->wv = get_layer_tensor(mf, path, l, "wv", K, D);
+        lw->wo = get_layer_tensor(mf, path, l, "wo", D, Q);
+        if (c->qkv_bias) {
+            lw->bq = get_layer_tensor(mf, path, l, "bq", Q, 1);
+            lw->bk = get_layer_tensor(mf, path, l, "bk", K, 1);
+            lw->bv = get_layer_tensor(mf, path, l, "bv", K, 1);
+        }
+        if (c->qk_norm) {
+            lw->q_norm = get_layer_tensor(mf, path, l, "q_norm", H, 1);
+            lw->k_norm = get_layer_tensor(mf, path, l, "k_norm", H, 1);
+        }
+        lw->ffn_norm = get_layer_tensor(mf, path, l, "ffn_norm", D, 1);
+        lw->w_gate = get_layer_tensor(mf, path, l, "w_gate", F, D);
+        lw->w_up = get_layer_tensor(mf, path, l, "w_up", F, D);
+        lw->w_down = get_layer_tensor(mf, path, l, "w_down", D, F);
+    }
+}
+
+// The context a layer's RoPE setting is meant to reach: s L0 for a scaled method, else the
+// trained context.
+static size_t rope_target_context(const LayerConfig *lc, int max_seq_len) {
+    if (lc->rope_type == ROPE_DEFAULT || lc->rope_type == ROPE_LONGROPE || lc->orig_ctx == 0)
+        return (size_t)max_seq_len;
+    double target = (double)lc->factor * lc->orig_ctx;   // checked finite; in double, no overflow
+    return target < (double)SIZE_MAX / 2 ? (size_t)target : SIZE_MAX / 2;
+}
+
+// Every value derived from a layer's RoPE setting must be a usable number: a file's YaRN
+// mscale can make the attention factor NaN, or a LongRoPE factor of 0 a frequency infinite,
+// while each stored field looks fine on its own.
+static void check_rope_table(const float *inv_freq, int half, float attn_factor, int layer,
+                             const char *path) {
+    if (!(attn_factor > 0 && attn_factor < 100))
+        die("%s: layer %d: the RoPE attention factor works out to %g; its scaling parameters are "
+            "broken", path, layer, attn_factor);
+    for (int i = 0; i < half; i++)
+        if (!isfinite(inv_freq[i]))
+            die("%s: layer %d: RoPE frequency %d works out to %g; its scaling parameters are "
+                "broken", path, layer, i, inv_freq[i]);
+}
+
+// The tables as HF builds them at load: at the original length L0 (LongRoPE: the short list).
+static void build_rope(Rope *r, const Config *c, const ModelFile *mf, const char *path) {
+    r->stride = c->head_dim / 2;
+    r->inv_freq =
+            xcalloc(mul_size(c->n_layers, r->stride, "rope table"), sizeof(float), "rope table");
+    r->attn_factor = xcalloc(c->n_layers, sizeof(float), "rope table");
+    r->table_len = xcalloc(c->n_layers, sizeof(size_t), "rope table");
+    size_t n_factors = 0;   // LongRoPE: the length of its two lists, one factor per pair
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerConfig *lc = &c->layers[l];
+        size_t half = lc->rotary_dim / 2;
+        float *inv_freq = r->inv_freq + (size_t)l * r->stride;
+        if (lc->rope_type == ROPE_LONGROPE && half > 0) {
+            if (!r->short_factor) {   // the lists are shared: every LongRoPE layer must fit them
+                n_factors = half;
+                Tensor short_list = get_tensor(mf, path, "rope.short_factor", half, 1);
+                Tensor long_list = get_tensor(mf, path, "rope.long_factor", half, 1);
+                r->short_factor = (const float *)short_list.data;
+                r->long_factor = (const float *)long_list.data;
+            }
+            if (half != n_factors)
+                die("%s: layer %d rotates %zu channel pairs but the LongRoPE factor lists hold %zu",
+                    path, l, half, n_factors);
+            // the long list's table too, checked now rather than when a text first needs it
+            size_t past_L0 = (size_t)lc->orig_ctx + 1;
+            float a = rope_frequencies(lc, r->short_factor, r->long_factor, past_L0, inv_freq);
+            check_rope_table(inv_freq, (int)half, a, l, path);
+        }
+        r->table_len[l] = lc->orig_ctx;
+        r->attn_factor[l] = rope_frequencies(lc, r->short_factor, r->long_factor, lc->orig_ctx,
+                                             inv_freq);
+        check_rope_table(inv_freq, (int)half, r->attn_factor[l], l, path);
+    }
+}
+
+// The command line's attention settings, which build_cache() turns into each layer's slots.
+typedef struct {
+    long n_sink;      // --sinks: StreamingLLM sinks, or LM-Infinite's global tokens
+    long window;      // --window: keys per query, itself included (0: the model's own)
+    int lminf;        // --lminf: sinks are LM-Infinite's global branch
+    long limit;       // --lminf-limit: LM-Infinite's distance cap (0: the window)
+    int kv_type;      // --kv-type: KVType of the stored keys and values
+} AttnOptions;
+
+// --window, --sinks and --lminf defaults. LM-Infinite's (Han et al. 2023): the local window
+// and the distance cap are the trained context, with 10 global tokens.
+static void resolve_attention_options(AttnOptions *a, const Config *c) {
+    if (a->lminf) {
+        if (!a->window) a->window = c->max_seq_len;
+        if (a->n_sink < 0) a->n_sink = 10;
+        if (!a->limit) a->limit = a->window;
+    }
+    if (a->n_sink < 0) a->n_sink = 0;
+}
+
+static size_t kv_row_bytes(KVType type, const Config *c) {
+    if (type == KV_F32) return (size_t)c->kv_dim * sizeof(float);
+    if (type == KV_F16) return (size_t)c->kv_dim * sizeof(uint16_t);
+    return (size_t)c->kv_dim + (size_t)c->n_kv_heads * sizeof(float);   // q8
+}
+
+// Each layer's window: the file's (if it slides) and --window, whichever is shorter; its
+// slots: a full layer `context` of them, a windowed one n_sink + W + max_T - 1 (at most
+// n_sink + context).
+static void build_cache(KVCache *kv, const Config *c, const AttnOptions *a, size_t context,
+                        int max_T) {
+    kv->type = (KVType)a->kv_type;
+    kv->sink_kind = a->lminf ? SINKS_LMINF : SINKS_STREAMING;
+    kv->limit = (size_t)a->limit;
+    kv->n_kv_heads = c->n_kv_heads;
+    kv->head_dim = c->head_dim;
+    kv->kv_dim = (size_t)c->kv_dim;
+    kv->row_bytes = kv_row_bytes(kv->type, c);
+    kv->layers = xcalloc(c->n_layers, sizeof(LayerSlots), "the KV cache");
+    kv->n_slots = 0;
+    kv->max_T = max_T;
+    kv->max_sink = max_size((size_t)a->n_sink, 4);   // 4: what a full context switches to
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerConfig *lc = &c->layers[l];
+        LayerSlots *ls = &kv->layers[l];
+        ls->window = lc->attn_kind == ATTN_SLIDING ? lc->window : SIZE_MAX;
+        if (a->window) ls->window = min_size(ls->window, (size_t)a->window);
+        int windowed = ls->window != SIZE_MAX;
+        size_t ring = windowed ? add_size(ls->window, max_T - 1, "KV cache") : SIZE_MAX;
+        ls->first = kv->n_slots;
+        ls->n_sink = windowed ? (size_t)a->n_sink : 0;
+        ls->ring = min_size(ring, context);
+        ls->fills = ls->ring < ring;
+        kv->n_slots = add_size(kv->n_slots, add_size(ls->n_sink, ls->ring, "KV cache"), "KV cache");
+    }
+    size_t sinks = mul_size(mul_size(c->n_layers, kv->max_sink, "sinks"), c->kv_dim, "sinks");
+    kv->key = xcalloc(kv->n_slots, kv->row_bytes, "the KV cache");
+    kv->value = xcalloc(kv->n_slots, kv->row_bytes, "the KV cache");
+    kv->sink_key = xcalloc(sinks, sizeof(float), "the sink keys");
+    kv->sink_value = xcalloc(sinks, sizeof(float), "the sink values");
 }
 
 static void build_state(RunState *s, const Config *c, int max_T, int all_logits) {

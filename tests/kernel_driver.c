@@ -127,6 +127,58 @@ static void check_attention(KVType kt, int H, int n_heads, int n_kv_heads, size_
     free_cache(&kv);
 }
 
+// attention() against attention_reference() on one cache of any type, with sinks (StreamingLLM
+// or LM-Infinite's global tokens): both read the same stored rows through the KV cache
+// section, so only their summation order differs. Keys, values, queries and the sinks' copies
+// are random (not exactly representable: the cache's rounding is the same for both).
+static void check_against_reference(KVType kt, int H, int n_heads, int n_kv_heads, size_t window,
+                                    long n_sink, int lminf, size_t pos0, int T) {
+    LayerConfig lc = {.attn_kind = ATTN_SLIDING, .window = (uint32_t)window};
+    Config c = {.n_layers = 1, .head_dim = H, .n_heads = n_heads, .n_kv_heads = n_kv_heads,
+                .q_dim = n_heads * H, .kv_dim = n_kv_heads * H, .layers = &lc};
+    AttnOptions a = {.kv_type = kt, .n_sink = n_sink, .lminf = lminf, .limit = (long)window / 2};
+    KVCache kv = {0};
+    size_t n = pos0 + T;
+    build_cache(&kv, &c, &a, n, T);
+    float *row = malloc(c.kv_dim * sizeof(float));
+    for (size_t p = 0; p < n; p++) {   // positions before the window are stored too: unseen
+        size_t slot = kv_slot(&kv.layers[0], p);
+        for (int i = 0; i < c.kv_dim; i++) row[i] = 4 * random_f32(&rng) - 2;
+        kv_store(&kv, kv.key + slot * kv.row_bytes, row);
+        for (int i = 0; i < c.kv_dim; i++) row[i] = 4 * random_f32(&rng) - 2;
+        kv_store(&kv, kv.value + slot * kv.row_bytes, row);
+    }
+    for (size_t i = 0; i < (size_t)n_sink * c.kv_dim; i++) {
+        kv.sink_key[i] = 4 * random_f32(&rng) - 2;
+        kv.sink_value[i] = 4 * random_f32(&rng) - 2;
+    }
+    size_t q_floats = (size_t)T * c.q_dim;
+    float *q = malloc(q_floats * sizeof(float)), *q_sink = malloc(q_floats * sizeof(float));
+    float *out = malloc(q_floats * sizeof(float)), *ref = malloc(q_floats * sizeof(float));
+    for (size_t i = 0; i < q_floats; i++) q[i] = 4 * random_f32(&rng) - 2;
+    for (size_t i = 0; i < q_floats; i++) q_sink[i] = 4 * random_f32(&rng) - 2;
+    KernelWork *kw = new_kernel_work(8, T, H, n_heads);
+    attention(out, q, q_sink, &kv, 0, &c, T, pos0, kw);
+    attention_reference(ref, q, q_sink, &kv, 0, &c, T, pos0);
+    double worst = 0;
+    for (size_t i = 0; i < q_floats; i++) {   // values are O(1)
+        double e = fabs((double)out[i] - ref[i]);
+        worst = e > worst ? e : worst;
+    }
+    char what[96];
+    snprintf(what, sizeof(what), "vs reference %s H %d, %d/%d, W %zu, %s %ld, pos %zu, T = %d",
+             kv_type_names[kt], H, n_heads, n_kv_heads, window, lminf ? "global" : "sinks",
+             n_sink, pos0, T);
+    report(what, worst);
+    free(row);
+    free(q);
+    free(q_sink);
+    free(out);
+    free(ref);
+    free_kernel_work(kw);
+    free_cache(&kv);
+}
+
 int main(void) {
     DType dts[] = {DT_F32, DT_F16, DT_BF16, DT_Q8_0};
     for (int d = 0; d < 4; d++) {
@@ -147,6 +199,14 @@ int main(void) {
         check_attention(KV_F16, H, nh, nkv, 0, 130, 37);
         check_attention(KV_F32, H, nh, nkv, 50, 300, 61);      // a chunk through a window
         check_attention(KV_F32, H, nh, nkv, 0, 0, 2 + irand(90));
+    }
+    KVType kts[] = {KV_F32, KV_F16, KV_Q8};
+    for (int k = 0; k < 3; k++) {   // every cache type, sinks and LM-Infinite, tiles and decode
+        check_against_reference(kts[k], 40, 6, 2, 48, 4, 0, 300, 1);
+        check_against_reference(kts[k], 40, 6, 2, 48, 4, 0, 250, 51);
+        check_against_reference(kts[k], 64, 8, 1, 100, 5, 1, 900, 1);
+        check_against_reference(kts[k], 64, 8, 1, 100, 5, 1, 600, 37);
+        check_against_reference(kts[k], 36, 4, 4, 600, 70, 0, 2000, 1);   // 2 sink blocks
     }
     printf("%s\n", failures ? "FAILED" : "all within 1e-5");
     return failures ? 1 : 0;

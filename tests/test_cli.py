@@ -40,8 +40,9 @@ def usage_flags(text):
 
 def parser_flags():
     src = open(os.path.join(ROOT, "run.c")).read()
-    body = src[src.index("static Options parse_options("):]
-    body = body[:body.index("\n}\n")]
+    # the parser: parse_switch(), the parse_*_option() tables and parse_options() itself
+    body = src[src.index("static int parse_switch("):]
+    body = body[:body.index("\n}\n", body.index("static Options parse_options("))]
     return set(re.findall(r'strcmp\((?:flag|argv\[1\]), "(-[^"]+)"\)', body))
 
 
