@@ -74,6 +74,7 @@ static KernelWork *new_kernel_work(size_t widest, int max_T, int head_dim, int n
 }
 
 static void free_kernel_work(KernelWork *kw) {
+    if (!kw) return;   // as free(NULL): a transformer whose building was cut short
     void *buffers[] = { kw->row, kw->panel, kw->xt,       kw->dx,    kw->q8_dw, kw->q8_dx,
                         kw->att, kw->parts, kw->q8_panel, kw->q8_xt, kw->qx };
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);

@@ -140,7 +140,7 @@ static void check_against_reference(KVType kt, int H, int n_heads, int n_kv_head
     KVCache kv = {0};
     size_t n = pos0 + T;
     build_cache(&kv, &c, &a, n, T);
-    float *row = malloc(c.kv_dim * sizeof(float));
+    float *row = xcalloc(c.kv_dim, sizeof(float), "row");
     for (size_t p = 0; p < n; p++) {   // positions before the window are stored too: unseen
         size_t slot = kv_slot(&kv.layers[0], p);
         for (int i = 0; i < c.kv_dim; i++) row[i] = 4 * random_f32(&rng) - 2;
@@ -153,8 +153,10 @@ static void check_against_reference(KVType kt, int H, int n_heads, int n_kv_head
         kv.sink_value[i] = 4 * random_f32(&rng) - 2;
     }
     size_t q_floats = (size_t)T * c.q_dim;
-    float *q = malloc(q_floats * sizeof(float)), *q_sink = malloc(q_floats * sizeof(float));
-    float *out = malloc(q_floats * sizeof(float)), *ref = malloc(q_floats * sizeof(float));
+    float *q = xcalloc(q_floats, sizeof(float), "q");
+    float *q_sink = xcalloc(q_floats, sizeof(float), "q_sink");
+    float *out = xcalloc(q_floats, sizeof(float), "out");
+    float *ref = xcalloc(q_floats, sizeof(float), "ref");
     for (size_t i = 0; i < q_floats; i++) q[i] = 4 * random_f32(&rng) - 2;
     for (size_t i = 0; i < q_floats; i++) q_sink[i] = 4 * random_f32(&rng) - 2;
     KernelWork *kw = new_kernel_work(8, T, H, n_heads);
