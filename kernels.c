@@ -282,8 +282,9 @@ static void pack_q8_chunk(const KernelWork *kw, const float *x, size_t T, size_t
         int16_t *xt = kw->q8_xt + tile * Q8_T * cols;
         for (int j = 0; j < Q8_T; j++) {
             size_t t = tile * Q8_T + j;
-            for (size_t k = 0; k < cols; k++)
-                xt[(k / 2 * Q8_T + j) * 2 + k % 2] = t < T ? kw->qx[t * cols + k] : 0;
+            for (size_t kp = 0; kp < cols / 2; kp++)   // k pair kp: columns 2 kp, 2 kp + 1
+                for (int i = 0; i < 2; i++)
+                    xt[(kp * Q8_T + j) * 2 + i] = t < T ? kw->qx[t * cols + 2 * kp + i] : 0;
             for (size_t b = 0; b < blocks; b++)
                 kw->q8_dx[(tile * blocks + b) * Q8_T + j] = t < T ? kw->dx[t * blocks + b] : 0;
         }
@@ -298,7 +299,8 @@ static int pack_q8_panel(int16_t *panel, float *dw, const Tensor *w, size_t p) {
     for (int r = 0; r < Q8_R; r++) {
         const float *scale = NULL;
         const int8_t *qw = r < nr ? q8_row(w, p * Q8_R + r, &scale) : NULL;
-        for (size_t k = 0; k < cols; k++) panel[(k / 2 * Q8_R + r) * 2 + k % 2] = qw ? qw[k] : 0;
+        for (size_t kp = 0; kp < cols / 2; kp++)
+            for (int i = 0; i < 2; i++) panel[(kp * Q8_R + r) * 2 + i] = qw ? qw[2 * kp + i] : 0;
         for (size_t b = 0; b < cols / LR_Q8_BLOCK; b++) dw[b * Q8_R + r] = qw ? scale[b] : 0;
     }
     return nr;

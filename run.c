@@ -664,6 +664,14 @@ static size_t cache_capacity(const KVCache *kv, int n_layers) {
     return cap;
 }
 
+// Bytes of one slot: kv_dim values in the cache's type (q8: int8s, then a float scale per
+// kv head).
+static size_t kv_row_bytes(KVType type, const Config *c) {
+    if (type == KV_F32) return (size_t)c->kv_dim * sizeof(float);
+    if (type == KV_F16) return (size_t)c->kv_dim * sizeof(uint16_t);
+    return (size_t)c->kv_dim + (size_t)c->n_kv_heads * sizeof(float);   // q8
+}
+
 // Store one slot's row x (kv_dim) in the cache's type. q8: per kv head, int8 q = round(x / d)
 // with d = max|x| / 127, and the float d after all the heads' int8s.
 static void kv_store(const KVCache *kv, uint8_t *row, const float *x) {
@@ -1358,12 +1366,6 @@ static void resolve_attention_options(AttnOptions *a, const Config *c) {
         if (!a->limit) a->limit = a->window;
     }
     if (a->n_sink < 0) a->n_sink = 0;
-}
-
-static size_t kv_row_bytes(KVType type, const Config *c) {
-    if (type == KV_F32) return (size_t)c->kv_dim * sizeof(float);
-    if (type == KV_F16) return (size_t)c->kv_dim * sizeof(uint16_t);
-    return (size_t)c->kv_dim + (size_t)c->n_kv_heads * sizeof(float);   // q8
 }
 
 // Each layer's window: the file's (if it slides) and --window, whichever is shorter; its
@@ -2373,7 +2375,7 @@ static void usage(FILE *out) {
             "run needs,\n"
             "                   at most the model's trained context; chat: 4096 at most)\n"
             "  --chunk N        tokens per forward pass in prefill             (default 256; "
-            "logits: all)\n"
+            "logits: up to 65536)\n"
             "  --threads N      worker threads                                 (default: all "
             "cores)\n"
             "  --reference      run the plain reference matmul and attention, not the fast "
