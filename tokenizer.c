@@ -8,7 +8,8 @@
 //
 // How to read this file:
 //   UTF-8        decoding with U+FFFD for invalid bytes, exactly as Python's errors="replace"
-//   Unicode      \p{L} \p{N} \s classes and NFC, from the generated tokenizer_unicode.h
+//   Unicode      \p{L} \p{N} \s classes, digits and NFC, from the generated tokenizer_unicode.h
+//                (each in the Unicode version HF tokenizers uses for it)
 //   tables       hash tables: vocab string -> id, (left, right) -> merge, word cache
 //   load         validate the whole section, then build the tables
 //   BPE          the merge loop: a heap of candidate pairs, stale entries skipped when popped
@@ -142,11 +143,12 @@ static uint32_t range_lookup(const TokRange *r, size_t n, uint32_t c) {
     return 0;
 }
 
-// TOK_CLS_L, TOK_CLS_N, TOK_CLS_S or 0 ("other": punctuation, symbols, marks ...).
+// TOK_CLS_L, TOK_CLS_N, TOK_CLS_S or 0 ("other": punctuation, symbols, marks ...), plus
+// TOK_CLS_D for the characters the Digits pre-tokenizer splits off.
 static uint8_t char_class(uint32_t c) {
     if (c < 128) {
         if ((c | 32) >= 'a' && (c | 32) <= 'z') return TOK_CLS_L;
-        if (c >= '0' && c <= '9') return TOK_CLS_N;
+        if (c >= '0' && c <= '9') return TOK_CLS_N | TOK_CLS_D;
         return (c == ' ' || (c >= 9 && c <= 13)) ? TOK_CLS_S : 0;
     }
     return range_lookup(tok_class_ranges, TOK_N_CLASS_RANGES, c);
@@ -804,11 +806,20 @@ static size_t next_piece(const Tokenizer *t, const uint32_t *cp, const uint8_t *
 // The end of the stretch starting at code point i that the split regex sees as a whole text.
 // SmolLM's HF Sequence[Digits(individual_digits), ByteLevel] splits off each digit first, so
 // the GPT-2 regex runs on each stretch between digits; the other families see the segment.
+// HF's Digits takes Rust's char::is_numeric, whose Unicode version is not the regex's:
+// hence its own class bit, TOK_CLS_D.
 static size_t pre_split_end(const Tokenizer *t, const uint8_t *cls, size_t i, size_t n) {
     if (t->pre != TOK_PRE_SMOLLM) return n;
-    if (IS(i, TOK_CLS_N)) return i + 1;
-    while (i < n && !IS(i, TOK_CLS_N)) i++;
+    if (IS(i, TOK_CLS_D)) return i + 1;
+    while (i < n && !IS(i, TOK_CLS_D)) i++;
     return i;
+}
+
+// The end of the piece that starts at code point i of the segment t->cps[0..n). *stretch is
+// the end of the current stretch (start with 0): found again only once i reaches it.
+static size_t piece_end(const Tokenizer *t, size_t i, size_t n, size_t *stretch) {
+    if (i >= *stretch) *stretch = pre_split_end(t, t->cls, i, n);
+    return next_piece(t, t->cps, t->cls, i, *stretch);
 }
 
 // ----------------------------------------------------------------------------
@@ -986,11 +997,11 @@ static void encode_segment(Tokenizer *t, const uint8_t *s, size_t n, int at_text
         encode_spm(t, s, n, at_text_start, out);
         return;
     }
-    for (size_t i = 0; i < m && !out->oom;)
-        for (size_t end = pre_split_end(t, t->cls, i, m), j; i < end && !out->oom; i = j) {
-            j = next_piece(t, t->cps, t->cls, i, end);
-            encode_piece(t, s + t->offs[i], t->offs[j] - t->offs[i], out);
-        }
+    size_t stretch = 0;
+    for (size_t i = 0, j; i < m && !out->oom; i = j) {
+        j = piece_end(t, i, m, &stretch);
+        encode_piece(t, s + t->offs[i], t->offs[j] - t->offs[i], out);
+    }
 }
 
 // The longest special token starting at s[0..n), or -1.

@@ -1,26 +1,55 @@
 #!/usr/bin/env python3
-"""Generate tokenizer_unicode.h: the Unicode tables tokenizer.c needs, from Python's unicodedata.
+"""Generate tokenizer_unicode.h: the Unicode tables tokenizer.c needs.
 
+    pip install -r tools/requirements.txt
     python3 tools/gen_unicode.py > tokenizer_unicode.h
 
+The tables follow HF tokenizers (the version pinned in tests/requirements.txt), whose parts
+classify characters with three different Unicode versions, each matched here (measured by
+tests/test_unicode.py, which holds every code point to the installed tokenizers):
+  regex classes   the Split / ByteLevel regexes run on Oniguruma: \\p{L}, \\p{N}, \\s of
+                  Unicode 16.0 (unicodedataplus 16.0.0.post1)
+  Digits          the Digits pre-tokenizer (SmolLM2's digit split) asks Rust's char::is_numeric,
+                  Unicode 17.0 for the Rust that built the pinned wheel (unicodedata2 17.0.1)
+  NFC             the NFC normalizer is the unicode-normalization-alignments crate, whose
+                  tables are Unicode 9.0: the 16.0 data restricted to the code points assigned
+                  by 9.0 (their decompositions, combining classes and compositions are stable
+                  by the Unicode stability policy; later code points are unassigned to it)
+
 Tables (all sorted, searched by binary search in tokenizer.c):
-  tok_class_ranges  code point ranges that are letters \\p{L}, numbers \\p{N} or White_Space \\s
+  tok_class_ranges  code point ranges that are letters \\p{L}, numbers \\p{N}, White_Space \\s,
+                    or numeric to Rust (Nd Nl No of its version); a bit each
   tok_ccc_ranges    canonical combining class of every code point whose class is not 0
   tok_nfd_*         full canonical decomposition (NFD) of every code point that has one,
                     except Hangul syllables, which tokenizer.c decomposes arithmetically
   tok_comp_pairs    (first, second) -> primary composite, for NFC composition
-The regex classes follow Oniguruma / Rust regex: \\p{L} = Lu Ll Lt Lm Lo, \\p{N} = Nd Nl No,
-\\s = the White_Space property (not Python's str.isspace, which adds U+001C..U+001F).
+The regex classes follow Oniguruma: \\p{L} = Lu Ll Lt Lm Lo, \\p{N} = Nd Nl No, \\s = the
+White_Space property (not Python's str.isspace, which adds U+001C..U+001F).
 """
 import sys
-import unicodedata as ud
 
-# White_Space (PropList.txt); unicodedata does not expose the property.
+import unicodedata2 as digits_ud        # Rust char::is_numeric's version
+import unicodedataplus as regex_ud      # Oniguruma's version, and Age for the NFC data
+
+REGEX_VERSION, DIGITS_VERSION, NFC_VERSION = "16.0.0", "17.0.0", "9.0.0"
+
+# White_Space (PropList.txt); unicodedata does not expose the property. Unchanged since 6.3.
 WHITE_SPACE = [(0x09, 0x0D), (0x20, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x1680, 0x1680),
                (0x2000, 0x200A), (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000)]
-CLS_L, CLS_N, CLS_S = 1, 2, 4
+CLS_L, CLS_N, CLS_S, CLS_D = 1, 2, 4, 8
 MAX_CP = 0x110000
 HANGUL_S0, HANGUL_COUNT = 0xAC00, 11172
+
+
+def version(s):
+    return tuple(int(x) for x in s.split("."))
+
+
+def check_versions():
+    for mod, want in ((regex_ud, REGEX_VERSION), (digits_ud, DIGITS_VERSION)):
+        if mod.unidata_version != want:
+            sys.exit(f"{mod.__name__} has Unicode {mod.unidata_version}, want {want}: "
+                     f"pip install -r tools/requirements.txt")
 
 
 def ranges(values):
@@ -35,43 +64,69 @@ def ranges(values):
     return out
 
 
-def char_class(cp):
-    cat = ud.category(chr(cp))
-    if cat[0] == "L":
-        return CLS_L
-    if cat[0] == "N":
-        return CLS_N
-    return 0
+def char_class(cp, ws):
+    if cp in ws:
+        cls = CLS_S
+    else:
+        cat = regex_ud.category(chr(cp))[0]
+        cls = CLS_L if cat == "L" else CLS_N if cat == "N" else 0
+    if digits_ud.category(chr(cp))[0] == "N":
+        cls |= CLS_D
+    return cls
 
 
-def main():
-    ws = set(cp for a, b in WHITE_SPACE for cp in range(a, b + 1))
-    classes = ranges(lambda cp: CLS_S if cp in ws else char_class(cp))
-    ccc = ranges(lambda cp: ud.combining(chr(cp)))
-    nfd, pool = [], []
-    comp = []
+def nfc_known(cp, nfc_version=version(NFC_VERSION)):
+    """Assigned by NFC_VERSION: the code points the normalizer's tables know."""
+    age = regex_ud.age(chr(cp))
+    return age != "Unassigned" and version(age) <= nfc_version
+
+
+def nfc_tables():
+    """(ccc ranges, [(cp, pool offset, length)], pool, [(first, second, composite)])."""
+    ccc = ranges(lambda cp: regex_ud.combining(chr(cp)) if nfc_known(cp) else 0)
+    nfd, pool, comp = [], [], []
     for cp in range(MAX_CP):
         if 0xD800 <= cp <= 0xDFFF or HANGUL_S0 <= cp < HANGUL_S0 + HANGUL_COUNT:
             continue
+        if not nfc_known(cp):
+            continue
         c = chr(cp)
-        d = ud.normalize("NFD", c)
+        d = regex_ud.normalize("NFD", c)
         if d != c:
             nfd.append((cp, len(pool), len(d)))
             pool.extend(ord(x) for x in d)
-        dm = ud.decomposition(c)
+        dm = regex_ud.decomposition(c)
         if dm and not dm.startswith("<"):
             parts = [int(x, 16) for x in dm.split()]
             # a primary composite: a two-code-point mapping that NFC puts back together
-            if len(parts) == 2 and ud.normalize("NFC", chr(parts[0]) + chr(parts[1])) == c:
+            if len(parts) == 2 and regex_ud.normalize("NFC", chr(parts[0]) + chr(parts[1])) == c:
                 comp.append((parts[0], parts[1], cp))
     comp.sort()
+    return ccc, nfd, pool, comp
+
+
+def main():
+    check_versions()
+    ws = set(cp for a, b in WHITE_SPACE for cp in range(a, b + 1))
+    classes = ranges(lambda cp: char_class(cp, ws))
+    ccc, nfd, pool, comp = nfc_tables()
 
     w = sys.stdout.write
-    w("// tokenizer_unicode.h - generated by tools/gen_unicode.py from Python's unicodedata\n")
-    w(f"// (Unicode {ud.unidata_version}). Do not edit; rerun the script.\n")
+    w("// tokenizer_unicode.h - generated by tools/gen_unicode.py. Do not edit; rerun the script.\n"
+      "// The Unicode versions of HF tokenizers' parts:\n"
+      f"//   regex classes \\p{{L}} \\p{{N}} \\s (Oniguruma)      Unicode {REGEX_VERSION} "
+      "(unicodedataplus)\n"
+      f"//   Digits pre-tokenizer (Rust char::is_numeric)  Unicode {DIGITS_VERSION} (unicodedata2)\n"
+      f"//   NFC normalizer                                Unicode {NFC_VERSION} (code points "
+      "assigned later\n"
+      "//                                                 are left alone)\n")
     w("#ifndef TOKENIZER_UNICODE_H\n#define TOKENIZER_UNICODE_H\n\n#include <stdint.h>\n\n")
-    w(f"#define TOK_UNICODE_VERSION \"{ud.unidata_version}\"\n")
-    w("#define TOK_CLS_L 1  // \\p{L}\n#define TOK_CLS_N 2  // \\p{N}\n#define TOK_CLS_S 4  // \\s (White_Space)\n\n")
+    w(f"#define TOK_UNICODE_VERSION \"{REGEX_VERSION}\"\n")
+    w(f"#define TOK_DIGITS_UNICODE_VERSION \"{DIGITS_VERSION}\"\n")
+    w(f"#define TOK_NFC_UNICODE_VERSION \"{NFC_VERSION}\"\n")
+    w("#define TOK_CLS_L 1  // \\p{L}\n#define TOK_CLS_N 2  // \\p{N}\n"
+      "#define TOK_CLS_S 4  // \\s (White_Space)\n"
+      "#define TOK_CLS_D 8  // numeric to the Digits pre-tokenizer (Rust char::is_numeric)\n\n")
 
     def table(decl, rows, fmt, per_line):
         w(decl + " = {\n")
