@@ -974,8 +974,22 @@ FLAG_ADD_BOS, FLAG_NFC, FLAG_IGNORE_MERGES = 1, 2, 4
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
-GGUF_PRE = {"gpt2": PRE_GPT2, "gpt-2": PRE_GPT2, "default": PRE_GPT2, "llama-bpe": PRE_LLAMA3,
-            "llama3": PRE_LLAMA3, "qwen2": PRE_QWEN2, "smollm": PRE_SMOLLM}
+# GGUF tokenizer.ggml.pre names (llama.cpp's llama_vocab::load gives each its split) whose split
+# is one tokenizer.c implements: name -> (pre-tokenizer, flags). Llama 3's ignore_merges goes
+# with the names llama.cpp sets it for. GGUF records no normalizer: NFC only for qwen2, as
+# Qwen2's tokenizer.json has it. Every other name is refused (see gguf_pre()).
+_GGUF_SPLITS = [
+    (PRE_GPT2, 0, "gpt2 gpt-2 default phi-2 mpt olmo jais trillion granite-docling jina-es "
+                  "jina-de jina-v2-es jina-v2-de jina-v1-en jina-v2-code roberta-bpe gigachat "
+                  "a.x-4.0 mellum modern-bert exaone4"),
+    (PRE_LLAMA3, FLAG_IGNORE_MERGES, "llama-bpe llama3 llama-v3 falcon3 falcon-h1 pixtral "
+                                     "midm-2.0 lfm2 jina-v5-nano"),
+    (PRE_LLAMA3, 0, "dbrx smaug-bpe glm4 chatglm-bpe"),
+    (PRE_QWEN2, FLAG_NFC, "qwen2"),
+    (PRE_QWEN2, 0, "deepseek-r1-qwen kormo f2llmv2 megrez stablelm2 hunyuan solar-open"),
+    (PRE_SMOLLM, 0, "smollm starcoder refact command-r codeshell exaone minerva-7b mellum2"),
+]
+GGUF_PRE = {name: (pre, flags) for pre, flags, names in _GGUF_SPLITS for name in names.split()}
 BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 
 
@@ -1311,6 +1325,18 @@ def _gguf_value(reader, key, default=None):
     return f.contents()
 
 
+def gguf_pre(name):
+    """(pre-tokenizer, flags) of a tokenizer.ggml.pre name; refuses a name whose split
+    tokenizer.c does not implement."""
+    if name not in GGUF_PRE:
+        raise TokenizerError(
+            f"GGUF pre-tokenizer {name!r} is refused: tokenizer.c implements only the GPT-2, "
+            f"Llama 3, Qwen2 and SmolLM splits, and {name!r} is not a name of one of them (any "
+            f"other split, e.g. deepseek-llm, falcon, gpt-4o, tekken, bloom, would give other "
+            f"ids). Accepted: {' '.join(GGUF_PRE)}")
+    return GGUF_PRE[name]
+
+
 def tokenizer_section_from_gguf(reader):
     """tokenizer.ggml.* metadata of an open gguf.GGUFReader, or None if it has none."""
     kind = _gguf_value(reader, "tokenizer.ggml.model")
@@ -1336,13 +1362,7 @@ def tokenizer_section_from_gguf(reader):
     if kind != "gpt2":
         raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported "
                              "(only llama and gpt2)")
-    pre_name = _gguf_value(reader, "tokenizer.ggml.pre", "default")
-    if pre_name not in GGUF_PRE:
-        raise TokenizerError(f"GGUF pre-tokenizer {pre_name!r} is not supported "
-                             f"({', '.join(GGUF_PRE)})")
-    pre = GGUF_PRE[pre_name]
-    # Llama 3 sets ignore_merges in its tokenizer.json; Qwen2's tokenizer.json normalizes to NFC.
-    flags = (FLAG_IGNORE_MERGES if pre == PRE_LLAMA3 else 0) | (FLAG_NFC if pre == PRE_QWEN2 else 0)
+    pre, flags = gguf_pre(_gguf_value(reader, "tokenizer.ggml.pre", "default"))
     if _gguf_value(reader, "tokenizer.ggml.add_bos_token", False) and bos >= 0:
         flags |= FLAG_ADD_BOS
     tokens = []

@@ -403,6 +403,9 @@ def train_byte_level(kind, texts):
     tok = Tokenizer(models.BPE(ignore_merges=(kind == "llama3")))
     if kind == "gpt2":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif kind == "smollm":   # StarCoder's and SmolLM's: every digit alone, then GPT-2's regex
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     else:
         regex = te.LLAMA3_REGEX if kind == "llama3" else te.QWEN2_REGEX
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
@@ -428,6 +431,79 @@ def test_byte_level(driver, workdir, kind):
             roundtrip=nfc, bad=BAD)
     if kind == "llama3":
         bench("byte-level llama3 vs HF tokenizers", driver, model, book_text(), lambda s: tok.encode(s, add_special_tokens=False))
+
+
+# ----------------------------------------------------------------------------
+# GGUF tokenizer.ggml.pre names: each one of a split tokenizer.c implements gives HF's ids
+
+class GGUFMetadata:
+    """The tokenizer.ggml.* fields of a GGUF, as llama.cpp's converter writes them for a HF
+    byte-level BPE, for export.tokenizer_section_from_gguf (which reads .fields[key].contents())."""
+
+    class Field:
+        def __init__(self, value):
+            self.value = value
+
+        def contents(self):
+            return self.value
+
+    def __init__(self, tok, pre):
+        tj = json.loads(tok.to_str())
+        vocab = tj["model"]["vocab"]
+        specials = {a["content"] for a in tj["added_tokens"]}
+        tokens = sorted(vocab, key=vocab.get)
+        values = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+                  "tokenizer.ggml.tokens": tokens,
+                  "tokenizer.ggml.token_type": [te.T_CONTROL if t in specials else te.T_NORMAL for t in tokens],
+                  "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]],
+                  "tokenizer.ggml.eos_token_id": vocab["<|endoftext|>"]}
+        self.fields = {k: self.Field(v) for k, v in values.items()}
+
+
+# llama.cpp's llama_vocab::load: the split each name stands for, and whether it sets
+# ignore_merges; GGUF keeps no normalizer, and export.py adds Qwen2's NFC for "qwen2" alone.
+GGUF_NAMES = {
+    "gpt2": "gpt2 gpt-2 default phi-2 mpt olmo jais trillion granite-docling jina-es jina-de jina-v2-es "
+            "jina-v2-de jina-v1-en jina-v2-code roberta-bpe gigachat a.x-4.0 mellum modern-bert exaone4",
+    "llama3": "llama-bpe llama3 llama-v3 falcon3 falcon-h1 pixtral midm-2.0 lfm2 jina-v5-nano",
+    "llama3 merges": "dbrx smaug-bpe glm4 chatglm-bpe",
+    "qwen2": "qwen2",
+    "qwen2 no NFC": "deepseek-r1-qwen kormo f2llmv2 megrez stablelm2 hunyuan solar-open",
+    "smollm": "smollm starcoder refact command-r codeshell exaone minerva-7b mellum2",
+}
+
+
+def hf_reference(trained, split):
+    """The HF tokenizer a GGUF with a name of this split stands for."""
+    from tokenizers import Tokenizer
+    tj = json.loads(trained[split.split()[0]].to_str())
+    if split == "llama3 merges":
+        tj["model"]["ignore_merges"] = False
+    if split == "qwen2 no NFC":
+        tj["normalizer"] = None
+    return Tokenizer.from_str(json.dumps(tj))
+
+
+def test_gguf_pre_names(driver, workdir):
+    """Every accepted tokenizer.ggml.pre name (starcoder and refact are SmolLM2's split) gives
+    the ids of HF tokenizers running that split; any other name is refused, saying why."""
+    texts = CORPUS[:300] + ["x  1", "e\u0301 \u1e9b\u0323", "IT'S 'Ll 12345 ab\r\n\n  x"]
+    train = build_corpus(11, 100_000)
+    trained = {kind: train_byte_level(kind, train) for kind in ("gpt2", "llama3", "qwen2", "smollm")}
+    for split, names in GGUF_NAMES.items():
+        hf = hf_reference(trained, split)
+        for name in names.split():
+            section = te.tokenizer_section_from_gguf(GGUFMetadata(trained[split.split()[0]], name))
+            model = write_model(workdir, f"gguf_pre_{name}.bin", section)
+            compare(f"GGUF pre {name!r} ({split})", driver, model, texts,
+                    lambda s: hf.encode(s, add_special_tokens=False).ids, roundtrip=lambda s: None)
+    accepted = set(" ".join(GGUF_NAMES.values()).split())
+    assert accepted == set(te.GGUF_PRE), set(te.GGUF_PRE) ^ accepted
+    for name in ("deepseek-llm", "gpt-4o", "tekken", "falcon", "bloom", "no-such-split"):
+        with pytest.raises(te.TokenizerError) as e:
+            te.tokenizer_section_from_gguf(GGUFMetadata(trained["gpt2"], name))
+        assert f"{name!r} is refused" in str(e.value) and "GPT-2, Llama 3, Qwen2 and SmolLM" in str(e.value)
+    print(f"\n  refused: {e.value}")
 
 
 # ----------------------------------------------------------------------------
