@@ -969,6 +969,7 @@ PREFIX_NONE, PREFIX_ALL, PREFIX_ALWAYS, PREFIX_FIRST = 0, 1, 2, 3
 T_NORMAL, T_UNKNOWN, T_CONTROL, T_USER_DEFINED, T_UNUSED, T_BYTE = 1, 2, 3, 4, 5, 6
 CHAT_NONE, CHAT_CHATML, CHAT_LLAMA3, CHAT_LLAMA2_INST = 0, 1, 2, 3
 FLAG_ADD_BOS, FLAG_NFC, FLAG_IGNORE_MERGES = 1, 2, 4
+TYPE_LSTRIP, TYPE_RSTRIP = 0x100, 0x200   # above a special token's type: HF lstrip / rstrip
 
 # The Split regexes of the Llama 3 and Qwen2 pre-tokenizers, as they appear in tokenizer.json.
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -1260,8 +1261,8 @@ def tokenizer_section_from_json(tok, config=None):
     vocab = dict(model["vocab"])
     added = tok.get("added_tokens", [])
     for a in added:
-        if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
-            raise TokenizerError(f"added token {a['content']!r} uses lstrip/rstrip/single_word, "
+        if a.get("single_word"):
+            raise TokenizerError(f"added token {a['content']!r} uses single_word, "
                                  "which is not supported")
     n = max([*vocab.values(), *(a["id"] for a in added)]) + 1
     tokens = [(b"", 0.0, T_UNUSED)] * n
@@ -1273,6 +1274,9 @@ def tokenizer_section_from_json(tok, config=None):
             tokens[i] = (text.encode("utf-8"), -float(i), T_BYTE if byte else T_NORMAL)
     for a in added:
         token_type = T_CONTROL if a.get("special") else T_USER_DEFINED
+        # the whitespace HF's AddedVocabulary absorbs into the token, left and right
+        token_type |= TYPE_LSTRIP if a.get("lstrip") else 0
+        token_type |= TYPE_RSTRIP if a.get("rstrip") else 0
         tokens[a["id"]] = (a["content"].encode("utf-8"), 0.0, token_type)
     unk = model.get("unk_token")
     if unk is not None and unk in vocab:

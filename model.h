@@ -182,6 +182,15 @@ typedef enum {
     TOK_TYPE_END
 } TokType;
 
+// Above its TokType (TokEntry.type & TOK_TYPE_MASK), a TOK_CONTROL or TOK_USER_DEFINED token may
+// carry HF AddedToken's strip flags: where the token matches, the whitespace (White_Space) right
+// before it (TOK_LSTRIP) or right after it (TOK_RSTRIP) is absorbed into it, as HF tokenizers'
+// AddedVocabulary does (Phi-3's <|end|>, <|user|>, ... are rstrip). Readers that predate the
+// flags refuse such a token as of unknown type.
+#define TOK_TYPE_MASK 0xFFu
+#define TOK_LSTRIP 0x100u
+#define TOK_RSTRIP 0x200u
+
 // The chat format, detected by export.py from the model's chat_template.
 typedef enum {
     CHAT_NONE = 0,
@@ -222,7 +231,7 @@ typedef struct {
     uint32_t offset;   // of the string, from strings_offset
     uint32_t len;      // bytes
     float score;       // SentencePiece score (higher merges first); 0 for byte-level BPE
-    uint32_t type;     // TokType
+    uint32_t type;     // TokType, | TOK_LSTRIP / TOK_RSTRIP for a special token
 } TokEntry;
 
 // left + right -> result. Lower rank merges first; on equal rank the leftmost pair

@@ -14,7 +14,8 @@
 //   load         validate the whole section, then build the tables
 //   BPE          the merge loop: a heap of candidate pairs, stale entries skipped when popped
 //   pre-tokenize the GPT-2, Llama 3 / Qwen2 and SmolLM2 regexes as hand-written scanners
-//   encode       special tokens, dummy prefix, pieces, BPE, byte fallback
+//   encode       special tokens (absorbing whitespace as HF lstrip/rstrip), dummy prefix, pieces,
+//                BPE, byte fallback
 //   decode       ids -> exact bytes, and a streaming decoder that is safe for a terminal
 //
 // API (run.c #includes this file; it also compiles alone, e.g. for a fuzz driver):
@@ -324,6 +325,11 @@ static uint64_t hash_u64(uint64_t x) {
     return x;
 }
 
+// A token's TokType, without the strip flags above it (model.h).
+static uint32_t token_type(const Tokenizer *t, int id) {
+    return t->entries[id].type & TOK_TYPE_MASK;
+}
+
 static int is_special_type(uint32_t type) {
     return type == TOK_CONTROL || type == TOK_USER_DEFINED || type == TOK_UNKNOWN;
 }
@@ -488,23 +494,27 @@ static int check_tokens(Tokenizer *t, uint64_t strings_size, size_t *n_special, 
     *n_special = 0;
     for (uint32_t i = 0; i < t->n_tokens; i++) {
         const TokEntry *e = &t->entries[i];
+        uint32_t type = token_type(t, i);
+        uint32_t strip = e->type & ~TOK_TYPE_MASK;
         if (e->offset > strings_size || e->len > strings_size - e->offset)
             LOAD_FAIL("token %u string (offset %u, %u bytes) outside the string table", i,
                       e->offset, e->len);
-        if (e->type < TOK_NORMAL || e->type >= TOK_TYPE_END)
+        if (type < TOK_NORMAL || type >= TOK_TYPE_END || (strip & ~(TOK_LSTRIP | TOK_RSTRIP)))
             LOAD_FAIL("token %u has unknown type %u", i, e->type);
-        if (e->len == 0 && e->type != TOK_UNUSED) LOAD_FAIL("token %u is empty", i);
+        if (strip && type != TOK_CONTROL && type != TOK_USER_DEFINED)
+            LOAD_FAIL("token %u strips whitespace but is not a special token", i);
+        if (e->len == 0 && type != TOK_UNUSED) LOAD_FAIL("token %u is empty", i);
         size_t len;
         const uint8_t *p = piece_bytes(t, i, &len);
-        if (e->type == TOK_BYTE) {
+        if (type == TOK_BYTE) {
             int v = byte_piece_value(p, len);
             if (v < 0 || t->kind != TOK_SPM)
                 LOAD_FAIL("byte token %u is not <0xNN> in an SPM model", i);
             if (t->byte_id[v] < 0) t->byte_id[v] = i;
         }
-        if (is_special_type(e->type) && utf8_valid_prefix((const char *)p, len) < len)
+        if (is_special_type(type) && utf8_valid_prefix((const char *)p, len) < len)
             LOAD_FAIL("special token %u is not valid UTF-8", i);
-        *n_special += is_special_type(e->type) && len > 0;
+        *n_special += is_special_type(type) && len > 0;
     }
     return 0;
 }
@@ -522,7 +532,7 @@ static int index_vocab(Tokenizer *t, size_t n_special, char *err, size_t err_len
         size_t len;
         const uint8_t *p = piece_bytes(t, i, &len);
         if (len == 0) continue;
-        if (is_special_type(t->entries[i].type)) {
+        if (is_special_type(token_type(t, i))) {
             t->specials[n++] = i;
             continue;
         }
@@ -1014,6 +1024,39 @@ static int match_special(const Tokenizer *t, const uint8_t *s, size_t n, size_t 
     return -1;
 }
 
+// HF AddedToken's lstrip / rstrip (model.h TOK_LSTRIP, TOK_RSTRIP): the White_Space a special
+// token absorbs on its left, down to the end of the previous match, and on its right, as
+// tokenizers' AddedVocabulary::find_matches does. s is valid UTF-8 here.
+
+// Bytes of the White_Space character that ends at s[end] and starts at or after s[lo], or 0.
+static size_t space_before(const uint8_t *s, size_t lo, size_t end) {
+    for (size_t k = 1; k <= 3 && k <= end - lo; k++) {   // White_Space is at most 3 bytes
+        if ((s[end - k] & 0xC0) == 0x80) continue;       // a continuation byte: look further
+        uint32_t c;
+        size_t len = utf8_next(s, end, end - k, &c);
+        return len == k && (char_class(c) & TOK_CLS_S) ? k : 0;
+    }
+    return 0;
+}
+
+// end, less the run of White_Space that ends there (not going before lo).
+static size_t trim_space_end(const uint8_t *s, size_t lo, size_t end) {
+    size_t k;
+    while ((k = space_before(s, lo, end)) > 0) end -= k;
+    return end;
+}
+
+// i, past the run of White_Space that starts there.
+static size_t skip_space(const uint8_t *s, size_t i, size_t n) {
+    while (i < n) {
+        uint32_t c;
+        size_t len = utf8_next(s, n, i, &c);
+        if (!(char_class(c) & TOK_CLS_S)) break;
+        i += len;
+    }
+    return i;
+}
+
 // continued: the text goes on from one encoded before (see tokenizer_encode_continued).
 static size_t encode_text(Tokenizer *t, const char *text, size_t len, int add_bos, int continued,
                           int **ids) {
@@ -1046,9 +1089,11 @@ static size_t encode_text(Tokenizer *t, const char *text, size_t len, int add_bo
                 ? match_special(t, s + i, len - i, &n)
                 : -1;
         if (id < 0) continue;
-        encode_segment(t, s + seg, i - seg, seg == 0 ? first : 0, &out);
+        uint32_t strip = t->entries[id].type;
+        size_t end = (strip & TOK_LSTRIP) ? trim_space_end(s, seg, i) : i;
+        encode_segment(t, s + seg, end - seg, seg == 0 ? first : 0, &out);
         vec_push(&out, id);
-        seg = i + n;
+        seg = (strip & TOK_RSTRIP) ? skip_space(s, i + n, len) : i + n;
         i = seg - 1;
     }
     if (!out.oom) encode_segment(t, s + seg, len - seg, seg == 0 ? first : 0, &out);
@@ -1088,7 +1133,7 @@ static size_t token_text(const Tokenizer *t, int id, uint8_t *out) {
         memcpy(out, p, len);
         return len;
     }
-    if (t->entries[id].type == TOK_BYTE) {
+    if (token_type(t, id) == TOK_BYTE) {
         out[0] = (uint8_t)byte_piece_value(p, len);
         return 1;
     }
@@ -1184,7 +1229,7 @@ static void stream_byte(TokenStream *s, uint8_t b, FILE *f) {
 void tokenizer_stream_put(TokenStream *s, int id, FILE *f) {
     const Tokenizer *t = s->t;
     if (id < 0 || id >= (int)t->n_tokens) return;
-    uint32_t type = t->entries[id].type;
+    uint32_t type = token_type(t, id);
     if (type == TOK_CONTROL || type == TOK_UNKNOWN) {
         if (id == t->bos_id) s->at_start = 1;
         return;

@@ -507,6 +507,72 @@ def test_gguf_pre_names(driver, workdir):
 
 
 # ----------------------------------------------------------------------------
+# Added tokens that absorb the whitespace around them (HF AddedToken lstrip / rstrip)
+
+# (content, lstrip, rstrip, special): Phi-3's chat tokens are special and rstrip
+STRIP_TOKENS = [("<|end|>", False, True, True), ("<|user|>", False, True, True),
+                ("<|assistant|>", False, True, True), ("<|sys|>", True, False, True),
+                ("<|both|>", True, True, True), ("<|plain|>", False, False, True),
+                ("[word]", True, True, False)]
+# White_Space of every width in UTF-8, and U+200B, which is not White_Space
+SPACES = ["", " ", "  ", "\n", "\n\n", " \n ", "\t", "\r\n", "\u3000", "\u00a0", "\u2028", "\u0085",
+          "\u200b", " \u200b "]
+
+
+def strip_texts(seed=5, n=800):
+    """Chat turns as Phi-3 writes them, and random runs of tokens, words and whitespace."""
+    rng = random.Random(seed)
+    names = [c for c, *_ in STRIP_TOKENS]
+    texts = ["<|user|>\nHello there<|end|>\n<|assistant|>\n Hi! How can I help?<|end|>\n",
+             "<|sys|>", " <|sys|>", "x <|both|> y", "<|end|><|end|>", " \n<|both|>\n <|both|>\n ",
+             "<|end|>  <|sys|>", "a\u3000<|sys|>\u3000b", "  [word]  x", "x[word]y"]
+    for _ in range(n):
+        parts = [rng.choice(SPACES) + rng.choice(names + ["word", "x y", "12", "é", ""]) + rng.choice(SPACES)
+                 for _ in range(rng.randrange(1, 7))]
+        texts.append("".join(parts))
+    return texts
+
+
+def with_strip_tokens(backend):
+    """backend with the STRIP_TOKENS added (a copy: tokenizers' add_* change it in place)."""
+    from tokenizers import AddedToken, Tokenizer
+    tok = Tokenizer.from_str(backend.to_str())
+    for content, lstrip, rstrip, special in STRIP_TOKENS:
+        added = AddedToken(content, lstrip=lstrip, rstrip=rstrip, normalized=False, special=special)
+        (tok.add_special_tokens if special else tok.add_tokens)([added])
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "spm-legacy", "spm"])
+def test_added_tokens_strip_whitespace(driver, workdir, spm_model, kind):
+    """lstrip / rstrip added tokens, in a byte-level BPE (Llama 3 split) and in a SentencePiece
+    BPE as Phi-3's tokenizer.json has it (legacy Prepend normalizer) and with Metaspace: ids equal
+    HF tokenizers' on texts with every kind of whitespace around the tokens."""
+    if kind == "byte-level":
+        base = train_byte_level("llama3", build_corpus(11, 60_000))
+    else:
+        base = hf_from_spm(workdir, spm_model[0], legacy=kind == "spm-legacy").backend_tokenizer
+    tok = with_strip_tokens(base)
+    tj = json.loads(tok.to_str())
+    assert any(a["rstrip"] for a in tj["added_tokens"]) and any(a["lstrip"] for a in tj["added_tokens"])
+    section = te.tokenizer_section_from_json(tj, {"eos_token": "<|end|>"})
+    model = write_model(workdir, f"strip_{kind}.bin", section)
+    texts = strip_texts()
+    compare(f"lstrip/rstrip added tokens, {kind}", driver, model, texts,
+            lambda s: tok.encode(s, add_special_tokens=False).ids, roundtrip=lambda s: None)
+    # the whitespace is really absorbed: without the flags HF gives other ids for many texts
+    plain = json.loads(tok.to_str())
+    for a in plain["added_tokens"]:
+        a["lstrip"] = a["rstrip"] = False
+    from tokenizers import Tokenizer
+    plain = Tokenizer.from_str(json.dumps(plain))
+    differ = sum(plain.encode(s, add_special_tokens=False).ids != tok.encode(s, add_special_tokens=False).ids
+                 for s in texts)
+    print(f"  ({differ} of {len(texts)} texts tokenize differently without lstrip/rstrip)")
+    assert differ > len(texts) // 4
+
+
+# ----------------------------------------------------------------------------
 # A damaged section is refused with a message, never a crash
 
 def test_malformed_sections(driver, workdir, smollm2):
