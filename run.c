@@ -2143,6 +2143,54 @@ static double token_log_prob(const float *logits, int V, int target) {
     return (double)(logits[target] - max) - log(sum);
 }
 
+static int ascii_letter(unsigned char c) { return (c | 0x20) >= 'a' && (c | 0x20) <= 'z'; }
+
+// Whether text[0..p) can be tokenized alone as the start of text[0..len): p is a space
+// between two ASCII letters ("a b") and no special token spans it. Every pre-tokenizer of
+// byte-level BPE (GPT-2, SmolLM, Llama 3, Qwen2) ends a piece at the letter and starts the
+// next one at the space, and SentencePiece, when its merges never cross a word start, merges
+// each "▁"-word alone: the prefix's ids are then the first ids of the whole text.
+static int word_boundary(Tokenizer *tok, const char *text, size_t len, size_t p) {
+    const unsigned char *s = (const unsigned char *)text;
+    if (p == 0 || p + 1 >= len || s[p] != ' ' || !ascii_letter(s[p - 1]) ||
+        !ascii_letter(s[p + 1]))
+        return 0;
+    for (size_t i = p > 256 ? p - 256 : 0; i < p; i++) {   // a special token across p?
+        size_t n;
+        if (tok->special_start[s[i] + 1] > tok->special_start[s[i]] &&
+            match_special(tok, s + i, len - i, &n) >= 0 && i + n > p)
+            return 0;
+    }
+    return 1;
+}
+
+// The ids of text, or (want > 0) at least its first `want` ids: then only a prefix that ends
+// at a word boundary is tokenized, about 8 bytes a token, doubled until it holds enough, so
+// -m ppl --ppl-tokens N on a huge file costs what N tokens cost.
+static size_t encode_first_tokens(Tokenizer *tok, const char *text, size_t len, int add_bos,
+                                  size_t want, int **ids) {
+    int may_cut = want && (tok->kind == TOK_BYTE_BPE || tok->spm_word_id >= 0);
+    for (size_t cut = want * 8 + 1024; may_cut && cut < len && cut < SIZE_MAX / 4; cut *= 2) {
+        size_t p = cut;
+        while (p < len && !word_boundary(tok, text, len, p)) p++;
+        if (p >= len) break;
+        size_t n = tokenizer_encode(tok, text, p, add_bos, ids);
+        if (!*ids || n >= want) return n;
+        free(*ids);
+    }
+    return tokenizer_encode(tok, text, len, add_bos, ids);
+}
+
+// The standard error of a mean from the sum and sum of squares of n values: the sample
+// standard deviation over sqrt(n), as llama.cpp's perplexity tool reports it. exp() carries
+// it to the perplexity to first order: se(exp(m)) = exp(m) se(m).
+static double mean_standard_error(double sum, double sum2, size_t n) {
+    if (n < 2) return 0;
+    double mean = sum / n;
+    double var = (sum2 / n - mean * mean) * n / (n - 1);
+    return var > 0 ? sqrt(var / n) : 0;
+}
+
 // The running sums of a perplexity pass: row r of a chunk that starts at token `done`
 // predicts token done + r + 1.
 typedef struct {
@@ -2151,7 +2199,8 @@ typedef struct {
     size_t n, bucket;      // the text's tokens; predicted positions per CSV row
     FILE *csv;
     double *nll;           // (max_T) one chunk's negative log-likelihoods
-    double total, bucket_sum;
+    double total, total2;  // sums of the NLLs and of their squares, for the standard error
+    double bucket_sum;
     size_t bucket_n, predicted;
 } PerplexityRun;
 
@@ -2162,6 +2211,7 @@ static void score_chunk(void *run, float *logits, size_t done, int T) {
         p->nll[r] = -token_log_prob(logits + (size_t)r * p->V, p->V, p->tokens[done + r + 1]);
     for (int r = 0; r < T; r++) {
         p->total += p->nll[r];
+        p->total2 += p->nll[r] * p->nll[r];
         p->bucket_sum += p->nll[r];
         p->bucket_n++;
         p->predicted++;
@@ -2191,9 +2241,11 @@ static void perplexity(Transformer *t, const int *tokens, size_t n, size_t bucke
     if (interrupted && p.predicted == 0) die("interrupted before the first chunk was scored");
     if (interrupted)
         die("interrupted after %zu tokens (perplexity so far %.4f)", p.predicted, exp(mean));
-    printf("perplexity %.4f over %zu predicted tokens (mean NLL %.6f), %.1f tok/s, "
-           "peak RSS %.0f MB\n",
-           exp(mean), p.predicted, mean, p.predicted / (now_seconds() - start), peak_rss_mb());
+    double se = mean_standard_error(p.total, p.total2, p.predicted);
+    printf("perplexity %.4f ± %.5f over %zu predicted tokens (mean NLL %.6f ± %.6f), "
+           "%.1f tok/s, peak RSS %.0f MB\n",
+           exp(mean), exp(mean) * se, p.predicted, mean, se,
+           p.predicted / (now_seconds() - start), peak_rss_mb());
 }
 
 // The pass-key prompt (Mohtashami & Jaggi 2023, "Landmark Attention"): a key hidden at
@@ -2761,7 +2813,7 @@ static int *prompt_ids(const Options *o, Tokenizer *tok, int has_tokenizer, cons
         check_utf8("the prompt", text, len,
                    "convert it (iconv -t UTF-8), or give token ids with --ids");
         int add_bos = o->bos || (strcmp(o->mode, "tokenize") && tokenizer_add_bos(tok));
-        *n_prompt = tokenizer_encode(tok, text, len, add_bos, &prompt);
+        *n_prompt = encode_first_tokens(tok, text, len, add_bos, (size_t)o->ppl_tokens, &prompt);
         if (!prompt) die("out of memory tokenizing the prompt");
     }
     free(text);
