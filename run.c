@@ -1726,6 +1726,8 @@ typedef struct {
     const char *ppl_csv;      // ppl: --ppl-csv FILE, per-bucket rows
     long ppl_bucket;          // ppl: --ppl-bucket, predicted tokens per CSV row
     long ppl_tokens;          // ppl: --ppl-tokens, evaluate only the first N tokens (0 = all)
+    const char *kl_base_save; // ppl: --kl-base-save FILE, write the run's top tokens per position
+    const char *kl_base;      // ppl: --kl-base FILE, the KL divergence from that saved run
     long passkey_len[MAX_LIST];   // passkey: --passkey-len, prompt lengths in tokens
     // passkey: --passkey-depth, where the key sits (0 = start, 1 = end)
     float passkey_depth[MAX_LIST];
@@ -2191,6 +2193,164 @@ static double mean_standard_error(double sum, double sum2, size_t n) {
     return var > 0 ? sqrt(var / n) : 0;
 }
 
+// ---- KL divergence against a base run (-m ppl --kl-base-save FILE, then --kl-base FILE)
+//
+// The base file holds, for every predicted position of the text, the base run's KL_TOP most
+// probable next tokens with their log-probabilities and the log-probability of all the other
+// tokens together. A later run over the same tokens scores KL(base || this run) on that
+// partition of the vocabulary: the top tokens each an outcome, the rest one outcome. That is
+// the full KL when the rest is negligible, and never more than it (the log-sum inequality).
+// llama.cpp's --kl-divergence-base keeps every token's log-probability at 16 bits instead;
+// this file costs 392 bytes a position, whatever the vocabulary.
+
+#define KL_TOP 32
+#define KL_MAGIC "LRKLBASE"
+
+// The file's header, little-endian, 40 bytes.
+typedef struct {
+    char magic[8];        // KL_MAGIC
+    uint32_t version;     // 1
+    uint32_t top;         // KL_TOP: tokens kept per position
+    uint32_t vocab;       // the base model's vocabulary size
+    uint32_t reserved;    // 0
+    uint64_t n_tokens;    // tokens of the text: n_tokens - 1 rows follow
+    uint64_t text_hash;   // FNV-1a (64-bit) of the token ids as little-endian int32
+} KLHeader;
+
+// One predicted position: token ids most probable first (ties: the lower id first, as argmax;
+// -1 pads a vocabulary under KL_TOP), their natural-log probabilities, and the log of the
+// probability of every other token (-inf when there is none). 392 bytes, no padding.
+typedef struct {
+    double log_rest;
+    double log_prob[KL_TOP];
+    int32_t id[KL_TOP];
+} KLRow;
+
+static KLHeader kl_header(const int *tokens, size_t n, int vocab) {
+    KLHeader h = {.version = 1, .top = KL_TOP, .vocab = (uint32_t)vocab, .n_tokens = n};
+    memcpy(h.magic, KL_MAGIC, sizeof(h.magic));
+    h.text_hash = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++)
+        for (int b = 0; b < 4; b++) {
+            h.text_hash ^= ((uint32_t)tokens[i] >> (8 * b)) & 0xff;
+            h.text_hash *= 1099511628211ull;
+        }
+    return h;
+}
+
+// log-sum-exp of a row of logits, and the log of the softmax mass outside ids[0..KL_TOP)
+// (-inf if none): float64 exp throughout, as a KL of 1e-5 needs the normalizer to ~1e-12.
+static double log_softmax_rest(const float *logits, int V, const int32_t *ids, double *lse) {
+    float max = logits[0];
+    for (int i = 1; i < V; i++) max = max_float(logits[i], max);
+    double total = 0;
+    double top = 0;
+    for (int i = 0; i < V; i++) total += exp((double)logits[i] - max);
+    for (int j = 0; j < KL_TOP && ids[j] >= 0; j++) top += exp((double)logits[ids[j]] - max);
+    *lse = max + log(total);
+    return total - top > 0 ? log(total - top) + max - *lse : -INFINITY;
+}
+
+// The base's view of one position from its logits.
+static void kl_row(KLRow *row, const float *logits, int V) {
+    int n = 0;
+    for (int j = 0; j < KL_TOP; j++) row->id[j] = -1;
+    for (int i = 0; i < V; i++) {   // insertion into the sorted top list; equal logits stay behind
+        if (n == KL_TOP && logits[i] <= logits[row->id[KL_TOP - 1]]) continue;
+        int j = n < KL_TOP ? n++ : KL_TOP - 1;
+        for (; j > 0 && logits[i] > logits[row->id[j - 1]]; j--) row->id[j] = row->id[j - 1];
+        row->id[j] = i;
+    }
+    double lse;
+    row->log_rest = log_softmax_rest(logits, V, row->id, &lse);
+    for (int j = 0; j < KL_TOP; j++)
+        row->log_prob[j] = row->id[j] >= 0 ? (double)logits[row->id[j]] - lse : -INFINITY;
+}
+
+// KL(base || this run) at one position, on the base's partition: its top tokens and the rest.
+static double kl_position(const KLRow *base, const float *logits, int V) {
+    double lse;
+    double log_rest = log_softmax_rest(logits, V, base->id, &lse);
+    double kl = 0;
+    for (int j = 0; j < KL_TOP && base->id[j] >= 0; j++)
+        kl += exp(base->log_prob[j]) * (base->log_prob[j] - ((double)logits[base->id[j]] - lse));
+    if (base->log_rest > -INFINITY) kl += exp(base->log_rest) * (base->log_rest - log_rest);
+    return kl;
+}
+
+// Open a base file and check it belongs to this text and vocabulary.
+static FILE *open_kl_base(const char *path, const KLHeader *want) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die("%s: cannot open: %s", path, strerror(errno));
+    KLHeader h;
+    struct stat st;
+    if (fread(&h, sizeof(h), 1, f) != 1 || memcmp(h.magic, KL_MAGIC, sizeof(h.magic)) ||
+        h.version != 1 || h.top != KL_TOP)
+        die("%s: not a KL base file (-m ppl --kl-base-save writes them)", path);
+    if (h.vocab != want->vocab)
+        die("%s: was written with a vocabulary of %u tokens; this model has %u", path, h.vocab,
+            want->vocab);
+    if (h.n_tokens != want->n_tokens)
+        die("%s: holds a text of %llu tokens; this one has %llu (the same text and --ppl-tokens?)",
+            path, (unsigned long long)h.n_tokens, (unsigned long long)want->n_tokens);
+    if (h.text_hash != want->text_hash)
+        die("%s: was written for another text (its token ids differ)", path);
+    uint64_t size = sizeof(h) + (h.n_tokens - 1) * sizeof(KLRow);
+    if (fstat(fileno(f), &st) != 0 || (uint64_t)st.st_size != size)
+        die("%s: is %lld bytes; a base of %llu tokens is %llu", path, (long long)st.st_size,
+            (unsigned long long)h.n_tokens, (unsigned long long)size);
+    return f;
+}
+
+// A KL pass beside the perplexity: rows to save, or rows of a base to compare with.
+typedef struct {
+    OutputFile save;       // --kl-base-save (f NULL when not saving)
+    FILE *base;            // --kl-base
+    const char *base_path;
+    KLRow *rows;           // (max_T) one chunk's rows
+    double *kl;            // (max_T) one chunk's divergences
+    double sum, sum2, max;
+    size_t same_top, n;    // positions whose most probable token is the base's; positions
+} KLRun;
+
+static void save_kl_rows(KLRun *k, const float *logits, int V, int T) {
+    PARALLEL_FOR
+    for (int r = 0; r < T; r++) kl_row(&k->rows[r], logits + (size_t)r * V, V);
+    if (fwrite(k->rows, sizeof(KLRow), T, k->save.f) != (size_t)T)
+        die("%s: write failed: %s", k->save.path, strerror(errno));
+}
+
+static void compare_kl_rows(KLRun *k, const float *logits, int V, int T) {
+    if (fread(k->rows, sizeof(KLRow), T, k->base) != (size_t)T)
+        die("%s: read failed", k->base_path);
+    for (int r = 0; r < T; r++)
+        for (int j = 0; j < KL_TOP; j++)
+            if (k->rows[r].id[j] >= V || (j == 0 && k->rows[r].id[j] < 0))
+                die("%s: position %zu holds token id %d, outside the vocabulary", k->base_path,
+                    k->n + r + 1, k->rows[r].id[j]);
+    PARALLEL_FOR
+    for (int r = 0; r < T; r++) k->kl[r] = kl_position(&k->rows[r], logits + (size_t)r * V, V);
+    for (int r = 0; r < T; r++) {
+        k->sum += k->kl[r];
+        k->sum2 += k->kl[r] * k->kl[r];
+        k->max = fmax(k->max, k->kl[r]);
+        k->same_top += argmax(logits + (size_t)r * V, V) == k->rows[r].id[0];
+    }
+    k->n += (size_t)T;
+}
+
+// Mean KL divergence and top-1 agreement, each ± its standard error (as llama-perplexity's
+// KL-divergence mode: the sample sd over sqrt(n); a proportion's sqrt(p (1 - p) / (n - 1))).
+static void print_kl(const KLRun *k) {
+    double mean = k->sum / k->n;
+    double same = (double)k->same_top / k->n;
+    double same_se = k->n > 1 ? sqrt(same * (1 - same) / (k->n - 1)) : 0;
+    printf("KL divergence from %s: mean %.6g ± %.2g (max %.6g), top-1 agreement %.2f ± %.2f %% "
+           "over %zu predicted tokens\n",
+           k->base_path, mean, mean_standard_error(k->sum, k->sum2, k->n), k->max, 100 * same,
+           100 * same_se, k->n);
+}
+
 // The running sums of a perplexity pass: row r of a chunk that starts at token `done`
 // predicts token done + r + 1.
 typedef struct {
@@ -2199,6 +2359,7 @@ typedef struct {
     size_t n, bucket;      // the text's tokens; predicted positions per CSV row
     FILE *csv;
     double *nll;           // (max_T) one chunk's negative log-likelihoods
+    KLRun *kl;             // --kl-base-save / --kl-base, or NULL
     double total, total2;  // sums of the NLLs and of their squares, for the standard error
     double bucket_sum;
     size_t bucket_n, predicted;
@@ -2209,6 +2370,8 @@ static void score_chunk(void *run, float *logits, size_t done, int T) {
     PARALLEL_FOR
     for (int r = 0; r < T; r++)
         p->nll[r] = -token_log_prob(logits + (size_t)r * p->V, p->V, p->tokens[done + r + 1]);
+    if (p->kl && p->kl->save.f) save_kl_rows(p->kl, logits, p->V, T);
+    if (p->kl && p->kl->base) compare_kl_rows(p->kl, logits, p->V, T);
     for (int r = 0; r < T; r++) {
         p->total += p->nll[r];
         p->total2 += p->nll[r] * p->nll[r];
@@ -2225,14 +2388,45 @@ static void score_chunk(void *run, float *logits, size_t done, int T) {
     }
 }
 
+// Open what --kl-base-save and --kl-base name, if anything; NULL when neither is given.
+static KLRun *start_kl(const Options *o, const int *tokens, size_t n, int V, int max_T) {
+    if (!o->kl_base_save && !o->kl_base) return NULL;
+    KLRun *k = xcalloc(1, sizeof(KLRun), "KL run");
+    KLHeader h = kl_header(tokens, n, V);
+    k->rows = xcalloc(max_T, sizeof(KLRow), "KL rows");
+    k->kl = xcalloc(max_T, sizeof(double), "KL rows");
+    k->base_path = o->kl_base;
+    if (o->kl_base) k->base = open_kl_base(o->kl_base, &h);
+    if (o->kl_base_save) {
+        const char *inputs[] = {o->model_path, o->input_path, o->kl_base};
+        k->save = open_output(o->kl_base_save, inputs, 3);
+        if (fwrite(&h, sizeof(h), 1, k->save.f) != 1)
+            die("%s: write failed: %s", o->kl_base_save, strerror(errno));
+    }
+    return k;
+}
+
+// After the perplexity is printed: the KL line, and the saved base moved into place.
+static void finish_kl(KLRun *k) {
+    if (!k) return;
+    if (k->base) print_kl(k);
+    if (k->base) fclose(k->base);
+    if (k->save.f) close_output(&k->save);
+    free(k->rows);
+    free(k->kl);
+    free(k);
+}
+
 // -m ppl: perplexity exp(mean NLL) of a text, every token predicted from all before it that
 // the cache settings keep, in one pass of chunked prefill. Memory is the cache plus one
 // chunk's logits, whatever the text's length. With a csv file, one row per `bucket` predicted
-// positions: first,last,tokens,mean_nll,ppl.
-static void perplexity(Transformer *t, const int *tokens, size_t n, size_t bucket, FILE *csv) {
-    PerplexityRun p = {.tokens = tokens, .V = t->config.vocab_size, .n = n, .bucket = bucket,
-                       .csv = csv};
+// positions: first,last,tokens,mean_nll,ppl. With --kl-base-save / --kl-base, the base file
+// of each position is written / compared with alongside.
+static void perplexity(Transformer *t, const int *tokens, size_t n, const Options *o, FILE *csv) {
+    PerplexityRun p = {.tokens = tokens, .V = t->config.vocab_size, .n = n,
+                       .bucket = (size_t)o->ppl_bucket, .csv = csv};
     p.nll = xcalloc(t->state.max_T, sizeof(double), "nll row");
+    p.kl = start_kl(o, tokens, n, p.V, t->state.max_T);
     if (csv) fprintf(csv, "first,last,tokens,mean_nll,ppl\n");
     double start = now_seconds();
     run_chunks(t, tokens, n - 1, 0, "ppl", score_chunk, &p);   // the rows with a next token
@@ -2246,6 +2440,7 @@ static void perplexity(Transformer *t, const int *tokens, size_t n, size_t bucke
            "%.1f tok/s, peak RSS %.0f MB\n",
            exp(mean), exp(mean) * se, p.predicted, mean, se,
            p.predicted / (now_seconds() - start), peak_rss_mb());
+    finish_kl(p.kl);
 }
 
 // The pass-key prompt (Mohtashami & Jaggi 2023, "Landmark Attention"): a key hidden at
@@ -2451,6 +2646,9 @@ static void usage(FILE *out) {
             "tokens\n"
             "  --ppl-bucket N   predicted tokens per CSV row                     (default 1024)\n"
             "  --ppl-tokens N   evaluate only the first N tokens of the text     (default: all)\n"
+            "  --kl-base-save F write each position's top-32 tokens and log-probs to F\n"
+            "  --kl-base F      report the KL divergence from the run that saved F, and top-1 "
+            "agreement\n"
             "passkey: find a random key hidden in filler text\n"
             "  --passkey-len L,..    prompt lengths in tokens                    (default "
             "1024,2048)\n"
@@ -2581,10 +2779,10 @@ static int takes_value(const char *flag) {
     static const char *const flags[] = {
         "-m", "-i", "-f", "-n", "-t", "-k", "-p", "--min-p", "--repeat-penalty", "--repeat-last-n",
         "--system", "-s", "-c", "--chunk", "--threads", "--logits-out", "--ppl-csv", "--ppl-bucket",
-        "--ppl-tokens", "--passkey-len", "--passkey-depth", "--passkey-trials", "--bench-pp",
-        "--bench-tg", "--bench-depth", "-r", "--sinks", "--window", "--lminf-limit", "--kv-type",
-        "--rope-scaling", "--rope-theta", "--rope-factor", "--rope-orig-ctx", "--yarn-beta-fast",
-        "--yarn-beta-slow", "--yarn-attn-factor"};
+        "--ppl-tokens", "--kl-base-save", "--kl-base", "--passkey-len", "--passkey-depth",
+        "--passkey-trials", "--bench-pp", "--bench-tg", "--bench-depth", "-r", "--sinks",
+        "--window", "--lminf-limit", "--kv-type", "--rope-scaling", "--rope-theta", "--rope-factor",
+        "--rope-orig-ctx", "--yarn-beta-fast", "--yarn-beta-slow", "--yarn-attn-factor"};
     for (size_t i = 0; i < sizeof(flags) / sizeof(flags[0]); i++)
         if (!strcmp(flag, flags[i])) return 1;
     return 0;
@@ -2659,6 +2857,8 @@ static int parse_measure_option(Options *o, const char *flag, const char *val) {
     if (!strcmp(flag, "--ppl-csv")) o->ppl_csv = val;
     else if (!strcmp(flag, "--ppl-bucket")) o->ppl_bucket = parse_long(flag, val, 1, INT32_MAX);
     else if (!strcmp(flag, "--ppl-tokens")) o->ppl_tokens = parse_long(flag, val, 2, INT32_MAX);
+    else if (!strcmp(flag, "--kl-base-save")) o->kl_base_save = val;
+    else if (!strcmp(flag, "--kl-base")) o->kl_base = val;
     else if (!strcmp(flag, "--passkey-len"))
         o->n_passkey_len = parse_long_list(flag, val, o->passkey_len, 64, 1 << 24);
     else if (!strcmp(flag, "--passkey-depth"))
@@ -2727,6 +2927,10 @@ static void check_options(Options *o) {
     if (o->context && (o->attn.window || o->attn.lminf))
         usage_error("%s", "-c does not apply with --window or --lminf: every layer then keeps "
                     "sinks + window slots");
+    if ((o->kl_base_save || o->kl_base) && strcmp(o->mode, "ppl"))
+        usage_error("%s", "--kl-base-save and --kl-base apply to -m ppl");
+    if (o->kl_base_save && o->ppl_csv)
+        usage_error("%s", "--kl-base-save and --ppl-csv: one output file per run; run twice");
     if (!strcmp(o->mode, "logits")) {
         if (!o->logits_out) usage_error("%s", "logits mode needs --logits-out FILE");
         o->input_is_ids = 1;
@@ -2848,7 +3052,7 @@ static void run_mode(Transformer *t, const Options *o, Tokenizer *tok, int has_t
     Sampler sp = o->sampler;
     build_sampler(&sp, t->config.vocab_size, o->seed);
     if (!strcmp(mode, "logits")) write_logits(t, prompt, n_prompt, &out);
-    else if (!strcmp(mode, "ppl")) perplexity(t, prompt, n_prompt, (size_t)o->ppl_bucket, out.f);
+    else if (!strcmp(mode, "ppl")) perplexity(t, prompt, n_prompt, o, out.f);
     else if (!strcmp(mode, "passkey"))
         passkey(t, tok, o->passkey_len, o->n_passkey_len, o->passkey_depth, o->n_passkey_depth,
                 o->passkey_trials, o->seed);
