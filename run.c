@@ -1735,6 +1735,11 @@ typedef struct {
     // bench: --bench-pp/-tg/-depth
     long bench_pp[MAX_LIST], bench_tg[MAX_LIST], bench_depth[MAX_LIST];
     int n_bench_pp, n_bench_tg, n_bench_depth, reps, json;                // bench: -r, --json
+    int csv;                  // bench: --csv
+    // --threads and --kv-type as lists: bench sweeps them (the other modes take one value)
+    long threads_list[MAX_LIST];
+    int kv_types[MAX_LIST];
+    int n_threads_list, n_kv_types;
 } Options;
 
 // Parse "12 7 99" (len bytes) into ids, each checked against the vocabulary. Returns the count.
@@ -2540,60 +2545,240 @@ static long max_of(const long *values, int n) {
     return m;
 }
 
-// -m bench, after llama-bench: prompt processing (ppN: N tokens in chunks) and text generation
-// (tgN: N tokens one at a time), each after `depth` tokens already in the cache, `reps`
-// times; random token ids. Prints a markdown table (or JSON) of tokens/s, mean ± sd.
-static void bench(Transformer *t, const long *pp, int n_pp, const long *tg, int n_tg,
-                  const long *depths, int n_depths, int reps, int json) {
-    size_t kv_per_token = kv_bytes_per_token(t);
-    size_t max_len =
-            (size_t)(max_of(pp, n_pp) > max_of(tg, n_tg) ? max_of(pp, n_pp) : max_of(tg, n_tg));
-    int *ids = xcalloc(max_len + 1, sizeof(int), "bench tokens");
-    uint64_t rng = 42;
-    if (json) printf("{\"kv_bytes_per_token\": %zu, \"results\": [", kv_per_token);
-    else printf("| test | depth | tokens/s |\n|---|---:|---:|\n");
-    int first = 1;
-    for (int di = 0; di < n_depths; di++) {
-        size_t depth = (size_t)depths[di];
-        for (size_t i = 0; i < max_len + 1; i++)
-            ids[i] = (int)(random_f32(&rng) * t->config.vocab_size);
-        int *fill = xcalloc(depth + 1, sizeof(int), "bench depth");
-        for (size_t i = 0; i < depth; i++) fill[i] = (int)(random_f32(&rng) * t->config.vocab_size);
-        // the depth stays in the cache; every test runs after it
-        if (depth) prefill(t, fill, depth, 0);
-        free(fill);
-        for (int kind = 0; kind < 2; kind++)
-            for (int ti = 0; ti < (kind ? n_tg : n_pp); ti++) {
-                size_t n = (size_t)(kind ? tg[ti] : pp[ti]);
-                double sum = 0, sum2 = 0;
-                for (int r = 0; r < reps; r++) {
-                    double t0 = now_seconds();
-                    if (kind == 0) prefill(t, ids, n, depth);
-                    for (size_t i = 0; kind == 1 && i < n; i++) {
-                        if (interrupted) die("interrupted");
-                        forward(t, &ids[i], 1, depth + i);
-                    }
-                    double rate = n / (now_seconds() - t0);
-                    sum += rate;
-                    sum2 += rate * rate;
-                }
-                double mean = sum / reps,
-                       sd = reps > 1 ? sqrt(fmax(0, (sum2 - reps * mean * mean) / (reps - 1))) : 0;
-                if (json)
-                    printf("%s\n  {\"test\": \"%s%zu\", \"depth\": %zu, \"reps\": %d, "
-                           "\"tokens_per_s\": %.2f, \"sd\": %.2f}",
-                           first ? "" : ",", kind ? "tg" : "pp", n, depth, reps, mean, sd);
-                else
-                    printf("| %s%zu | %zu | %.2f ± %.2f |\n", kind ? "tg" : "pp", n, depth, mean,
-                           sd);
-                fflush(stdout);
-                first = 0;
+// One field of bench's output, as text: a JSON key and CSV column, its value, and whether the
+// value is a string (quoted) or a number or boolean (bare).
+typedef struct {
+    const char *name;
+    char value[256];
+    int text;
+} Field;
+
+static void set_field(Field *f, const char *name, int text, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    f->name = name;
+    f->text = text;
+    vsnprintf(f->value, sizeof(f->value), fmt, ap);
+    va_end(ap);
+}
+
+// The machine's CPU, from /proc/cpuinfo's first "model name" (Linux on x86); else "unknown".
+static void cpu_model_name(char *out, size_t size) {
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    char line[512];
+    snprintf(out, size, "unknown");
+    while (f && fgets(line, sizeof(line), f)) {
+        char *colon = strchr(line, ':');
+        if (strncmp(line, "model name", 10) || !colon) continue;
+        colon += strspn(colon + 1, " \t") + 1;
+        colon[strcspn(colon, "\n")] = 0;
+        snprintf(out, size, "%s", colon);
+        break;
+    }
+    if (f) fclose(f);
+}
+
+// What every bench row shares: the model, the machine, the cache's shape, RoPE, the chunk.
+static int bench_config(const Transformer *t, const Options *o, Field *f) {
+    const LayerConfig *lc = &t->config.layers[0];
+    char cpu[256];
+    cpu_model_name(cpu, sizeof(cpu));
+    size_t context = cache_capacity(&t->cache, t->config.n_layers);
+    int n = 0;
+    set_field(&f[n++], "model", 1, "%s", o->model_path);
+    set_field(&f[n++], "weights", 1, "%s", dtype_name(t->weights.layers[0].wq.dtype));
+    set_field(&f[n++], "cpu", 1, "%s", cpu);
+    set_field(&f[n++], "context", 0, "%lld", context == SIZE_MAX ? -1 : (long long)context);
+    set_field(&f[n++], "chunk", 0, "%d", t->state.max_T);
+    set_field(&f[n++], "window", 0, "%ld", o->attn.window);
+    set_field(&f[n++], "sinks", 0, "%ld", o->attn.n_sink);
+    set_field(&f[n++], "lminf", 0, "%s", o->attn.lminf ? "true" : "false");
+    set_field(&f[n++], "lminf_limit", 0, "%ld", o->attn.limit);
+    const char *rope = lc->rope_type == ROPE_DEFAULT ? "none" : rope_type_name(lc->rope_type);
+    set_field(&f[n++], "rope_scaling", 1, "%s", rope);
+    set_field(&f[n++], "rope_factor", 0, "%g", lc->rope_type == ROPE_DEFAULT ? 1 : lc->factor);
+    set_field(&f[n++], "rope_theta", 0, "%g", lc->rope_theta);
+    set_field(&f[n++], "reference", 0, "%s", t->reference ? "true" : "false");
+    set_field(&f[n++], "warmup", 0, "%d", 1);
+    return n;
+}
+
+static void print_text(const char *s, int json) {
+    int quote = json || strpbrk(s, ",\"\r\n") != NULL;
+    if (quote) putchar('"');
+    for (const unsigned char *c = (const unsigned char *)s; *c; c++) {
+        if (json && (*c == '"' || *c == '\\')) printf("\\%c", *c);
+        else if (json && *c < 0x20) printf("\\u%04x", *c);
+        else if (!json && *c == '"') printf("\"\"");
+        else putchar(*c);
+    }
+    if (quote) putchar('"');
+}
+
+// Fields as `"name": value, ...` (JSON) or `value,...` (CSV), or the CSV header's names.
+static void print_fields(const Field *f, int n, int json, int names) {
+    for (int i = 0; i < n; i++) {
+        if (i) printf(json ? ", " : ",");
+        if (json) printf("\"%s\": ", f[i].name);
+        if (names) printf("%s", f[i].name);
+        else if (f[i].text) print_text(f[i].value, json);
+        else printf("%s", f[i].value);
+    }
+}
+
+// Store keys and values as `type` from now on: the same slots, new (empty) storage.
+static void retype_cache(Transformer *t, int type) {
+    KVCache *kv = &t->cache;
+    if ((int)kv->type == type) return;
+    free(kv->key);
+    free(kv->value);
+    kv->type = (KVType)type;
+    kv->row_bytes = kv_row_bytes(kv->type, &t->config);
+    kv->key = xcalloc(kv->n_slots, kv->row_bytes, "the KV cache");
+    kv->value = xcalloc(kv->n_slots, kv->row_bytes, "the KV cache");
+}
+
+// One test, timed `reps` times after one warm-up run that is not counted (as llama-bench's:
+// ppN runs whole, tgN one token): the first call pays for page faults and waking threads.
+// tokens/s as mean and sample sd.
+static void bench_test(Transformer *t, const int *ids, size_t n, size_t depth, int tg, int reps,
+                       double *mean, double *sd) {
+    double sum = 0;
+    double sum2 = 0;
+    for (int r = -1; r < reps; r++) {
+        double t0 = now_seconds();
+        if (!tg) prefill(t, ids, n, depth);
+        for (size_t i = 0; tg && i < (r < 0 ? 1 : n); i++) {
+            if (interrupted) die("interrupted");
+            forward(t, &ids[i], 1, depth + i);
+        }
+        double rate = n / (now_seconds() - t0);
+        if (r < 0) continue;
+        sum += rate;
+        sum2 += rate * rate;
+    }
+    *mean = sum / reps;
+    *sd = reps > 1 ? sqrt(fmax(0, (sum2 - reps * (*mean) * (*mean)) / (reps - 1))) : 0;
+}
+
+// What one bench row prints: its own fields after the shared ones.
+typedef struct {
+    const Options *o;
+    Field config[16];
+    int n_config, first;
+} BenchOut;
+
+static void bench_row(BenchOut *b, const Transformer *t, int tg, size_t n, size_t depth,
+                      double mean, double sd) {
+    Field f[8];
+    int k = 0;
+    const char *kv = kv_type_names[t->cache.type];
+    set_field(&f[k++], "test", 1, "%s%zu", tg ? "tg" : "pp", n);
+    set_field(&f[k++], "depth", 0, "%zu", depth);
+    set_field(&f[k++], "threads", 0, "%d", n_threads());
+    set_field(&f[k++], "kv_type", 1, "%s", kv);
+    set_field(&f[k++], "kv_bytes_per_token", 0, "%zu", kv_bytes_per_token(t));
+    set_field(&f[k++], "reps", 0, "%d", b->o->reps);
+    set_field(&f[k++], "tokens_per_s", 0, "%.2f", mean);
+    set_field(&f[k++], "sd", 0, "%.2f", sd);
+    if (b->o->json) printf("%s\n  {", b->first ? "" : ",");
+    if (b->o->csv) print_fields(b->config, b->n_config, 0, 0);
+    if (b->o->csv) printf(",");
+    if (b->o->json || b->o->csv) print_fields(f, k, b->o->json, 0);
+    if (b->o->json) printf("}");
+    if (b->o->csv) printf("\n");
+    if (!b->o->json && !b->o->csv)
+        printf("| %s | %zu | %d | %s | %.2f ± %.2f |\n", f[0].value, depth, n_threads(), kv,
+               mean, sd);
+    fflush(stdout);
+    b->first = 0;
+}
+
+static void bench_header(BenchOut *b) {
+    if (b->o->json) {
+        printf("{\"config\": {");
+        print_fields(b->config, b->n_config, 1, 0);
+        printf("},\n\"results\": [");
+    } else if (b->o->csv) {
+        print_fields(b->config, b->n_config, 0, 1);
+        printf(",test,depth,threads,kv_type,kv_bytes_per_token,reps,tokens_per_s,sd\n");
+    } else {
+        printf("| test | depth | threads | kv | tokens/s |\n|---|---:|---:|---|---:|\n");
+    }
+}
+
+// JSON: the peak RSS closes the object. Table: the configuration, then each swept cache
+// type's bytes per token.
+static void bench_footer(const BenchOut *b, const Transformer *t, const int *kv_types, int n_kv) {
+    if (b->o->json) printf("\n], \"peak_rss_mb\": %.0f}\n", peak_rss_mb());
+    if (b->o->json || b->o->csv) return;
+    printf("\n");
+    for (int i = 0; i < b->n_config; i++)
+        printf("%s%s %s", i ? ", " : "", b->config[i].name, b->config[i].value);
+    printf("\nKV cache");
+    for (int i = 0; i < n_kv; i++)
+        printf("%s %s %zu bytes/token", i ? "," : "", kv_type_names[kv_types[i]],
+               (size_t)2 * t->config.n_layers * kv_row_bytes((KVType)kv_types[i], &t->config));
+    printf("; peak RSS %.0f MB\n", peak_rss_mb());
+}
+
+// Run on n threads: the kernels' scratch, one slice per thread, is sized again for them.
+static void bench_threads(Transformer *t, int n) {
+    const Config *c = &t->config;
+    size_t widest = max_size(max_size(c->dim, c->hidden_dim), c->q_dim);
+    set_threads(n);
+    free_kernel_work(t->state.kernels);
+    t->state.kernels = new_kernel_work(widest, t->state.max_T, c->head_dim, c->n_heads);
+}
+
+// Every --threads value's tests at one depth.
+static void bench_depth(Transformer *t, BenchOut *b, const int *ids, size_t depth) {
+    const Options *o = b->o;
+    int threads = n_threads();
+    for (int ti = 0; ti < (o->n_threads_list ? o->n_threads_list : 1); ti++) {
+        bench_threads(t, o->n_threads_list ? (int)o->threads_list[ti] : threads);
+        for (int tg = 0; tg < 2; tg++)
+            for (int i = 0; i < (tg ? o->n_bench_tg : o->n_bench_pp); i++) {
+                size_t n = (size_t)(tg ? o->bench_tg[i] : o->bench_pp[i]);
+                double mean;
+                double sd;
+                bench_test(t, ids, n, depth, tg, o->reps, &mean, &sd);
+                bench_row(b, t, tg, n, depth, mean, sd);
             }
     }
-    if (json) printf("\n], \"peak_rss_mb\": %.0f}\n", peak_rss_mb());
-    else
-        printf("\nKV cache %zu bytes/token, peak RSS %.0f MB, %d threads, chunk %d\n", kv_per_token,
-               peak_rss_mb(), n_threads(), t->state.max_T);
+}
+
+// -m bench, after llama-bench: prompt processing (ppN: N tokens in chunks) and text generation
+// (tgN: N tokens one at a time), each after `depth` tokens already in the cache, `reps` times
+// after a warm-up; random token ids. A sweep: every --kv-type (the cache rebuilt for each),
+// every depth, every --threads value. A markdown table of tokens/s (mean ± sd), or JSON or CSV
+// rows that carry the whole configuration.
+static void bench(Transformer *t, const Options *o) {
+    int default_kv = o->attn.kv_type;
+    const int *kv_types = o->n_kv_types ? o->kv_types : &default_kv;
+    int n_kv = o->n_kv_types ? o->n_kv_types : 1;
+    size_t max_len = (size_t)max_of(o->bench_tg, o->n_bench_tg);
+    max_len = max_size(max_len, (size_t)max_of(o->bench_pp, o->n_bench_pp));
+    int *ids = xcalloc(max_len + 1, sizeof(int), "bench tokens");
+    uint64_t rng = 42;
+    BenchOut b = {.o = o, .first = 1};
+    b.n_config = bench_config(t, o, b.config);
+    bench_header(&b);
+    for (int ki = 0; ki < n_kv; ki++) {
+        retype_cache(t, kv_types[ki]);
+        for (int di = 0; di < o->n_bench_depth; di++) {
+            size_t depth = (size_t)o->bench_depth[di];
+            for (size_t i = 0; i < max_len + 1; i++)
+                ids[i] = (int)(random_f32(&rng) * t->config.vocab_size);
+            int *fill = xcalloc(depth + 1, sizeof(int), "bench depth");
+            for (size_t i = 0; i < depth; i++)
+                fill[i] = (int)(random_f32(&rng) * t->config.vocab_size);
+            if (depth) prefill(t, fill, depth, 0);   // stays in the cache for every test below
+            free(fill);
+            bench_depth(t, &b, ids, depth);
+        }
+    }
+    bench_footer(&b, t, kv_types, n_kv);
     free(ids);
 }
 
@@ -2623,7 +2808,7 @@ static void usage(FILE *out) {
             "                   at most the model's trained context; chat: 4096 at most)\n"
             "  --chunk N        tokens per forward pass in prefill             (default 256; "
             "logits: up to 65536)\n"
-            "  --threads N      worker threads                                 (default: all "
+            "  --threads N      worker threads (bench: N,.. a sweep)           (default: all "
             "cores)\n"
             "  --reference      run the plain reference matmul and attention, not the fast "
             "kernels\n"
@@ -2640,7 +2825,8 @@ static void usage(FILE *out) {
             "distance\n"
             "  --lminf-limit L  LM-Infinite's distance cap                       (default: the "
             "window)\n"
-            "  --kv-type T      f32 | f16 | q8: how keys and values are stored   (default f32)\n"
+            "  --kv-type T      f32 | f16 | q8: how keys and values are stored   (default f32;\n"
+            "                   bench: T,.. a sweep)\n"
             "ppl: perplexity of the text of -f or -i\n"
             "  --ppl-csv FILE   write first,last,tokens,mean_nll,ppl per bucket of predicted "
             "tokens\n"
@@ -2660,7 +2846,8 @@ static void usage(FILE *out) {
             "  --bench-tg N,..  tokens generated one by one                      (default 128)\n"
             "  --bench-depth N,..  tokens already in the cache before each test  (default 0)\n"
             "  -r N             repetitions, reported as mean ± sd               (default 3)\n"
-            "  --json           JSON instead of a markdown table\n"
+            "  --json           JSON instead of a markdown table, with the configuration\n"
+            "  --csv            CSV instead: a header, then one row per test and setting\n"
             "RoPE (override the file's setting; see README, \"Longer contexts\"):\n"
             "  --rope-scaling S none | linear | dynamic | yarn | llama3         (default: the "
             "file's)\n"
@@ -2770,6 +2957,20 @@ static int parse_kv_type(const char *s) {
     return 0;
 }
 
+// --threads N[,N...]: the list (a bench sweep); returns the first value.
+static int parse_threads(Options *o, const char *flag, const char *val) {
+    o->n_threads_list = parse_long_list(flag, val, o->threads_list, 1, 1024);
+    return (int)o->threads_list[0];
+}
+
+// --kv-type T[,T...]: the list (a bench sweep); returns the first type.
+static int parse_kv_types(Options *o, const char *flag, const char *val) {
+    char items[MAX_LIST][64];
+    o->n_kv_types = split_list(flag, val, items);
+    for (int i = 0; i < o->n_kv_types; i++) o->kv_types[i] = parse_kv_type(items[i]);
+    return o->kv_types[0];
+}
+
 static int mode_reads_prompt(const char *mode) {
     return strcmp(mode, "chat") && strcmp(mode, "passkey") && strcmp(mode, "bench");
 }
@@ -2821,6 +3022,7 @@ static int parse_switch(Options *o, const char *flag) {
     if (!strcmp(flag, "--ids")) target = &o->input_is_ids;
     if (!strcmp(flag, "--bos")) target = &o->bos;
     if (!strcmp(flag, "--json")) target = &o->json;
+    if (!strcmp(flag, "--csv")) target = &o->csv;
     if (!strcmp(flag, "--lminf")) target = &o->attn.lminf;
     if (!strcmp(flag, "--reference")) target = &o->reference;
     if (target) *target = 1;
@@ -2846,7 +3048,7 @@ static int parse_run_option(Options *o, const char *flag, const char *val) {
     else if (!strcmp(flag, "-s")) o->seed = (uint64_t)parse_long(flag, val, 0, INT64_MAX);
     else if (!strcmp(flag, "-c")) o->context = parse_long(flag, val, 1, INT32_MAX);
     else if (!strcmp(flag, "--chunk")) o->chunk = (int)parse_long(flag, val, 1, 1 << 16);
-    else if (!strcmp(flag, "--threads")) o->threads = (int)parse_long(flag, val, 1, 1024);
+    else if (!strcmp(flag, "--threads")) o->threads = parse_threads(o, flag, val);
     else if (!strcmp(flag, "--logits-out")) o->logits_out = val;
     else return 0;
     return 1;
@@ -2882,7 +3084,7 @@ static int parse_model_option(Options *o, const char *flag, const char *val) {
     if (!strcmp(flag, "--sinks")) o->attn.n_sink = parse_long(flag, val, 0, 4096);
     else if (!strcmp(flag, "--window")) o->attn.window = parse_long(flag, val, 1, INT32_MAX);
     else if (!strcmp(flag, "--lminf-limit")) o->attn.limit = parse_long(flag, val, 1, INT32_MAX);
-    else if (!strcmp(flag, "--kv-type")) o->attn.kv_type = parse_kv_type(val);
+    else if (!strcmp(flag, "--kv-type")) o->attn.kv_type = parse_kv_types(o, flag, val);
     else if (!strcmp(flag, "--rope-scaling")) r->scaling = val;
     else if (!strcmp(flag, "--rope-theta")) r->theta = parse_float(flag, val, 1.0001f, 1e12f);
     else if (!strcmp(flag, "--rope-factor")) r->factor = parse_float(flag, val, 1, 1e5f);
@@ -2927,6 +3129,11 @@ static void check_options(Options *o) {
     if (o->context && (o->attn.window || o->attn.lminf))
         usage_error("%s", "-c does not apply with --window or --lminf: every layer then keeps "
                     "sinks + window slots");
+    int bench = !strcmp(o->mode, "bench");
+    if (!bench && (o->n_threads_list > 1 || o->n_kv_types > 1))
+        usage_error("%s", "--threads and --kv-type take one value; lists are -m bench sweeps");
+    if (!bench && (o->json || o->csv)) usage_error("%s", "--json and --csv apply to -m bench");
+    if (o->json && o->csv) usage_error("%s", "give one of --json and --csv");
     if ((o->kl_base_save || o->kl_base) && strcmp(o->mode, "ppl"))
         usage_error("%s", "--kl-base-save and --kl-base apply to -m ppl");
     if (o->kl_base_save && o->ppl_csv)
@@ -3057,8 +3264,7 @@ static void run_mode(Transformer *t, const Options *o, Tokenizer *tok, int has_t
         passkey(t, tok, o->passkey_len, o->n_passkey_len, o->passkey_depth, o->n_passkey_depth,
                 o->passkey_trials, o->seed);
     else if (!strcmp(mode, "bench"))
-        bench(t, o->bench_pp, o->n_bench_pp, o->bench_tg, o->n_bench_tg, o->bench_depth,
-              o->n_bench_depth, o->reps, o->json);
+        bench(t, o);
     else if (!strcmp(mode, "chat")) chat(t, tok, &sp, o->system, o->steps, o->input_is_ids);
     else generate(t, has_tokenizer ? tok : NULL, !o->input_is_ids, &sp, prompt, n_prompt,
                   o->steps);

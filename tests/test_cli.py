@@ -97,6 +97,7 @@ ACCEPTED = {
     "--bench-depth": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2", "--bench-depth", "0,16", "-r", "1"],
     "-r": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2", "-r", "2"],
     "--json": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2", "-r", "1", "--json"],
+    "--csv": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2", "-r", "1", "--csv"],
     "--window": ["--window", "8", "-i", PROMPT, "-n", "2"],
     "--sinks": ["--sinks", "2", "--window", "8", "-i", PROMPT, "-n", "2"],
     "--lminf": ["--lminf", "-i", PROMPT, "-n", "2"],

@@ -125,17 +125,18 @@ def test_ppl_text_longer_than_context_is_refused(tiny):
 
 def test_bench_table_and_json(tiny):
     d, model, _, _, _ = tiny
-    args = ["-m", "bench", "--bench-pp", "16,40", "--bench-tg", "5", "--bench-depth", "0,30", "-r", 2]
+    args = ["-m", "bench", "--bench-pp", "16,40", "--bench-tg", "5", "--bench-depth", "0,30", "-r", 2, "--threads", 1]
     r = run(model, *args)
     rows = [line for line in r.stdout.splitlines() if re.match(r"\| (pp|tg)\d+ \|", line)]
-    assert [tuple(x.split("|")[1:3]) for x in rows] == [
-        (" pp16 ", " 0 "), (" pp40 ", " 0 "), (" tg5 ", " 0 "), (" pp16 ", " 30 "), (" pp40 ", " 30 "), (" tg5 ", " 30 ")]
+    assert [tuple(x.split("|")[1:5]) for x in rows] == [
+        (" pp16 ", " 0 ", " 1 ", " f32 "), (" pp40 ", " 0 ", " 1 ", " f32 "), (" tg5 ", " 0 ", " 1 ", " f32 "),
+        (" pp16 ", " 30 ", " 1 ", " f32 "), (" pp40 ", " 30 ", " 1 ", " f32 "), (" tg5 ", " 30 ", " 1 ", " f32 ")]
     # 2 layers x 2 kv heads x 16 head_dim x (K and V) x 4 bytes
-    assert "KV cache 512 bytes/token" in r.stdout
+    assert "KV cache f32 512 bytes/token" in r.stdout
     j = json.loads(run(model, *args, "--json").stdout)
     assert [(x["test"], x["depth"], x["reps"]) for x in j["results"]] == [
         ("pp16", 0, 2), ("pp40", 0, 2), ("tg5", 0, 2), ("pp16", 30, 2), ("pp40", 30, 2), ("tg5", 30, 2)]
-    assert all(x["tokens_per_s"] > 0 for x in j["results"]) and j["kv_bytes_per_token"] == 512
+    assert all(x["tokens_per_s"] > 0 and x["kv_bytes_per_token"] == 512 for x in j["results"])
     assert j["peak_rss_mb"] > 0
 
 

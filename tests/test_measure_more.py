@@ -4,6 +4,7 @@ CSV and sweeps over --threads and --kv-type.
 
 KL references are computed here in numpy from the logits of `-m logits` runs (float64), never
 from the engine's own KL output."""
+import json
 import re
 import time
 
@@ -136,3 +137,45 @@ def test_kl_base_refuses_another_text_or_model(tiny, tmp_path):
     r = run(model, "-m", "ppl", "--ids", "-i", "1 2 3", "--kl-base-save", base, "--ppl-csv", tmp_path / "x.csv",
             check=False)
     assert r.returncode == 2 and "one output file" in r.stderr
+
+
+def cpu_name():
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def test_bench_json_carries_the_configuration(tiny):
+    d, model, _, _ = tiny
+    r = run(model, "-m", "bench", "--bench-pp", 8, "--bench-tg", 2, "-r", 1, "--threads", 1, "--json", "--chunk", 4,
+            "--window", 16, "--sinks", 2, "--kv-type", "f16", "--rope-scaling", "linear", "--rope-factor", 2)
+    j = json.loads(r.stdout)
+    want = {"model": model, "weights": "f32", "cpu": cpu_name(), "chunk": 4, "window": 16, "sinks": 2,
+            "lminf": False, "rope_scaling": "linear", "rope_factor": 2, "rope_theta": 10000, "reference": False,
+            "warmup": 1}
+    assert {k: j["config"][k] for k in want} == want
+    assert [(x["test"], x["threads"], x["kv_type"], x["kv_bytes_per_token"]) for x in j["results"]] == [
+        ("pp8", 1, "f16", 256), ("tg2", 1, "f16", 256)]   # 2 layers x 2 heads x 16 x (K, V) x 2 bytes
+
+
+def test_bench_sweeps_threads_and_kv_types_as_csv(tiny):
+    """--threads 1,2 --kv-type f32,q8: a row per combination, each with the whole configuration; a
+    list is refused outside bench. Bytes per token from the shape: f32 4 bytes an element; q8 one,
+    plus a float scale per head vector of 16."""
+    import csv
+    import io
+    d, model, _, _ = tiny
+    r = run(model, "-m", "bench", "--bench-pp", 8, "--bench-tg", 2, "-r", 1, "--threads", "1,2",
+            "--kv-type", "f32,q8", "--csv", "--bench-depth", "0,4")
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    got = [(x["kv_type"], x["depth"], x["threads"], x["test"], x["kv_bytes_per_token"]) for x in rows]
+    want = [(kv, depth, threads, test, str(2 * 2 * 2 * (64 if kv == "f32" else 20)))
+            for kv in ("f32", "q8") for depth in ("0", "4") for threads in ("1", "2") for test in ("pp8", "tg2")]
+    assert got == want
+    assert all(x["model"] == model and x["weights"] == "f32" and x["cpu"] == cpu_name() and x["reps"] == "1"
+               and float(x["tokens_per_s"]) > 0 for x in rows)
+    for args in (["-i", "1 2", "--ids", "--threads", "1,2"], ["-i", "1 2", "--ids", "--kv-type", "f32,q8"],
+                 ["-i", "1 2", "--ids", "--csv"], ["-m", "bench", "--csv", "--json"]):
+        bad = run(model, *args, check=False)
+        assert bad.returncode == 2 and bad.stderr.startswith("error: "), args
