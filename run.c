@@ -1726,6 +1726,8 @@ typedef struct {
     const char *ppl_csv;      // ppl: --ppl-csv FILE, per-bucket rows
     long ppl_bucket;          // ppl: --ppl-bucket, predicted tokens per CSV row
     long ppl_tokens;          // ppl: --ppl-tokens, evaluate only the first N tokens (0 = all)
+    const char *kl_base_save; // ppl: --kl-base-save FILE, write the run's top tokens per position
+    const char *kl_base;      // ppl: --kl-base FILE, the KL divergence from that saved run
     long passkey_len[MAX_LIST];   // passkey: --passkey-len, prompt lengths in tokens
     // passkey: --passkey-depth, where the key sits (0 = start, 1 = end)
     float passkey_depth[MAX_LIST];
@@ -1733,6 +1735,11 @@ typedef struct {
     // bench: --bench-pp/-tg/-depth
     long bench_pp[MAX_LIST], bench_tg[MAX_LIST], bench_depth[MAX_LIST];
     int n_bench_pp, n_bench_tg, n_bench_depth, reps, json;                // bench: -r, --json
+    int csv;                  // bench: --csv
+    // --threads and --kv-type as lists: bench sweeps them (the other modes take one value)
+    long threads_list[MAX_LIST];
+    int kv_types[MAX_LIST];
+    int n_threads_list, n_kv_types;
 } Options;
 
 // Parse "12 7 99" (len bytes) into ids, each checked against the vocabulary. Returns the count.
@@ -2143,6 +2150,212 @@ static double token_log_prob(const float *logits, int V, int target) {
     return (double)(logits[target] - max) - log(sum);
 }
 
+static int ascii_letter(unsigned char c) { return (c | 0x20) >= 'a' && (c | 0x20) <= 'z'; }
+
+// Whether text[0..p) can be tokenized alone as the start of text[0..len): p is a space
+// between two ASCII letters ("a b") and no special token spans it. Every pre-tokenizer of
+// byte-level BPE (GPT-2, SmolLM, Llama 3, Qwen2) ends a piece at the letter and starts the
+// next one at the space, and SentencePiece, when its merges never cross a word start, merges
+// each "▁"-word alone: the prefix's ids are then the first ids of the whole text.
+static int word_boundary(Tokenizer *tok, const char *text, size_t len, size_t p) {
+    const unsigned char *s = (const unsigned char *)text;
+    if (p == 0 || p + 1 >= len || s[p] != ' ' || !ascii_letter(s[p - 1]) ||
+        !ascii_letter(s[p + 1]))
+        return 0;
+    for (size_t i = p > 256 ? p - 256 : 0; i < p; i++) {   // a special token across p?
+        size_t n;
+        if (tok->special_start[s[i] + 1] > tok->special_start[s[i]] &&
+            match_special(tok, s + i, len - i, &n) >= 0 && i + n > p)
+            return 0;
+    }
+    return 1;
+}
+
+// The ids of text, or (want > 0) at least its first `want` ids: then only a prefix that ends
+// at a word boundary is tokenized, about 8 bytes a token, doubled until it holds enough, so
+// -m ppl --ppl-tokens N on a huge file costs what N tokens cost.
+static size_t encode_first_tokens(Tokenizer *tok, const char *text, size_t len, int add_bos,
+                                  size_t want, int **ids) {
+    int may_cut = want && (tok->kind == TOK_BYTE_BPE || tok->spm_word_id >= 0);
+    for (size_t cut = want * 8 + 1024; may_cut && cut < len && cut < SIZE_MAX / 4; cut *= 2) {
+        size_t p = cut;
+        while (p < len && !word_boundary(tok, text, len, p)) p++;
+        if (p >= len) break;
+        size_t n = tokenizer_encode(tok, text, p, add_bos, ids);
+        if (!*ids || n >= want) return n;
+        free(*ids);
+    }
+    return tokenizer_encode(tok, text, len, add_bos, ids);
+}
+
+// The standard error of a mean from the sum and sum of squares of n values: the sample
+// standard deviation over sqrt(n), as llama.cpp's perplexity tool reports it. exp() carries
+// it to the perplexity to first order: se(exp(m)) = exp(m) se(m).
+static double mean_standard_error(double sum, double sum2, size_t n) {
+    if (n < 2) return 0;
+    double mean = sum / n;
+    double var = (sum2 / n - mean * mean) * n / (n - 1);
+    return var > 0 ? sqrt(var / n) : 0;
+}
+
+// ---- KL divergence against a base run (-m ppl --kl-base-save FILE, then --kl-base FILE)
+//
+// The base file holds, for every predicted position of the text, the base run's KL_TOP most
+// probable next tokens with their log-probabilities and the log-probability of all the other
+// tokens together. A later run over the same tokens scores KL(base || this run) on that
+// partition of the vocabulary: the top tokens each an outcome, the rest one outcome. That is
+// the full KL when the rest is negligible, and never more than it (the log-sum inequality).
+// llama.cpp's --kl-divergence-base keeps every token's log-probability at 16 bits instead;
+// this file costs 392 bytes a position, whatever the vocabulary.
+
+#define KL_TOP 32
+#define KL_MAGIC "LRKLBASE"
+
+// The file's header, little-endian, 40 bytes.
+typedef struct {
+    char magic[8];        // KL_MAGIC
+    uint32_t version;     // 1
+    uint32_t top;         // KL_TOP: tokens kept per position
+    uint32_t vocab;       // the base model's vocabulary size
+    uint32_t reserved;    // 0
+    uint64_t n_tokens;    // tokens of the text: n_tokens - 1 rows follow
+    uint64_t text_hash;   // FNV-1a (64-bit) of the token ids as little-endian int32
+} KLHeader;
+
+// One predicted position: token ids most probable first (ties: the lower id first, as argmax;
+// -1 pads a vocabulary under KL_TOP), their natural-log probabilities, and the log of the
+// probability of every other token (-inf when there is none). 392 bytes, no padding.
+typedef struct {
+    double log_rest;
+    double log_prob[KL_TOP];
+    int32_t id[KL_TOP];
+} KLRow;
+
+static KLHeader kl_header(const int *tokens, size_t n, int vocab) {
+    KLHeader h = {.version = 1, .top = KL_TOP, .vocab = (uint32_t)vocab, .n_tokens = n};
+    memcpy(h.magic, KL_MAGIC, sizeof(h.magic));
+    h.text_hash = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++)
+        for (int b = 0; b < 4; b++) {
+            h.text_hash ^= ((uint32_t)tokens[i] >> (8 * b)) & 0xff;
+            h.text_hash *= 1099511628211ull;
+        }
+    return h;
+}
+
+// log-sum-exp of a row of logits, and the log of the softmax mass outside ids[0..KL_TOP)
+// (-inf if none): float64 exp throughout, as a KL of 1e-5 needs the normalizer to ~1e-12.
+static double log_softmax_rest(const float *logits, int V, const int32_t *ids, double *lse) {
+    float max = logits[0];
+    for (int i = 1; i < V; i++) max = max_float(logits[i], max);
+    double total = 0;
+    double top = 0;
+    for (int i = 0; i < V; i++) total += exp((double)logits[i] - max);
+    for (int j = 0; j < KL_TOP && ids[j] >= 0; j++) top += exp((double)logits[ids[j]] - max);
+    *lse = max + log(total);
+    return total - top > 0 ? log(total - top) + max - *lse : -INFINITY;
+}
+
+// The base's view of one position from its logits.
+static void kl_row(KLRow *row, const float *logits, int V) {
+    int n = 0;
+    for (int j = 0; j < KL_TOP; j++) row->id[j] = -1;
+    for (int i = 0; i < V; i++) {   // insertion into the sorted top list; equal logits stay behind
+        if (n == KL_TOP && logits[i] <= logits[row->id[KL_TOP - 1]]) continue;
+        int j = n < KL_TOP ? n++ : KL_TOP - 1;
+        for (; j > 0 && logits[i] > logits[row->id[j - 1]]; j--) row->id[j] = row->id[j - 1];
+        row->id[j] = i;
+    }
+    double lse;
+    row->log_rest = log_softmax_rest(logits, V, row->id, &lse);
+    for (int j = 0; j < KL_TOP; j++)
+        row->log_prob[j] = row->id[j] >= 0 ? (double)logits[row->id[j]] - lse : -INFINITY;
+}
+
+// KL(base || this run) at one position, on the base's partition: its top tokens and the rest.
+static double kl_position(const KLRow *base, const float *logits, int V) {
+    double lse;
+    double log_rest = log_softmax_rest(logits, V, base->id, &lse);
+    double kl = 0;
+    for (int j = 0; j < KL_TOP && base->id[j] >= 0; j++)
+        kl += exp(base->log_prob[j]) * (base->log_prob[j] - ((double)logits[base->id[j]] - lse));
+    if (base->log_rest > -INFINITY) kl += exp(base->log_rest) * (base->log_rest - log_rest);
+    return kl;
+}
+
+// Open a base file and check it belongs to this text and vocabulary.
+static FILE *open_kl_base(const char *path, const KLHeader *want) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die("%s: cannot open: %s", path, strerror(errno));
+    KLHeader h;
+    struct stat st;
+    if (fread(&h, sizeof(h), 1, f) != 1 || memcmp(h.magic, KL_MAGIC, sizeof(h.magic)) ||
+        h.version != 1 || h.top != KL_TOP)
+        die("%s: not a KL base file (-m ppl --kl-base-save writes them)", path);
+    if (h.vocab != want->vocab)
+        die("%s: was written with a vocabulary of %u tokens; this model has %u", path, h.vocab,
+            want->vocab);
+    if (h.n_tokens != want->n_tokens)
+        die("%s: holds a text of %llu tokens; this one has %llu (the same text and --ppl-tokens?)",
+            path, (unsigned long long)h.n_tokens, (unsigned long long)want->n_tokens);
+    if (h.text_hash != want->text_hash)
+        die("%s: was written for another text (its token ids differ)", path);
+    uint64_t size = sizeof(h) + (h.n_tokens - 1) * sizeof(KLRow);
+    if (fstat(fileno(f), &st) != 0 || (uint64_t)st.st_size != size)
+        die("%s: is %lld bytes; a base of %llu tokens is %llu", path, (long long)st.st_size,
+            (unsigned long long)h.n_tokens, (unsigned long long)size);
+    return f;
+}
+
+// A KL pass beside the perplexity: rows to save, or rows of a base to compare with.
+typedef struct {
+    OutputFile save;       // --kl-base-save (f NULL when not saving)
+    FILE *base;            // --kl-base
+    const char *base_path;
+    KLRow *rows;           // (max_T) one chunk's rows
+    double *kl;            // (max_T) one chunk's divergences
+    double sum, sum2, max;
+    size_t same_top, n;    // positions whose most probable token is the base's; positions
+} KLRun;
+
+static void save_kl_rows(KLRun *k, const float *logits, int V, int T) {
+    PARALLEL_FOR
+    for (int r = 0; r < T; r++) kl_row(&k->rows[r], logits + (size_t)r * V, V);
+    if (fwrite(k->rows, sizeof(KLRow), T, k->save.f) != (size_t)T)
+        die("%s: write failed: %s", k->save.path, strerror(errno));
+}
+
+static void compare_kl_rows(KLRun *k, const float *logits, int V, int T) {
+    if (fread(k->rows, sizeof(KLRow), T, k->base) != (size_t)T)
+        die("%s: read failed", k->base_path);
+    for (int r = 0; r < T; r++)
+        for (int j = 0; j < KL_TOP; j++)
+            if (k->rows[r].id[j] >= V || (j == 0 && k->rows[r].id[j] < 0))
+                die("%s: position %zu holds token id %d, outside the vocabulary", k->base_path,
+                    k->n + r + 1, k->rows[r].id[j]);
+    PARALLEL_FOR
+    for (int r = 0; r < T; r++) k->kl[r] = kl_position(&k->rows[r], logits + (size_t)r * V, V);
+    for (int r = 0; r < T; r++) {
+        k->sum += k->kl[r];
+        k->sum2 += k->kl[r] * k->kl[r];
+        k->max = fmax(k->max, k->kl[r]);
+        k->same_top += argmax(logits + (size_t)r * V, V) == k->rows[r].id[0];
+    }
+    k->n += (size_t)T;
+}
+
+// Mean KL divergence and top-1 agreement, each ± its standard error (as llama-perplexity's
+// KL-divergence mode: the sample sd over sqrt(n); a proportion's sqrt(p (1 - p) / (n - 1))).
+static void print_kl(const KLRun *k) {
+    double mean = k->sum / k->n;
+    double same = (double)k->same_top / k->n;
+    double same_se = k->n > 1 ? sqrt(same * (1 - same) / (k->n - 1)) : 0;
+    printf("KL divergence from %s: mean %.6g ± %.2g (max %.6g), top-1 agreement %.2f ± %.2f %% "
+           "over %zu predicted tokens\n",
+           k->base_path, mean, mean_standard_error(k->sum, k->sum2, k->n), k->max, 100 * same,
+           100 * same_se, k->n);
+}
+
 // The running sums of a perplexity pass: row r of a chunk that starts at token `done`
 // predicts token done + r + 1.
 typedef struct {
@@ -2151,7 +2364,9 @@ typedef struct {
     size_t n, bucket;      // the text's tokens; predicted positions per CSV row
     FILE *csv;
     double *nll;           // (max_T) one chunk's negative log-likelihoods
-    double total, bucket_sum;
+    KLRun *kl;             // --kl-base-save / --kl-base, or NULL
+    double total, total2;  // sums of the NLLs and of their squares, for the standard error
+    double bucket_sum;
     size_t bucket_n, predicted;
 } PerplexityRun;
 
@@ -2160,8 +2375,11 @@ static void score_chunk(void *run, float *logits, size_t done, int T) {
     PARALLEL_FOR
     for (int r = 0; r < T; r++)
         p->nll[r] = -token_log_prob(logits + (size_t)r * p->V, p->V, p->tokens[done + r + 1]);
+    if (p->kl && p->kl->save.f) save_kl_rows(p->kl, logits, p->V, T);
+    if (p->kl && p->kl->base) compare_kl_rows(p->kl, logits, p->V, T);
     for (int r = 0; r < T; r++) {
         p->total += p->nll[r];
+        p->total2 += p->nll[r] * p->nll[r];
         p->bucket_sum += p->nll[r];
         p->bucket_n++;
         p->predicted++;
@@ -2175,14 +2393,45 @@ static void score_chunk(void *run, float *logits, size_t done, int T) {
     }
 }
 
+// Open what --kl-base-save and --kl-base name, if anything; NULL when neither is given.
+static KLRun *start_kl(const Options *o, const int *tokens, size_t n, int V, int max_T) {
+    if (!o->kl_base_save && !o->kl_base) return NULL;
+    KLRun *k = xcalloc(1, sizeof(KLRun), "KL run");
+    KLHeader h = kl_header(tokens, n, V);
+    k->rows = xcalloc(max_T, sizeof(KLRow), "KL rows");
+    k->kl = xcalloc(max_T, sizeof(double), "KL rows");
+    k->base_path = o->kl_base;
+    if (o->kl_base) k->base = open_kl_base(o->kl_base, &h);
+    if (o->kl_base_save) {
+        const char *inputs[] = {o->model_path, o->input_path, o->kl_base};
+        k->save = open_output(o->kl_base_save, inputs, 3);
+        if (fwrite(&h, sizeof(h), 1, k->save.f) != 1)
+            die("%s: write failed: %s", o->kl_base_save, strerror(errno));
+    }
+    return k;
+}
+
+// After the perplexity is printed: the KL line, and the saved base moved into place.
+static void finish_kl(KLRun *k) {
+    if (!k) return;
+    if (k->base) print_kl(k);
+    if (k->base) fclose(k->base);
+    if (k->save.f) close_output(&k->save);
+    free(k->rows);
+    free(k->kl);
+    free(k);
+}
+
 // -m ppl: perplexity exp(mean NLL) of a text, every token predicted from all before it that
 // the cache settings keep, in one pass of chunked prefill. Memory is the cache plus one
 // chunk's logits, whatever the text's length. With a csv file, one row per `bucket` predicted
-// positions: first,last,tokens,mean_nll,ppl.
-static void perplexity(Transformer *t, const int *tokens, size_t n, size_t bucket, FILE *csv) {
-    PerplexityRun p = {.tokens = tokens, .V = t->config.vocab_size, .n = n, .bucket = bucket,
-                       .csv = csv};
+// positions: first,last,tokens,mean_nll,ppl. With --kl-base-save / --kl-base, the base file
+// of each position is written / compared with alongside.
+static void perplexity(Transformer *t, const int *tokens, size_t n, const Options *o, FILE *csv) {
+    PerplexityRun p = {.tokens = tokens, .V = t->config.vocab_size, .n = n,
+                       .bucket = (size_t)o->ppl_bucket, .csv = csv};
     p.nll = xcalloc(t->state.max_T, sizeof(double), "nll row");
+    p.kl = start_kl(o, tokens, n, p.V, t->state.max_T);
     if (csv) fprintf(csv, "first,last,tokens,mean_nll,ppl\n");
     double start = now_seconds();
     run_chunks(t, tokens, n - 1, 0, "ppl", score_chunk, &p);   // the rows with a next token
@@ -2191,9 +2440,12 @@ static void perplexity(Transformer *t, const int *tokens, size_t n, size_t bucke
     if (interrupted && p.predicted == 0) die("interrupted before the first chunk was scored");
     if (interrupted)
         die("interrupted after %zu tokens (perplexity so far %.4f)", p.predicted, exp(mean));
-    printf("perplexity %.4f over %zu predicted tokens (mean NLL %.6f), %.1f tok/s, "
-           "peak RSS %.0f MB\n",
-           exp(mean), p.predicted, mean, p.predicted / (now_seconds() - start), peak_rss_mb());
+    double se = mean_standard_error(p.total, p.total2, p.predicted);
+    printf("perplexity %.4f ± %.5f over %zu predicted tokens (mean NLL %.6f ± %.6f), "
+           "%.1f tok/s, peak RSS %.0f MB\n",
+           exp(mean), exp(mean) * se, p.predicted, mean, se,
+           p.predicted / (now_seconds() - start), peak_rss_mb());
+    finish_kl(p.kl);
 }
 
 // The pass-key prompt (Mohtashami & Jaggi 2023, "Landmark Attention"): a key hidden at
@@ -2293,60 +2545,240 @@ static long max_of(const long *values, int n) {
     return m;
 }
 
-// -m bench, after llama-bench: prompt processing (ppN: N tokens in chunks) and text generation
-// (tgN: N tokens one at a time), each after `depth` tokens already in the cache, `reps`
-// times; random token ids. Prints a markdown table (or JSON) of tokens/s, mean ± sd.
-static void bench(Transformer *t, const long *pp, int n_pp, const long *tg, int n_tg,
-                  const long *depths, int n_depths, int reps, int json) {
-    size_t kv_per_token = kv_bytes_per_token(t);
-    size_t max_len =
-            (size_t)(max_of(pp, n_pp) > max_of(tg, n_tg) ? max_of(pp, n_pp) : max_of(tg, n_tg));
-    int *ids = xcalloc(max_len + 1, sizeof(int), "bench tokens");
-    uint64_t rng = 42;
-    if (json) printf("{\"kv_bytes_per_token\": %zu, \"results\": [", kv_per_token);
-    else printf("| test | depth | tokens/s |\n|---|---:|---:|\n");
-    int first = 1;
-    for (int di = 0; di < n_depths; di++) {
-        size_t depth = (size_t)depths[di];
-        for (size_t i = 0; i < max_len + 1; i++)
-            ids[i] = (int)(random_f32(&rng) * t->config.vocab_size);
-        int *fill = xcalloc(depth + 1, sizeof(int), "bench depth");
-        for (size_t i = 0; i < depth; i++) fill[i] = (int)(random_f32(&rng) * t->config.vocab_size);
-        // the depth stays in the cache; every test runs after it
-        if (depth) prefill(t, fill, depth, 0);
-        free(fill);
-        for (int kind = 0; kind < 2; kind++)
-            for (int ti = 0; ti < (kind ? n_tg : n_pp); ti++) {
-                size_t n = (size_t)(kind ? tg[ti] : pp[ti]);
-                double sum = 0, sum2 = 0;
-                for (int r = 0; r < reps; r++) {
-                    double t0 = now_seconds();
-                    if (kind == 0) prefill(t, ids, n, depth);
-                    for (size_t i = 0; kind == 1 && i < n; i++) {
-                        if (interrupted) die("interrupted");
-                        forward(t, &ids[i], 1, depth + i);
-                    }
-                    double rate = n / (now_seconds() - t0);
-                    sum += rate;
-                    sum2 += rate * rate;
-                }
-                double mean = sum / reps,
-                       sd = reps > 1 ? sqrt(fmax(0, (sum2 - reps * mean * mean) / (reps - 1))) : 0;
-                if (json)
-                    printf("%s\n  {\"test\": \"%s%zu\", \"depth\": %zu, \"reps\": %d, "
-                           "\"tokens_per_s\": %.2f, \"sd\": %.2f}",
-                           first ? "" : ",", kind ? "tg" : "pp", n, depth, reps, mean, sd);
-                else
-                    printf("| %s%zu | %zu | %.2f ± %.2f |\n", kind ? "tg" : "pp", n, depth, mean,
-                           sd);
-                fflush(stdout);
-                first = 0;
+// One field of bench's output, as text: a JSON key and CSV column, its value, and whether the
+// value is a string (quoted) or a number or boolean (bare).
+typedef struct {
+    const char *name;
+    char value[256];
+    int text;
+} Field;
+
+static void set_field(Field *f, const char *name, int text, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    f->name = name;
+    f->text = text;
+    vsnprintf(f->value, sizeof(f->value), fmt, ap);
+    va_end(ap);
+}
+
+// The machine's CPU, from /proc/cpuinfo's first "model name" (Linux on x86); else "unknown".
+static void cpu_model_name(char *out, size_t size) {
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    char line[512];
+    snprintf(out, size, "unknown");
+    while (f && fgets(line, sizeof(line), f)) {
+        char *colon = strchr(line, ':');
+        if (strncmp(line, "model name", 10) || !colon) continue;
+        colon += strspn(colon + 1, " \t") + 1;
+        colon[strcspn(colon, "\n")] = 0;
+        snprintf(out, size, "%s", colon);
+        break;
+    }
+    if (f) fclose(f);
+}
+
+// What every bench row shares: the model, the machine, the cache's shape, RoPE, the chunk.
+static int bench_config(const Transformer *t, const Options *o, Field *f) {
+    const LayerConfig *lc = &t->config.layers[0];
+    char cpu[256];
+    cpu_model_name(cpu, sizeof(cpu));
+    size_t context = cache_capacity(&t->cache, t->config.n_layers);
+    int n = 0;
+    set_field(&f[n++], "model", 1, "%s", o->model_path);
+    set_field(&f[n++], "weights", 1, "%s", dtype_name(t->weights.layers[0].wq.dtype));
+    set_field(&f[n++], "cpu", 1, "%s", cpu);
+    set_field(&f[n++], "context", 0, "%lld", context == SIZE_MAX ? -1 : (long long)context);
+    set_field(&f[n++], "chunk", 0, "%d", t->state.max_T);
+    set_field(&f[n++], "window", 0, "%ld", o->attn.window);
+    set_field(&f[n++], "sinks", 0, "%ld", o->attn.n_sink);
+    set_field(&f[n++], "lminf", 0, "%s", o->attn.lminf ? "true" : "false");
+    set_field(&f[n++], "lminf_limit", 0, "%ld", o->attn.limit);
+    const char *rope = lc->rope_type == ROPE_DEFAULT ? "none" : rope_type_name(lc->rope_type);
+    set_field(&f[n++], "rope_scaling", 1, "%s", rope);
+    set_field(&f[n++], "rope_factor", 0, "%g", lc->rope_type == ROPE_DEFAULT ? 1 : lc->factor);
+    set_field(&f[n++], "rope_theta", 0, "%g", lc->rope_theta);
+    set_field(&f[n++], "reference", 0, "%s", t->reference ? "true" : "false");
+    set_field(&f[n++], "warmup", 0, "%d", 1);
+    return n;
+}
+
+static void print_text(const char *s, int json) {
+    int quote = json || strpbrk(s, ",\"\r\n") != NULL;
+    if (quote) putchar('"');
+    for (const unsigned char *c = (const unsigned char *)s; *c; c++) {
+        if (json && (*c == '"' || *c == '\\')) printf("\\%c", *c);
+        else if (json && *c < 0x20) printf("\\u%04x", *c);
+        else if (!json && *c == '"') printf("\"\"");
+        else putchar(*c);
+    }
+    if (quote) putchar('"');
+}
+
+// Fields as `"name": value, ...` (JSON) or `value,...` (CSV), or the CSV header's names.
+static void print_fields(const Field *f, int n, int json, int names) {
+    for (int i = 0; i < n; i++) {
+        if (i) printf(json ? ", " : ",");
+        if (json) printf("\"%s\": ", f[i].name);
+        if (names) printf("%s", f[i].name);
+        else if (f[i].text) print_text(f[i].value, json);
+        else printf("%s", f[i].value);
+    }
+}
+
+// Store keys and values as `type` from now on: the same slots, new (empty) storage.
+static void retype_cache(Transformer *t, int type) {
+    KVCache *kv = &t->cache;
+    if ((int)kv->type == type) return;
+    free(kv->key);
+    free(kv->value);
+    kv->type = (KVType)type;
+    kv->row_bytes = kv_row_bytes(kv->type, &t->config);
+    kv->key = xcalloc(kv->n_slots, kv->row_bytes, "the KV cache");
+    kv->value = xcalloc(kv->n_slots, kv->row_bytes, "the KV cache");
+}
+
+// One test, timed `reps` times after one warm-up run that is not counted (as llama-bench's:
+// ppN runs whole, tgN one token): the first call pays for page faults and waking threads.
+// tokens/s as mean and sample sd.
+static void bench_test(Transformer *t, const int *ids, size_t n, size_t depth, int tg, int reps,
+                       double *mean, double *sd) {
+    double sum = 0;
+    double sum2 = 0;
+    for (int r = -1; r < reps; r++) {
+        double t0 = now_seconds();
+        if (!tg) prefill(t, ids, n, depth);
+        for (size_t i = 0; tg && i < (r < 0 ? 1 : n); i++) {
+            if (interrupted) die("interrupted");
+            forward(t, &ids[i], 1, depth + i);
+        }
+        double rate = n / (now_seconds() - t0);
+        if (r < 0) continue;
+        sum += rate;
+        sum2 += rate * rate;
+    }
+    *mean = sum / reps;
+    *sd = reps > 1 ? sqrt(fmax(0, (sum2 - reps * (*mean) * (*mean)) / (reps - 1))) : 0;
+}
+
+// What one bench row prints: its own fields after the shared ones.
+typedef struct {
+    const Options *o;
+    Field config[16];
+    int n_config, first;
+} BenchOut;
+
+static void bench_row(BenchOut *b, const Transformer *t, int tg, size_t n, size_t depth,
+                      double mean, double sd) {
+    Field f[8];
+    int k = 0;
+    const char *kv = kv_type_names[t->cache.type];
+    set_field(&f[k++], "test", 1, "%s%zu", tg ? "tg" : "pp", n);
+    set_field(&f[k++], "depth", 0, "%zu", depth);
+    set_field(&f[k++], "threads", 0, "%d", n_threads());
+    set_field(&f[k++], "kv_type", 1, "%s", kv);
+    set_field(&f[k++], "kv_bytes_per_token", 0, "%zu", kv_bytes_per_token(t));
+    set_field(&f[k++], "reps", 0, "%d", b->o->reps);
+    set_field(&f[k++], "tokens_per_s", 0, "%.2f", mean);
+    set_field(&f[k++], "sd", 0, "%.2f", sd);
+    if (b->o->json) printf("%s\n  {", b->first ? "" : ",");
+    if (b->o->csv) print_fields(b->config, b->n_config, 0, 0);
+    if (b->o->csv) printf(",");
+    if (b->o->json || b->o->csv) print_fields(f, k, b->o->json, 0);
+    if (b->o->json) printf("}");
+    if (b->o->csv) printf("\n");
+    if (!b->o->json && !b->o->csv)
+        printf("| %s | %zu | %d | %s | %.2f ± %.2f |\n", f[0].value, depth, n_threads(), kv,
+               mean, sd);
+    fflush(stdout);
+    b->first = 0;
+}
+
+static void bench_header(BenchOut *b) {
+    if (b->o->json) {
+        printf("{\"config\": {");
+        print_fields(b->config, b->n_config, 1, 0);
+        printf("},\n\"results\": [");
+    } else if (b->o->csv) {
+        print_fields(b->config, b->n_config, 0, 1);
+        printf(",test,depth,threads,kv_type,kv_bytes_per_token,reps,tokens_per_s,sd\n");
+    } else {
+        printf("| test | depth | threads | kv | tokens/s |\n|---|---:|---:|---|---:|\n");
+    }
+}
+
+// JSON: the peak RSS closes the object. Table: the configuration, then each swept cache
+// type's bytes per token.
+static void bench_footer(const BenchOut *b, const Transformer *t, const int *kv_types, int n_kv) {
+    if (b->o->json) printf("\n], \"peak_rss_mb\": %.0f}\n", peak_rss_mb());
+    if (b->o->json || b->o->csv) return;
+    printf("\n");
+    for (int i = 0; i < b->n_config; i++)
+        printf("%s%s %s", i ? ", " : "", b->config[i].name, b->config[i].value);
+    printf("\nKV cache");
+    for (int i = 0; i < n_kv; i++)
+        printf("%s %s %zu bytes/token", i ? "," : "", kv_type_names[kv_types[i]],
+               (size_t)2 * t->config.n_layers * kv_row_bytes((KVType)kv_types[i], &t->config));
+    printf("; peak RSS %.0f MB\n", peak_rss_mb());
+}
+
+// Run on n threads: the kernels' scratch, one slice per thread, is sized again for them.
+static void bench_threads(Transformer *t, int n) {
+    const Config *c = &t->config;
+    size_t widest = max_size(max_size(c->dim, c->hidden_dim), c->q_dim);
+    set_threads(n);
+    free_kernel_work(t->state.kernels);
+    t->state.kernels = new_kernel_work(widest, t->state.max_T, c->head_dim, c->n_heads);
+}
+
+// Every --threads value's tests at one depth.
+static void bench_depth(Transformer *t, BenchOut *b, const int *ids, size_t depth) {
+    const Options *o = b->o;
+    int threads = n_threads();
+    for (int ti = 0; ti < (o->n_threads_list ? o->n_threads_list : 1); ti++) {
+        bench_threads(t, o->n_threads_list ? (int)o->threads_list[ti] : threads);
+        for (int tg = 0; tg < 2; tg++)
+            for (int i = 0; i < (tg ? o->n_bench_tg : o->n_bench_pp); i++) {
+                size_t n = (size_t)(tg ? o->bench_tg[i] : o->bench_pp[i]);
+                double mean;
+                double sd;
+                bench_test(t, ids, n, depth, tg, o->reps, &mean, &sd);
+                bench_row(b, t, tg, n, depth, mean, sd);
             }
     }
-    if (json) printf("\n], \"peak_rss_mb\": %.0f}\n", peak_rss_mb());
-    else
-        printf("\nKV cache %zu bytes/token, peak RSS %.0f MB, %d threads, chunk %d\n", kv_per_token,
-               peak_rss_mb(), n_threads(), t->state.max_T);
+}
+
+// -m bench, after llama-bench: prompt processing (ppN: N tokens in chunks) and text generation
+// (tgN: N tokens one at a time), each after `depth` tokens already in the cache, `reps` times
+// after a warm-up; random token ids. A sweep: every --kv-type (the cache rebuilt for each),
+// every depth, every --threads value. A markdown table of tokens/s (mean ± sd), or JSON or CSV
+// rows that carry the whole configuration.
+static void bench(Transformer *t, const Options *o) {
+    int default_kv = o->attn.kv_type;
+    const int *kv_types = o->n_kv_types ? o->kv_types : &default_kv;
+    int n_kv = o->n_kv_types ? o->n_kv_types : 1;
+    size_t max_len = (size_t)max_of(o->bench_tg, o->n_bench_tg);
+    max_len = max_size(max_len, (size_t)max_of(o->bench_pp, o->n_bench_pp));
+    int *ids = xcalloc(max_len + 1, sizeof(int), "bench tokens");
+    uint64_t rng = 42;
+    BenchOut b = {.o = o, .first = 1};
+    b.n_config = bench_config(t, o, b.config);
+    bench_header(&b);
+    for (int ki = 0; ki < n_kv; ki++) {
+        retype_cache(t, kv_types[ki]);
+        for (int di = 0; di < o->n_bench_depth; di++) {
+            size_t depth = (size_t)o->bench_depth[di];
+            for (size_t i = 0; i < max_len + 1; i++)
+                ids[i] = (int)(random_f32(&rng) * t->config.vocab_size);
+            int *fill = xcalloc(depth + 1, sizeof(int), "bench depth");
+            for (size_t i = 0; i < depth; i++)
+                fill[i] = (int)(random_f32(&rng) * t->config.vocab_size);
+            if (depth) prefill(t, fill, depth, 0);   // stays in the cache for every test below
+            free(fill);
+            bench_depth(t, &b, ids, depth);
+        }
+    }
+    bench_footer(&b, t, kv_types, n_kv);
     free(ids);
 }
 
@@ -2376,7 +2808,7 @@ static void usage(FILE *out) {
             "                   at most the model's trained context; chat: 4096 at most)\n"
             "  --chunk N        tokens per forward pass in prefill             (default 256; "
             "logits: up to 65536)\n"
-            "  --threads N      worker threads                                 (default: all "
+            "  --threads N      worker threads (bench: N,.. a sweep)           (default: all "
             "cores)\n"
             "  --reference      run the plain reference matmul and attention, not the fast "
             "kernels\n"
@@ -2393,12 +2825,16 @@ static void usage(FILE *out) {
             "distance\n"
             "  --lminf-limit L  LM-Infinite's distance cap                       (default: the "
             "window)\n"
-            "  --kv-type T      f32 | f16 | q8: how keys and values are stored   (default f32)\n"
+            "  --kv-type T      f32 | f16 | q8: how keys and values are stored   (default f32;\n"
+            "                   bench: T,.. a sweep)\n"
             "ppl: perplexity of the text of -f or -i\n"
             "  --ppl-csv FILE   write first,last,tokens,mean_nll,ppl per bucket of predicted "
             "tokens\n"
             "  --ppl-bucket N   predicted tokens per CSV row                     (default 1024)\n"
             "  --ppl-tokens N   evaluate only the first N tokens of the text     (default: all)\n"
+            "  --kl-base-save F write each position's top-32 tokens and log-probs to F\n"
+            "  --kl-base F      report the KL divergence from the run that saved F, and top-1 "
+            "agreement\n"
             "passkey: find a random key hidden in filler text\n"
             "  --passkey-len L,..    prompt lengths in tokens                    (default "
             "1024,2048)\n"
@@ -2410,7 +2846,8 @@ static void usage(FILE *out) {
             "  --bench-tg N,..  tokens generated one by one                      (default 128)\n"
             "  --bench-depth N,..  tokens already in the cache before each test  (default 0)\n"
             "  -r N             repetitions, reported as mean ± sd               (default 3)\n"
-            "  --json           JSON instead of a markdown table\n"
+            "  --json           JSON instead of a markdown table, with the configuration\n"
+            "  --csv            CSV instead: a header, then one row per test and setting\n"
             "RoPE (override the file's setting; see README, \"Longer contexts\"):\n"
             "  --rope-scaling S none | linear | dynamic | yarn | llama3         (default: the "
             "file's)\n"
@@ -2520,6 +2957,20 @@ static int parse_kv_type(const char *s) {
     return 0;
 }
 
+// --threads N[,N...]: the list (a bench sweep); returns the first value.
+static int parse_threads(Options *o, const char *flag, const char *val) {
+    o->n_threads_list = parse_long_list(flag, val, o->threads_list, 1, 1024);
+    return (int)o->threads_list[0];
+}
+
+// --kv-type T[,T...]: the list (a bench sweep); returns the first type.
+static int parse_kv_types(Options *o, const char *flag, const char *val) {
+    char items[MAX_LIST][64];
+    o->n_kv_types = split_list(flag, val, items);
+    for (int i = 0; i < o->n_kv_types; i++) o->kv_types[i] = parse_kv_type(items[i]);
+    return o->kv_types[0];
+}
+
 static int mode_reads_prompt(const char *mode) {
     return strcmp(mode, "chat") && strcmp(mode, "passkey") && strcmp(mode, "bench");
 }
@@ -2529,10 +2980,10 @@ static int takes_value(const char *flag) {
     static const char *const flags[] = {
         "-m", "-i", "-f", "-n", "-t", "-k", "-p", "--min-p", "--repeat-penalty", "--repeat-last-n",
         "--system", "-s", "-c", "--chunk", "--threads", "--logits-out", "--ppl-csv", "--ppl-bucket",
-        "--ppl-tokens", "--passkey-len", "--passkey-depth", "--passkey-trials", "--bench-pp",
-        "--bench-tg", "--bench-depth", "-r", "--sinks", "--window", "--lminf-limit", "--kv-type",
-        "--rope-scaling", "--rope-theta", "--rope-factor", "--rope-orig-ctx", "--yarn-beta-fast",
-        "--yarn-beta-slow", "--yarn-attn-factor"};
+        "--ppl-tokens", "--kl-base-save", "--kl-base", "--passkey-len", "--passkey-depth",
+        "--passkey-trials", "--bench-pp", "--bench-tg", "--bench-depth", "-r", "--sinks",
+        "--window", "--lminf-limit", "--kv-type", "--rope-scaling", "--rope-theta", "--rope-factor",
+        "--rope-orig-ctx", "--yarn-beta-fast", "--yarn-beta-slow", "--yarn-attn-factor"};
     for (size_t i = 0; i < sizeof(flags) / sizeof(flags[0]); i++)
         if (!strcmp(flag, flags[i])) return 1;
     return 0;
@@ -2571,6 +3022,7 @@ static int parse_switch(Options *o, const char *flag) {
     if (!strcmp(flag, "--ids")) target = &o->input_is_ids;
     if (!strcmp(flag, "--bos")) target = &o->bos;
     if (!strcmp(flag, "--json")) target = &o->json;
+    if (!strcmp(flag, "--csv")) target = &o->csv;
     if (!strcmp(flag, "--lminf")) target = &o->attn.lminf;
     if (!strcmp(flag, "--reference")) target = &o->reference;
     if (target) *target = 1;
@@ -2596,7 +3048,7 @@ static int parse_run_option(Options *o, const char *flag, const char *val) {
     else if (!strcmp(flag, "-s")) o->seed = (uint64_t)parse_long(flag, val, 0, INT64_MAX);
     else if (!strcmp(flag, "-c")) o->context = parse_long(flag, val, 1, INT32_MAX);
     else if (!strcmp(flag, "--chunk")) o->chunk = (int)parse_long(flag, val, 1, 1 << 16);
-    else if (!strcmp(flag, "--threads")) o->threads = (int)parse_long(flag, val, 1, 1024);
+    else if (!strcmp(flag, "--threads")) o->threads = parse_threads(o, flag, val);
     else if (!strcmp(flag, "--logits-out")) o->logits_out = val;
     else return 0;
     return 1;
@@ -2607,6 +3059,8 @@ static int parse_measure_option(Options *o, const char *flag, const char *val) {
     if (!strcmp(flag, "--ppl-csv")) o->ppl_csv = val;
     else if (!strcmp(flag, "--ppl-bucket")) o->ppl_bucket = parse_long(flag, val, 1, INT32_MAX);
     else if (!strcmp(flag, "--ppl-tokens")) o->ppl_tokens = parse_long(flag, val, 2, INT32_MAX);
+    else if (!strcmp(flag, "--kl-base-save")) o->kl_base_save = val;
+    else if (!strcmp(flag, "--kl-base")) o->kl_base = val;
     else if (!strcmp(flag, "--passkey-len"))
         o->n_passkey_len = parse_long_list(flag, val, o->passkey_len, 64, 1 << 24);
     else if (!strcmp(flag, "--passkey-depth"))
@@ -2630,7 +3084,7 @@ static int parse_model_option(Options *o, const char *flag, const char *val) {
     if (!strcmp(flag, "--sinks")) o->attn.n_sink = parse_long(flag, val, 0, 4096);
     else if (!strcmp(flag, "--window")) o->attn.window = parse_long(flag, val, 1, INT32_MAX);
     else if (!strcmp(flag, "--lminf-limit")) o->attn.limit = parse_long(flag, val, 1, INT32_MAX);
-    else if (!strcmp(flag, "--kv-type")) o->attn.kv_type = parse_kv_type(val);
+    else if (!strcmp(flag, "--kv-type")) o->attn.kv_type = parse_kv_types(o, flag, val);
     else if (!strcmp(flag, "--rope-scaling")) r->scaling = val;
     else if (!strcmp(flag, "--rope-theta")) r->theta = parse_float(flag, val, 1.0001f, 1e12f);
     else if (!strcmp(flag, "--rope-factor")) r->factor = parse_float(flag, val, 1, 1e5f);
@@ -2675,6 +3129,15 @@ static void check_options(Options *o) {
     if (o->context && (o->attn.window || o->attn.lminf))
         usage_error("%s", "-c does not apply with --window or --lminf: every layer then keeps "
                     "sinks + window slots");
+    int bench = !strcmp(o->mode, "bench");
+    if (!bench && (o->n_threads_list > 1 || o->n_kv_types > 1))
+        usage_error("%s", "--threads and --kv-type take one value; lists are -m bench sweeps");
+    if (!bench && (o->json || o->csv)) usage_error("%s", "--json and --csv apply to -m bench");
+    if (o->json && o->csv) usage_error("%s", "give one of --json and --csv");
+    if ((o->kl_base_save || o->kl_base) && strcmp(o->mode, "ppl"))
+        usage_error("%s", "--kl-base-save and --kl-base apply to -m ppl");
+    if (o->kl_base_save && o->ppl_csv)
+        usage_error("%s", "--kl-base-save and --ppl-csv: one output file per run; run twice");
     if (!strcmp(o->mode, "logits")) {
         if (!o->logits_out) usage_error("%s", "logits mode needs --logits-out FILE");
         o->input_is_ids = 1;
@@ -2761,7 +3224,7 @@ static int *prompt_ids(const Options *o, Tokenizer *tok, int has_tokenizer, cons
         check_utf8("the prompt", text, len,
                    "convert it (iconv -t UTF-8), or give token ids with --ids");
         int add_bos = o->bos || (strcmp(o->mode, "tokenize") && tokenizer_add_bos(tok));
-        *n_prompt = tokenizer_encode(tok, text, len, add_bos, &prompt);
+        *n_prompt = encode_first_tokens(tok, text, len, add_bos, (size_t)o->ppl_tokens, &prompt);
         if (!prompt) die("out of memory tokenizing the prompt");
     }
     free(text);
@@ -2796,13 +3259,12 @@ static void run_mode(Transformer *t, const Options *o, Tokenizer *tok, int has_t
     Sampler sp = o->sampler;
     build_sampler(&sp, t->config.vocab_size, o->seed);
     if (!strcmp(mode, "logits")) write_logits(t, prompt, n_prompt, &out);
-    else if (!strcmp(mode, "ppl")) perplexity(t, prompt, n_prompt, (size_t)o->ppl_bucket, out.f);
+    else if (!strcmp(mode, "ppl")) perplexity(t, prompt, n_prompt, o, out.f);
     else if (!strcmp(mode, "passkey"))
         passkey(t, tok, o->passkey_len, o->n_passkey_len, o->passkey_depth, o->n_passkey_depth,
                 o->passkey_trials, o->seed);
     else if (!strcmp(mode, "bench"))
-        bench(t, o->bench_pp, o->n_bench_pp, o->bench_tg, o->n_bench_tg, o->bench_depth,
-              o->n_bench_depth, o->reps, o->json);
+        bench(t, o);
     else if (!strcmp(mode, "chat")) chat(t, tok, &sp, o->system, o->steps, o->input_is_ids);
     else generate(t, has_tokenizer ? tok : NULL, !o->input_is_ids, &sp, prompt, n_prompt,
                   o->steps);

@@ -87,6 +87,8 @@ ACCEPTED = {
     "--ppl-csv": ["-m", "ppl", "-i", COUNT, "--ppl-csv", "{csv_file}"],
     "--ppl-bucket": ["-m", "ppl", "-i", COUNT, "--ppl-bucket", "4"],
     "--ppl-tokens": ["-m", "ppl", "-i", COUNT, "--ppl-tokens", "6"],
+    "--kl-base-save": ["-m", "ppl", "-i", COUNT, "--kl-base-save", "{kl_file}"],
+    "--kl-base": ["-m", "ppl", "-i", COUNT, "--kl-base", "{kl_file}"],   # the file saved just above
     "--passkey-len": ["-m", "passkey", "--passkey-len", "120", "--passkey-depth", "0.5", "--passkey-trials", "1"],
     "--passkey-depth": ["-m", "passkey", "--passkey-len", "100", "--passkey-depth", "0,1", "--passkey-trials", "1"],
     "--passkey-trials": ["-m", "passkey", "--passkey-len", "100", "--passkey-depth", "1", "--passkey-trials", "2"],
@@ -95,6 +97,7 @@ ACCEPTED = {
     "--bench-depth": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2", "--bench-depth", "0,16", "-r", "1"],
     "-r": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2", "-r", "2"],
     "--json": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2", "-r", "1", "--json"],
+    "--csv": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2", "-r", "1", "--csv"],
     "--window": ["--window", "8", "-i", PROMPT, "-n", "2"],
     "--sinks": ["--sinks", "2", "--window", "8", "-i", PROMPT, "-n", "2"],
     "--lminf": ["--lminf", "-i", PROMPT, "-n", "2"],
@@ -118,7 +121,8 @@ def test_every_option_is_accepted(model, tmp_path):
     prompt_file, logits_file, csv_file = tmp_path / "prompt.txt", tmp_path / "logits.f32", tmp_path / "ppl.csv"
     prompt_file.write_text(PROMPT)
     for flag, args in ACCEPTED.items():
-        args = [a.format(prompt_file=prompt_file, logits_file=logits_file, csv_file=csv_file) for a in args]
+        args = [a.format(prompt_file=prompt_file, logits_file=logits_file, csv_file=csv_file,
+                         kl_file=tmp_path / "base.kld") for a in args]
         r = run(model, *args, check=False, input="Hi\n")
         assert r.returncode == 0, f"{flag}: {args} exited {r.returncode}: {r.stderr}"
         assert "error" not in r.stderr, f"{flag}: {r.stderr}"

@@ -17,6 +17,7 @@ SEQ = 1100   # tokens: more than two 512-token chunks, so chunk boundaries fall 
 PPL_BOUND = 3e-6     # perplexity vs HF: 2.4e-7 measured (./run prints 4 decimals: ~1e-7 of 892)
 CHUNK_BOUND = 1e-6   # perplexity between chunk sizes 1 / 64 / 512: 0 measured at 6 decimals
 NLL_BOUND = 1e-6     # a mean NLL (a CSV bucket of 256, --ppl-tokens 300) vs HF: 1.1e-7 measured
+SE_BOUND = 1e-5      # the perplexity's ± vs HF: printed to 5 decimals (~1e-7 of ~30)
 POINT_BOUND = 1e-5   # a plotted point's perplexity (16..350 tokens, 6-decimal CSV): 1.2e-6
 
 
@@ -40,11 +41,16 @@ def tiny(tmp_path_factory):
     return d, bin_path, ids[0].tolist(), nll.numpy(), logits
 
 
-def engine_ppl(model, ids, *extra):
+PPL_LINE = r"perplexity ([0-9.]+) ± ([0-9.]+) over (\d+) predicted tokens \(mean NLL ([0-9.]+) ± ([0-9.]+)\)"
+
+
+def engine_ppl(model, ids, *extra, with_se=False):
+    """(perplexity, predicted tokens, mean NLL), and with_se their standard errors (ppl's, NLL's)."""
     r = run(model, "-m", "ppl", "--ids", "-i", " ".join(map(str, ids)), *extra)
-    m = re.search(r"perplexity ([0-9.]+) over (\d+) predicted tokens \(mean NLL ([0-9.]+)\)", r.stdout)
+    m = re.search(PPL_LINE, r.stdout)
     assert m, f"no perplexity line in: {r.stdout!r}"
-    return float(m.group(1)), int(m.group(2)), float(m.group(3))
+    got = float(m.group(1)), int(m.group(3)), float(m.group(4))
+    return got + (float(m.group(2)), float(m.group(5))) if with_se else got
 
 
 def test_ppl_matches_hf(tiny):
@@ -58,6 +64,20 @@ def test_ppl_matches_hf(tiny):
     print(f"\n[ppl] engine {got:.4f}, HF {want:.4f}: relative {err:.2e} (bound {PPL_BOUND})")
     assert n == len(ids) - 1
     assert err <= PPL_BOUND
+
+
+def test_ppl_standard_error_matches_hf(tiny):
+    """The ± of the perplexity: the standard error of the mean NLL (sample sd / sqrt(n), as
+    llama.cpp's perplexity tool), carried through exp; here from HF's per-token NLLs."""
+    d, model, ids, nll, _ = tiny
+    se = nll.std(ddof=1) / np.sqrt(len(nll))
+    want = float(np.exp(nll.mean()) * se)
+    got_ppl, n, mean, got, got_nll = engine_ppl(model, ids, with_se=True)
+    err = abs(got - want) / want
+    print(f"\n[ppl ±] engine {got_ppl:.4f} ± {got:.5f}, HF ± {want:.5f} (NLL ± {got_nll} vs {se:.6f}): "
+          f"relative {err:.2e} (bound {SE_BOUND})")
+    assert abs(got_nll - se) <= 1e-6
+    assert err <= SE_BOUND
 
 
 def test_ppl_same_for_every_chunk_size(tiny, tmp_path):
@@ -105,17 +125,18 @@ def test_ppl_text_longer_than_context_is_refused(tiny):
 
 def test_bench_table_and_json(tiny):
     d, model, _, _, _ = tiny
-    args = ["-m", "bench", "--bench-pp", "16,40", "--bench-tg", "5", "--bench-depth", "0,30", "-r", 2]
+    args = ["-m", "bench", "--bench-pp", "16,40", "--bench-tg", "5", "--bench-depth", "0,30", "-r", 2, "--threads", 1]
     r = run(model, *args)
     rows = [line for line in r.stdout.splitlines() if re.match(r"\| (pp|tg)\d+ \|", line)]
-    assert [tuple(x.split("|")[1:3]) for x in rows] == [
-        (" pp16 ", " 0 "), (" pp40 ", " 0 "), (" tg5 ", " 0 "), (" pp16 ", " 30 "), (" pp40 ", " 30 "), (" tg5 ", " 30 ")]
+    assert [tuple(x.split("|")[1:5]) for x in rows] == [
+        (" pp16 ", " 0 ", " 1 ", " f32 "), (" pp40 ", " 0 ", " 1 ", " f32 "), (" tg5 ", " 0 ", " 1 ", " f32 "),
+        (" pp16 ", " 30 ", " 1 ", " f32 "), (" pp40 ", " 30 ", " 1 ", " f32 "), (" tg5 ", " 30 ", " 1 ", " f32 ")]
     # 2 layers x 2 kv heads x 16 head_dim x (K and V) x 4 bytes
-    assert "KV cache 512 bytes/token" in r.stdout
+    assert "KV cache f32 512 bytes/token" in r.stdout
     j = json.loads(run(model, *args, "--json").stdout)
     assert [(x["test"], x["depth"], x["reps"]) for x in j["results"]] == [
         ("pp16", 0, 2), ("pp40", 0, 2), ("tg5", 0, 2), ("pp16", 30, 2), ("pp40", 30, 2), ("tg5", 30, 2)]
-    assert all(x["tokens_per_s"] > 0 for x in j["results"]) and j["kv_bytes_per_token"] == 512
+    assert all(x["tokens_per_s"] > 0 and x["kv_bytes_per_token"] == 512 for x in j["results"])
     assert j["peak_rss_mb"] > 0
 
 
