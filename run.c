@@ -33,6 +33,9 @@
 
 #include "model.h"
 
+// The program's version, printed by --version (the one place it is written).
+#define LONGRUN_VERSION "0.20.0"
+
 // ----------------------------------------------------------------------------
 // Errors, checked sizes and threads
 
@@ -2424,7 +2427,8 @@ static void usage(FILE *out) {
             "  --yarn-beta-slow B  YaRN: slow end of the correction range     (default 1)\n"
             "  --yarn-attn-factor A  YaRN attention factor                     (default 0.1 ln(s) "
             "+ 1)\n"
-            "  -h, --help       this text\n");
+            "  -h, --help       this text\n"
+            "  --version        print the version and exit\n");
 }
 
 static void usage_error(const char *fmt, const char *arg) {
@@ -2681,12 +2685,19 @@ static void check_options(Options *o) {
     }
 }
 
+// --version, wherever it stands: the version on stdout, exit 0.
+static void print_version(void) {
+    printf("longrun %s\n", LONGRUN_VERSION);
+    exit(0);
+}
+
 static Options parse_options(int argc, char **argv) {
     Options o = default_options();
     if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) {
         usage(stdout);
         exit(0);
     }
+    if (argc >= 2 && !strcmp(argv[1], "--version")) print_version();
     if (argc < 2 || argv[1][0] == '-') {
         usage(stderr);
         usage_error("%s", argc < 2 ? "no model file given" : "the model file comes first");
@@ -2698,6 +2709,7 @@ static Options parse_options(int argc, char **argv) {
             usage(stdout);
             exit(0);
         }
+        if (!strcmp(flag, "--version")) print_version();
         if (parse_switch(&o, flag)) continue;
         if (!takes_value(flag)) usage_error("unknown option %s", flag);
         if (i + 1 >= argc) usage_error("%s needs a value", flag);
@@ -2783,6 +2795,20 @@ static void check_prompt_fits(const Transformer *t, const char *mode, size_t n_p
             "through a window (--sinks 4 --window W)", n_prompt, capacity);
 }
 
+// The sampler's line of the start-up block, for the modes that sample: the seed, so that any
+// run can be repeated with -s.
+static void print_sampling(const Options *o) {
+    const Sampler *sp = &o->sampler;
+    if (strcmp(o->mode, "generate") && strcmp(o->mode, "chat")) return;
+    if (sp->temperature == 0) {
+        fprintf(stderr, "sampling: greedy (-t 0)\n");
+        return;
+    }
+    fprintf(stderr, "sampling: seed %llu (-s %llu repeats this run), temperature %g, top-k %d, "
+            "top-p %g, min-p %g\n", (unsigned long long)o->seed, (unsigned long long)o->seed,
+            sp->temperature, sp->top_k, sp->top_p, sp->min_p);
+}
+
 // Run the chosen mode on a built transformer.
 static void run_mode(Transformer *t, const Options *o, Tokenizer *tok, int has_tokenizer,
                      const int *prompt, size_t n_prompt) {
@@ -2844,6 +2870,7 @@ int main(int argc, char **argv) {
     check_prompt_fits(&t, mode, n_prompt);
     t.reference = o.reference;
     print_model_summary(&t, o.model_path);
+    print_sampling(&o);
     if (t.reference)
         fprintf(stderr, "blocks: the plain reference loops (--reference), not the kernels\n");
     catch_signals();

@@ -258,3 +258,21 @@ def test_prompt_file_errors_exit_1(model, tmp_path):
         assert r.stdout == ""
         lines = r.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and what in lines[0], r.stderr
+
+
+def test_version_wherever_it_stands(model):
+    src = open(os.path.join(ROOT, "run.c")).read()
+    version = re.search(r'#define LONGRUN_VERSION "([^"]+)"', src).group(1)
+    for args in [("--version",), (model, "--version"), (model, "-i", PROMPT, "--version"), ("x", "-n", "3", "--version")]:
+        r = raw(*args)
+        assert r.returncode == 0 and r.stdout == f"longrun {version}\n" and r.stderr == "", (args, r)
+
+
+def test_sampling_runs_print_their_seed(model):
+    """The start-up block names the seed of a sampled run, and -s with it repeats the run."""
+    r = run(model, "-i", PROMPT, "-n", 12, "-t", 1.0)
+    seed = re.search(r"^sampling: seed (\d+) ", r.stderr, re.M)
+    assert seed, r.stderr
+    again = run(model, "-i", PROMPT, "-n", 12, "-t", 1.0, "-s", seed.group(1))
+    assert again.stdout == r.stdout and f"seed {seed.group(1)} " in again.stderr
+    assert "sampling: greedy" in run(model, "-i", PROMPT, "-n", 2, "-t", 0).stderr
