@@ -2528,18 +2528,120 @@ static int mode_reads_prompt(const char *mode) {
     return strcmp(mode, "chat") && strcmp(mode, "passkey") && strcmp(mode, "bench");
 }
 
-// The options that take a value, each handled in parse_options() below.
+// The modes, as bits of an option's applies-to set.
+enum {
+    GEN = 1 << 0,
+    CHAT = 1 << 1,
+    TOKENIZE = 1 << 2,
+    LOGITS = 1 << 3,
+    PPL = 1 << 4,
+    PASSKEY = 1 << 5,
+    BENCH = 1 << 6,
+};
+static const char *const mode_names[] = { "generate", "chat",    "tokenize", "logits",
+                                          "ppl",      "passkey", "bench" };
+#define N_MODES (int)(sizeof(mode_names) / sizeof(mode_names[0]))
+#define MODEL_MODES (GEN | CHAT | LOGITS | PPL | PASSKEY | BENCH)   // the modes that run the model
+#define SAMPLING (GEN | CHAT)
+#define ALL_MODES (MODEL_MODES | TOKENIZE)
+
+// Every option: whether it takes a value, and the modes it applies to; elsewhere it is refused.
+// parse_switch() and the parse_*_option() functions below handle each.
+typedef struct {
+    const char *flag;
+    int takes_value;
+    int modes;
+} OptionInfo;
+
+static const OptionInfo option_table[] = {
+    { "-m", 1, ALL_MODES },
+    { "-i", 1, GEN | TOKENIZE | LOGITS | PPL },
+    { "-f", 1, GEN | TOKENIZE | LOGITS | PPL },
+    { "--ids", 0, GEN | CHAT | TOKENIZE | LOGITS },
+    { "--bos", 0, TOKENIZE },
+    { "-n", 1, SAMPLING },
+    { "-t", 1, SAMPLING },
+    { "-k", 1, SAMPLING },
+    { "-p", 1, SAMPLING },
+    { "--min-p", 1, SAMPLING },
+    { "--repeat-penalty", 1, SAMPLING },
+    { "--repeat-last-n", 1, SAMPLING },
+    { "-s", 1, SAMPLING | PASSKEY },
+    { "--system", 1, CHAT },
+    { "-c", 1, MODEL_MODES },
+    { "--chunk", 1, MODEL_MODES },
+    { "--threads", 1, MODEL_MODES },
+    { "--reference", 0, MODEL_MODES },
+    { "--logits-out", 1, LOGITS },
+    { "--ppl-csv", 1, PPL },
+    { "--ppl-bucket", 1, PPL },
+    { "--ppl-tokens", 1, PPL },
+    { "--passkey-len", 1, PASSKEY },
+    { "--passkey-depth", 1, PASSKEY },
+    { "--passkey-trials", 1, PASSKEY },
+    { "--bench-pp", 1, BENCH },
+    { "--bench-tg", 1, BENCH },
+    { "--bench-depth", 1, BENCH },
+    { "-r", 1, BENCH },
+    { "--json", 0, BENCH },
+    { "--sinks", 1, MODEL_MODES },
+    { "--window", 1, MODEL_MODES },
+    { "--lminf", 0, MODEL_MODES },
+    { "--lminf-limit", 1, MODEL_MODES },
+    { "--kv-type", 1, MODEL_MODES },
+    { "--rope-scaling", 1, MODEL_MODES },
+    { "--rope-theta", 1, MODEL_MODES },
+    { "--rope-factor", 1, MODEL_MODES },
+    { "--rope-orig-ctx", 1, MODEL_MODES },
+    { "--yarn-beta-fast", 1, MODEL_MODES },
+    { "--yarn-beta-slow", 1, MODEL_MODES },
+    { "--yarn-attn-factor", 1, MODEL_MODES },
+};
+
+static const OptionInfo *option_info(const char *flag) {
+    for (size_t i = 0; i < sizeof(option_table) / sizeof(option_table[0]); i++)
+        if (!strcmp(flag, option_table[i].flag)) return &option_table[i];
+    return NULL;
+}
+
 static int takes_value(const char *flag) {
-    static const char *const flags[] = {
-        "-m", "-i", "-f", "-n", "-t", "-k", "-p", "--min-p", "--repeat-penalty", "--repeat-last-n",
-        "--system", "-s", "-c", "--chunk", "--threads", "--logits-out", "--ppl-csv", "--ppl-bucket",
-        "--ppl-tokens", "--passkey-len", "--passkey-depth", "--passkey-trials", "--bench-pp",
-        "--bench-tg", "--bench-depth", "-r", "--sinks", "--window", "--lminf-limit", "--kv-type",
-        "--rope-scaling", "--rope-theta", "--rope-factor", "--rope-orig-ctx", "--yarn-beta-fast",
-        "--yarn-beta-slow", "--yarn-attn-factor"};
-    for (size_t i = 0; i < sizeof(flags) / sizeof(flags[0]); i++)
-        if (!strcmp(flag, flags[i])) return 1;
+    const OptionInfo *info = option_info(flag);
+    return info && info->takes_value;
+}
+
+// The mode's bit; usage error for an unknown mode.
+static int mode_bit(const char *mode) {
+    for (int m = 0; m < N_MODES; m++)
+        if (!strcmp(mode, mode_names[m])) return 1 << m;
+    usage_error("unknown mode '%s' (generate, chat, tokenize, logits, ppl, passkey, bench)", mode);
     return 0;
+}
+
+// "chat" or "ppl, passkey": the modes in a set, for a message.
+static void mode_list(int modes, char *out, size_t size) {
+    out[0] = 0;
+    for (int m = 0; m < N_MODES; m++) {
+        if (!(modes & 1 << m)) continue;
+        size_t len = strlen(out);
+        snprintf(out + len, size - len, "%s%s", len ? ", " : "", mode_names[m]);
+    }
+}
+
+// Refuse an option given to a mode it does not apply to (argv: the checked command line).
+static void check_option_modes(const char *mode, int argc, char **argv) {
+    int bit = mode_bit(mode);
+    for (int i = 2; i < argc; i++) {
+        const OptionInfo *info = option_info(argv[i]);
+        if (!info) continue;
+        if (!(info->modes & bit)) {
+            char modes[128];
+            mode_list(info->modes, modes, sizeof(modes));
+            fprintf(stderr, "error: %s does not apply to -m %s (only to %s) (see run --help)\n",
+                    argv[i], mode, modes);
+            exit(2);
+        }
+        i += info->takes_value;
+    }
 }
 
 // The defaults, as usage() states them.
@@ -2651,14 +2753,6 @@ static int parse_model_option(Options *o, const char *flag, const char *val) {
 
 // Refuse combinations of options that cannot mean anything.
 static void check_options(Options *o) {
-    static const char *modes[] = { "generate", "chat",    "tokenize", "logits",
-                                   "ppl",      "passkey", "bench" };
-    int known = 0;
-    for (size_t m = 0; m < sizeof(modes) / sizeof(modes[0]); m++)
-        known |= !strcmp(o->mode, modes[m]);
-    if (!known)
-        usage_error("unknown mode '%s' (generate, chat, tokenize, logits, ppl, passkey, bench)",
-                    o->mode);
     if (!mode_reads_prompt(o->mode)) {
         if (o->input || o->input_path)
             usage_error("-m %s takes no prompt: -i and -f do not apply", o->mode);
@@ -2718,6 +2812,7 @@ static Options parse_options(int argc, char **argv) {
                     parse_model_option(&o, flag, val);
         if (!known) usage_error("unknown option %s", flag);
     }
+    check_option_modes(o.mode, argc, argv);
     check_options(&o);
     return o;
 }

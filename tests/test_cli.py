@@ -109,6 +109,7 @@ ACCEPTED = {
     "--yarn-attn-factor": ["--rope-scaling", "yarn", "--rope-factor", "4", "--yarn-attn-factor", "1.2", "-i", PROMPT, "-n", "2"],
     "-h": ["-h"],
     "--help": ["--help"],
+    "--version": ["--version"],
 }
 
 
@@ -129,7 +130,8 @@ def test_every_option_is_accepted(model, tmp_path):
         extra = {"chat": [], "logits": ["--logits-out", logits_file, "-i", "1 2"],
                  "passkey": ["--passkey-len", "100", "--passkey-depth", "1", "--passkey-trials", "1"],
                  "bench": ["--bench-pp", "8", "--bench-tg", "2", "-r", "1"]}.get(mode, ["-i", PROMPT])
-        r = run(model, "-m", mode, "-n", "2", *extra, input="Hi\n")
+        steps = ["-n", "2"] if mode in ("generate", "chat") else []
+        r = run(model, "-m", mode, *steps, *extra, input="Hi\n")
         assert r.returncode == 0
 
 
@@ -258,6 +260,42 @@ def test_prompt_file_errors_exit_1(model, tmp_path):
         assert r.stdout == ""
         lines = r.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and what in lines[0], r.stderr
+
+
+def option_table():
+    """run.c's option_table: {flag: set of modes it applies to}."""
+    src = open(os.path.join(ROOT, "run.c")).read()
+    body = src[src.index("static const OptionInfo option_table[]"):]
+    body = body[:body.index("};")]
+    return {flag: modes for flag, modes in re.findall(r'\{ "(-[^"]+)", [01], ([^}]+) \}', body)}
+
+
+# Options given to a mode they do not apply to: (the run, the misplaced option)
+MISPLACED = [
+    (["-i", PROMPT], ["--system", "Be brief."]), (["-m", "chat"], ["--ppl-csv", "x.csv"]),
+    (["-i", PROMPT], ["--logits-out", "x.f32"]), (["-m", "ppl", "-i", PROMPT], ["--passkey-len", "100"]),
+    (["-m", "passkey"], ["--bench-pp", "8"]), (["-i", PROMPT], ["--bench-depth", "0"]), (["-i", PROMPT], ["--json"]),
+    (["-m", "ppl", "-i", PROMPT], ["-t", "0"]), (["-m", "logits", "--logits-out", "x.f32", "-i", "1 2"], ["-k", "3"]),
+    (["-m", "tokenize", "-i", PROMPT], ["--min-p", "0.1"]), (["-m", "tokenize", "-i", PROMPT], ["-n", "3"]),
+    (["-m", "bench"], ["-s", "3"]), (["-m", "ppl", "-i", PROMPT], ["--bos"]), (["-m", "tokenize", "-i", PROMPT], ["-c", "64"]),
+    (["-m", "tokenize", "-i", PROMPT], ["--window", "8"]), (["-i", PROMPT], ["--ppl-tokens", "4"]), (["-i", PROMPT], ["-r", "2"]),
+]
+
+
+@pytest.mark.parametrize("where,option", MISPLACED, ids=[" ".join(w + o) for w, o in MISPLACED])
+def test_an_option_outside_its_modes_is_refused(model, where, option):
+    mode = where[where.index("-m") + 1] if "-m" in where else "generate"
+    for args in (where + option, option + where):   # wherever it stands
+        r = raw(model, *args, input="")
+        assert r.returncode == 2 and r.stdout == "", r.stderr
+        assert r.stderr.startswith(f"error: {option[0]} does not apply to -m {mode} (only to "), r.stderr
+        assert len(r.stderr.splitlines()) == 1
+
+
+def test_the_option_table_covers_the_parser():
+    """Every option the parser knows has a row in option_table (which modes it applies to); the
+    runs of test_every_option_is_accepted show each is accepted where ACCEPTED uses it."""
+    assert set(option_table()) == parser_flags() - {"-h", "--help", "--version"}
 
 
 def test_version_wherever_it_stands(model):
