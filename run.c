@@ -1173,6 +1173,8 @@ typedef struct {
     long orig_ctx;                // --rope-orig-ctx; default: the trained context
     float beta_fast, beta_slow;   // --yarn-beta-fast, --yarn-beta-slow
     float attn_factor;            // --yarn-attn-factor
+    long context;                 // -c: with a new --rope-scaling and no --rope-factor, the
+                                  // factor is -c / L0
 } RopeOptions;
 
 static int rope_type_from_name(const char *name) {
@@ -1180,6 +1182,17 @@ static int rope_type_from_name(const char *name) {
     for (int t = ROPE_LINEAR; t < ROPE_LONGROPE; t++)
         if (!strcmp(name, rope_type_name(t))) return t;
     return -1;
+}
+
+// A new --rope-scaling without --rope-factor: the factor that stretches the original context
+// L0 (--rope-orig-ctx, else the trained one) to -c; without -c beyond L0 there is none to
+// take, and a silent x1 would scale nothing, so the run is refused.
+static double derived_rope_factor(const RopeOptions *o, uint32_t trained) {
+    double L0 = o->orig_ctx ? (double)o->orig_ctx : (double)trained;
+    if (o->context > L0) return o->context / L0;
+    die("--rope-scaling %s needs --rope-factor S (the context becomes S x %.0f), or -c N beyond "
+        "the trained context %.0f (then S = N / %.0f)", o->scaling, L0, L0, L0);
+    return 1;
 }
 
 static void apply_rope_options(Config *c, const RopeOptions *o) {
@@ -1207,6 +1220,8 @@ static void apply_rope_options(Config *c, const RopeOptions *o) {
             die("--yarn-* options need yarn scaling (this model has '%s'): add --rope-scaling yarn",
                 rope_type_name(lc->rope_type));
         if (o->theta) lc->rope_theta = o->theta;
+        if (o->scaling && lc->rope_type != ROPE_DEFAULT && !o->factor)
+            lc->factor = (float)derived_rope_factor(o, lc->orig_ctx);
         if (o->factor) lc->factor = o->factor;
         if (o->orig_ctx) lc->orig_ctx = (uint32_t)o->orig_ctx;
         if (o->beta_fast) lc->beta_fast = o->beta_fast;
@@ -2419,8 +2434,8 @@ static void usage(FILE *out) {
             "file's)\n"
             "  --rope-theta B   RoPE base                                      (default: the "
             "file's)\n"
-            "  --rope-factor S  context extension factor                       (default: the "
-            "file's)\n"
+            "  --rope-factor S  context extension factor; the default context becomes S x L0\n"
+            "                   (default: the file's; with --rope-scaling, -c / L0)\n"
             "  --rope-orig-ctx N  original context L0 of the scaling            (default: trained "
             "context)\n"
             "  --yarn-beta-fast B  YaRN: fast end of the correction range     (default 32)\n"
@@ -2773,6 +2788,7 @@ static void check_options(Options *o) {
     if (o->context && (o->attn.window || o->attn.lminf))
         usage_error("%s", "-c does not apply with --window or --lminf: every layer then keeps "
                     "sinks + window slots");
+    o->rope.context = o->context;
     if (!strcmp(o->mode, "logits")) {
         if (!o->logits_out) usage_error("%s", "logits mode needs --logits-out FILE");
         o->input_is_ids = 1;
@@ -2818,10 +2834,11 @@ static Options parse_options(int argc, char **argv) {
 }
 
 // How many cache slots a run allocates: -c if given, else what it needs (prompt + tokens to
-// generate; ppl: the text; passkey: the longest prompt; bench: depth + test), at most the
-// trained context for generate and ppl (chat: at most 4096, as its length is unknown).
-static size_t context_slots(const Options *o, const FileHeader *h, size_t n_prompt) {
-    size_t trained = h->max_seq_len;
+// generate; ppl: the text; passkey: the longest prompt; bench: depth + test), at most `reach`
+// (the trained context, or the one RoPE scaling is meant for) for generate and ppl (chat: at
+// most 4096, as its length is unknown).
+static size_t context_slots(const Options *o, size_t reach, size_t n_prompt) {
+    size_t trained = reach;
     size_t cap = !strcmp(o->mode, "chat") ? min_size(trained, 4096) : trained;
     if (o->context) return (size_t)o->context;
     // every layer windowed: no full layer to size
@@ -2876,6 +2893,21 @@ static int *prompt_ids(const Options *o, Tokenizer *tok, int has_tokenizer, cons
     if (*n_prompt == 0 && strcmp(o->mode, "tokenize"))
         die("the prompt is empty: it has no tokens to start from");
     return prompt;
+}
+
+// The context the model's RoPE is meant for, after the command line's RoPE options: the
+// longest of the trained context and every layer's scaled target (rope_target_context()).
+static size_t rope_reach(const ModelFile *mf, const char *path, const RopeOptions *rope) {
+    Config c = {0};
+    read_config(&c, mf, path);
+    apply_rope_options(&c, rope);
+    size_t reach = (size_t)c.max_seq_len;
+    for (int l = 0; l < c.n_layers; l++) {
+        if (!c.layers[l].rotary_dim) continue;
+        reach = max_size(reach, rope_target_context(&c.layers[l], c.max_seq_len));
+    }
+    free(c.layers);
+    return reach;
 }
 
 // A prompt the context cannot hold is refused before any work.
@@ -2957,7 +2989,7 @@ int main(int argc, char **argv) {
     if (mf.header->n_layers == 0)
         die("%s is a tokenizer-only file: it can only -m tokenize", o.model_path);
     if (!strcmp(mode, "ppl") && n_prompt < 2) die("perplexity needs a text of at least 2 tokens");
-    size_t context = context_slots(&o, mf.header, n_prompt);
+    size_t context = context_slots(&o, rope_reach(&mf, o.model_path, &o.rope), n_prompt);
     int chunk = chunk_size(&o, n_prompt, context);
     int all_logits = !strcmp(mode, "logits") || !strcmp(mode, "ppl");
     Transformer t = {0};
@@ -2966,6 +2998,9 @@ int main(int argc, char **argv) {
     t.reference = o.reference;
     print_model_summary(&t, o.model_path);
     print_sampling(&o);
+    if (o.rope.scaling && !o.rope.factor && t.config.layers[0].rope_type != ROPE_DEFAULT)
+        fprintf(stderr, "RoPE factor %g = -c %ld / %u, the original context (no --rope-factor)\n",
+                t.config.layers[0].factor, o.context, t.config.layers[0].orig_ctx);
     if (t.reference)
         fprintf(stderr, "blocks: the plain reference loops (--reference), not the kernels\n");
     catch_signals();

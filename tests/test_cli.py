@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import ROOT, RUN, export, need, run
+from conftest import ROOT, RUN, export, need, run, tiny_llama
 
 PROMPT = "Once upon a time"
 COUNT = "1, 2, 3, 4, 5, 6, 7, 8,"
@@ -314,3 +314,33 @@ def test_sampling_runs_print_their_seed(model):
     again = run(model, "-i", PROMPT, "-n", 12, "-t", 1.0, "-s", seed.group(1))
     assert again.stdout == r.stdout and f"seed {seed.group(1)} " in again.stderr
     assert "sampling: greedy" in run(model, "-i", PROMPT, "-n", 2, "-t", 0).stderr
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random 2-layer Llama trained for 128 positions, f32."""
+    d = tmp_path_factory.mktemp("tiny")
+    return export(tiny_llama(d / "hf"), d / "f32.bin", "f32")
+
+
+def test_rope_scaling_raises_the_default_context(tiny):
+    """--rope-scaling yarn --rope-factor 4 is meant for 4 x 128 positions: a 300-token prompt fits
+    without -c, as the banner says; unscaled, the trained 128 refuse it."""
+    ids = " ".join(str(i % 250 + 3) for i in range(300))
+    r = run(tiny, "--ids", "-i", ids, "-n", 2, "-t", 0, check=False)
+    assert r.returncode == 1 and "does not fit in a context of 128" in r.stderr, r.stderr
+    r = run(tiny, "--ids", "-i", ids, "-n", 2, "-t", 0, "--rope-scaling", "yarn", "--rope-factor", 4)
+    assert "meant for 512 tokens" in r.stderr and "context 302 tokens" in r.stderr, r.stderr
+    assert len(ids_of(r)) == 2
+
+
+@pytest.mark.parametrize("scaling", ["yarn", "linear", "dynamic", "llama3"])
+def test_rope_scaling_without_a_factor_is_never_x1(tiny, scaling):
+    """A new --rope-scaling without --rope-factor takes S = -c / L0 and says so, or is refused."""
+    r = run(tiny, "--ids", "-i", "5 6 7", "-n", 2, "--rope-scaling", scaling, check=False)
+    assert r.returncode == 1 and f"--rope-scaling {scaling} needs --rope-factor" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1
+    r = run(tiny, "--ids", "-i", "5 6 7", "-n", 2, "--rope-scaling", scaling, "-c", 384)
+    assert f"RoPE {scaling} x3 from 128" in r.stderr and "RoPE factor 3 = -c 384 / 128" in r.stderr, r.stderr
+    # --rope-scaling none needs no factor
+    run(tiny, "--ids", "-i", "5 6 7", "-n", 2, "--rope-scaling", "none")
