@@ -1751,6 +1751,9 @@ typedef struct {
     // bench: --bench-pp/-tg/-depth
     long bench_pp[MAX_LIST], bench_tg[MAX_LIST], bench_depth[MAX_LIST];
     int n_bench_pp, n_bench_tg, n_bench_depth, reps, json;                // bench: -r, --json
+    int no_echo;              // --no-echo: generate prints only the continuation
+    const char *stop[MAX_LIST];   // --stop: strings that end a reply
+    int n_stop;
 } Options;
 
 // Parse "12 7 99" (len bytes) into ids, each checked against the vocabulary. Returns the count.
@@ -1935,25 +1938,27 @@ static void close_output(OutputFile *out) {
 
 // Feed tokens[0..n) to the model from position pos0, max_T at a time, and hand each chunk's
 // logits to each(ctx, logits, done, T): rows for tokens done .. done+T-1 (or only the last
-// row, as the transformer was built). The one chunk loop of prefill, logits and ppl; long
-// texts show `what`'s progress on stderr. Stops after a Ctrl-C; returns the tokens fed.
+// row, as the transformer was built). The one chunk loop of prefill, logits and ppl; once it
+// has run 2 s, it shows `what`'s progress on stderr. Stops after a Ctrl-C; returns the tokens fed.
 typedef void (*ChunkDone)(void *ctx, float *logits, size_t done, int T);
 
 static size_t run_chunks(Transformer *t, const int *tokens, size_t n, size_t pos0,
                          const char *what, ChunkDone each, void *ctx) {
     double start = now_seconds();
     size_t done = 0;
+    int shown = 0;   // a progress line is on stderr
     while (done < n && !interrupted) {
         int T = (int)min_size(n - done, (size_t)t->state.max_T);
         float *logits = forward(t, tokens + done, T, pos0 + done);
         if (!logits) break;   // a Ctrl-C inside the chunk
         each(ctx, logits, done, T);
         done += (size_t)T;
-        if (n >= 4096)
-            fprintf(stderr, "\r%s %zu / %zu tokens, %.0f tok/s", what, done, n,
-                    done / (now_seconds() - start));
+        double elapsed = now_seconds() - start;
+        if (elapsed < 2) continue;
+        fprintf(stderr, "\r%s %zu / %zu tokens, %.0f tok/s", what, done, n, done / elapsed);
+        shown = 1;
     }
-    if (n >= 4096) fprintf(stderr, "\n");
+    if (shown) fprintf(stderr, "\n");
     return done;
 }
 
@@ -1991,28 +1996,93 @@ static int make_room(Transformer *t, size_t pos, size_t n) {
     return pos + n <= cache_capacity(&t->cache, t->config.n_layers) || continue_streaming(t);
 }
 
+// --stop strings: the decoded text is kept, and what may still become a stop string is held
+// back, so a stop string ends the reply unprinted (llama.cpp's antiprompts print).
+typedef struct {
+    const char *const *stops;
+    int n_stops;
+    FILE *mem;                // the decoded text so far (open_memstream)
+    char *text;
+    size_t len, printed;      // bytes decoded; bytes of them printed
+} StopWatch;
+
+// The tail of the text that starts a stop string (held back), or, with *hit, the stop string
+// the text ends with.
+static size_t stop_tail(const StopWatch *w, int *hit) {
+    size_t hold = 0;
+    *hit = 0;
+    for (int i = 0; i < w->n_stops; i++) {
+        size_t n = strlen(w->stops[i]);
+        if (n <= w->len && !memcmp(w->text + w->len - n, w->stops[i], n)) {
+            *hit = 1;
+            return n;
+        }
+        for (size_t k = min_size(n - 1, w->len); k > hold; k--)
+            if (!memcmp(w->text + w->len - k, w->stops[i], k)) hold = k;
+    }
+    return hold;
+}
+
+// After a token went into w->mem: print what can no longer start a stop string (print_text)
+// and return 1 if the text now ends with one.
+static int stop_check(StopWatch *w, int print_text, FILE *out) {
+    fflush(w->mem);
+    int hit;
+    size_t hold = stop_tail(w, &hit);
+    size_t upto = w->len - hold;
+    if (print_text && upto > w->printed) fwrite(w->text + w->printed, 1, upto - w->printed, out);
+    w->printed = max_size(w->printed, upto);
+    return hit;
+}
+
 // Sample up to steps tokens (-1: no limit) after logits, printing each and feeding it back at
-// *pos. Stops at the model's end-of-text or end-of-turn token (not fed back; known only with a
-// tokenizer), a full cache or Ctrl-C. Prints text through the tokenizer's stream, or ids.
-// Returns the number of tokens sampled. Output goes to out.
-static int decode(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, float *logits,
-                  size_t *pos, int steps, FILE *out) {
+// *pos. Stops at the model's end-of-text or end-of-turn token (not fed back, not counted; known
+// only with a tokenizer), a stop string (w, may be NULL), a full cache or Ctrl-C. Prints text
+// through the tokenizer's stream, or ids. Returns the number of tokens sampled. Output: out.
+static int decode_until(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp,
+                        float *logits, size_t *pos, int steps, FILE *out, StopWatch *w) {
     TokenStream stream;
     print_text = print_text && tok;
-    if (print_text) tokenizer_stream_init(&stream, tok, 0);
+    if (tok) tokenizer_stream_init(&stream, tok, 0);
     int generated = 0;
     while ((steps < 0 || generated < steps) && !interrupted) {
         int next = sample(sp, logits, t->config.vocab_size);
-        generated++;
         if (tok && (next == tokenizer_eos_id(tok) || next == tokenizer_eot_id(tok))) break;
-        if (print_text) tokenizer_stream_put(&stream, next, out);
-        else fprintf(out, generated > 1 ? " %d" : "%d", next);
+        generated++;
+        int stop = 0;
+        if (w) tokenizer_stream_put(&stream, next, w->mem);
+        if (w) stop = stop_check(w, print_text, out);
+        else if (print_text) tokenizer_stream_put(&stream, next, out);
+        if (!print_text) fprintf(out, generated > 1 ? " %d" : "%d", next);
         if (fflush(out) != 0 || ferror(out)) die("cannot write the output: %s", strerror(errno));
+        if (stop) return generated;
         sampler_accept(sp, next);
         if (!make_room(t, *pos, 1)) break;
         logits = forward(t, &next, 1, (*pos)++);   // fed back even when it is the last, so a chat
     }                                              // continues from a cache holding the whole reply
-    if (print_text) tokenizer_stream_flush(&stream, out);
+    if (w && tok) tokenizer_stream_flush(&stream, w->mem);
+    if (w) fflush(w->mem);
+    if (w && print_text) fwrite(w->text + w->printed, 1, w->len - w->printed, out);
+    if (!w && print_text) tokenizer_stream_flush(&stream, out);
+    return generated;
+}
+
+static int decode(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, float *logits,
+                  size_t *pos, int steps, FILE *out) {
+    return decode_until(t, tok, print_text, sp, logits, pos, steps, out, NULL);
+}
+
+// One reply's decode with the run's --stop strings (none: plain decode()).
+static int decode_reply(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp,
+                        float *logits, size_t *pos, int steps, const char *const *stops,
+                        int n_stops) {
+    if (!n_stops || !tok) return decode(t, tok, print_text, sp, logits, pos, steps, stdout);
+    StopWatch w = {.stops = stops, .n_stops = n_stops};
+    w.mem = open_memstream(&w.text, &w.len);
+    if (!w.mem) die("out of memory");
+    int generated = decode_until(t, tok, print_text, sp, logits, pos, steps, stdout, &w);
+    fclose(w.mem);
+    free(w.text);
     return generated;
 }
 
@@ -2025,16 +2095,19 @@ static void print_stats(size_t n_prompt, double prefill_s, int generated, double
             peak_rss_mb());
 }
 
-// -m generate: prefill the prompt, then sample until -n tokens, end of text, a full context or
-// Ctrl-C. Stats on stderr.
-static void generate(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, const int *prompt,
-                     size_t n_prompt, int steps) {
+// -m generate: echo the prompt's text (echo, may be NULL), prefill the prompt, then sample
+// until -n tokens, end of text, a --stop string, a full context or Ctrl-C. Stats on stderr.
+static void generate(Transformer *t, Tokenizer *tok, Sampler *sp, const int *prompt,
+                     size_t n_prompt, const char *echo, const Options *o) {
     for (size_t i = 0; i < n_prompt; i++) sampler_accept(sp, prompt[i]);
+    if (echo) fputs(echo, stdout);
+    fflush(stdout);
     double t0 = now_seconds();
     float *logits = prefill(t, prompt, n_prompt, 0);
     double t1 = now_seconds();
     size_t pos = n_prompt;
-    int generated = decode(t, tok, print_text, sp, logits, &pos, steps, stdout);
+    int generated = decode_reply(t, tok, !o->input_is_ids, sp, logits, &pos, o->steps, o->stop,
+                                 o->n_stop);
     printf("\n");
     fflush(stdout);   // the text before the stats on stderr
     print_stats(n_prompt, t1 - t0, generated, now_seconds() - t1);
@@ -2389,6 +2462,8 @@ static void usage(FILE *out) {
             "  --repeat-last-n N   how many recent tokens it looks at          (default 64)\n"
             "  -s SEED          random seed; same seed, same output            (default: time)\n"
             "  --system TEXT    chat: the system prompt                        (default: none)\n"
+            "  --no-echo        generate: print only the continuation, not the prompt first\n"
+            "  --stop S         end a reply when its text ends with S (not printed); repeatable\n"
             "  -c N             context: KV cache slots to allocate            (default: what the "
             "run needs,\n"
             "                   at most the model's trained context; chat: 4096 at most)\n"
@@ -2583,6 +2658,8 @@ static const OptionInfo option_table[] = {
     { "--repeat-last-n", 1, SAMPLING },
     { "-s", 1, SAMPLING | PASSKEY },
     { "--system", 1, CHAT },
+    { "--no-echo", 0, GEN },
+    { "--stop", 1, SAMPLING },
     { "-c", 1, MODEL_MODES },
     { "--chunk", 1, MODEL_MODES },
     { "--threads", 1, MODEL_MODES },
@@ -2694,8 +2771,15 @@ static int parse_switch(Options *o, const char *flag) {
     if (!strcmp(flag, "--json")) target = &o->json;
     if (!strcmp(flag, "--lminf")) target = &o->attn.lminf;
     if (!strcmp(flag, "--reference")) target = &o->reference;
+    if (!strcmp(flag, "--no-echo")) target = &o->no_echo;
     if (target) *target = 1;
     return target != NULL;
+}
+
+static void add_stop(Options *o, const char *val) {
+    if (o->n_stop == MAX_LIST) usage_error("%s", "at most 16 --stop strings");
+    if (!*val) usage_error("%s", "--stop needs a non-empty string");
+    o->stop[o->n_stop++] = val;
 }
 
 // Options of the sampler, the prompt and the run's size.
@@ -2719,6 +2803,7 @@ static int parse_run_option(Options *o, const char *flag, const char *val) {
     else if (!strcmp(flag, "--chunk")) o->chunk = (int)parse_long(flag, val, 1, 1 << 16);
     else if (!strcmp(flag, "--threads")) o->threads = (int)parse_long(flag, val, 1, 1024);
     else if (!strcmp(flag, "--logits-out")) o->logits_out = val;
+    else if (!strcmp(flag, "--stop")) add_stop(o, val);
     else return 0;
     return 1;
 }
@@ -2870,8 +2955,9 @@ static int chunk_size(const Options *o, size_t n_prompt, size_t context) {
 
 // The prompt as ids: given as ids, or encoded (tokenize: BOS only with --bos; the other
 // modes: the model's own BOS policy, as HF's encode with special tokens).
+// *text_out: the prompt's bytes, NUL-terminated (the caller frees them).
 static int *prompt_ids(const Options *o, Tokenizer *tok, int has_tokenizer, const ModelFile *mf,
-                       size_t *n_prompt) {
+                       size_t *n_prompt, char **text_out) {
     int *prompt = NULL;
     if (!o->input_is_ids && !has_tokenizer)
         die("%s has no tokenizer: re-export it, or give token ids with --ids", o->model_path);
@@ -2888,7 +2974,7 @@ static int *prompt_ids(const Options *o, Tokenizer *tok, int has_tokenizer, cons
         *n_prompt = tokenizer_encode(tok, text, len, add_bos, &prompt);
         if (!prompt) die("out of memory tokenizing the prompt");
     }
-    free(text);
+    *text_out = text;
     if (o->ppl_tokens && (size_t)o->ppl_tokens < *n_prompt) *n_prompt = (size_t)o->ppl_tokens;
     if (*n_prompt == 0 && strcmp(o->mode, "tokenize"))
         die("the prompt is empty: it has no tokens to start from");
@@ -2938,7 +3024,7 @@ static void print_sampling(const Options *o) {
 
 // Run the chosen mode on a built transformer.
 static void run_mode(Transformer *t, const Options *o, Tokenizer *tok, int has_tokenizer,
-                     const int *prompt, size_t n_prompt) {
+                     const int *prompt, size_t n_prompt, const char *echo) {
     const char *mode = o->mode;
     const char *inputs[] = {o->model_path, o->input_path};
     const char *out_path = NULL;   // the run's output file, if it has one
@@ -2957,8 +3043,7 @@ static void run_mode(Transformer *t, const Options *o, Tokenizer *tok, int has_t
         bench(t, o->bench_pp, o->n_bench_pp, o->bench_tg, o->n_bench_tg, o->bench_depth,
               o->n_bench_depth, o->reps, o->json);
     else if (!strcmp(mode, "chat")) chat(t, tok, &sp, o->system, o->steps, o->input_is_ids);
-    else generate(t, has_tokenizer ? tok : NULL, !o->input_is_ids, &sp, prompt, n_prompt,
-                  o->steps);
+    else generate(t, has_tokenizer ? tok : NULL, &sp, prompt, n_prompt, echo, o);
     if (out_path) close_output(&out);   // after ppl's result is printed, whatever becomes of it
     free_sampler(&sp);
 }
@@ -2976,11 +3061,14 @@ int main(int argc, char **argv) {
         die("%s has no tokenizer, which -m %s needs; re-export it", o.model_path, mode);
     size_t n_prompt = 0;
     int *prompt = NULL;
-    if (mode_reads_prompt(mode)) prompt = prompt_ids(&o, &tok, has_tokenizer, &mf, &n_prompt);
+    char *prompt_text = NULL;   // the prompt as given, for generate's echo
+    if (mode_reads_prompt(mode))
+        prompt = prompt_ids(&o, &tok, has_tokenizer, &mf, &n_prompt, &prompt_text);
     if (!strcmp(mode, "tokenize")) {
         print_ids(prompt, n_prompt);
         finish_stdout();
         free(prompt);
+        free(prompt_text);
         tokenizer_free(&tok);
         close_model_file(&mf);
         return 0;
@@ -3004,10 +3092,12 @@ int main(int argc, char **argv) {
     if (t.reference)
         fprintf(stderr, "blocks: the plain reference loops (--reference), not the kernels\n");
     catch_signals();
-    run_mode(&t, &o, &tok, has_tokenizer, prompt, n_prompt);
+    run_mode(&t, &o, &tok, has_tokenizer, prompt, n_prompt,
+             o.no_echo || o.input_is_ids ? NULL : prompt_text);
     finish_stdout();
     free_transformer(&t);
     free(prompt);
+    free(prompt_text);
     if (has_tokenizer) tokenizer_free(&tok);
     close_model_file(&mf);
     return 0;

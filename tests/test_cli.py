@@ -344,3 +344,32 @@ def test_rope_scaling_without_a_factor_is_never_x1(tiny, scaling):
     assert f"RoPE {scaling} x3 from 128" in r.stderr and "RoPE factor 3 = -c 384 / 128" in r.stderr, r.stderr
     # --rope-scaling none needs no factor
     run(tiny, "--ids", "-i", "5 6 7", "-n", 2, "--rope-scaling", "none")
+
+
+def test_generate_echoes_the_prompt(model):
+    """Text out: the prompt, then its continuation (as llama.cpp and llama2.c print); --no-echo
+    prints the continuation alone; --ids prints only the generated ids."""
+    echoed = run(model, "-i", PROMPT, "-n", 8, "-t", 0).stdout
+    alone = run(model, "-i", PROMPT, "-n", 8, "-t", 0, "--no-echo").stdout
+    assert echoed == PROMPT + alone and alone.strip()
+    ids = run(model, "-m", "tokenize", "-i", PROMPT).stdout
+    assert len(ids_of(run(model, "--ids", "-i", ids, "-n", 3, "-t", 0))) == 3
+
+
+def test_stop_strings_end_the_reply_unprinted(model):
+    full = run(model, "-i", COUNT, "-n", 16, "-t", 0, "--no-echo").stdout
+    assert full.startswith(" 9, 10, 11,"), full
+    r = run(model, "-i", COUNT, "-n", 16, "-t", 0, "--no-echo", "--stop", "11", "--stop", "never")
+    assert r.stdout == " 9, 10, \n", r.stdout
+    assert re.search(r"decode .* \((\d+) tokens\)", r.stderr).group(1) == str(len(ids_of(
+        run(model, "-m", "tokenize", "-i", COUNT + " 9, 10, 11")))
+        - len(ids_of(run(model, "-m", "tokenize", "-i", COUNT))))
+
+
+def test_a_slow_prefill_shows_progress(model):
+    """Progress on stderr once prefill has taken 2 s, however short the prompt."""
+    text = " ".join(f"{i}," for i in range(1, 80))    # ~160 tokens, one at a time on one thread
+    r = run(model, "-i", text, "-n", 1, "--chunk", 1, "--threads", 1)
+    took = float(re.search(r"first token after ([\d.]+) s", r.stderr).group(1))
+    assert took > 2.5, f"prefill took only {took} s: make the prompt longer"
+    assert re.search(r"prefill \d+ / \d+ tokens, \d+ tok/s", r.stderr), r.stderr
