@@ -1752,6 +1752,9 @@ typedef struct {
     long bench_pp[MAX_LIST], bench_tg[MAX_LIST], bench_depth[MAX_LIST];
     int n_bench_pp, n_bench_tg, n_bench_depth, reps, json;                // bench: -r, --json
     int no_echo;              // --no-echo: generate prints only the continuation
+    int show_prompt;          // --show-prompt: print the rendered prompt and its ids (stderr)
+    const char *shown_text;   // the prompt's text, for --show-prompt
+    int pieces;               // --pieces: tokenize prints each id with its text
     const char *stop[MAX_LIST];   // --stop: strings that end a reply
     int n_stop;
 } Options;
@@ -2095,11 +2098,19 @@ static void print_stats(size_t n_prompt, double prefill_s, int generated, double
             peak_rss_mb());
 }
 
+// --show-prompt: what the model is about to read, on stderr: the rendered text, then its ids.
+static void show_prompt(const char *text, const int *ids, size_t n) {
+    fprintf(stderr, "--- the model reads (%zu tokens) ---\n%s\n--- as ids ---\n", n, text);
+    for (size_t i = 0; i < n; i++) fprintf(stderr, i ? " %d" : "%d", ids[i]);
+    fprintf(stderr, "\n---\n");
+}
+
 // -m generate: echo the prompt's text (echo, may be NULL), prefill the prompt, then sample
 // until -n tokens, end of text, a --stop string, a full context or Ctrl-C. Stats on stderr.
 static void generate(Transformer *t, Tokenizer *tok, Sampler *sp, const int *prompt,
                      size_t n_prompt, const char *echo, const Options *o) {
     for (size_t i = 0; i < n_prompt; i++) sampler_accept(sp, prompt[i]);
+    if (o->show_prompt) show_prompt(o->shown_text, prompt, n_prompt);
     if (echo) fputs(echo, stdout);
     fflush(stdout);
     double t0 = now_seconds();
@@ -2142,41 +2153,103 @@ static void append_format(char **buf, size_t *len, const char *fmt, const char *
     *len += (size_t)n;
 }
 
-// -m chat: read one user message per line from stdin until EOF; the KV cache keeps the whole
-// conversation, so each turn only prefills its own new tokens.
-// With print_ids, replies are printed as token ids instead of text.
-static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *system, int steps,
-                 int print_ids) {
+// Terminal escape sequences (arrow keys send "\x1b[A") are keys, not text: remove them from a
+// chat line in place (CSI: ESC [ parameters final byte; SS3: ESC O x; else ESC x). Returns the
+// new length.
+static size_t strip_escapes(char *s, size_t n) {
+    size_t out = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] != 0x1b) {
+            s[out++] = s[i];
+            continue;
+        }
+        if (i + 1 < n && s[i + 1] == '[') {
+            i += 2;
+            while (i < n && !(s[i] >= 0x40 && s[i] <= 0x7e)) i++;   // up to the final byte
+        } else if (i + 1 < n) {
+            i += 1 + (s[i + 1] == 'O' && i + 2 < n);
+        }
+    }
+    s[out] = 0;
+    return out;
+}
+
+// One user message from stdin: a line, or several joined when each but the last ends with a
+// backslash (the backslash is dropped, the newline kept). Returns its length, -1 at EOF.
+static ssize_t read_message(char **msg, size_t *cap, int interactive) {
+    char *line = NULL;
+    size_t line_cap = 0, len = 0;
+    ssize_t got;
+    free(*msg);
+    *msg = xcalloc(1, 1, "chat message");
+    *cap = 1;
+    while ((got = getline(&line, &line_cap, stdin)) >= 0) {
+        while (got > 0 && (line[got - 1] == '\n' || line[got - 1] == '\r')) line[--got] = 0;
+        int more = got > 0 && line[got - 1] == '\\';
+        got = (ssize_t)strip_escapes(line, (size_t)(got - more));
+        *msg = realloc(*msg, add_size(add_size(len, (size_t)got, "chat message"), 2, "message"));
+        if (!*msg) die("out of memory reading the chat message");
+        memcpy(*msg + len, line, (size_t)got);
+        len += (size_t)got;
+        if (more) (*msg)[len++] = '\n';
+        (*msg)[len] = 0;
+        if (!more) break;
+        if (interactive) fprintf(stderr, ". ");
+    }
+    free(line);
+    return got < 0 && len == 0 ? -1 : (ssize_t)len;
+}
+
+// The text of one turn in the model's chat format: [close the previous reply] [system, first
+// turn only] the user's message and the assistant cue.
+static char *chat_turn(int id, int turn, const char *system, const char *message, size_t *len) {
+    const ChatFormat *fmt = &chat_formats[id];
+    char *text = NULL;
+    *len = 0;
+    if (turn > 0) append_format(&text, len, "%s", fmt->close);
+    if (turn == 0 && system) append_format(&text, len, fmt->system, system);
+    // Llama 2 puts the system block inside [INST]
+    if (id == CHAT_LLAMA2_INST && turn == 0 && system)
+        append_format(&text, len, "%s [/INST]", message);
+    else
+        append_format(&text, len, fmt->user, message);
+    return text;
+}
+
+// -m chat: read user messages from stdin until EOF (read_message()); doc (-f or -i, may be
+// NULL) opens the first one, a blank line before the first question. The KV cache keeps the
+// whole conversation, so each turn only prefills its own new tokens. With --ids, replies are
+// printed as token ids instead of text.
+static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *doc, const Options *o) {
     int id = tokenizer_chat_template(tok);
     if (id <= CHAT_NONE || id >= CHAT_COUNT)
         die("this model has no known chat format; use -m generate");
-    const ChatFormat *fmt = &chat_formats[id];
     int interactive = isatty(fileno(stdin));
-    char *line = NULL;
-    size_t line_cap = 0, pos = 0;
+    char *msg = NULL;
+    size_t msg_cap = 0, pos = 0;
     for (int turn = 0;; turn++) {
         if (interactive) {
             fprintf(stderr, "> ");
             fflush(stderr);
         }
-        ssize_t got = getline(&line, &line_cap, stdin);
+        ssize_t got = read_message(&msg, &msg_cap, interactive);
         if (got < 0) break;
-        while (got > 0 && (line[got - 1] == '\n' || line[got - 1] == '\r')) line[--got] = 0;
-        check_utf8("this chat line", line, (size_t)got, "the terminal or the file must send UTF-8");
-        char *text = NULL;
+        check_utf8("this chat line", msg, (size_t)got, "the terminal or the file must send UTF-8");
+        char *message = msg;
         size_t len = 0;
-        if (turn > 0) append_format(&text, &len, "%s", fmt->close);
-        if (turn == 0 && system) append_format(&text, &len, fmt->system, system);
-        // Llama 2 puts the system block inside [INST]
-        if (id == CHAT_LLAMA2_INST && turn == 0 && system)
-            append_format(&text, &len, "%s [/INST]", line);
-        else
-            append_format(&text, &len, fmt->user, line);
+        if (turn == 0 && doc) {
+            message = NULL;
+            append_format(&message, &len, "%s\n\n", doc);
+            append_format(&message, &len, "%s", msg);
+        }
+        char *text = chat_turn(id, turn, o->system, message, &len);
+        if (message != msg) free(message);
         int *ids;
         size_t n = turn == 0 ? tokenizer_encode(tok, text, len, tokenizer_add_bos(tok), &ids)
                              : tokenizer_encode_continued(tok, text, len, &ids);
-        free(text);
         if (!ids) die("out of memory tokenizing the chat turn");
+        if (o->show_prompt) show_prompt(text, ids, n);
+        free(text);
         if (!make_room(t, pos, n))
             die("this turn (%zu tokens) does not fit the context at %zu of %zu; raise -c", n, pos,
                 cache_capacity(&t->cache, t->config.n_layers));
@@ -2186,13 +2259,14 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *system
         double t1 = now_seconds();
         pos += n;
         free(ids);
-        int generated = decode(t, tok, !print_ids, sp, logits, &pos, steps, stdout);
+        int generated = decode_reply(t, tok, !o->input_is_ids, sp, logits, &pos, o->steps,
+                                     o->stop, o->n_stop);
         printf("\n");
         fflush(stdout);
         print_stats(n, t1 - t0, generated, now_seconds() - t1);
         interrupted = 0;   // Ctrl-C ends a reply, not the conversation
     }
-    free(line);
+    free(msg);
 }
 
 // Where write_logits() puts each chunk's rows.
@@ -2220,6 +2294,25 @@ static void write_logits(Transformer *t, const int *tokens, size_t n, OutputFile
 static void print_ids(const int *ids, size_t n) {
     for (size_t i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
     printf("\n");
+}
+
+// -m tokenize --pieces: one line per token, its id, a tab and its stored spelling (SPM keeps
+// its "\xE2\x96\x81" for a space) in quotes: printable ASCII as is, \\ \" \n \t, any other
+// byte as \xNN.
+static void print_pieces(const Tokenizer *tok, const int *ids, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        size_t len;
+        const unsigned char *p = (const unsigned char *)tokenizer_piece(tok, ids[i], &len);
+        printf("%d\t\"", ids[i]);
+        for (size_t j = 0; j < len; j++) {
+            if (p[j] == '\\' || p[j] == '"') printf("\\%c", p[j]);
+            else if (p[j] == '\n') printf("\\n");
+            else if (p[j] == '\t') printf("\\t");
+            else if (p[j] >= 0x20 && p[j] < 0x7f) putchar(p[j]);
+            else printf("\\x%02X", p[j]);
+        }
+        printf("\"\n");
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -2449,10 +2542,13 @@ static void usage(FILE *out) {
             "usage: run MODEL [options]\n"
             "  -m MODE          generate | chat | tokenize | logits | ppl | passkey | bench  "
             "(default generate)\n"
-            "  -i TEXT          the prompt\n"
+            "  -i TEXT          the prompt (chat: a document the questions are about)\n"
             "  -f FILE          read the prompt from FILE, bytes verbatim; - for stdin\n"
+            "                   (chat: a document the questions are about)\n"
             "  --ids            the prompt is token ids (\"1 2 3\"); generate and chat print ids\n"
             "  --bos            tokenize: prepend the model's BOS token\n"
+            "  --pieces         tokenize: one line per token: id, tab, its text (bytes escaped)\n"
+            "  --show-prompt    generate, chat: print what the model reads (text, ids) on stderr\n"
             "  -n N             tokens to generate; -1 = until end of text      (default 256)\n"
             "  -t T             temperature; 0 = greedy                         (default 0.8)\n"
             "  -k K             top-k: sample among the K most likely; 0 = off (default 40)\n"
@@ -2645,9 +2741,9 @@ typedef struct {
 
 static const OptionInfo option_table[] = {
     { "-m", 1, ALL_MODES },
-    { "-i", 1, GEN | TOKENIZE | LOGITS | PPL },
-    { "-f", 1, GEN | TOKENIZE | LOGITS | PPL },
-    { "--ids", 0, GEN | CHAT | TOKENIZE | LOGITS },
+    { "-i", 1, GEN | CHAT | TOKENIZE | LOGITS | PPL },
+    { "-f", 1, GEN | CHAT | TOKENIZE | LOGITS | PPL },
+    { "--ids", 0, GEN | CHAT | TOKENIZE | LOGITS | PPL },
     { "--bos", 0, TOKENIZE },
     { "-n", 1, SAMPLING },
     { "-t", 1, SAMPLING },
@@ -2659,6 +2755,8 @@ static const OptionInfo option_table[] = {
     { "-s", 1, SAMPLING | PASSKEY },
     { "--system", 1, CHAT },
     { "--no-echo", 0, GEN },
+    { "--show-prompt", 0, SAMPLING },
+    { "--pieces", 0, TOKENIZE },
     { "--stop", 1, SAMPLING },
     { "-c", 1, MODEL_MODES },
     { "--chunk", 1, MODEL_MODES },
@@ -2772,6 +2870,8 @@ static int parse_switch(Options *o, const char *flag) {
     if (!strcmp(flag, "--lminf")) target = &o->attn.lminf;
     if (!strcmp(flag, "--reference")) target = &o->reference;
     if (!strcmp(flag, "--no-echo")) target = &o->no_echo;
+    if (!strcmp(flag, "--show-prompt")) target = &o->show_prompt;
+    if (!strcmp(flag, "--pieces")) target = &o->pieces;
     if (target) *target = 1;
     return target != NULL;
 }
@@ -2853,7 +2953,11 @@ static int parse_model_option(Options *o, const char *flag, const char *val) {
 
 // Refuse combinations of options that cannot mean anything.
 static void check_options(Options *o) {
-    if (!mode_reads_prompt(o->mode)) {
+    if (!strcmp(o->mode, "chat")) {
+        if (o->input && o->input_path) usage_error("%s", "chat: give a document with -i or -f");
+        if (o->input_path && !strcmp(o->input_path, "-"))
+            usage_error("%s", "chat reads its questions from stdin: give the document as a file");
+    } else if (!mode_reads_prompt(o->mode)) {
         if (o->input || o->input_path)
             usage_error("-m %s takes no prompt: -i and -f do not apply", o->mode);
     } else if (!o->input == !o->input_path) {
@@ -2924,7 +3028,8 @@ static Options parse_options(int argc, char **argv) {
 // most 4096, as its length is unknown).
 static size_t context_slots(const Options *o, size_t reach, size_t n_prompt) {
     size_t trained = reach;
-    size_t cap = !strcmp(o->mode, "chat") ? min_size(trained, 4096) : trained;
+    // chat: its document and 4096 tokens of conversation
+    size_t cap = !strcmp(o->mode, "chat") ? min_size(trained, n_prompt + 4096) : trained;
     if (o->context) return (size_t)o->context;
     // every layer windowed: no full layer to size
     if (o->attn.window || o->attn.lminf) return SIZE_MAX;
@@ -2936,7 +3041,7 @@ static size_t context_slots(const Options *o, size_t reach, size_t n_prompt) {
         return (size_t)max_of(o->bench_depth, o->n_bench_depth) + max_size(pp, tg);
     }
     if (!strcmp(o->mode, "ppl")) return min_size(n_prompt, trained);
-    if (o->steps < 0 || !strcmp(o->mode, "chat")) return cap;
+    if (o->steps < 0 || !strcmp(o->mode, "chat")) return cap;   // (chat: n_prompt = the doc)
     return min_size(n_prompt + (size_t)o->steps, cap);
 }
 
@@ -2996,6 +3101,17 @@ static size_t rope_reach(const ModelFile *mf, const char *path, const RopeOption
     return reach;
 }
 
+// chat's document (-f or -i): its text, and in *n_tokens its length in tokens, which the
+// context is sized by.
+static char *chat_document(const Options *o, Tokenizer *tok, size_t *n_tokens) {
+    size_t len;
+    char *text = read_prompt(o, &len);
+    check_utf8("the document", text, len, "convert it (iconv -t UTF-8)");
+    if (strlen(text) != len) die("the document holds a NUL byte");
+    *n_tokens = count_tokens(tok, text);
+    return text;
+}
+
 // A prompt the context cannot hold is refused before any work.
 static void check_prompt_fits(const Transformer *t, const char *mode, size_t n_prompt) {
     size_t capacity = cache_capacity(&t->cache, t->config.n_layers);
@@ -3042,7 +3158,7 @@ static void run_mode(Transformer *t, const Options *o, Tokenizer *tok, int has_t
     else if (!strcmp(mode, "bench"))
         bench(t, o->bench_pp, o->n_bench_pp, o->bench_tg, o->n_bench_tg, o->bench_depth,
               o->n_bench_depth, o->reps, o->json);
-    else if (!strcmp(mode, "chat")) chat(t, tok, &sp, o->system, o->steps, o->input_is_ids);
+    else if (!strcmp(mode, "chat")) chat(t, tok, &sp, echo, o);
     else generate(t, has_tokenizer ? tok : NULL, &sp, prompt, n_prompt, echo, o);
     if (out_path) close_output(&out);   // after ppl's result is printed, whatever becomes of it
     free_sampler(&sp);
@@ -3064,8 +3180,13 @@ int main(int argc, char **argv) {
     char *prompt_text = NULL;   // the prompt as given, for generate's echo
     if (mode_reads_prompt(mode))
         prompt = prompt_ids(&o, &tok, has_tokenizer, &mf, &n_prompt, &prompt_text);
+    if (!strcmp(mode, "chat") && (o.input || o.input_path))
+        prompt_text = chat_document(&o, &tok, &n_prompt);
+    o.shown_text = prompt_text;
     if (!strcmp(mode, "tokenize")) {
-        print_ids(prompt, n_prompt);
+        if (o.pieces && !has_tokenizer) die("%s has no tokenizer to spell pieces", o.model_path);
+        if (o.pieces) print_pieces(&tok, prompt, n_prompt);
+        else print_ids(prompt, n_prompt);
         finish_stdout();
         free(prompt);
         free(prompt_text);
@@ -3092,8 +3213,8 @@ int main(int argc, char **argv) {
     if (t.reference)
         fprintf(stderr, "blocks: the plain reference loops (--reference), not the kernels\n");
     catch_signals();
-    run_mode(&t, &o, &tok, has_tokenizer, prompt, n_prompt,
-             o.no_echo || o.input_is_ids ? NULL : prompt_text);
+    int echo = !strcmp(mode, "chat") || !(o.no_echo || o.input_is_ids);
+    run_mode(&t, &o, &tok, has_tokenizer, prompt, n_prompt, echo ? prompt_text : NULL);
     finish_stdout();
     free_transformer(&t);
     free(prompt);

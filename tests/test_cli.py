@@ -193,7 +193,7 @@ BAD = [
     ["-i", PROMPT, "--chunk", "0"], ["-i", PROMPT, "--chunk", "-1"],
     ["-m", "bogus", "-i", PROMPT], ["-m", "Generate", "-i", PROMPT],
     ["-i", PROMPT, "-f", "/dev/null"], [], ["-n", "5"],
-    ["-m", "logits", "-i", "1 2 3"], ["-m", "chat", "-i", "hello"], ["-m", "chat", "-f", "-"],
+    ["-m", "logits", "-i", "1 2 3"], ["-m", "chat", "-i", "hello", "-f", "x.txt"], ["-m", "chat", "-f", "-"],
     ["-i", PROMPT, "--sinks", "4"], ["-i", PROMPT, "--window", "0"], ["-i", PROMPT, "--sinks", "-1", "--window", "8"],
     ["-i", PROMPT, "--window", "8", "-c", "64"], ["-i", PROMPT, "--lminf-limit", "50"],
     ["-i", PROMPT, "--kv-type", "q4"], ["-i", PROMPT, "--kv-type", "F16"],
@@ -373,3 +373,24 @@ def test_a_slow_prefill_shows_progress(model):
     took = float(re.search(r"first token after ([\d.]+) s", r.stderr).group(1))
     assert took > 2.5, f"prefill took only {took} s: make the prompt longer"
     assert re.search(r"prefill \d+ / \d+ tokens, \d+ tok/s", r.stderr), r.stderr
+
+
+def test_tokenize_pieces_spell_each_token(model, smollm2_gguf):
+    """--pieces: one line per id with its text, bytes escaped; each piece is HF's decode of that id."""
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf))
+    text = 'Say "hi"\n\tto C:\\dir, caf\u00e9.'
+    ids = hf.encode(text, add_special_tokens=False)
+    lines = run(model, "-m", "tokenize", "--pieces", "-i", text).stdout.splitlines()
+    assert [int(line.split("\t")[0]) for line in lines] == ids
+    for line, i in zip(lines, ids):
+        quoted = line.split("\t", 1)[1]
+        assert quoted[0] == quoted[-1] == '"'
+        got = quoted[1:-1].encode().decode("unicode_escape").encode("latin-1")   # \xNN are bytes
+        assert got == hf.decode([i]).encode("utf-8") or got.decode("utf-8", "replace") == hf.decode([i]), (line, i)
+
+
+def test_show_prompt_prints_what_generate_reads(model):
+    r = run(model, "-i", PROMPT, "-n", 1, "-t", 0, "--show-prompt")
+    ids = run(model, "-m", "tokenize", "-i", PROMPT).stdout.strip()   # SmolLM2 adds no BOS
+    assert f"--- the model reads (4 tokens) ---\n{PROMPT}\n--- as ids ---\n{ids}\n---\n" in r.stderr, r.stderr
