@@ -3022,27 +3022,33 @@ static Options parse_options(int argc, char **argv) {
     return o;
 }
 
-// How many cache slots a run allocates: -c if given, else what it needs (prompt + tokens to
-// generate; ppl: the text; passkey: the longest prompt; bench: depth + test), at most `reach`
-// (the trained context, or the one RoPE scaling is meant for) for generate and ppl (chat: at
-// most 4096, as its length is unknown).
-static size_t context_slots(const Options *o, size_t reach, size_t n_prompt) {
-    size_t trained = reach;
-    // chat: its document and 4096 tokens of conversation
-    size_t cap = !strcmp(o->mode, "chat") ? min_size(trained, n_prompt + 4096) : trained;
-    if (o->context) return (size_t)o->context;
-    // every layer windowed: no full layer to size
-    if (o->attn.window || o->attn.lminf) return SIZE_MAX;
-    if (!strcmp(o->mode, "logits")) return n_prompt;
+// The positions a run can reach: the prompt and -n tokens (generate), the text (logits, ppl),
+// the longest pass-key prompt, depth + test (bench); SIZE_MAX when unbounded (chat, -n -1).
+static size_t run_length(const Options *o, size_t n_prompt) {
+    if (!strcmp(o->mode, "logits") || !strcmp(o->mode, "ppl")) return n_prompt;
     if (!strcmp(o->mode, "passkey")) return (size_t)max_of(o->passkey_len, o->n_passkey_len) + 64;
     if (!strcmp(o->mode, "bench")) {
         size_t pp = (size_t)max_of(o->bench_pp, o->n_bench_pp);
         size_t tg = (size_t)max_of(o->bench_tg, o->n_bench_tg);
         return (size_t)max_of(o->bench_depth, o->n_bench_depth) + max_size(pp, tg);
     }
-    if (!strcmp(o->mode, "ppl")) return min_size(n_prompt, trained);
-    if (o->steps < 0 || !strcmp(o->mode, "chat")) return cap;   // (chat: n_prompt = the doc)
-    return min_size(n_prompt + (size_t)o->steps, cap);
+    if (o->steps < 0 || !strcmp(o->mode, "chat")) return SIZE_MAX;
+    return n_prompt + (size_t)o->steps;
+}
+
+// How many cache slots a full layer gets: -c if given, else what the run can reach
+// (run_length()), at most `reach` (the trained context, or the one RoPE scaling is meant for)
+// for generate and ppl; chat: its document and 4096 tokens of conversation. With --window or
+// --lminf every layer is windowed and build_cache() gives each min(its ring, this): a run that
+// cannot fill the window allocates only what it reaches.
+static size_t context_slots(const Options *o, size_t reach, size_t n_prompt) {
+    if (o->context) return (size_t)o->context;
+    size_t need = run_length(o, n_prompt);
+    if (o->attn.window || o->attn.lminf) return need;
+    if (!strcmp(o->mode, "chat")) return min_size(reach, n_prompt + 4096);
+    if (!strcmp(o->mode, "logits") || !strcmp(o->mode, "passkey") || !strcmp(o->mode, "bench"))
+        return need;
+    return min_size(need, reach);
 }
 
 // Tokens per forward pass: --chunk, else 256 (logits: the whole text, up to 65536), never more

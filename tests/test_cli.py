@@ -394,3 +394,15 @@ def test_show_prompt_prints_what_generate_reads(model):
     r = run(model, "-i", PROMPT, "-n", 1, "-t", 0, "--show-prompt")
     ids = run(model, "-m", "tokenize", "-i", PROMPT).stdout.strip()   # SmolLM2 adds no BOS
     assert f"--- the model reads (4 tokens) ---\n{PROMPT}\n--- as ids ---\n{ids}\n---\n" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("window", [["--lminf"], ["--sinks", "4", "--window", "100"]])
+def test_a_windowed_cache_holds_only_what_the_run_reaches(tiny, window):
+    """--lminf and --window size each layer's ring to the run's reach (prompt + -n), not the whole
+    window: 2 layers x (sinks + 5) slots for 3 prompt ids and -n 2; -n 300 gets the whole ring."""
+    sinks = 10 if window == ["--lminf"] else 4
+    r = run(tiny, "--ids", "-i", "5 6 7", "-n", 2, "-t", 0, *window)
+    assert f"{2 * (sinks + 5)} slots in all" in r.stderr, r.stderr
+    ring = (128 if window == ["--lminf"] else 100) + 3 - 1   # window + chunk - 1
+    r = run(tiny, "--ids", "-i", "5 6 7", "-n", 300, "-t", 0, *window)
+    assert f"{2 * (sinks + ring)} slots in all" in r.stderr, r.stderr
