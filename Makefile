@@ -23,12 +23,17 @@ SMOLLM2_GGUF = models/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM2 = models/smollm2-135m-instruct-q8_0.bin
 DEMO_PROMPT ?= Write a haiku about the sea, then explain it in two sentences.
 
-.PHONY: all debug asan demo test kjv plot fuzz bench-compare clean
+.PHONY: FORCE all debug asan demo test kjv plot fuzz bench-compare clean
 
-# ./run, optimised, with OpenMP when available
+# ./run, optimised, with OpenMP when available. build/run.flags holds the compile command and
+# changes only when it does (make OPENMP= after make, another CFLAGS), so ./run is rebuilt then.
+RUN_FLAGS = $(CC) $(CFLAGS) $(WARN) $(OPENMP)
 all: run
-run: $(SOURCES)
-	$(CC) $(CFLAGS) $(WARN) $(OPENMP) -o $@ run.c -lm
+build/run.flags: FORCE
+	@mkdir -p build
+	@echo '$(RUN_FLAGS)' | cmp -s - $@ || echo '$(RUN_FLAGS)' > $@
+run: $(SOURCES) build/run.flags
+	$(RUN_FLAGS) -o $@ run.c -lm
 
 # ./run-debug: no optimisation, symbols, for gdb
 debug: $(SOURCES)

@@ -33,6 +33,9 @@
 
 #include "model.h"
 
+// The program's version, printed by --version (the one place it is written).
+#define LONGRUN_VERSION "0.20.0"
+
 // ----------------------------------------------------------------------------
 // Errors, checked sizes and threads
 
@@ -1170,6 +1173,8 @@ typedef struct {
     long orig_ctx;                // --rope-orig-ctx; default: the trained context
     float beta_fast, beta_slow;   // --yarn-beta-fast, --yarn-beta-slow
     float attn_factor;            // --yarn-attn-factor
+    long context;                 // -c: with a new --rope-scaling and no --rope-factor, the
+                                  // factor is -c / L0
 } RopeOptions;
 
 static int rope_type_from_name(const char *name) {
@@ -1177,6 +1182,17 @@ static int rope_type_from_name(const char *name) {
     for (int t = ROPE_LINEAR; t < ROPE_LONGROPE; t++)
         if (!strcmp(name, rope_type_name(t))) return t;
     return -1;
+}
+
+// A new --rope-scaling without --rope-factor: the factor that stretches the original context
+// L0 (--rope-orig-ctx, else the trained one) to -c; without -c beyond L0 there is none to
+// take, and a silent x1 would scale nothing, so the run is refused.
+static double derived_rope_factor(const RopeOptions *o, uint32_t trained) {
+    double L0 = o->orig_ctx ? (double)o->orig_ctx : (double)trained;
+    if (o->context > L0) return o->context / L0;
+    die("--rope-scaling %s needs --rope-factor S (the context becomes S x %.0f), or -c N beyond "
+        "the trained context %.0f (then S = N / %.0f)", o->scaling, L0, L0, L0);
+    return 1;
 }
 
 static void apply_rope_options(Config *c, const RopeOptions *o) {
@@ -1204,6 +1220,8 @@ static void apply_rope_options(Config *c, const RopeOptions *o) {
             die("--yarn-* options need yarn scaling (this model has '%s'): add --rope-scaling yarn",
                 rope_type_name(lc->rope_type));
         if (o->theta) lc->rope_theta = o->theta;
+        if (o->scaling && lc->rope_type != ROPE_DEFAULT && !o->factor)
+            lc->factor = (float)derived_rope_factor(o, lc->orig_ctx);
         if (o->factor) lc->factor = o->factor;
         if (o->orig_ctx) lc->orig_ctx = (uint32_t)o->orig_ctx;
         if (o->beta_fast) lc->beta_fast = o->beta_fast;
@@ -1740,6 +1758,12 @@ typedef struct {
     long threads_list[MAX_LIST];
     int kv_types[MAX_LIST];
     int n_threads_list, n_kv_types;
+    int no_echo;              // --no-echo: generate prints only the continuation
+    int show_prompt;          // --show-prompt: print the rendered prompt and its ids (stderr)
+    const char *shown_text;   // the prompt's text, for --show-prompt
+    int pieces;               // --pieces: tokenize prints each id with its text
+    const char *stop[MAX_LIST];   // --stop: strings that end a reply
+    int n_stop;
 } Options;
 
 // Parse "12 7 99" (len bytes) into ids, each checked against the vocabulary. Returns the count.
@@ -1924,25 +1948,27 @@ static void close_output(OutputFile *out) {
 
 // Feed tokens[0..n) to the model from position pos0, max_T at a time, and hand each chunk's
 // logits to each(ctx, logits, done, T): rows for tokens done .. done+T-1 (or only the last
-// row, as the transformer was built). The one chunk loop of prefill, logits and ppl; long
-// texts show `what`'s progress on stderr. Stops after a Ctrl-C; returns the tokens fed.
+// row, as the transformer was built). The one chunk loop of prefill, logits and ppl; once it
+// has run 2 s, it shows `what`'s progress on stderr. Stops after a Ctrl-C; returns the tokens fed.
 typedef void (*ChunkDone)(void *ctx, float *logits, size_t done, int T);
 
 static size_t run_chunks(Transformer *t, const int *tokens, size_t n, size_t pos0,
                          const char *what, ChunkDone each, void *ctx) {
     double start = now_seconds();
     size_t done = 0;
+    int shown = 0;   // a progress line is on stderr
     while (done < n && !interrupted) {
         int T = (int)min_size(n - done, (size_t)t->state.max_T);
         float *logits = forward(t, tokens + done, T, pos0 + done);
         if (!logits) break;   // a Ctrl-C inside the chunk
         each(ctx, logits, done, T);
         done += (size_t)T;
-        if (n >= 4096)
-            fprintf(stderr, "\r%s %zu / %zu tokens, %.0f tok/s", what, done, n,
-                    done / (now_seconds() - start));
+        double elapsed = now_seconds() - start;
+        if (elapsed < 2) continue;
+        fprintf(stderr, "\r%s %zu / %zu tokens, %.0f tok/s", what, done, n, done / elapsed);
+        shown = 1;
     }
-    if (n >= 4096) fprintf(stderr, "\n");
+    if (shown) fprintf(stderr, "\n");
     return done;
 }
 
@@ -1980,28 +2006,93 @@ static int make_room(Transformer *t, size_t pos, size_t n) {
     return pos + n <= cache_capacity(&t->cache, t->config.n_layers) || continue_streaming(t);
 }
 
+// --stop strings: the decoded text is kept, and what may still become a stop string is held
+// back, so a stop string ends the reply unprinted (llama.cpp's antiprompts print).
+typedef struct {
+    const char *const *stops;
+    int n_stops;
+    FILE *mem;                // the decoded text so far (open_memstream)
+    char *text;
+    size_t len, printed;      // bytes decoded; bytes of them printed
+} StopWatch;
+
+// The tail of the text that starts a stop string (held back), or, with *hit, the stop string
+// the text ends with.
+static size_t stop_tail(const StopWatch *w, int *hit) {
+    size_t hold = 0;
+    *hit = 0;
+    for (int i = 0; i < w->n_stops; i++) {
+        size_t n = strlen(w->stops[i]);
+        if (n <= w->len && !memcmp(w->text + w->len - n, w->stops[i], n)) {
+            *hit = 1;
+            return n;
+        }
+        for (size_t k = min_size(n - 1, w->len); k > hold; k--)
+            if (!memcmp(w->text + w->len - k, w->stops[i], k)) hold = k;
+    }
+    return hold;
+}
+
+// After a token went into w->mem: print what can no longer start a stop string (print_text)
+// and return 1 if the text now ends with one.
+static int stop_check(StopWatch *w, int print_text, FILE *out) {
+    fflush(w->mem);
+    int hit;
+    size_t hold = stop_tail(w, &hit);
+    size_t upto = w->len - hold;
+    if (print_text && upto > w->printed) fwrite(w->text + w->printed, 1, upto - w->printed, out);
+    w->printed = max_size(w->printed, upto);
+    return hit;
+}
+
 // Sample up to steps tokens (-1: no limit) after logits, printing each and feeding it back at
-// *pos. Stops at the model's end-of-text or end-of-turn token (not fed back; known only with a
-// tokenizer), a full cache or Ctrl-C. Prints text through the tokenizer's stream, or ids.
-// Returns the number of tokens sampled. Output goes to out.
-static int decode(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, float *logits,
-                  size_t *pos, int steps, FILE *out) {
+// *pos. Stops at the model's end-of-text or end-of-turn token (not fed back, not counted; known
+// only with a tokenizer), a stop string (w, may be NULL), a full cache or Ctrl-C. Prints text
+// through the tokenizer's stream, or ids. Returns the number of tokens sampled. Output: out.
+static int decode_until(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp,
+                        float *logits, size_t *pos, int steps, FILE *out, StopWatch *w) {
     TokenStream stream;
     print_text = print_text && tok;
-    if (print_text) tokenizer_stream_init(&stream, tok, 0);
+    if (tok) tokenizer_stream_init(&stream, tok, 0);
     int generated = 0;
     while ((steps < 0 || generated < steps) && !interrupted) {
         int next = sample(sp, logits, t->config.vocab_size);
-        generated++;
         if (tok && (next == tokenizer_eos_id(tok) || next == tokenizer_eot_id(tok))) break;
-        if (print_text) tokenizer_stream_put(&stream, next, out);
-        else fprintf(out, generated > 1 ? " %d" : "%d", next);
+        generated++;
+        int stop = 0;
+        if (w) tokenizer_stream_put(&stream, next, w->mem);
+        if (w) stop = stop_check(w, print_text, out);
+        else if (print_text) tokenizer_stream_put(&stream, next, out);
+        if (!print_text) fprintf(out, generated > 1 ? " %d" : "%d", next);
         if (fflush(out) != 0 || ferror(out)) die("cannot write the output: %s", strerror(errno));
+        if (stop) return generated;
         sampler_accept(sp, next);
         if (!make_room(t, *pos, 1)) break;
         logits = forward(t, &next, 1, (*pos)++);   // fed back even when it is the last, so a chat
     }                                              // continues from a cache holding the whole reply
-    if (print_text) tokenizer_stream_flush(&stream, out);
+    if (w && tok) tokenizer_stream_flush(&stream, w->mem);
+    if (w) fflush(w->mem);
+    if (w && print_text) fwrite(w->text + w->printed, 1, w->len - w->printed, out);
+    if (!w && print_text) tokenizer_stream_flush(&stream, out);
+    return generated;
+}
+
+static int decode(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, float *logits,
+                  size_t *pos, int steps, FILE *out) {
+    return decode_until(t, tok, print_text, sp, logits, pos, steps, out, NULL);
+}
+
+// One reply's decode with the run's --stop strings (none: plain decode()).
+static int decode_reply(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp,
+                        float *logits, size_t *pos, int steps, const char *const *stops,
+                        int n_stops) {
+    if (!n_stops || !tok) return decode(t, tok, print_text, sp, logits, pos, steps, stdout);
+    StopWatch w = {.stops = stops, .n_stops = n_stops};
+    w.mem = open_memstream(&w.text, &w.len);
+    if (!w.mem) die("out of memory");
+    int generated = decode_until(t, tok, print_text, sp, logits, pos, steps, stdout, &w);
+    fclose(w.mem);
+    free(w.text);
     return generated;
 }
 
@@ -2014,16 +2105,27 @@ static void print_stats(size_t n_prompt, double prefill_s, int generated, double
             peak_rss_mb());
 }
 
-// -m generate: prefill the prompt, then sample until -n tokens, end of text, a full context or
-// Ctrl-C. Stats on stderr.
-static void generate(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, const int *prompt,
-                     size_t n_prompt, int steps) {
+// --show-prompt: what the model is about to read, on stderr: the rendered text, then its ids.
+static void show_prompt(const char *text, const int *ids, size_t n) {
+    fprintf(stderr, "--- the model reads (%zu tokens) ---\n%s\n--- as ids ---\n", n, text);
+    for (size_t i = 0; i < n; i++) fprintf(stderr, i ? " %d" : "%d", ids[i]);
+    fprintf(stderr, "\n---\n");
+}
+
+// -m generate: echo the prompt's text (echo, may be NULL), prefill the prompt, then sample
+// until -n tokens, end of text, a --stop string, a full context or Ctrl-C. Stats on stderr.
+static void generate(Transformer *t, Tokenizer *tok, Sampler *sp, const int *prompt,
+                     size_t n_prompt, const char *echo, const Options *o) {
     for (size_t i = 0; i < n_prompt; i++) sampler_accept(sp, prompt[i]);
+    if (o->show_prompt) show_prompt(o->shown_text, prompt, n_prompt);
+    if (echo) fputs(echo, stdout);
+    fflush(stdout);
     double t0 = now_seconds();
     float *logits = prefill(t, prompt, n_prompt, 0);
     double t1 = now_seconds();
     size_t pos = n_prompt;
-    int generated = decode(t, tok, print_text, sp, logits, &pos, steps, stdout);
+    int generated = decode_reply(t, tok, !o->input_is_ids, sp, logits, &pos, o->steps, o->stop,
+                                 o->n_stop);
     printf("\n");
     fflush(stdout);   // the text before the stats on stderr
     print_stats(n_prompt, t1 - t0, generated, now_seconds() - t1);
@@ -2058,41 +2160,103 @@ static void append_format(char **buf, size_t *len, const char *fmt, const char *
     *len += (size_t)n;
 }
 
-// -m chat: read one user message per line from stdin until EOF; the KV cache keeps the whole
-// conversation, so each turn only prefills its own new tokens.
-// With print_ids, replies are printed as token ids instead of text.
-static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *system, int steps,
-                 int print_ids) {
+// Terminal escape sequences (arrow keys send "\x1b[A") are keys, not text: remove them from a
+// chat line in place (CSI: ESC [ parameters final byte; SS3: ESC O x; else ESC x). Returns the
+// new length.
+static size_t strip_escapes(char *s, size_t n) {
+    size_t out = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] != 0x1b) {
+            s[out++] = s[i];
+            continue;
+        }
+        if (i + 1 < n && s[i + 1] == '[') {
+            i += 2;
+            while (i < n && !(s[i] >= 0x40 && s[i] <= 0x7e)) i++;   // up to the final byte
+        } else if (i + 1 < n) {
+            i += 1 + (s[i + 1] == 'O' && i + 2 < n);
+        }
+    }
+    s[out] = 0;
+    return out;
+}
+
+// One user message from stdin: a line, or several joined when each but the last ends with a
+// backslash (the backslash is dropped, the newline kept). Returns its length, -1 at EOF.
+static ssize_t read_message(char **msg, size_t *cap, int interactive) {
+    char *line = NULL;
+    size_t line_cap = 0, len = 0;
+    ssize_t got;
+    free(*msg);
+    *msg = xcalloc(1, 1, "chat message");
+    *cap = 1;
+    while ((got = getline(&line, &line_cap, stdin)) >= 0) {
+        while (got > 0 && (line[got - 1] == '\n' || line[got - 1] == '\r')) line[--got] = 0;
+        int more = got > 0 && line[got - 1] == '\\';
+        got = (ssize_t)strip_escapes(line, (size_t)(got - more));
+        *msg = realloc(*msg, add_size(add_size(len, (size_t)got, "chat message"), 2, "message"));
+        if (!*msg) die("out of memory reading the chat message");
+        memcpy(*msg + len, line, (size_t)got);
+        len += (size_t)got;
+        if (more) (*msg)[len++] = '\n';
+        (*msg)[len] = 0;
+        if (!more) break;
+        if (interactive) fprintf(stderr, ". ");
+    }
+    free(line);
+    return got < 0 && len == 0 ? -1 : (ssize_t)len;
+}
+
+// The text of one turn in the model's chat format: [close the previous reply] [system, first
+// turn only] the user's message and the assistant cue.
+static char *chat_turn(int id, int turn, const char *system, const char *message, size_t *len) {
+    const ChatFormat *fmt = &chat_formats[id];
+    char *text = NULL;
+    *len = 0;
+    if (turn > 0) append_format(&text, len, "%s", fmt->close);
+    if (turn == 0 && system) append_format(&text, len, fmt->system, system);
+    // Llama 2 puts the system block inside [INST]
+    if (id == CHAT_LLAMA2_INST && turn == 0 && system)
+        append_format(&text, len, "%s [/INST]", message);
+    else
+        append_format(&text, len, fmt->user, message);
+    return text;
+}
+
+// -m chat: read user messages from stdin until EOF (read_message()); doc (-f or -i, may be
+// NULL) opens the first one, a blank line before the first question. The KV cache keeps the
+// whole conversation, so each turn only prefills its own new tokens. With --ids, replies are
+// printed as token ids instead of text.
+static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *doc, const Options *o) {
     int id = tokenizer_chat_template(tok);
     if (id <= CHAT_NONE || id >= CHAT_COUNT)
         die("this model has no known chat format; use -m generate");
-    const ChatFormat *fmt = &chat_formats[id];
     int interactive = isatty(fileno(stdin));
-    char *line = NULL;
-    size_t line_cap = 0, pos = 0;
+    char *msg = NULL;
+    size_t msg_cap = 0, pos = 0;
     for (int turn = 0;; turn++) {
         if (interactive) {
             fprintf(stderr, "> ");
             fflush(stderr);
         }
-        ssize_t got = getline(&line, &line_cap, stdin);
+        ssize_t got = read_message(&msg, &msg_cap, interactive);
         if (got < 0) break;
-        while (got > 0 && (line[got - 1] == '\n' || line[got - 1] == '\r')) line[--got] = 0;
-        check_utf8("this chat line", line, (size_t)got, "the terminal or the file must send UTF-8");
-        char *text = NULL;
+        check_utf8("this chat line", msg, (size_t)got, "the terminal or the file must send UTF-8");
+        char *message = msg;
         size_t len = 0;
-        if (turn > 0) append_format(&text, &len, "%s", fmt->close);
-        if (turn == 0 && system) append_format(&text, &len, fmt->system, system);
-        // Llama 2 puts the system block inside [INST]
-        if (id == CHAT_LLAMA2_INST && turn == 0 && system)
-            append_format(&text, &len, "%s [/INST]", line);
-        else
-            append_format(&text, &len, fmt->user, line);
+        if (turn == 0 && doc) {
+            message = NULL;
+            append_format(&message, &len, "%s\n\n", doc);
+            append_format(&message, &len, "%s", msg);
+        }
+        char *text = chat_turn(id, turn, o->system, message, &len);
+        if (message != msg) free(message);
         int *ids;
         size_t n = turn == 0 ? tokenizer_encode(tok, text, len, tokenizer_add_bos(tok), &ids)
                              : tokenizer_encode_continued(tok, text, len, &ids);
-        free(text);
         if (!ids) die("out of memory tokenizing the chat turn");
+        if (o->show_prompt) show_prompt(text, ids, n);
+        free(text);
         if (!make_room(t, pos, n))
             die("this turn (%zu tokens) does not fit the context at %zu of %zu; raise -c", n, pos,
                 cache_capacity(&t->cache, t->config.n_layers));
@@ -2102,13 +2266,14 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *system
         double t1 = now_seconds();
         pos += n;
         free(ids);
-        int generated = decode(t, tok, !print_ids, sp, logits, &pos, steps, stdout);
+        int generated = decode_reply(t, tok, !o->input_is_ids, sp, logits, &pos, o->steps,
+                                     o->stop, o->n_stop);
         printf("\n");
         fflush(stdout);
         print_stats(n, t1 - t0, generated, now_seconds() - t1);
         interrupted = 0;   // Ctrl-C ends a reply, not the conversation
     }
-    free(line);
+    free(msg);
 }
 
 // Where write_logits() puts each chunk's rows.
@@ -2136,6 +2301,25 @@ static void write_logits(Transformer *t, const int *tokens, size_t n, OutputFile
 static void print_ids(const int *ids, size_t n) {
     for (size_t i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
     printf("\n");
+}
+
+// -m tokenize --pieces: one line per token, its id, a tab and its stored spelling (SPM keeps
+// its "\xE2\x96\x81" for a space) in quotes: printable ASCII as is, \\ \" \n \t, any other
+// byte as \xNN.
+static void print_pieces(const Tokenizer *tok, const int *ids, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        size_t len;
+        const unsigned char *p = (const unsigned char *)tokenizer_piece(tok, ids[i], &len);
+        printf("%d\t\"", ids[i]);
+        for (size_t j = 0; j < len; j++) {
+            if (p[j] == '\\' || p[j] == '"') printf("\\%c", p[j]);
+            else if (p[j] == '\n') printf("\\n");
+            else if (p[j] == '\t') printf("\\t");
+            else if (p[j] >= 0x20 && p[j] < 0x7f) putchar(p[j]);
+            else printf("\\x%02X", p[j]);
+        }
+        printf("\"\n");
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -2785,35 +2969,9 @@ static void bench(Transformer *t, const Options *o) {
 // ----------------------------------------------------------------------------
 // Command line
 
-static void usage(FILE *out) {
+// The second half of --help: attention and the KV cache, the measuring modes, RoPE.
+static void usage_model_options(FILE *out) {
     fprintf(out,
-            "usage: run MODEL [options]\n"
-            "  -m MODE          generate | chat | tokenize | logits | ppl | passkey | bench  "
-            "(default generate)\n"
-            "  -i TEXT          the prompt\n"
-            "  -f FILE          read the prompt from FILE, bytes verbatim; - for stdin\n"
-            "  --ids            the prompt is token ids (\"1 2 3\"); generate and chat print ids\n"
-            "  --bos            tokenize: prepend the model's BOS token\n"
-            "  -n N             tokens to generate; -1 = until end of text      (default 256)\n"
-            "  -t T             temperature; 0 = greedy                         (default 0.8)\n"
-            "  -k K             top-k: sample among the K most likely; 0 = off (default 40)\n"
-            "  -p P             top-p (nucleus) threshold in (0, 1]; 1 = off   (default 0.95)\n"
-            "  --min-p P        drop tokens below P x the most likely; 0 = off (default 0.05)\n"
-            "  --repeat-penalty R  penalise recent tokens' logits; 1 = off     (default 1.0)\n"
-            "  --repeat-last-n N   how many recent tokens it looks at          (default 64)\n"
-            "  -s SEED          random seed; same seed, same output            (default: time)\n"
-            "  --system TEXT    chat: the system prompt                        (default: none)\n"
-            "  -c N             context: KV cache slots to allocate            (default: what the "
-            "run needs,\n"
-            "                   at most the model's trained context; chat: 4096 at most)\n"
-            "  --chunk N        tokens per forward pass in prefill             (default 256; "
-            "logits: up to 65536)\n"
-            "  --threads N      worker threads (bench: N,.. a sweep)           (default: all "
-            "cores)\n"
-            "  --reference      run the plain reference matmul and attention, not the fast "
-            "kernels\n"
-            "  --logits-out F   logits mode: write (n_tokens, vocab) float32 here; the prompt is "
-            "ids\n"
             "Attention and the KV cache (see README, \"Windows and sinks\"):\n"
             "  --window W       every layer sees its last W keys (itself included); no context "
             "limit\n"
@@ -2853,15 +3011,53 @@ static void usage(FILE *out) {
             "file's)\n"
             "  --rope-theta B   RoPE base                                      (default: the "
             "file's)\n"
-            "  --rope-factor S  context extension factor                       (default: the "
-            "file's)\n"
+            "  --rope-factor S  context extension factor; the default context becomes S x L0\n"
+            "                   (default: the file's; with --rope-scaling, -c / L0)\n"
             "  --rope-orig-ctx N  original context L0 of the scaling            (default: trained "
             "context)\n"
             "  --yarn-beta-fast B  YaRN: fast end of the correction range     (default 32)\n"
             "  --yarn-beta-slow B  YaRN: slow end of the correction range     (default 1)\n"
             "  --yarn-attn-factor A  YaRN attention factor                     (default 0.1 ln(s) "
             "+ 1)\n"
-            "  -h, --help       this text\n");
+            "  -h, --help       this text\n"
+            "  --version        print the version and exit\n");
+}
+
+static void usage(FILE *out) {
+    fprintf(out,
+            "usage: run MODEL [options]\n"
+            "  -m MODE          generate | chat | tokenize | logits | ppl | passkey | bench  "
+            "(default generate)\n"
+            "  -i TEXT          the prompt (chat: a document the questions are about)\n"
+            "  -f FILE          read the prompt from FILE, bytes verbatim; - for stdin\n"
+            "                   (chat: a document the questions are about)\n"
+            "  --ids            the prompt is token ids (\"1 2 3\"); generate and chat print ids\n"
+            "  --bos            tokenize: prepend the model's BOS token\n"
+            "  --pieces         tokenize: one line per token: id, tab, its text (bytes escaped)\n"
+            "  --show-prompt    generate, chat: print what the model reads (text, ids) on stderr\n"
+            "  -n N             tokens to generate; -1 = until end of text      (default 256)\n"
+            "  -t T             temperature; 0 = greedy                         (default 0.8)\n"
+            "  -k K             top-k: sample among the K most likely; 0 = off (default 40)\n"
+            "  -p P             top-p (nucleus) threshold in (0, 1]; 1 = off   (default 0.95)\n"
+            "  --min-p P        drop tokens below P x the most likely; 0 = off (default 0.05)\n"
+            "  --repeat-penalty R  penalise recent tokens' logits; 1 = off     (default 1.0)\n"
+            "  --repeat-last-n N   how many recent tokens it looks at          (default 64)\n"
+            "  -s SEED          random seed; same seed, same output            (default: time)\n"
+            "  --system TEXT    chat: the system prompt                        (default: none)\n"
+            "  --no-echo        generate: print only the continuation, not the prompt first\n"
+            "  --stop S         end a reply when its text ends with S (not printed); repeatable\n"
+            "  -c N             context: KV cache slots to allocate            (default: what the "
+            "run needs,\n"
+            "                   at most the model's trained context; chat: 4096 at most)\n"
+            "  --chunk N        tokens per forward pass in prefill             (default 256; "
+            "logits: up to 65536)\n"
+            "  --threads N      worker threads (bench: N,.. a sweep)           (default: all "
+            "cores)\n"
+            "  --reference      run the plain reference matmul and attention, not the fast "
+            "kernels\n"
+            "  --logits-out F   logits mode: write (n_tokens, vocab) float32 here; the prompt is "
+            "ids\n");
+    usage_model_options(out);
 }
 
 static void usage_error(const char *fmt, const char *arg) {
@@ -2975,18 +3171,127 @@ static int mode_reads_prompt(const char *mode) {
     return strcmp(mode, "chat") && strcmp(mode, "passkey") && strcmp(mode, "bench");
 }
 
-// The options that take a value, each handled in parse_options() below.
+// The modes, as bits of an option's applies-to set.
+enum {
+    GEN = 1 << 0,
+    CHAT = 1 << 1,
+    TOKENIZE = 1 << 2,
+    LOGITS = 1 << 3,
+    PPL = 1 << 4,
+    PASSKEY = 1 << 5,
+    BENCH = 1 << 6,
+};
+static const char *const mode_names[] = { "generate", "chat",    "tokenize", "logits",
+                                          "ppl",      "passkey", "bench" };
+#define N_MODES (int)(sizeof(mode_names) / sizeof(mode_names[0]))
+#define MODEL_MODES (GEN | CHAT | LOGITS | PPL | PASSKEY | BENCH)   // the modes that run the model
+#define SAMPLING (GEN | CHAT)
+#define ALL_MODES (MODEL_MODES | TOKENIZE)
+
+// Every option: whether it takes a value, and the modes it applies to; elsewhere it is refused.
+// parse_switch() and the parse_*_option() functions below handle each.
+typedef struct {
+    const char *flag;
+    int takes_value;
+    int modes;
+} OptionInfo;
+
+static const OptionInfo option_table[] = {
+    { "-m", 1, ALL_MODES },
+    { "-i", 1, GEN | CHAT | TOKENIZE | LOGITS | PPL },
+    { "-f", 1, GEN | CHAT | TOKENIZE | LOGITS | PPL },
+    { "--ids", 0, GEN | CHAT | TOKENIZE | LOGITS | PPL },
+    { "--bos", 0, TOKENIZE },
+    { "-n", 1, SAMPLING },
+    { "-t", 1, SAMPLING },
+    { "-k", 1, SAMPLING },
+    { "-p", 1, SAMPLING },
+    { "--min-p", 1, SAMPLING },
+    { "--repeat-penalty", 1, SAMPLING },
+    { "--repeat-last-n", 1, SAMPLING },
+    { "-s", 1, SAMPLING | PASSKEY },
+    { "--system", 1, CHAT },
+    { "--no-echo", 0, GEN },
+    { "--show-prompt", 0, SAMPLING },
+    { "--pieces", 0, TOKENIZE },
+    { "--stop", 1, SAMPLING },
+    { "-c", 1, MODEL_MODES },
+    { "--chunk", 1, MODEL_MODES },
+    { "--threads", 1, MODEL_MODES },
+    { "--reference", 0, MODEL_MODES },
+    { "--logits-out", 1, LOGITS },
+    { "--ppl-csv", 1, PPL },
+    { "--ppl-bucket", 1, PPL },
+    { "--ppl-tokens", 1, PPL },
+    { "--kl-base-save", 1, PPL },
+    { "--kl-base", 1, PPL },
+    { "--passkey-len", 1, PASSKEY },
+    { "--passkey-depth", 1, PASSKEY },
+    { "--passkey-trials", 1, PASSKEY },
+    { "--bench-pp", 1, BENCH },
+    { "--bench-tg", 1, BENCH },
+    { "--bench-depth", 1, BENCH },
+    { "-r", 1, BENCH },
+    { "--json", 0, BENCH },
+    { "--csv", 0, BENCH },
+    { "--sinks", 1, MODEL_MODES },
+    { "--window", 1, MODEL_MODES },
+    { "--lminf", 0, MODEL_MODES },
+    { "--lminf-limit", 1, MODEL_MODES },
+    { "--kv-type", 1, MODEL_MODES },
+    { "--rope-scaling", 1, MODEL_MODES },
+    { "--rope-theta", 1, MODEL_MODES },
+    { "--rope-factor", 1, MODEL_MODES },
+    { "--rope-orig-ctx", 1, MODEL_MODES },
+    { "--yarn-beta-fast", 1, MODEL_MODES },
+    { "--yarn-beta-slow", 1, MODEL_MODES },
+    { "--yarn-attn-factor", 1, MODEL_MODES },
+};
+
+static const OptionInfo *option_info(const char *flag) {
+    for (size_t i = 0; i < sizeof(option_table) / sizeof(option_table[0]); i++)
+        if (!strcmp(flag, option_table[i].flag)) return &option_table[i];
+    return NULL;
+}
+
 static int takes_value(const char *flag) {
-    static const char *const flags[] = {
-        "-m", "-i", "-f", "-n", "-t", "-k", "-p", "--min-p", "--repeat-penalty", "--repeat-last-n",
-        "--system", "-s", "-c", "--chunk", "--threads", "--logits-out", "--ppl-csv", "--ppl-bucket",
-        "--ppl-tokens", "--kl-base-save", "--kl-base", "--passkey-len", "--passkey-depth",
-        "--passkey-trials", "--bench-pp", "--bench-tg", "--bench-depth", "-r", "--sinks",
-        "--window", "--lminf-limit", "--kv-type", "--rope-scaling", "--rope-theta", "--rope-factor",
-        "--rope-orig-ctx", "--yarn-beta-fast", "--yarn-beta-slow", "--yarn-attn-factor"};
-    for (size_t i = 0; i < sizeof(flags) / sizeof(flags[0]); i++)
-        if (!strcmp(flag, flags[i])) return 1;
+    const OptionInfo *info = option_info(flag);
+    return info && info->takes_value;
+}
+
+// The mode's bit; usage error for an unknown mode.
+static int mode_bit(const char *mode) {
+    for (int m = 0; m < N_MODES; m++)
+        if (!strcmp(mode, mode_names[m])) return 1 << m;
+    usage_error("unknown mode '%s' (generate, chat, tokenize, logits, ppl, passkey, bench)", mode);
     return 0;
+}
+
+// "chat" or "ppl, passkey": the modes in a set, for a message.
+static void mode_list(int modes, char *out, size_t size) {
+    out[0] = 0;
+    for (int m = 0; m < N_MODES; m++) {
+        if (!(modes & 1 << m)) continue;
+        size_t len = strlen(out);
+        snprintf(out + len, size - len, "%s%s", len ? ", " : "", mode_names[m]);
+    }
+}
+
+// Refuse an option given to a mode it does not apply to (argv: the checked command line).
+static void check_option_modes(const char *mode, int argc, char **argv) {
+    int bit = mode_bit(mode);
+    for (int i = 2; i < argc; i++) {
+        const OptionInfo *info = option_info(argv[i]);
+        if (!info) continue;
+        if (!(info->modes & bit)) {
+            char modes[128];
+            mode_list(info->modes, modes, sizeof(modes));
+            fprintf(stderr, "error: %s does not apply to -m %s (only to %s) (see run --help)\n",
+                    argv[i], mode, modes);
+            exit(2);
+        }
+        i += info->takes_value;
+    }
 }
 
 // The defaults, as usage() states them.
@@ -3025,8 +3330,17 @@ static int parse_switch(Options *o, const char *flag) {
     if (!strcmp(flag, "--csv")) target = &o->csv;
     if (!strcmp(flag, "--lminf")) target = &o->attn.lminf;
     if (!strcmp(flag, "--reference")) target = &o->reference;
+    if (!strcmp(flag, "--no-echo")) target = &o->no_echo;
+    if (!strcmp(flag, "--show-prompt")) target = &o->show_prompt;
+    if (!strcmp(flag, "--pieces")) target = &o->pieces;
     if (target) *target = 1;
     return target != NULL;
+}
+
+static void add_stop(Options *o, const char *val) {
+    if (o->n_stop == MAX_LIST) usage_error("%s", "at most 16 --stop strings");
+    if (!*val) usage_error("%s", "--stop needs a non-empty string");
+    o->stop[o->n_stop++] = val;
 }
 
 // Options of the sampler, the prompt and the run's size.
@@ -3050,6 +3364,7 @@ static int parse_run_option(Options *o, const char *flag, const char *val) {
     else if (!strcmp(flag, "--chunk")) o->chunk = (int)parse_long(flag, val, 1, 1 << 16);
     else if (!strcmp(flag, "--threads")) o->threads = parse_threads(o, flag, val);
     else if (!strcmp(flag, "--logits-out")) o->logits_out = val;
+    else if (!strcmp(flag, "--stop")) add_stop(o, val);
     else return 0;
     return 1;
 }
@@ -3101,15 +3416,11 @@ static int parse_model_option(Options *o, const char *flag, const char *val) {
 
 // Refuse combinations of options that cannot mean anything.
 static void check_options(Options *o) {
-    static const char *modes[] = { "generate", "chat",    "tokenize", "logits",
-                                   "ppl",      "passkey", "bench" };
-    int known = 0;
-    for (size_t m = 0; m < sizeof(modes) / sizeof(modes[0]); m++)
-        known |= !strcmp(o->mode, modes[m]);
-    if (!known)
-        usage_error("unknown mode '%s' (generate, chat, tokenize, logits, ppl, passkey, bench)",
-                    o->mode);
-    if (!mode_reads_prompt(o->mode)) {
+    if (!strcmp(o->mode, "chat")) {
+        if (o->input && o->input_path) usage_error("%s", "chat: give a document with -i or -f");
+        if (o->input_path && !strcmp(o->input_path, "-"))
+            usage_error("%s", "chat reads its questions from stdin: give the document as a file");
+    } else if (!mode_reads_prompt(o->mode)) {
         if (o->input || o->input_path)
             usage_error("-m %s takes no prompt: -i and -f do not apply", o->mode);
     } else if (!o->input == !o->input_path) {
@@ -3132,16 +3443,20 @@ static void check_options(Options *o) {
     int bench = !strcmp(o->mode, "bench");
     if (!bench && (o->n_threads_list > 1 || o->n_kv_types > 1))
         usage_error("%s", "--threads and --kv-type take one value; lists are -m bench sweeps");
-    if (!bench && (o->json || o->csv)) usage_error("%s", "--json and --csv apply to -m bench");
     if (o->json && o->csv) usage_error("%s", "give one of --json and --csv");
-    if ((o->kl_base_save || o->kl_base) && strcmp(o->mode, "ppl"))
-        usage_error("%s", "--kl-base-save and --kl-base apply to -m ppl");
     if (o->kl_base_save && o->ppl_csv)
         usage_error("%s", "--kl-base-save and --ppl-csv: one output file per run; run twice");
+    o->rope.context = o->context;
     if (!strcmp(o->mode, "logits")) {
         if (!o->logits_out) usage_error("%s", "logits mode needs --logits-out FILE");
         o->input_is_ids = 1;
     }
+}
+
+// --version, wherever it stands: the version on stdout, exit 0.
+static void print_version(void) {
+    printf("longrun %s\n", LONGRUN_VERSION);
+    exit(0);
 }
 
 static Options parse_options(int argc, char **argv) {
@@ -3150,6 +3465,7 @@ static Options parse_options(int argc, char **argv) {
         usage(stdout);
         exit(0);
     }
+    if (argc >= 2 && !strcmp(argv[1], "--version")) print_version();
     if (argc < 2 || argv[1][0] == '-') {
         usage(stderr);
         usage_error("%s", argc < 2 ? "no model file given" : "the model file comes first");
@@ -3161,6 +3477,7 @@ static Options parse_options(int argc, char **argv) {
             usage(stdout);
             exit(0);
         }
+        if (!strcmp(flag, "--version")) print_version();
         if (parse_switch(&o, flag)) continue;
         if (!takes_value(flag)) usage_error("unknown option %s", flag);
         if (i + 1 >= argc) usage_error("%s needs a value", flag);
@@ -3169,29 +3486,38 @@ static Options parse_options(int argc, char **argv) {
                     parse_model_option(&o, flag, val);
         if (!known) usage_error("unknown option %s", flag);
     }
+    check_option_modes(o.mode, argc, argv);
     check_options(&o);
     return o;
 }
 
-// How many cache slots a run allocates: -c if given, else what it needs (prompt + tokens to
-// generate; ppl: the text; passkey: the longest prompt; bench: depth + test), at most the
-// trained context for generate and ppl (chat: at most 4096, as its length is unknown).
-static size_t context_slots(const Options *o, const FileHeader *h, size_t n_prompt) {
-    size_t trained = h->max_seq_len;
-    size_t cap = !strcmp(o->mode, "chat") ? min_size(trained, 4096) : trained;
-    if (o->context) return (size_t)o->context;
-    // every layer windowed: no full layer to size
-    if (o->attn.window || o->attn.lminf) return SIZE_MAX;
-    if (!strcmp(o->mode, "logits")) return n_prompt;
+// The positions a run can reach: the prompt and -n tokens (generate), the text (logits, ppl),
+// the longest pass-key prompt, depth + test (bench); SIZE_MAX when unbounded (chat, -n -1).
+static size_t run_length(const Options *o, size_t n_prompt) {
+    if (!strcmp(o->mode, "logits") || !strcmp(o->mode, "ppl")) return n_prompt;
     if (!strcmp(o->mode, "passkey")) return (size_t)max_of(o->passkey_len, o->n_passkey_len) + 64;
     if (!strcmp(o->mode, "bench")) {
         size_t pp = (size_t)max_of(o->bench_pp, o->n_bench_pp);
         size_t tg = (size_t)max_of(o->bench_tg, o->n_bench_tg);
         return (size_t)max_of(o->bench_depth, o->n_bench_depth) + max_size(pp, tg);
     }
-    if (!strcmp(o->mode, "ppl")) return min_size(n_prompt, trained);
-    if (o->steps < 0 || !strcmp(o->mode, "chat")) return cap;
-    return min_size(n_prompt + (size_t)o->steps, cap);
+    if (o->steps < 0 || !strcmp(o->mode, "chat")) return SIZE_MAX;
+    return n_prompt + (size_t)o->steps;
+}
+
+// How many cache slots a full layer gets: -c if given, else what the run can reach
+// (run_length()), at most `reach` (the trained context, or the one RoPE scaling is meant for)
+// for generate and ppl; chat: its document and 4096 tokens of conversation. With --window or
+// --lminf every layer is windowed and build_cache() gives each min(its ring, this): a run that
+// cannot fill the window allocates only what it reaches.
+static size_t context_slots(const Options *o, size_t reach, size_t n_prompt) {
+    if (o->context) return (size_t)o->context;
+    size_t need = run_length(o, n_prompt);
+    if (o->attn.window || o->attn.lminf) return need;
+    if (!strcmp(o->mode, "chat")) return min_size(reach, n_prompt + 4096);
+    if (!strcmp(o->mode, "logits") || !strcmp(o->mode, "passkey") || !strcmp(o->mode, "bench"))
+        return need;
+    return min_size(need, reach);
 }
 
 // Tokens per forward pass: --chunk, else 256 (logits: the whole text, up to 65536), never more
@@ -3209,8 +3535,9 @@ static int chunk_size(const Options *o, size_t n_prompt, size_t context) {
 
 // The prompt as ids: given as ids, or encoded (tokenize: BOS only with --bos; the other
 // modes: the model's own BOS policy, as HF's encode with special tokens).
+// *text_out: the prompt's bytes, NUL-terminated (the caller frees them).
 static int *prompt_ids(const Options *o, Tokenizer *tok, int has_tokenizer, const ModelFile *mf,
-                       size_t *n_prompt) {
+                       size_t *n_prompt, char **text_out) {
     int *prompt = NULL;
     if (!o->input_is_ids && !has_tokenizer)
         die("%s has no tokenizer: re-export it, or give token ids with --ids", o->model_path);
@@ -3227,11 +3554,37 @@ static int *prompt_ids(const Options *o, Tokenizer *tok, int has_tokenizer, cons
         *n_prompt = encode_first_tokens(tok, text, len, add_bos, (size_t)o->ppl_tokens, &prompt);
         if (!prompt) die("out of memory tokenizing the prompt");
     }
-    free(text);
+    *text_out = text;
     if (o->ppl_tokens && (size_t)o->ppl_tokens < *n_prompt) *n_prompt = (size_t)o->ppl_tokens;
     if (*n_prompt == 0 && strcmp(o->mode, "tokenize"))
         die("the prompt is empty: it has no tokens to start from");
     return prompt;
+}
+
+// The context the model's RoPE is meant for, after the command line's RoPE options: the
+// longest of the trained context and every layer's scaled target (rope_target_context()).
+static size_t rope_reach(const ModelFile *mf, const char *path, const RopeOptions *rope) {
+    Config c = {0};
+    read_config(&c, mf, path);
+    apply_rope_options(&c, rope);
+    size_t reach = (size_t)c.max_seq_len;
+    for (int l = 0; l < c.n_layers; l++) {
+        if (!c.layers[l].rotary_dim) continue;
+        reach = max_size(reach, rope_target_context(&c.layers[l], c.max_seq_len));
+    }
+    free(c.layers);
+    return reach;
+}
+
+// chat's document (-f or -i): its text, and in *n_tokens its length in tokens, which the
+// context is sized by.
+static char *chat_document(const Options *o, Tokenizer *tok, size_t *n_tokens) {
+    size_t len;
+    char *text = read_prompt(o, &len);
+    check_utf8("the document", text, len, "convert it (iconv -t UTF-8)");
+    if (strlen(text) != len) die("the document holds a NUL byte");
+    *n_tokens = count_tokens(tok, text);
+    return text;
 }
 
 // A prompt the context cannot hold is refused before any work.
@@ -3246,9 +3599,23 @@ static void check_prompt_fits(const Transformer *t, const char *mode, size_t n_p
             "through a window (--sinks 4 --window W)", n_prompt, capacity);
 }
 
+// The sampler's line of the start-up block, for the modes that sample: the seed, so that any
+// run can be repeated with -s.
+static void print_sampling(const Options *o) {
+    const Sampler *sp = &o->sampler;
+    if (strcmp(o->mode, "generate") && strcmp(o->mode, "chat")) return;
+    if (sp->temperature == 0) {
+        fprintf(stderr, "sampling: greedy (-t 0)\n");
+        return;
+    }
+    fprintf(stderr, "sampling: seed %llu (-s %llu repeats this run), temperature %g, top-k %d, "
+            "top-p %g, min-p %g\n", (unsigned long long)o->seed, (unsigned long long)o->seed,
+            sp->temperature, sp->top_k, sp->top_p, sp->min_p);
+}
+
 // Run the chosen mode on a built transformer.
 static void run_mode(Transformer *t, const Options *o, Tokenizer *tok, int has_tokenizer,
-                     const int *prompt, size_t n_prompt) {
+                     const int *prompt, size_t n_prompt, const char *echo) {
     const char *mode = o->mode;
     const char *inputs[] = {o->model_path, o->input_path};
     const char *out_path = NULL;   // the run's output file, if it has one
@@ -3265,9 +3632,8 @@ static void run_mode(Transformer *t, const Options *o, Tokenizer *tok, int has_t
                 o->passkey_trials, o->seed);
     else if (!strcmp(mode, "bench"))
         bench(t, o);
-    else if (!strcmp(mode, "chat")) chat(t, tok, &sp, o->system, o->steps, o->input_is_ids);
-    else generate(t, has_tokenizer ? tok : NULL, !o->input_is_ids, &sp, prompt, n_prompt,
-                  o->steps);
+    else if (!strcmp(mode, "chat")) chat(t, tok, &sp, echo, o);
+    else generate(t, has_tokenizer ? tok : NULL, &sp, prompt, n_prompt, echo, o);
     if (out_path) close_output(&out);   // after ppl's result is printed, whatever becomes of it
     free_sampler(&sp);
 }
@@ -3285,11 +3651,19 @@ int main(int argc, char **argv) {
         die("%s has no tokenizer, which -m %s needs; re-export it", o.model_path, mode);
     size_t n_prompt = 0;
     int *prompt = NULL;
-    if (mode_reads_prompt(mode)) prompt = prompt_ids(&o, &tok, has_tokenizer, &mf, &n_prompt);
+    char *prompt_text = NULL;   // the prompt as given, for generate's echo
+    if (mode_reads_prompt(mode))
+        prompt = prompt_ids(&o, &tok, has_tokenizer, &mf, &n_prompt, &prompt_text);
+    if (!strcmp(mode, "chat") && (o.input || o.input_path))
+        prompt_text = chat_document(&o, &tok, &n_prompt);
+    o.shown_text = prompt_text;
     if (!strcmp(mode, "tokenize")) {
-        print_ids(prompt, n_prompt);
+        if (o.pieces && !has_tokenizer) die("%s has no tokenizer to spell pieces", o.model_path);
+        if (o.pieces) print_pieces(&tok, prompt, n_prompt);
+        else print_ids(prompt, n_prompt);
         finish_stdout();
         free(prompt);
+        free(prompt_text);
         tokenizer_free(&tok);
         close_model_file(&mf);
         return 0;
@@ -3298,7 +3672,7 @@ int main(int argc, char **argv) {
     if (mf.header->n_layers == 0)
         die("%s is a tokenizer-only file: it can only -m tokenize", o.model_path);
     if (!strcmp(mode, "ppl") && n_prompt < 2) die("perplexity needs a text of at least 2 tokens");
-    size_t context = context_slots(&o, mf.header, n_prompt);
+    size_t context = context_slots(&o, rope_reach(&mf, o.model_path, &o.rope), n_prompt);
     int chunk = chunk_size(&o, n_prompt, context);
     int all_logits = !strcmp(mode, "logits") || !strcmp(mode, "ppl");
     Transformer t = {0};
@@ -3306,13 +3680,19 @@ int main(int argc, char **argv) {
     check_prompt_fits(&t, mode, n_prompt);
     t.reference = o.reference;
     print_model_summary(&t, o.model_path);
+    print_sampling(&o);
+    if (o.rope.scaling && !o.rope.factor && t.config.layers[0].rope_type != ROPE_DEFAULT)
+        fprintf(stderr, "RoPE factor %g = -c %ld / %u, the original context (no --rope-factor)\n",
+                t.config.layers[0].factor, o.context, t.config.layers[0].orig_ctx);
     if (t.reference)
         fprintf(stderr, "blocks: the plain reference loops (--reference), not the kernels\n");
     catch_signals();
-    run_mode(&t, &o, &tok, has_tokenizer, prompt, n_prompt);
+    int echo = !strcmp(mode, "chat") || !(o.no_echo || o.input_is_ids);
+    run_mode(&t, &o, &tok, has_tokenizer, prompt, n_prompt, echo ? prompt_text : NULL);
     finish_stdout();
     free_transformer(&t);
     free(prompt);
+    free(prompt_text);
     if (has_tokenizer) tokenizer_free(&tok);
     close_model_file(&mf);
     return 0;

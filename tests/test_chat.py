@@ -102,6 +102,47 @@ def test_chat_text_output_is_the_decoded_reply(smol):
     assert r_txt.stdout == want
 
 
+DOC = ("The Rhine is a river that begins in the Swiss Alps, flows through Lake Constance, forms part of "
+       "the border between Germany and France, and reaches the North Sea in the Netherlands. It is about "
+       "1,230 kilometres long.")
+
+
+def test_chat_with_a_document(smol, tmp_path):
+    """-m chat -f FILE (and --show-prompt): the document opens the first user message, a blank line before the first
+    question from stdin. The question is typed over two lines (a trailing backslash continues it)
+    with an arrow key's escape sequence in it, which is dropped. Turn 1 must equal HF generate() on
+    the template of that message; the end-of-turn token is not counted in the stats."""
+    model, tok, hf = smol
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    question = "Where does the river end?\nAnswer in one sentence."
+    typed = "Where does the \x1b[Ariver end?\\\nAnswer in one\x1b[D sentence.\nHow long is it?\n"
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": DOC + "\n\n" + question}]
+    ids = template_ids(tok, messages)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=STEPS, eos_token_id=eos,
+                          pad_token_id=eos)
+    reply = out[0, len(ids):].tolist()
+    assert reply[-1] == eos, "HF's reply does not end within STEPS tokens"
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOC)
+    r = run(model, "-m", "chat", "-f", doc, "-t", 0, "--ids", "--system", SYSTEM, "-n", STEPS, "--show-prompt",
+            input=typed)
+    # --show-prompt: the rendered turn and the ids the model reads, HF's template ids
+    shown = re.search(r"--- the model reads \((\d+) tokens\) ---\n(.*?)\n--- as ids ---\n([\d ]+)\n", r.stderr, re.S)
+    assert shown and [int(x) for x in shown.group(3).split()] == ids, r.stderr
+    assert shown.group(2) == tok.decode(ids), shown.group(2)
+    lines = r.stdout.split("\n")
+    assert len(lines) == 3, r.stdout
+    assert [int(x) for x in lines[0].split()] == reply[:-1], (tok.decode(reply), lines[0])
+    fed = [int(n) for n in re.findall(r"^prompt (\d+) tokens", r.stderr, re.M)]
+    assert fed[0] == len(ids), r.stderr
+    counted = [int(n) for n in re.findall(r"decode [\d.]+ tok/s \((\d+) tokens\)", r.stderr)]
+    assert counted[0] == len(reply) - 1, r.stderr
+    # -i TEXT is the same document
+    r_i = run(model, "-m", "chat", "-i", DOC, "-t", 0, "--ids", "--system", SYSTEM, "-n", STEPS, input=typed)
+    assert r_i.stdout == r.stdout
+
+
 # A conversation that overflows a 128-slot context at turn 2's prompt: turn 1 and its reply are
 # short, turn 2 is long, turns 3 and 4 go on through the window.
 FULL_CONTEXT, FULL_STEPS = 128, 30

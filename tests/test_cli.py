@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import ROOT, RUN, export, need, run
+from conftest import ROOT, RUN, export, need, run, tiny_llama
 
 PROMPT = "Once upon a time"
 COUNT = "1, 2, 3, 4, 5, 6, 7, 8,"
@@ -79,6 +79,10 @@ ACCEPTED = {
     "--repeat-last-n": ["--repeat-last-n", "8", "-i", PROMPT, "-n", "2"],
     "-s": ["-s", "42", "-i", PROMPT, "-n", "2"],
     "--system": ["-m", "chat", "--system", "Be brief.", "-n", "2"],
+    "--no-echo": ["--no-echo", "-i", PROMPT, "-n", "2"],
+    "--stop": ["--stop", ".", "-i", PROMPT, "-n", "2"],
+    "--show-prompt": ["--show-prompt", "-i", PROMPT, "-n", "2"],
+    "--pieces": ["-m", "tokenize", "--pieces", "-i", PROMPT],
     "-c": ["-c", "64", "-i", PROMPT, "-n", "2"],
     "--chunk": ["--chunk", "2", "-i", PROMPT, "-n", "2"],
     "--threads": ["--threads", "1", "-i", PROMPT, "-n", "2"],
@@ -112,6 +116,7 @@ ACCEPTED = {
     "--yarn-attn-factor": ["--rope-scaling", "yarn", "--rope-factor", "4", "--yarn-attn-factor", "1.2", "-i", PROMPT, "-n", "2"],
     "-h": ["-h"],
     "--help": ["--help"],
+    "--version": ["--version"],
 }
 
 
@@ -133,7 +138,8 @@ def test_every_option_is_accepted(model, tmp_path):
         extra = {"chat": [], "logits": ["--logits-out", logits_file, "-i", "1 2"],
                  "passkey": ["--passkey-len", "100", "--passkey-depth", "1", "--passkey-trials", "1"],
                  "bench": ["--bench-pp", "8", "--bench-tg", "2", "-r", "1"]}.get(mode, ["-i", PROMPT])
-        r = run(model, "-m", mode, "-n", "2", *extra, input="Hi\n")
+        steps = ["-n", "2"] if mode in ("generate", "chat") else []
+        r = run(model, "-m", mode, *steps, *extra, input="Hi\n")
         assert r.returncode == 0
 
 
@@ -195,7 +201,7 @@ BAD = [
     ["-i", PROMPT, "--chunk", "0"], ["-i", PROMPT, "--chunk", "-1"],
     ["-m", "bogus", "-i", PROMPT], ["-m", "Generate", "-i", PROMPT],
     ["-i", PROMPT, "-f", "/dev/null"], [], ["-n", "5"],
-    ["-m", "logits", "-i", "1 2 3"], ["-m", "chat", "-i", "hello"], ["-m", "chat", "-f", "-"],
+    ["-m", "logits", "-i", "1 2 3"], ["-m", "chat", "-i", "hello", "-f", "x.txt"], ["-m", "chat", "-f", "-"],
     ["-i", PROMPT, "--sinks", "4"], ["-i", PROMPT, "--window", "0"], ["-i", PROMPT, "--sinks", "-1", "--window", "8"],
     ["-i", PROMPT, "--window", "8", "-c", "64"], ["-i", PROMPT, "--lminf-limit", "50"],
     ["-i", PROMPT, "--kv-type", "q4"], ["-i", PROMPT, "--kv-type", "F16"],
@@ -262,3 +268,149 @@ def test_prompt_file_errors_exit_1(model, tmp_path):
         assert r.stdout == ""
         lines = r.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and what in lines[0], r.stderr
+
+
+def option_table():
+    """run.c's option_table: {flag: set of modes it applies to}."""
+    src = open(os.path.join(ROOT, "run.c")).read()
+    body = src[src.index("static const OptionInfo option_table[]"):]
+    body = body[:body.index("};")]
+    return {flag: modes for flag, modes in re.findall(r'\{ "(-[^"]+)", [01], ([^}]+) \}', body)}
+
+
+# Options given to a mode they do not apply to: (the run, the misplaced option)
+MISPLACED = [
+    (["-i", PROMPT], ["--system", "Be brief."]), (["-m", "chat"], ["--ppl-csv", "x.csv"]),
+    (["-i", PROMPT], ["--logits-out", "x.f32"]), (["-m", "ppl", "-i", PROMPT], ["--passkey-len", "100"]),
+    (["-m", "passkey"], ["--bench-pp", "8"]), (["-i", PROMPT], ["--bench-depth", "0"]), (["-i", PROMPT], ["--json"]),
+    (["-m", "ppl", "-i", PROMPT], ["-t", "0"]), (["-m", "logits", "--logits-out", "x.f32", "-i", "1 2"], ["-k", "3"]),
+    (["-m", "tokenize", "-i", PROMPT], ["--min-p", "0.1"]), (["-m", "tokenize", "-i", PROMPT], ["-n", "3"]),
+    (["-m", "bench"], ["-s", "3"]), (["-m", "ppl", "-i", PROMPT], ["--bos"]), (["-m", "tokenize", "-i", PROMPT], ["-c", "64"]),
+    (["-m", "tokenize", "-i", PROMPT], ["--window", "8"]), (["-i", PROMPT], ["--ppl-tokens", "4"]), (["-i", PROMPT], ["-r", "2"]),
+]
+
+
+@pytest.mark.parametrize("where,option", MISPLACED, ids=[" ".join(w + o) for w, o in MISPLACED])
+def test_an_option_outside_its_modes_is_refused(model, where, option):
+    mode = where[where.index("-m") + 1] if "-m" in where else "generate"
+    for args in (where + option, option + where):   # wherever it stands
+        r = raw(model, *args, input="")
+        assert r.returncode == 2 and r.stdout == "", r.stderr
+        assert r.stderr.startswith(f"error: {option[0]} does not apply to -m {mode} (only to "), r.stderr
+        assert len(r.stderr.splitlines()) == 1
+
+
+def test_the_option_table_covers_the_parser():
+    """Every option the parser knows has a row in option_table (which modes it applies to); the
+    runs of test_every_option_is_accepted show each is accepted where ACCEPTED uses it."""
+    assert set(option_table()) == parser_flags() - {"-h", "--help", "--version"}
+
+
+def test_version_wherever_it_stands(model):
+    src = open(os.path.join(ROOT, "run.c")).read()
+    version = re.search(r'#define LONGRUN_VERSION "([^"]+)"', src).group(1)
+    for args in [("--version",), (model, "--version"), (model, "-i", PROMPT, "--version"), ("x", "-n", "3", "--version")]:
+        r = raw(*args)
+        assert r.returncode == 0 and r.stdout == f"longrun {version}\n" and r.stderr == "", (args, r)
+
+
+def test_sampling_runs_print_their_seed(model):
+    """The start-up block names the seed of a sampled run, and -s with it repeats the run."""
+    r = run(model, "-i", PROMPT, "-n", 12, "-t", 1.0)
+    seed = re.search(r"^sampling: seed (\d+) ", r.stderr, re.M)
+    assert seed, r.stderr
+    again = run(model, "-i", PROMPT, "-n", 12, "-t", 1.0, "-s", seed.group(1))
+    assert again.stdout == r.stdout and f"seed {seed.group(1)} " in again.stderr
+    assert "sampling: greedy" in run(model, "-i", PROMPT, "-n", 2, "-t", 0).stderr
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random 2-layer Llama trained for 128 positions, f32."""
+    d = tmp_path_factory.mktemp("tiny")
+    return export(tiny_llama(d / "hf"), d / "f32.bin", "f32")
+
+
+def test_rope_scaling_raises_the_default_context(tiny):
+    """--rope-scaling yarn --rope-factor 4 is meant for 4 x 128 positions: a 300-token prompt fits
+    without -c, as the banner says; unscaled, the trained 128 refuse it."""
+    ids = " ".join(str(i % 250 + 3) for i in range(300))
+    r = run(tiny, "--ids", "-i", ids, "-n", 2, "-t", 0, check=False)
+    assert r.returncode == 1 and "does not fit in a context of 128" in r.stderr, r.stderr
+    r = run(tiny, "--ids", "-i", ids, "-n", 2, "-t", 0, "--rope-scaling", "yarn", "--rope-factor", 4)
+    assert "meant for 512 tokens" in r.stderr and "context 302 tokens" in r.stderr, r.stderr
+    assert len(ids_of(r)) == 2
+
+
+@pytest.mark.parametrize("scaling", ["yarn", "linear", "dynamic", "llama3"])
+def test_rope_scaling_without_a_factor_is_never_x1(tiny, scaling):
+    """A new --rope-scaling without --rope-factor takes S = -c / L0 and says so, or is refused."""
+    r = run(tiny, "--ids", "-i", "5 6 7", "-n", 2, "--rope-scaling", scaling, check=False)
+    assert r.returncode == 1 and f"--rope-scaling {scaling} needs --rope-factor" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1
+    r = run(tiny, "--ids", "-i", "5 6 7", "-n", 2, "--rope-scaling", scaling, "-c", 384)
+    assert f"RoPE {scaling} x3 from 128" in r.stderr and "RoPE factor 3 = -c 384 / 128" in r.stderr, r.stderr
+    # --rope-scaling none needs no factor
+    run(tiny, "--ids", "-i", "5 6 7", "-n", 2, "--rope-scaling", "none")
+
+
+def test_generate_echoes_the_prompt(model):
+    """Text out: the prompt, then its continuation (as llama.cpp and llama2.c print); --no-echo
+    prints the continuation alone; --ids prints only the generated ids."""
+    echoed = run(model, "-i", PROMPT, "-n", 8, "-t", 0).stdout
+    alone = run(model, "-i", PROMPT, "-n", 8, "-t", 0, "--no-echo").stdout
+    assert echoed == PROMPT + alone and alone.strip()
+    ids = run(model, "-m", "tokenize", "-i", PROMPT).stdout
+    assert len(ids_of(run(model, "--ids", "-i", ids, "-n", 3, "-t", 0))) == 3
+
+
+def test_stop_strings_end_the_reply_unprinted(model):
+    full = run(model, "-i", COUNT, "-n", 16, "-t", 0, "--no-echo").stdout
+    assert full.startswith(" 9, 10, 11,"), full
+    r = run(model, "-i", COUNT, "-n", 16, "-t", 0, "--no-echo", "--stop", "11", "--stop", "never")
+    assert r.stdout == " 9, 10, \n", r.stdout
+    assert re.search(r"decode .* \((\d+) tokens\)", r.stderr).group(1) == str(len(ids_of(
+        run(model, "-m", "tokenize", "-i", COUNT + " 9, 10, 11")))
+        - len(ids_of(run(model, "-m", "tokenize", "-i", COUNT))))
+
+
+def test_a_slow_prefill_shows_progress(model):
+    """Progress on stderr once prefill has taken 2 s, however short the prompt."""
+    text = " ".join(f"{i}," for i in range(1, 80))    # ~160 tokens, one at a time on one thread
+    r = run(model, "-i", text, "-n", 1, "--chunk", 1, "--threads", 1)
+    took = float(re.search(r"first token after ([\d.]+) s", r.stderr).group(1))
+    assert took > 2.5, f"prefill took only {took} s: make the prompt longer"
+    assert re.search(r"prefill \d+ / \d+ tokens, \d+ tok/s", r.stderr), r.stderr
+
+
+def test_tokenize_pieces_spell_each_token(model, smollm2_gguf):
+    """--pieces: one line per id with its text, bytes escaped; each piece is HF's decode of that id."""
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf))
+    text = 'Say "hi"\n\tto C:\\dir, caf\u00e9.'
+    ids = hf.encode(text, add_special_tokens=False)
+    lines = run(model, "-m", "tokenize", "--pieces", "-i", text).stdout.splitlines()
+    assert [int(line.split("\t")[0]) for line in lines] == ids
+    for line, i in zip(lines, ids):
+        quoted = line.split("\t", 1)[1]
+        assert quoted[0] == quoted[-1] == '"'
+        got = quoted[1:-1].encode().decode("unicode_escape").encode("latin-1")   # \xNN are bytes
+        assert got == hf.decode([i]).encode("utf-8") or got.decode("utf-8", "replace") == hf.decode([i]), (line, i)
+
+
+def test_show_prompt_prints_what_generate_reads(model):
+    r = run(model, "-i", PROMPT, "-n", 1, "-t", 0, "--show-prompt")
+    ids = run(model, "-m", "tokenize", "-i", PROMPT).stdout.strip()   # SmolLM2 adds no BOS
+    assert f"--- the model reads (4 tokens) ---\n{PROMPT}\n--- as ids ---\n{ids}\n---\n" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("window", [["--lminf"], ["--sinks", "4", "--window", "100"]])
+def test_a_windowed_cache_holds_only_what_the_run_reaches(tiny, window):
+    """--lminf and --window size each layer's ring to the run's reach (prompt + -n), not the whole
+    window: 2 layers x (sinks + 5) slots for 3 prompt ids and -n 2; -n 300 gets the whole ring."""
+    sinks = 10 if window == ["--lminf"] else 4
+    r = run(tiny, "--ids", "-i", "5 6 7", "-n", 2, "-t", 0, *window)
+    assert f"{2 * (sinks + 5)} slots in all" in r.stderr, r.stderr
+    ring = (128 if window == ["--lminf"] else 100) + 3 - 1   # window + chunk - 1
+    r = run(tiny, "--ids", "-i", "5 6 7", "-n", 300, "-t", 0, *window)
+    assert f"{2 * (sinks + ring)} slots in all" in r.stderr, r.stderr
