@@ -756,27 +756,6 @@ def test_refusals(base_model, parity_models, tmp_path):
     assert "attention_factor" in msg
 
 
-def test_phi3_style_tokenizer_is_refused_clearly(parity_models, tmp_path):
-    """Phi-3's tokenizer.json (Llama 2 SentencePiece + <|user|>, <|assistant|>, <|end|> ... with
-    rstrip: true) needs rstrip, which tokenizer.c does not do: one error line says so."""
-    d = parity_models("phi3_default_window")[0]
-    src = tmp_path / "phi3_tok"
-    shutil.copytree(d / "hf", src)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
-    tok = {"version": "1.0", "model": {"type": "BPE", "vocab": vocab, "merges": [], "byte_fallback": True,
-                                       "unk_token": "<unk>", "fuse_unk": True},
-           "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
-                                                              {"type": "Replace", "pattern": {"String": " "},
-                                                               "content": "\u2581"}]},
-           "pre_tokenizer": None,
-           "added_tokens": [{"id": 0, "content": "<unk>", "special": True},
-                            {"id": 259, "content": "<|endoftext|>", "special": True},
-                            {"id": 260, "content": "<|assistant|>", "special": True, "rstrip": True}]}
-    json.dump(tok, open(src / "tokenizer.json", "w"))
-    msg = export_error(src, tmp_path)
-    assert "rstrip" in msg
-
-
 # --- GGUF ----------------------------------------------------------------------------------
 
 def gguf_meta(**keys):
