@@ -685,13 +685,15 @@ static TileQueries load_tile(float *qt, float *qs, const float *q, const float *
     int H = c->head_dim;
     int group = c->n_heads / c->n_kv_heads;
     TileQueries tq = {.lo_all = SIZE_MAX, .hi_all = 0};
+    int has_sinks = kv->layers[layer].n_sink > 0;   // else q_sink is never read
     for (int k = 0; k < ATT_QT; k++) {
         int qi = first + min_int(k, nq - 1);
         int t = qi / group;
         int h = g * group + qi % group;
         size_t at = (size_t)t * c->q_dim + (size_t)h * H;
         for (int i = 0; i < H; i++) qt[i * ATT_QT + k] = q[at + i];
-        for (int i = 0; i < H; i++) qs[i * ATT_QT + k] = q_sink[at + i];
+        if (has_sinks)
+            for (int i = 0; i < H; i++) qs[i * ATT_QT + k] = q_sink[at + i];
         VisibleKeys vis = visible_keys(kv, layer, pos0 + (size_t)t);
         tq.pos[k] = (int64_t)vis.pos;
         tq.lo[k] = (int64_t)vis.lo;

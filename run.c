@@ -669,10 +669,22 @@ static size_t cache_capacity(const KVCache *kv, int n_layers) {
 
 // Bytes of one slot: kv_dim values in the cache's type (q8: int8s, then a float scale per
 // kv head).
-static size_t kv_row_bytes(KVType type, const Config *c) {
-    if (type == KV_F32) return (size_t)c->kv_dim * sizeof(float);
-    if (type == KV_F16) return (size_t)c->kv_dim * sizeof(uint16_t);
-    return (size_t)c->kv_dim + (size_t)c->n_kv_heads * sizeof(float);   // q8
+static size_t kv_row_bytes(KVType type, size_t kv_dim, int n_kv_heads) {
+    if (type == KV_F32) return kv_dim * sizeof(float);
+    if (type == KV_F16) return kv_dim * sizeof(uint16_t);
+    return kv_dim + (size_t)n_kv_heads * sizeof(float);   // q8
+}
+
+// Store keys and values as `type` from now on: the same slots, new (empty) storage (bench
+// sweeps --kv-type over one cache).
+static void kv_retype(KVCache *kv, KVType type) {
+    if (kv->type == type) return;
+    free(kv->key);
+    free(kv->value);
+    kv->type = type;
+    kv->row_bytes = kv_row_bytes(type, kv->kv_dim, kv->n_kv_heads);
+    kv->key = xcalloc(kv->n_slots, kv->row_bytes, "the KV cache");
+    kv->value = xcalloc(kv->n_slots, kv->row_bytes, "the KV cache");
 }
 
 // Store one slot's row x (kv_dim) in the cache's type. q8: per kv head, int8 q = round(x / d)
@@ -1397,7 +1409,7 @@ static void build_cache(KVCache *kv, const Config *c, const AttnOptions *a, size
     kv->n_kv_heads = c->n_kv_heads;
     kv->head_dim = c->head_dim;
     kv->kv_dim = (size_t)c->kv_dim;
-    kv->row_bytes = kv_row_bytes(kv->type, c);
+    kv->row_bytes = kv_row_bytes(kv->type, kv->kv_dim, kv->n_kv_heads);
     kv->layers = xcalloc(c->n_layers, sizeof(LayerSlots), "the KV cache");
     kv->n_slots = 0;
     kv->max_T = max_T;
@@ -1422,8 +1434,13 @@ static void build_cache(KVCache *kv, const Config *c, const AttnOptions *a, size
     kv->sink_value = xcalloc(sinks, sizeof(float), "the sink values");
 }
 
+// The longest row a matmul reads: the scratch for one dequantized weight row is this long.
+static size_t widest_row(const Config *c) {
+    return max_size(max_size(c->dim, c->hidden_dim), c->q_dim);
+}
+
 static void build_state(RunState *s, const Config *c, int max_T, int all_logits) {
-    size_t widest = max_size(max_size(c->dim, c->hidden_dim), c->q_dim);
+    size_t widest = widest_row(c);
     size_t T = (size_t)max_T;
     s->max_T = max_T;
     s->n_logit_rows = all_logits ? max_T : 1;
@@ -1463,6 +1480,14 @@ static void build_transformer(Transformer *t, const ModelFile *mf, const char *p
     resolve_attention_options(attn, &t->config);
     build_cache(&t->cache, &t->config, attn, context, max_T);
     build_state(&t->state, &t->config, max_T, all_logits);
+}
+
+// Run on n threads from now on: the kernels' scratch, one slice per thread, is sized again.
+static void use_threads(Transformer *t, int n) {
+    const Config *c = &t->config;
+    set_threads(n);
+    free_kernel_work(t->state.kernels);
+    t->state.kernels = new_kernel_work(widest_row(c), t->state.max_T, c->head_dim, c->n_heads);
 }
 
 static void free_transformer(Transformer *t) {
@@ -2047,52 +2072,40 @@ static int stop_check(StopWatch *w, int print_text, FILE *out) {
 
 // Sample up to steps tokens (-1: no limit) after logits, printing each and feeding it back at
 // *pos. Stops at the model's end-of-text or end-of-turn token (not fed back, not counted; known
-// only with a tokenizer), a stop string (w, may be NULL), a full cache or Ctrl-C. Prints text
-// through the tokenizer's stream, or ids. Returns the number of tokens sampled. Output: out.
-static int decode_until(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp,
-                        float *logits, size_t *pos, int steps, FILE *out, StopWatch *w) {
+// only with a tokenizer), one of the n_stops stop strings (held back, not printed), a full
+// cache or Ctrl-C. Prints text (through the stop-string watch) or ids to out. Returns the
+// number of tokens sampled.
+static int decode(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, float *logits,
+                  size_t *pos, int steps, FILE *out, const char *const *stops, int n_stops) {
     TokenStream stream;
+    StopWatch w = {.stops = stops, .n_stops = n_stops};
     print_text = print_text && tok;
-    if (tok) tokenizer_stream_init(&stream, tok, 0);
+    if (tok) {
+        tokenizer_stream_init(&stream, tok, 0);
+        w.mem = open_memstream(&w.text, &w.len);
+        if (!w.mem) die("out of memory");
+    }
     int generated = 0;
+    int stopped = 0;   // by a stop string, which stays unprinted
     while ((steps < 0 || generated < steps) && !interrupted) {
         int next = sample(sp, logits, t->config.vocab_size);
         if (tok && (next == tokenizer_eos_id(tok) || next == tokenizer_eot_id(tok))) break;
         generated++;
-        int stop = 0;
-        if (w) tokenizer_stream_put(&stream, next, w->mem);
-        if (w) stop = stop_check(w, print_text, out);
-        else if (print_text) tokenizer_stream_put(&stream, next, out);
+        if (tok) tokenizer_stream_put(&stream, next, w.mem);
+        if (tok) stopped = stop_check(&w, print_text, out);
         if (!print_text) fprintf(out, generated > 1 ? " %d" : "%d", next);
         if (fflush(out) != 0 || ferror(out)) die("cannot write the output: %s", strerror(errno));
-        if (stop) return generated;
+        if (stopped) break;
         sampler_accept(sp, next);
         if (!make_room(t, *pos, 1)) break;
         logits = forward(t, &next, 1, (*pos)++);   // fed back even when it is the last, so a chat
     }                                              // continues from a cache holding the whole reply
-    if (w && tok) tokenizer_stream_flush(&stream, w->mem);
-    if (w) fflush(w->mem);
-    if (w && print_text) fwrite(w->text + w->printed, 1, w->len - w->printed, out);
-    if (!w && print_text) tokenizer_stream_flush(&stream, out);
-    return generated;
-}
-
-static int decode(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, float *logits,
-                  size_t *pos, int steps, FILE *out) {
-    return decode_until(t, tok, print_text, sp, logits, pos, steps, out, NULL);
-}
-
-// One reply's decode with the run's --stop strings (none: plain decode()).
-static int decode_reply(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp,
-                        float *logits, size_t *pos, int steps, const char *const *stops,
-                        int n_stops) {
-    if (!n_stops || !tok) return decode(t, tok, print_text, sp, logits, pos, steps, stdout);
-    StopWatch w = {.stops = stops, .n_stops = n_stops};
-    w.mem = open_memstream(&w.text, &w.len);
-    if (!w.mem) die("out of memory");
-    int generated = decode_until(t, tok, print_text, sp, logits, pos, steps, stdout, &w);
-    fclose(w.mem);
-    free(w.text);
+    if (tok) {   // the text held back for a stop string that never came
+        if (!stopped) tokenizer_stream_flush(&stream, w.mem);
+        fclose(w.mem);
+        if (print_text && !stopped) fwrite(w.text + w.printed, 1, w.len - w.printed, out);
+        free(w.text);
+    }
     return generated;
 }
 
@@ -2124,8 +2137,8 @@ static void generate(Transformer *t, Tokenizer *tok, Sampler *sp, const int *pro
     float *logits = prefill(t, prompt, n_prompt, 0);
     double t1 = now_seconds();
     size_t pos = n_prompt;
-    int generated = decode_reply(t, tok, !o->input_is_ids, sp, logits, &pos, o->steps, o->stop,
-                                 o->n_stop);
+    int generated = decode(t, tok, !o->input_is_ids, sp, logits, &pos, o->steps, stdout, o->stop,
+                           o->n_stop);
     printf("\n");
     fflush(stdout);   // the text before the stats on stderr
     print_stats(n_prompt, t1 - t0, generated, now_seconds() - t1);
@@ -2183,13 +2196,12 @@ static size_t strip_escapes(char *s, size_t n) {
 
 // One user message from stdin: a line, or several joined when each but the last ends with a
 // backslash (the backslash is dropped, the newline kept). Returns its length, -1 at EOF.
-static ssize_t read_message(char **msg, size_t *cap, int interactive) {
+static ssize_t read_message(char **msg, int interactive) {
     char *line = NULL;
     size_t line_cap = 0, len = 0;
     ssize_t got;
     free(*msg);
     *msg = xcalloc(1, 1, "chat message");
-    *cap = 1;
     while ((got = getline(&line, &line_cap, stdin)) >= 0) {
         while (got > 0 && (line[got - 1] == '\n' || line[got - 1] == '\r')) line[--got] = 0;
         int more = got > 0 && line[got - 1] == '\\';
@@ -2233,13 +2245,13 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *doc, c
         die("this model has no known chat format; use -m generate");
     int interactive = isatty(fileno(stdin));
     char *msg = NULL;
-    size_t msg_cap = 0, pos = 0;
+    size_t pos = 0;
     for (int turn = 0;; turn++) {
         if (interactive) {
             fprintf(stderr, "> ");
             fflush(stderr);
         }
-        ssize_t got = read_message(&msg, &msg_cap, interactive);
+        ssize_t got = read_message(&msg, interactive);
         if (got < 0) break;
         check_utf8("this chat line", msg, (size_t)got, "the terminal or the file must send UTF-8");
         char *message = msg;
@@ -2266,8 +2278,8 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *doc, c
         double t1 = now_seconds();
         pos += n;
         free(ids);
-        int generated = decode_reply(t, tok, !o->input_is_ids, sp, logits, &pos, o->steps,
-                                     o->stop, o->n_stop);
+        int generated = decode(t, tok, !o->input_is_ids, sp, logits, &pos, o->steps, stdout,
+                               o->stop, o->n_stop);
         printf("\n");
         fflush(stdout);
         print_stats(n, t1 - t0, generated, now_seconds() - t1);
@@ -2332,44 +2344,6 @@ static double token_log_prob(const float *logits, int V, int target) {
     double sum = 0;
     for (int i = 0; i < V; i++) sum += expf(logits[i] - max);
     return (double)(logits[target] - max) - log(sum);
-}
-
-static int ascii_letter(unsigned char c) { return (c | 0x20) >= 'a' && (c | 0x20) <= 'z'; }
-
-// Whether text[0..p) can be tokenized alone as the start of text[0..len): p is a space
-// between two ASCII letters ("a b") and no special token spans it. Every pre-tokenizer of
-// byte-level BPE (GPT-2, SmolLM, Llama 3, Qwen2) ends a piece at the letter and starts the
-// next one at the space, and SentencePiece, when its merges never cross a word start, merges
-// each "▁"-word alone: the prefix's ids are then the first ids of the whole text.
-static int word_boundary(Tokenizer *tok, const char *text, size_t len, size_t p) {
-    const unsigned char *s = (const unsigned char *)text;
-    if (p == 0 || p + 1 >= len || s[p] != ' ' || !ascii_letter(s[p - 1]) ||
-        !ascii_letter(s[p + 1]))
-        return 0;
-    for (size_t i = p > 256 ? p - 256 : 0; i < p; i++) {   // a special token across p?
-        size_t n;
-        if (tok->special_start[s[i] + 1] > tok->special_start[s[i]] &&
-            match_special(tok, s + i, len - i, &n) >= 0 && i + n > p)
-            return 0;
-    }
-    return 1;
-}
-
-// The ids of text, or (want > 0) at least its first `want` ids: then only a prefix that ends
-// at a word boundary is tokenized, about 8 bytes a token, doubled until it holds enough, so
-// -m ppl --ppl-tokens N on a huge file costs what N tokens cost.
-static size_t encode_first_tokens(Tokenizer *tok, const char *text, size_t len, int add_bos,
-                                  size_t want, int **ids) {
-    int may_cut = want && (tok->kind == TOK_BYTE_BPE || tok->spm_word_id >= 0);
-    for (size_t cut = want * 8 + 1024; may_cut && cut < len && cut < SIZE_MAX / 4; cut *= 2) {
-        size_t p = cut;
-        while (p < len && !word_boundary(tok, text, len, p)) p++;
-        if (p >= len) break;
-        size_t n = tokenizer_encode(tok, text, p, add_bos, ids);
-        if (!*ids || n >= want) return n;
-        free(*ids);
-    }
-    return tokenizer_encode(tok, text, len, add_bos, ids);
 }
 
 // The standard error of a mean from the sum and sum of squares of n values: the sample
@@ -2695,7 +2669,7 @@ static void passkey(Transformer *t, Tokenizer *tok, const long *lengths, int n_l
                 FILE *out = open_memstream(&answer, &answer_len);   // the answer, as text
                 if (!out) die("out of memory");
                 pos = n;
-                decode(t, tok, 1, &greedy, logits, &pos, 8, out);
+                decode(t, tok, 1, &greedy, logits, &pos, 8, out, NULL, 0);
                 fclose(out);
                 int ok = strstr(answer, key) != NULL;
                 for (char *c = answer; *c; c++) *c = *c == '\n' ? ' ' : *c;   // one line per trial
@@ -2810,18 +2784,6 @@ static void print_fields(const Field *f, int n, int json, int names) {
     }
 }
 
-// Store keys and values as `type` from now on: the same slots, new (empty) storage.
-static void retype_cache(Transformer *t, int type) {
-    KVCache *kv = &t->cache;
-    if ((int)kv->type == type) return;
-    free(kv->key);
-    free(kv->value);
-    kv->type = (KVType)type;
-    kv->row_bytes = kv_row_bytes(kv->type, &t->config);
-    kv->key = xcalloc(kv->n_slots, kv->row_bytes, "the KV cache");
-    kv->value = xcalloc(kv->n_slots, kv->row_bytes, "the KV cache");
-}
-
 // One test, timed `reps` times after one warm-up run that is not counted (as llama-bench's:
 // ppN runs whole, tgN one token): the first call pays for page faults and waking threads.
 // tokens/s as mean and sample sd.
@@ -2900,19 +2862,12 @@ static void bench_footer(const BenchOut *b, const Transformer *t, const int *kv_
     for (int i = 0; i < b->n_config; i++)
         printf("%s%s %s", i ? ", " : "", b->config[i].name, b->config[i].value);
     printf("\nKV cache");
-    for (int i = 0; i < n_kv; i++)
+    for (int i = 0; i < n_kv; i++) {
+        size_t row = kv_row_bytes((KVType)kv_types[i], t->cache.kv_dim, t->cache.n_kv_heads);
         printf("%s %s %zu bytes/token", i ? "," : "", kv_type_names[kv_types[i]],
-               (size_t)2 * t->config.n_layers * kv_row_bytes((KVType)kv_types[i], &t->config));
+               (size_t)2 * t->config.n_layers * row);
+    }
     printf("; peak RSS %.0f MB\n", peak_rss_mb());
-}
-
-// Run on n threads: the kernels' scratch, one slice per thread, is sized again for them.
-static void bench_threads(Transformer *t, int n) {
-    const Config *c = &t->config;
-    size_t widest = max_size(max_size(c->dim, c->hidden_dim), c->q_dim);
-    set_threads(n);
-    free_kernel_work(t->state.kernels);
-    t->state.kernels = new_kernel_work(widest, t->state.max_T, c->head_dim, c->n_heads);
 }
 
 // Every --threads value's tests at one depth.
@@ -2920,7 +2875,7 @@ static void bench_depth(Transformer *t, BenchOut *b, const int *ids, size_t dept
     const Options *o = b->o;
     int threads = n_threads();
     for (int ti = 0; ti < (o->n_threads_list ? o->n_threads_list : 1); ti++) {
-        bench_threads(t, o->n_threads_list ? (int)o->threads_list[ti] : threads);
+        use_threads(t, o->n_threads_list ? (int)o->threads_list[ti] : threads);
         for (int tg = 0; tg < 2; tg++)
             for (int i = 0; i < (tg ? o->n_bench_tg : o->n_bench_pp); i++) {
                 size_t n = (size_t)(tg ? o->bench_tg[i] : o->bench_pp[i]);
@@ -2949,7 +2904,7 @@ static void bench(Transformer *t, const Options *o) {
     b.n_config = bench_config(t, o, b.config);
     bench_header(&b);
     for (int ki = 0; ki < n_kv; ki++) {
-        retype_cache(t, kv_types[ki]);
+        kv_retype(&t->cache, (KVType)kv_types[ki]);
         for (int di = 0; di < o->n_bench_depth; di++) {
             size_t depth = (size_t)o->bench_depth[di];
             for (size_t i = 0; i < max_len + 1; i++)
@@ -3551,7 +3506,8 @@ static int *prompt_ids(const Options *o, Tokenizer *tok, int has_tokenizer, cons
         check_utf8("the prompt", text, len,
                    "convert it (iconv -t UTF-8), or give token ids with --ids");
         int add_bos = o->bos || (strcmp(o->mode, "tokenize") && tokenizer_add_bos(tok));
-        *n_prompt = encode_first_tokens(tok, text, len, add_bos, (size_t)o->ppl_tokens, &prompt);
+        size_t want = (size_t)o->ppl_tokens;
+        *n_prompt = tokenizer_encode_first(tok, text, len, add_bos, want, &prompt);
         if (!prompt) die("out of memory tokenizing the prompt");
     }
     *text_out = text;
@@ -3614,8 +3570,9 @@ static void print_sampling(const Options *o) {
 }
 
 // Run the chosen mode on a built transformer.
+// text: generate's prompt as given (echoed unless --no-echo or --ids), or chat's document.
 static void run_mode(Transformer *t, const Options *o, Tokenizer *tok, int has_tokenizer,
-                     const int *prompt, size_t n_prompt, const char *echo) {
+                     const int *prompt, size_t n_prompt, const char *text) {
     const char *mode = o->mode;
     const char *inputs[] = {o->model_path, o->input_path};
     const char *out_path = NULL;   // the run's output file, if it has one
@@ -3632,8 +3589,9 @@ static void run_mode(Transformer *t, const Options *o, Tokenizer *tok, int has_t
                 o->passkey_trials, o->seed);
     else if (!strcmp(mode, "bench"))
         bench(t, o);
-    else if (!strcmp(mode, "chat")) chat(t, tok, &sp, echo, o);
-    else generate(t, has_tokenizer ? tok : NULL, &sp, prompt, n_prompt, echo, o);
+    else if (!strcmp(mode, "chat")) chat(t, tok, &sp, text, o);
+    else generate(t, has_tokenizer ? tok : NULL, &sp, prompt, n_prompt,
+                  o->no_echo || o->input_is_ids ? NULL : text, o);
     if (out_path) close_output(&out);   // after ppl's result is printed, whatever becomes of it
     free_sampler(&sp);
 }
@@ -3651,7 +3609,7 @@ int main(int argc, char **argv) {
         die("%s has no tokenizer, which -m %s needs; re-export it", o.model_path, mode);
     size_t n_prompt = 0;
     int *prompt = NULL;
-    char *prompt_text = NULL;   // the prompt as given, for generate's echo
+    char *prompt_text = NULL;   // the prompt as given: generate's echo, chat's document
     if (mode_reads_prompt(mode))
         prompt = prompt_ids(&o, &tok, has_tokenizer, &mf, &n_prompt, &prompt_text);
     if (!strcmp(mode, "chat") && (o.input || o.input_path))
@@ -3687,8 +3645,7 @@ int main(int argc, char **argv) {
     if (t.reference)
         fprintf(stderr, "blocks: the plain reference loops (--reference), not the kernels\n");
     catch_signals();
-    int echo = !strcmp(mode, "chat") || !(o.no_echo || o.input_is_ids);
-    run_mode(&t, &o, &tok, has_tokenizer, prompt, n_prompt, echo ? prompt_text : NULL);
+    run_mode(&t, &o, &tok, has_tokenizer, prompt, n_prompt, prompt_text);
     finish_stdout();
     free_transformer(&t);
     free(prompt);

@@ -32,6 +32,10 @@
 //   size_t tokenizer_encode_continued(Tokenizer *t, const char *text, size_t len, int **ids)
 //       the same for a text that goes on from one encoded before (a chat turn): no BOS, and
 //       SentencePiece adds no dummy prefix to its first run of text.
+//   size_t tokenizer_encode_first(Tokenizer *t, const char *text, size_t len, int add_bos,
+//                                 size_t want, int **ids)
+//       at least the first `want` ids of text (all of them when want is 0), tokenizing only
+//       a prefix of a long text when a word boundary makes that exact.
 //   size_t tokenizer_decode(const Tokenizer *t, const int *ids, size_t n, char **out)
 //       the exact bytes (special tokens as their text), malloc'd and NUL-terminated.
 //   TokenStream: tokenizer_stream_init / _put / _flush print token by token, holding back an
@@ -1119,6 +1123,44 @@ size_t tokenizer_encode(Tokenizer *t, const char *text, size_t len, int add_bos,
 // HF encodes the whole conversation at once. Byte-level BPE encodes it as tokenizer_encode.
 size_t tokenizer_encode_continued(Tokenizer *t, const char *text, size_t len, int **ids) {
     return encode_text(t, text, len, 0, 1, ids);
+}
+
+static int ascii_letter(unsigned char c) { return (c | 0x20) >= 'a' && (c | 0x20) <= 'z'; }
+
+// Whether text[0..p) can be tokenized alone as the start of text[0..len): p is a space
+// between two ASCII letters ("a b") and no special token spans it. Every pre-tokenizer of
+// byte-level BPE (GPT-2, SmolLM, Llama 3, Qwen2) ends a piece at the letter and starts the
+// next one at the space, and SentencePiece, when its merges never cross a word start, merges
+// each "▁"-word alone: the prefix's ids are then the first ids of the whole text.
+static int word_boundary(Tokenizer *tok, const char *text, size_t len, size_t p) {
+    const unsigned char *s = (const unsigned char *)text;
+    if (p == 0 || p + 1 >= len || s[p] != ' ' || !ascii_letter(s[p - 1]) ||
+        !ascii_letter(s[p + 1]))
+        return 0;
+    for (size_t i = p > 256 ? p - 256 : 0; i < p; i++) {   // a special token across p?
+        size_t n;
+        if (tok->special_start[s[i] + 1] > tok->special_start[s[i]] &&
+            match_special(tok, s + i, len - i, &n) >= 0 && i + n > p)
+            return 0;
+    }
+    return 1;
+}
+
+// The ids of text, or (want > 0) at least its first `want` ids: then only a prefix that ends
+// at a word boundary is tokenized, about 8 bytes a token, doubled until it holds enough, so
+// -m ppl --ppl-tokens N on a huge file costs what N tokens cost.
+size_t tokenizer_encode_first(Tokenizer *tok, const char *text, size_t len, int add_bos,
+                              size_t want, int **ids) {
+    int may_cut = want && (tok->kind == TOK_BYTE_BPE || tok->spm_word_id >= 0);
+    for (size_t cut = want * 8 + 1024; may_cut && cut < len && cut < SIZE_MAX / 4; cut *= 2) {
+        size_t p = cut;
+        while (p < len && !word_boundary(tok, text, len, p)) p++;
+        if (p >= len) break;
+        size_t n = tokenizer_encode(tok, text, p, add_bos, ids);
+        if (!*ids || n >= want) return n;
+        free(*ids);
+    }
+    return tokenizer_encode(tok, text, len, add_bos, ids);
 }
 
 // ----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import export, run
+from conftest import export, run, tiny_llama
 
 PPL_VALUE = r"perplexity ([0-9.]+) .*over (\d+) predicted tokens \(mean NLL ([0-9.]+)"
 PPL_LINE = r"perplexity ([0-9.]+) ± ([0-9.]+) over (\d+) predicted tokens \(mean NLL ([0-9.]+) ± ([0-9.]+)\)"
@@ -54,15 +54,11 @@ def test_ppl_tokens_tokenizes_only_a_prefix(smol, tmp_path):
 def tiny(tmp_path_factory):
     """A tiny random Llama with peaked logits (large init), exported at f32; 300 ids; HF's logits."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    torch.manual_seed(7)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=1024,
-                      initializer_range=0.2, rms_norm_eps=1e-5)
-    cfg._attn_implementation = "eager"
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    from transformers import AutoModelForCausalLM
     d = tmp_path_factory.mktemp("kl")
-    model.save_pretrained(d / "hf")
+    tiny_llama(d / "hf", max_position_embeddings=1024, initializer_range=0.2, rms_norm_eps=1e-5)
+    model = AutoModelForCausalLM.from_pretrained(d / "hf", dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
     ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         hf = model(ids).logits[0].double().numpy()
