@@ -245,4 +245,78 @@ _Static_assert(sizeof(TokHeader) == LR_TOK_HEADER_SIZE, "TokHeader has padding")
 _Static_assert(sizeof(TokEntry) == 16, "TokEntry has padding");
 _Static_assert(sizeof(TokMerge) == 16, "TokMerge has padding");
 
+// ----------------------------------------------------------------------------
+// The state file (run.c writes it with --save-state and maps it with --load-state)
+//
+// What a run's KV cache holds after a prefill, so that a long document is read once and
+// asked many times. Little-endian, native structs, every section at a LR_STATE_ALIGN
+// boundary; the sections are exactly as long as the header's counts say:
+//
+//   0                         StateHeader
+//   sections[ST_LAYER_CONFIG] LayerConfig[n_layers]   the RoPE and window settings the run used
+//   sections[ST_SLOTS]        StateSlots[n_layers]    each layer's slots, as they are now
+//   sections[ST_ROPE_LEN]     uint64[n_layers]        the length each RoPE table was made for
+//   sections[ST_TOKENS]       int32[n_tokens]         the text so far, one id per position
+//   sections[ST_LOGITS]       float32[vocab_size]     the logits after the last token
+//   sections[ST_SINK_KEYS]    float32[n_layers][max_sink][kv_dim]   sinks' f32 copies
+//   sections[ST_SINK_VALUES]  the same for the values
+//   sections[ST_KEYS]         n_slots rows of row_bytes: the cache's keys in its own type
+//   sections[ST_VALUES]       the same for the values
+//
+// Slots no position reached yet are left as holes in the file (no disk blocks), so a state's
+// disk use grows with its tokens, not with the context it was made for.
+#define LR_STATE_MAGIC 0x5453524Cu   // bytes "LRST"
+#define LR_STATE_VERSION 1
+#define LR_STATE_ALIGN 4096          // a page: the key and value rows are mapped in place
+
+typedef enum {
+    ST_LAYER_CONFIG = 0, ST_SLOTS, ST_ROPE_LEN, ST_TOKENS, ST_LOGITS,
+    ST_SINK_KEYS, ST_SINK_VALUES, ST_KEYS, ST_VALUES, ST_COUNT
+} StateSection;
+
+// What the tokens are: a plain text (generate, ppl, logits), or a chat's opening up to the end
+// of its document, where the first question goes on inside the same user message.
+typedef enum { STATE_TEXT = 0, STATE_CHAT_DOCUMENT = 1, STATE_KIND_COUNT } StateKind;
+
+typedef struct {
+    uint64_t offset, size;        // bytes from the start of the file
+} StateSectionEntry;
+
+typedef struct {
+    uint32_t magic;               // LR_STATE_MAGIC
+    uint32_t version;             // LR_STATE_VERSION
+    uint64_t model_fingerprint;   // FNV-1a of the model file (see run.c, model_fingerprint)
+    uint64_t file_size;           // this file's size
+    uint32_t n_layers, vocab_size;
+    uint32_t kv_type;             // 0 f32, 1 f16, 2 q8 (--kv-type)
+    uint32_t lminf;               // 1: the sinks are LM-Infinite's global tokens (--lminf)
+    uint64_t n_sink;              // --sinks as the run resolved it
+    uint64_t window;              // --window (0: the model's own)
+    uint64_t limit;               // --lminf-limit as resolved
+    uint64_t context;             // slots of a full-attention layer (-c)
+    uint32_t max_T;               // the longest chunk the rings make room for (--chunk)
+    uint32_t sink_kind;           // now: 0 StreamingLLM, 1 LM-Infinite (a full context switches)
+    uint64_t n_slots;             // every layer's slots
+    uint64_t max_sink;            // sink copies per layer
+    uint64_t kv_dim;              // values in one position's key (or value)
+    uint64_t row_bytes;           // bytes of one slot in the cache's type
+    uint64_t n_tokens;            // positions filled
+    uint32_t kind;                // StateKind
+    uint32_t chat_template;       // ChatTemplate of STATE_CHAT_DOCUMENT (else 0)
+    StateSectionEntry sections[ST_COUNT];
+} StateHeader;
+#define LR_STATE_HEADER_SIZE 272
+
+// One layer's slots (run.c's LayerSlots): sinks first, then a ring.
+typedef struct {
+    uint64_t first;               // the layer's first slot
+    uint64_t n_sink;              // slots kept for positions 0 .. n_sink-1
+    uint64_t ring;                // slots the later positions take in turn
+    uint64_t window;              // keys a query sees (UINT64_MAX: all)
+    uint64_t fills;               // 1: the layer holds n_sink + ring positions at most
+} StateSlots;
+
+_Static_assert(sizeof(StateHeader) == LR_STATE_HEADER_SIZE, "StateHeader has padding");
+_Static_assert(sizeof(StateSlots) == 40, "StateSlots has padding");
+
 #endif // LONGRUN_MODEL_H

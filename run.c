@@ -39,16 +39,20 @@
 // ----------------------------------------------------------------------------
 // Errors, checked sizes and threads
 
-// The temporary file an output is being written to (see open_output), which a failure must
-// remove: die() and the signal handlers do. Empty when there is none.
-static char pending_output[4096];
+// The temporary files outputs are being written to (see open_output), which a failure must
+// remove: die() and the signal handlers do. An empty name is a free entry. Two: ppl's CSV can
+// be open while the state file is written.
+#define MAX_PENDING 2
+static char pending_output[MAX_PENDING][4096];
 
 // Set by the first Ctrl-C (on_sigint): every long loop checks it and stops.
 static volatile sig_atomic_t interrupted = 0;
 
 static void remove_pending_output(void) {
-    if (pending_output[0]) unlink(pending_output);
-    pending_output[0] = 0;
+    for (int i = 0; i < MAX_PENDING; i++) {
+        if (pending_output[i][0]) unlink(pending_output[i]);
+        pending_output[i][0] = 0;
+    }
 }
 
 // Print one line saying what is wrong and exit. User errors never reach assert().
@@ -524,6 +528,13 @@ static float rope_frequencies(const LayerConfig *lc, const float *short_factor,
     return (float)a;
 }
 
+// Layer l's table as made for sequence length len (a state file restores it with this).
+static void rope_set_length(Rope *r, const Config *c, int l, size_t len) {
+    r->attn_factor[l] = rope_frequencies(&c->layers[l], r->short_factor, r->long_factor, len,
+                                         r->inv_freq + (size_t)l * r->stride);
+    r->table_len[l] = len;
+}
+
 // Recompute the tables a forward call over positions ..seq_len-1 needs, by HF's per-call rules
 // (its dynamic_rope_update): dynamic NTK grows its table when seq_len exceeds the longest
 // length seen so far and returns to the original once a call is shorter than L0; LongRoPE
@@ -539,10 +550,7 @@ static void rope_update(Rope *r, const Config *c, size_t seq_len) {
         } else if (lc->rope_type == ROPE_LONGROPE) {
             want = seq_len > L0 ? L0 + 1 : L0;
         }
-        if (want == r->table_len[l]) continue;
-        r->attn_factor[l] = rope_frequencies(lc, r->short_factor, r->long_factor, want,
-                                             r->inv_freq + (size_t)l * r->stride);
-        r->table_len[l] = want;
+        if (want != r->table_len[l]) rope_set_length(r, c, l, want);
     }
 }
 
@@ -614,6 +622,15 @@ static const char *kv_type_names[KV_COUNT] = {"f32", "f16", "q8"};
 // LM-Infinite's global tokens (Han et al. 2023).
 typedef enum { SINKS_STREAMING, SINKS_LMINF } SinkKind;
 
+// The command line's attention settings, which build_cache() turns into each layer's slots.
+typedef struct {
+    long n_sink;      // --sinks: StreamingLLM sinks, or LM-Infinite's global tokens
+    long window;      // --window: keys per query, itself included (0: the model's own)
+    int lminf;        // --lminf: sinks are LM-Infinite's global branch
+    long limit;       // --lminf-limit: LM-Infinite's distance cap (0: the window)
+    int kv_type;      // --kv-type: KVType of the stored keys and values
+} AttnOptions;
+
 // One layer's part of the cache, and the keys its queries see.
 typedef struct {
     size_t first;     // the layer's first slot in the cache
@@ -635,15 +652,32 @@ typedef struct {
     float *sink_key;        // (n_layers, max_sink, kv_dim) f32: rotated at sink_key_pos()
     float *sink_value;      // (n_layers, max_sink, kv_dim) f32
     LayerSlots *layers;     // (n_layers)
+    int n_layers;
     size_t n_slots;         // all layers' slots
     int max_T;              // the longest chunk, which the rings make room for
+    AttnOptions built;      // the settings it was built from (resolved), and its full context:
+    size_t context;         // what a state file must have been written with
+    void *map;              // a mapped state file the rows and sinks point into, or NULL
+    size_t map_size;
 } KVCache;
 
+// Let go of the rows and sinks: freed, or the state file they were mapped from unmapped.
+static void kv_release_rows(KVCache *kv) {
+    if (kv->map) {
+        munmap(kv->map, kv->map_size);
+    } else {
+        free(kv->key);
+        free(kv->value);
+        free(kv->sink_key);
+        free(kv->sink_value);
+    }
+    kv->map = NULL;
+    kv->key = kv->value = NULL;
+    kv->sink_key = kv->sink_value = NULL;
+}
+
 static void free_cache(KVCache *kv) {
-    free(kv->key);
-    free(kv->value);
-    free(kv->sink_key);
-    free(kv->sink_value);
+    kv_release_rows(kv);
     free(kv->layers);
 }
 
@@ -675,16 +709,24 @@ static size_t kv_row_bytes(KVType type, size_t kv_dim, int n_kv_heads) {
     return kv_dim + (size_t)n_kv_heads * sizeof(float);   // q8
 }
 
-// Store keys and values as `type` from now on: the same slots, new (empty) storage (bench
-// sweeps --kv-type over one cache).
-static void kv_retype(KVCache *kv, KVType type) {
-    if (kv->type == type) return;
-    free(kv->key);
-    free(kv->value);
-    kv->type = type;
-    kv->row_bytes = kv_row_bytes(type, kv->kv_dim, kv->n_kv_heads);
+// Fresh, zeroed rows for every slot and sink copies for every layer.
+static void kv_alloc_rows(KVCache *kv) {
     kv->key = xcalloc(kv->n_slots, kv->row_bytes, "the KV cache");
     kv->value = xcalloc(kv->n_slots, kv->row_bytes, "the KV cache");
+    size_t sinks = mul_size(mul_size(kv->n_layers, kv->max_sink, "sinks"), kv->kv_dim, "sinks");
+    kv->sink_key = xcalloc(sinks, sizeof(float), "the sink keys");
+    kv->sink_value = xcalloc(sinks, sizeof(float), "the sink values");
+}
+
+// Store keys and values as `type` from now on: the same slots, new (empty) storage (bench
+// sweeps --kv-type over one cache, and maps states made in each).
+static void kv_retype(KVCache *kv, KVType type) {
+    if (kv->type == type) return;
+    kv_release_rows(kv);
+    kv->type = type;
+    kv->built.kv_type = type;
+    kv->row_bytes = kv_row_bytes(type, kv->kv_dim, kv->n_kv_heads);
+    kv_alloc_rows(kv);
 }
 
 // Store one slot's row x (kv_dim) in the cache's type. q8: per kv head, int8 q = round(x / d)
@@ -827,18 +869,26 @@ static void read_visible(const KVCache *kv, int layer, const VisibleKeys *vis, s
 // slots already hold the positions where the sinks-and-ring rule looks for them, so nothing
 // moves; the sinks' f32 copies are read back from the cache. Returns the window, or 0 (and
 // changes nothing) if a layer is too small for it.
+static const size_t STREAMING_SINKS = 4;
+
+// A full layer's slots once it goes on as StreamingLLM (ls: a full layer, ring > S + max_T).
+static LayerSlots streaming_slots(LayerSlots ls, int max_T) {
+    ls.n_sink = STREAMING_SINKS;
+    ls.ring -= STREAMING_SINKS;
+    ls.window = ls.ring - max_T + 1;
+    ls.fills = 0;
+    return ls;
+}
+
 static size_t kv_continue_streaming(KVCache *kv, int n_layers) {
-    const size_t S = 4;
+    const size_t S = STREAMING_SINKS;
     size_t window = 0;
     for (int l = 0; l < n_layers; l++)
         if (kv->layers[l].fills && kv->layers[l].ring < S + (size_t)kv->max_T + 1) return 0;
     for (int l = 0; l < n_layers; l++) {
         LayerSlots *ls = &kv->layers[l];
         if (!ls->fills || ls->n_sink) continue;
-        ls->n_sink = S;
-        ls->ring -= S;
-        ls->window = ls->ring - kv->max_T + 1;
-        ls->fills = 0;
+        *ls = streaming_slots(*ls, kv->max_T);
         window = ls->window;
         for (size_t i = 0; i < S; i++)
             for (int g = 0; g < kv->n_kv_heads; g++) {
@@ -1378,15 +1428,6 @@ static void build_rope(Rope *r, const Config *c, const ModelFile *mf, const char
     }
 }
 
-// The command line's attention settings, which build_cache() turns into each layer's slots.
-typedef struct {
-    long n_sink;      // --sinks: StreamingLLM sinks, or LM-Infinite's global tokens
-    long window;      // --window: keys per query, itself included (0: the model's own)
-    int lminf;        // --lminf: sinks are LM-Infinite's global branch
-    long limit;       // --lminf-limit: LM-Infinite's distance cap (0: the window)
-    int kv_type;      // --kv-type: KVType of the stored keys and values
-} AttnOptions;
-
 // --window, --sinks and --lminf defaults. LM-Infinite's (Han et al. 2023): the local window
 // and the distance cap are the trained context, with 10 global tokens.
 static void resolve_attention_options(AttnOptions *a, const Config *c) {
@@ -1399,8 +1440,27 @@ static void resolve_attention_options(AttnOptions *a, const Config *c) {
 }
 
 // Each layer's window: the file's (if it slides) and --window, whichever is shorter; its
-// slots: a full layer `context` of them, a windowed one n_sink + W + max_T - 1 (at most
-// n_sink + context).
+// slots: a full layer kv->context of them, a windowed one n_sink + W + max_T - 1 (at most
+// n_sink + context), from kv->built's options. Sets kv->n_slots.
+static void lay_out_slots(KVCache *kv, const Config *c) {
+    const AttnOptions *a = &kv->built;
+    kv->n_slots = 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerConfig *lc = &c->layers[l];
+        LayerSlots *ls = &kv->layers[l];
+        ls->window = lc->attn_kind == ATTN_SLIDING ? lc->window : SIZE_MAX;
+        if (a->window) ls->window = min_size(ls->window, (size_t)a->window);
+        int windowed = ls->window != SIZE_MAX;
+        size_t ring = windowed ? add_size(ls->window, kv->max_T - 1, "KV cache") : SIZE_MAX;
+        ls->first = kv->n_slots;
+        ls->n_sink = windowed ? (size_t)a->n_sink : 0;
+        ls->ring = min_size(ring, kv->context);
+        ls->fills = ls->ring < ring;
+        kv->n_slots = add_size(kv->n_slots, add_size(ls->n_sink, ls->ring, "KV cache"), "KV cache");
+    }
+}
+
+// The cache for the options a, `context` positions of a full layer and chunks of max_T.
 static void build_cache(KVCache *kv, const Config *c, const AttnOptions *a, size_t context,
                         int max_T) {
     kv->type = (KVType)a->kv_type;
@@ -1411,27 +1471,14 @@ static void build_cache(KVCache *kv, const Config *c, const AttnOptions *a, size
     kv->kv_dim = (size_t)c->kv_dim;
     kv->row_bytes = kv_row_bytes(kv->type, kv->kv_dim, kv->n_kv_heads);
     kv->layers = xcalloc(c->n_layers, sizeof(LayerSlots), "the KV cache");
-    kv->n_slots = 0;
+    kv->n_layers = c->n_layers;
     kv->max_T = max_T;
-    kv->max_sink = max_size((size_t)a->n_sink, 4);   // 4: what a full context switches to
-    for (int l = 0; l < c->n_layers; l++) {
-        const LayerConfig *lc = &c->layers[l];
-        LayerSlots *ls = &kv->layers[l];
-        ls->window = lc->attn_kind == ATTN_SLIDING ? lc->window : SIZE_MAX;
-        if (a->window) ls->window = min_size(ls->window, (size_t)a->window);
-        int windowed = ls->window != SIZE_MAX;
-        size_t ring = windowed ? add_size(ls->window, max_T - 1, "KV cache") : SIZE_MAX;
-        ls->first = kv->n_slots;
-        ls->n_sink = windowed ? (size_t)a->n_sink : 0;
-        ls->ring = min_size(ring, context);
-        ls->fills = ls->ring < ring;
-        kv->n_slots = add_size(kv->n_slots, add_size(ls->n_sink, ls->ring, "KV cache"), "KV cache");
-    }
-    size_t sinks = mul_size(mul_size(c->n_layers, kv->max_sink, "sinks"), c->kv_dim, "sinks");
-    kv->key = xcalloc(kv->n_slots, kv->row_bytes, "the KV cache");
-    kv->value = xcalloc(kv->n_slots, kv->row_bytes, "the KV cache");
-    kv->sink_key = xcalloc(sinks, sizeof(float), "the sink keys");
-    kv->sink_value = xcalloc(sinks, sizeof(float), "the sink values");
+    kv->built = *a;
+    kv->context = context;
+    // STREAMING_SINKS: what a full context switches to
+    kv->max_sink = max_size((size_t)a->n_sink, STREAMING_SINKS);
+    lay_out_slots(kv, c);
+    kv_alloc_rows(kv);
 }
 
 // The longest row a matmul reads: the scratch for one dequantized weight row is this long.
@@ -1787,6 +1834,9 @@ typedef struct {
     int show_prompt;          // --show-prompt: print the rendered prompt and its ids (stderr)
     const char *shown_text;   // the prompt's text, for --show-prompt
     int pieces;               // --pieces: tokenize prints each id with its text
+    const char *save_state;   // --save-state FILE: the cache after the prompt's prefill
+    const char *load_state;   // --load-state FILE: go on from a saved state
+    int reset_turns;          // --reset-turns: chat: each question starts from the state
     const char *stop[MAX_LIST];   // --stop: strings that end a reply
     int n_stop;
 } Options;
@@ -1916,6 +1966,7 @@ typedef struct {
     FILE *f;
     const char *path;   // the final name
     int direct;         // a device or pipe, written in place
+    int pending;        // its entry in pending_output
 } OutputFile;
 
 static int same_file(const char *path, const struct stat *other) {
@@ -1944,12 +1995,14 @@ static OutputFile open_output(const char *path, const char *const *inputs, int n
         if (!out.f) die("%s: cannot write: %s", path, strerror(errno));
         return out;
     }
-    char tmp[sizeof(pending_output)];
+    while (out.pending < MAX_PENDING && pending_output[out.pending][0]) out.pending++;
+    if (out.pending == MAX_PENDING) die("%s: too many output files at once", path);
+    char tmp[sizeof(pending_output[0])];
     if (snprintf(tmp, sizeof(tmp), "%s.tmp.XXXXXX", path) >= (int)sizeof(tmp))
         die("%s: path too long", path);
     int fd = mkstemp(tmp);   // mode 0600; given the usual 0666 & ~umask below, as fopen would
     if (fd < 0) die("%s: cannot create a file beside it: %s", path, strerror(errno));
-    memcpy(pending_output, tmp, sizeof(tmp));
+    memcpy(pending_output[out.pending], tmp, sizeof(tmp));
     mode_t mask = umask(0);
     umask(mask);
     if (fchmod(fd, 0666 & ~mask) != 0 || !(out.f = fdopen(fd, "wb")))
@@ -1957,18 +2010,418 @@ static OutputFile open_output(const char *path, const char *const *inputs, int n
     return out;
 }
 
-// Flush, close and rename into place; on any failure die(), which removes the temporary.
+// Flush, sync to disk, close and rename into place (so a crash, even of the machine, leaves the
+// old file or the new one whole); on any failure die(), which removes the temporary.
 static void close_output(OutputFile *out) {
     int failed = fflush(out->f) != 0 || ferror(out->f);
+    if (!failed && !out->direct) failed = fsync(fileno(out->f)) != 0;
     int err = errno;
     if (fclose(out->f) != 0 && !failed) {
         failed = 1;
         err = errno;
     }
     if (failed) die("%s: write failed: %s", out->path, strerror(err));
-    if (!out->direct && rename(pending_output, out->path) != 0)
+    if (!out->direct && rename(pending_output[out->pending], out->path) != 0)
         die("%s: cannot move the finished file into place: %s", out->path, strerror(errno));
-    pending_output[0] = 0;
+    pending_output[out->pending][0] = 0;
+}
+
+// ---- State files: a prefilled cache, saved and mapped back (--save-state, --load-state)
+//
+// A state file (model.h, "The state file") holds what the cache holds after a prefill: each
+// layer's slot records, the sinks' f32 copies, the key and value rows in the cache's own type,
+// the RoPE tables' lengths (dynamic NTK's grows with the text), the tokens and the last logits.
+// Loading maps it copy-on-write (MAP_PRIVATE): the cache's rows are used where they lie in the
+// file, so loading costs a mapping whatever the state's size, pages are read when attention
+// first touches them, and nothing a run writes reaches the file. The run that loads must have
+// the model file and every setting that shaped the cache as the run that saved; what differs is
+// named, never guessed around.
+
+// FNV-1a, 64 bits (Fowler, Noll and Vo): h goes on over n more bytes.
+static uint64_t fnv1a(uint64_t h, const void *data, size_t n) {
+    const uint8_t *p = data;
+    for (size_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 0x100000001b3ull;
+    }
+    return h;
+}
+
+// Which model file a state belongs to: FNV-1a over the file's size, everything before the
+// tensor data (header, layer configs, tensor table, tokenizer) and the first 4 KiB of every
+// tensor. A few pages per tensor, so milliseconds even for a large model; two exports differing
+// in settings, shapes, tokenizer or the first rows of any weight differ here.
+static uint64_t model_fingerprint(const ModelFile *mf) {
+    const FileHeader *h = mf->header;
+    uint64_t fp = fnv1a(0xcbf29ce484222325ull, &mf->size, sizeof(mf->size));
+    size_t meta = h->tensor_table_offset + (size_t)h->n_tensors * LR_TENSOR_ENTRY_SIZE;
+    if (h->tokenizer_size) meta = max_size(meta, h->tokenizer_offset + h->tokenizer_size);
+    fp = fnv1a(fp, mf->bytes, meta);
+    for (uint32_t i = 0; i < h->n_tensors; i++) {
+        const TensorEntry *e = &mf->tensors[i];
+        fp = fnv1a(fp, mf->bytes + e->offset, min_size(e->size, 4096));
+    }
+    return fp;
+}
+
+static size_t align_up(size_t x, size_t a) { return add_size(x, a - 1, "state file") / a * a; }
+
+// Where each section goes, from the header's counts: one layout for the writer and the reader
+// (a file whose section table differs from it is refused). Sets file_size.
+static void state_layout(StateHeader *h) {
+    size_t L = h->n_layers;
+    size_t sink_floats = mul_size(mul_size(L, h->max_sink, "state"), h->kv_dim, "state");
+    size_t rows = mul_size(h->n_slots, h->row_bytes, "state");
+    size_t sizes[ST_COUNT] = {
+        [ST_LAYER_CONFIG] = mul_size(L, sizeof(LayerConfig), "state"),
+        [ST_SLOTS] = mul_size(L, sizeof(StateSlots), "state"),
+        [ST_ROPE_LEN] = mul_size(L, sizeof(uint64_t), "state"),
+        [ST_TOKENS] = mul_size(h->n_tokens, sizeof(int32_t), "state"),
+        [ST_LOGITS] = mul_size(h->vocab_size, sizeof(float), "state"),
+        [ST_SINK_KEYS] = mul_size(sink_floats, sizeof(float), "state"),
+        [ST_SINK_VALUES] = mul_size(sink_floats, sizeof(float), "state"),
+        [ST_KEYS] = rows,
+        [ST_VALUES] = rows,
+    };
+    size_t at = sizeof(StateHeader);
+    for (int s = 0; s < ST_COUNT; s++) {
+        at = align_up(at, LR_STATE_ALIGN);
+        h->sections[s].offset = at;
+        h->sections[s].size = sizes[s];
+        at = add_size(at, sizes[s], "state file");
+    }
+    h->file_size = at;
+}
+
+// What a state holds besides the cache: the text so far and what comes after it.
+typedef struct {
+    const int *tokens;     // (n_tokens) one id per position filled
+    size_t n_tokens;
+    const float *logits;   // (vocab_size) after the last token
+    StateKind kind;
+    int chat_template;     // ChatTemplate, for STATE_CHAT_DOCUMENT
+} StateText;
+
+static StateHeader state_header(const Transformer *t, const StateText *text) {
+    const KVCache *kv = &t->cache;
+    StateHeader h = {.magic = LR_STATE_MAGIC, .version = LR_STATE_VERSION};
+    h.model_fingerprint = model_fingerprint(&t->file);
+    h.n_layers = (uint32_t)t->config.n_layers;
+    h.vocab_size = (uint32_t)t->config.vocab_size;
+    h.kv_type = (uint32_t)kv->type;
+    h.lminf = (uint32_t)kv->built.lminf;
+    h.n_sink = (uint64_t)kv->built.n_sink;
+    h.window = (uint64_t)kv->built.window;
+    h.limit = (uint64_t)kv->built.limit;
+    h.context = kv->context;
+    h.max_T = (uint32_t)kv->max_T;
+    h.sink_kind = (uint32_t)kv->sink_kind;
+    h.n_slots = kv->n_slots;
+    h.max_sink = kv->max_sink;
+    h.kv_dim = kv->kv_dim;
+    h.row_bytes = kv->row_bytes;
+    h.n_tokens = text->n_tokens;
+    h.kind = (uint32_t)text->kind;
+    h.chat_template = (uint32_t)text->chat_template;
+    state_layout(&h);
+    return h;
+}
+
+// Write n bytes at offset `at` of the state file (skipped bytes become holes).
+static void write_at(OutputFile *out, size_t at, const void *data, size_t n) {
+    if (fseeko(out->f, (off_t)at, SEEK_SET) != 0 || fwrite(data, 1, n, out->f) != n)
+        die("%s: write failed: %s", out->path, strerror(errno));
+}
+
+// A layer's rows that hold a position: its first n_tokens slots, or all of them.
+static void write_rows(OutputFile *out, size_t at, const KVCache *kv, const uint8_t *rows,
+                       size_t n_tokens) {
+    for (int l = 0; l < kv->n_layers; l++) {
+        const LayerSlots *ls = &kv->layers[l];
+        size_t used = min_size(n_tokens, ls->n_sink + ls->ring);
+        size_t off = ls->first * kv->row_bytes;
+        write_at(out, at + off, rows + off, used * kv->row_bytes);
+    }
+}
+
+// --save-state: the cache, RoPE tables and text as they are now, written to a temporary file
+// beside path and renamed over it once complete (open_output()): a crash or a full disk on the
+// way leaves an older state file as it was.
+static void save_state(const Transformer *t, const char *path, const StateText *text,
+                       const char *const *inputs, int n_inputs) {
+    const KVCache *kv = &t->cache;
+    int L = t->config.n_layers;
+    StateHeader h = state_header(t, text);
+    OutputFile out = open_output(path, inputs, n_inputs);
+    if (out.direct) die("%s: a state file must be a regular file", path);
+    StateSlots *slots = xcalloc(L, sizeof(StateSlots), "state");
+    uint64_t *rope_len = xcalloc(L, sizeof(uint64_t), "state");
+    int32_t *tokens = xcalloc(max_size(text->n_tokens, 1), sizeof(int32_t), "state");
+    for (int l = 0; l < L; l++) {
+        const LayerSlots *ls = &kv->layers[l];
+        StateSlots s = {ls->first, ls->n_sink, ls->ring, ls->window, (uint64_t)ls->fills};
+        slots[l] = s;
+        rope_len[l] = t->rope.table_len[l];
+    }
+    for (size_t i = 0; i < text->n_tokens; i++) tokens[i] = text->tokens[i];
+    const StateSectionEntry *sec = h.sections;
+    write_at(&out, 0, &h, sizeof(h));
+    write_at(&out, sec[ST_LAYER_CONFIG].offset, t->config.layers, sec[ST_LAYER_CONFIG].size);
+    write_at(&out, sec[ST_SLOTS].offset, slots, sec[ST_SLOTS].size);
+    write_at(&out, sec[ST_ROPE_LEN].offset, rope_len, sec[ST_ROPE_LEN].size);
+    write_at(&out, sec[ST_TOKENS].offset, tokens, sec[ST_TOKENS].size);
+    write_at(&out, sec[ST_LOGITS].offset, text->logits, sec[ST_LOGITS].size);
+    write_at(&out, sec[ST_SINK_KEYS].offset, kv->sink_key, sec[ST_SINK_KEYS].size);
+    write_at(&out, sec[ST_SINK_VALUES].offset, kv->sink_value, sec[ST_SINK_VALUES].size);
+    write_rows(&out, sec[ST_KEYS].offset, kv, kv->key, text->n_tokens);
+    write_rows(&out, sec[ST_VALUES].offset, kv, kv->value, text->n_tokens);
+    if (fflush(out.f) != 0 || ftruncate(fileno(out.f), (off_t)h.file_size) != 0)
+        die("%s: write failed: %s", path, strerror(errno));
+    close_output(&out);
+    free(slots);
+    free(rope_len);
+    free(tokens);
+}
+
+// The header of a state file, checked to be one, read before the transformer is built: the
+// cache must be built with the state's context and chunk size.
+static StateHeader read_state_header(const char *path) {
+    StateHeader h;
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) die("%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s: not a regular file", path);
+    ssize_t got = pread(fd, &h, sizeof(h), 0);
+    close(fd);
+    if (got != (ssize_t)sizeof(h))
+        die("%s: %lld bytes is too short for a longrun state file (its header is %zu bytes)",
+            path, (long long)st.st_size, sizeof(h));
+    if (h.magic != LR_STATE_MAGIC) die("%s: not a longrun state file (no LRST magic)", path);
+    if (h.version != LR_STATE_VERSION)
+        die("%s: state file version %u; this longrun reads version %d: save the state again",
+            path, h.version, LR_STATE_VERSION);
+    if (h.max_T < 1 || h.max_T > 1 << 16 || h.context < 1)
+        die("%s: chunks of %u tokens and a context of %llu: the file is damaged", path, h.max_T,
+            (unsigned long long)h.context);
+    return h;
+}
+
+// What the loading run's options must repeat of the saving run's: refused with the option to
+// change (the model is checked first: another model's state is garbage whatever the options).
+static void check_state_options(const Transformer *t, const StateHeader *h, const char *path) {
+    const KVCache *kv = &t->cache;
+    const AttnOptions *a = &kv->built;
+    if (h->model_fingerprint != model_fingerprint(&t->file))
+        die("%s was saved from another model file (or another export of it)", path);
+    if (h->kv_type != (uint32_t)kv->type)
+        die("%s holds a %s KV cache, this run's is %s: add --kv-type %s", path,
+            h->kv_type < KV_COUNT ? kv_type_names[h->kv_type] : "unknown",
+            kv_type_names[kv->type], h->kv_type < KV_COUNT ? kv_type_names[h->kv_type] : "?");
+    if (h->lminf != (uint32_t)a->lminf)
+        die("%s was saved %s --lminf; this run is %s it", path, h->lminf ? "with" : "without",
+            a->lminf ? "with" : "without");
+    if (h->n_sink != (uint64_t)a->n_sink)
+        die("%s was saved with --sinks %llu; this run has %ld", path,
+            (unsigned long long)h->n_sink, a->n_sink);
+    if (h->window != (uint64_t)a->window)
+        die("%s was saved with --window %llu; this run has %ld (0: the model's own)", path,
+            (unsigned long long)h->window, a->window);
+    if (h->limit != (uint64_t)a->limit)
+        die("%s was saved with --lminf-limit %llu; this run has %ld", path,
+            (unsigned long long)h->limit, a->limit);
+}
+
+// Each layer's attention and RoPE settings as the saving run had them after its options.
+static void check_state_layers(const Config *c, const LayerConfig *saved, const char *path) {
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerConfig *was = &saved[l], *now = &c->layers[l];
+        if (!memcmp(was, now, sizeof(*now))) continue;
+        const char *what = "RoPE parameters (--rope-*, --yarn-*)";
+        if (was->rope_type != now->rope_type)
+            what = "RoPE method (--rope-scaling)";
+        else if (was->factor != now->factor)
+            what = "RoPE factor (--rope-factor, or -c with --rope-scaling)";
+        else if (was->rope_theta != now->rope_theta)
+            what = "RoPE base (--rope-theta)";
+        else if (was->orig_ctx != now->orig_ctx)
+            what = "original context (--rope-orig-ctx)";
+        else if (was->attn_kind != now->attn_kind || was->window != now->window)
+            what = "layer settings";
+        die("%s was saved with other %s: layer %d differs from this run's", path, what, l);
+    }
+}
+
+// The cache's shape follows from the model and the options; a file whose counts disagree with
+// them, or whose sections are not where state_layout() puts them, is damaged.
+static void check_state_layout(const Transformer *t, const StateHeader *h, size_t file_size,
+                               const char *path) {
+    const KVCache *kv = &t->cache;
+    const Config *c = &t->config;
+    if (h->n_layers != (uint32_t)c->n_layers || h->vocab_size != (uint32_t)c->vocab_size
+        || h->n_slots != kv->n_slots || h->max_sink != kv->max_sink || h->kv_dim != kv->kv_dim
+        || h->row_bytes != kv->row_bytes || h->kind >= STATE_KIND_COUNT
+        || h->context != kv->context || h->max_T != (uint32_t)kv->max_T)
+        die("%s: its counts do not match its settings: the file is damaged", path);
+    size_t capacity = cache_capacity(kv, t->config.n_layers);
+    if (h->n_tokens == 0 || h->n_tokens > capacity)
+        die("%s: %llu tokens in a cache of %zu positions: the file is damaged", path,
+            (unsigned long long)h->n_tokens, capacity);
+    StateHeader want = *h;
+    state_layout(&want);
+    if (memcmp(want.sections, h->sections, sizeof(h->sections)) || want.file_size != h->file_size)
+        die("%s: its sections are not where its counts put them: the file is damaged", path);
+    if (file_size != h->file_size)
+        die("%s: %zu bytes, but its header says %llu: the file is truncated or damaged", path,
+            file_size, (unsigned long long)h->file_size);
+}
+
+// A layer's saved slots: as this run built them, or as a full context switched them to
+// StreamingLLM (kv_continue_streaming()). Returns 1 for the switch.
+static int check_state_slots(const LayerSlots *built, const StateSlots *s, int max_T, int l,
+                             const char *path) {
+    LayerSlots was = {s->first, s->n_sink, s->ring, s->window, (int)(s->fills != 0)};
+    LayerSlots now = *built;
+    int switched = 0;
+    if (now.fills && now.ring > STREAMING_SINKS + (size_t)max_T && was.n_sink != now.n_sink) {
+        now = streaming_slots(now, max_T);
+        switched = 1;
+    }
+    if (s->fills > 1 || was.first != now.first || was.n_sink != now.n_sink
+        || was.ring != now.ring || was.window != now.window || was.fills != now.fills)
+        die("%s: layer %d's slots do not follow from its settings: the file is damaged", path, l);
+    return switched;
+}
+
+// The RoPE tables as the saving run left them: as built, or dynamic NTK grown to a length the
+// text reached, or LongRoPE's long list once past L0 (rope_update()).
+static void restore_rope(Transformer *t, const uint64_t *len, size_t n_tokens, const char *path) {
+    for (int l = 0; l < t->config.n_layers; l++) {
+        const LayerConfig *lc = &t->config.layers[l];
+        uint64_t L0 = lc->orig_ctx, want = len[l];
+        int as_built = want == L0;   // build_rope()
+        int grown = lc->rope_type == ROPE_DYNAMIC && want >= L0 && want <= n_tokens;
+        int long_list = lc->rope_type == ROPE_LONGROPE && want == L0 + 1 && n_tokens > L0;
+        if (!as_built && !grown && !long_list)
+            die("%s: layer %d's RoPE table length %llu cannot come from its text: the file is "
+                "damaged", path, l, (unsigned long long)want);
+        if (want == t->rope.table_len[l]) continue;
+        rope_set_length(&t->rope, &t->config, l, (size_t)want);
+        LayerRope rope = layer_rope(&t->rope, &t->config, l);
+        check_rope_table(rope.inv_freq, rope.rotary_dim / 2, rope.attn_factor, l, path);
+    }
+}
+
+// A state file mapped into the cache (load_state()): the text so far, in the mapping.
+typedef struct {
+    StateHeader header;
+    const int32_t *tokens;   // (header.n_tokens)
+    const float *logits;     // (vocab_size) after the last token
+    double seconds;          // what loading took
+} LoadedState;
+
+// The mapping's slot records checked against this run's cache as built, then made the cache's.
+static void install_slots(KVCache *kv, const Config *c, const StateHeader *h,
+                          const uint8_t *base, const char *path) {
+    lay_out_slots(kv, c);   // as built, whatever an earlier state or a full context made them
+    const StateSlots *slots = (const StateSlots *)(base + h->sections[ST_SLOTS].offset);
+    int switched = 0;
+    for (int l = 0; l < kv->n_layers; l++)
+        switched |= check_state_slots(&kv->layers[l], &slots[l], kv->max_T, l, path);
+    SinkKind kind = switched || !kv->built.lminf ? SINKS_STREAMING : SINKS_LMINF;
+    if (h->sink_kind != (uint32_t)kind)
+        die("%s: its sink kind does not follow from its settings: the file is damaged", path);
+    for (int l = 0; l < kv->n_layers; l++) {
+        const StateSlots *s = &slots[l];
+        LayerSlots ls = {s->first, s->n_sink, s->ring, s->window, (int)s->fills};
+        kv->layers[l] = ls;
+    }
+    kv->sink_kind = kind;
+}
+
+// --load-state: map path and make it the cache, after checking it is one this run can go on
+// from (read_state_header(), the options, the layers, the layout, the slots, the tokens).
+static void load_state(Transformer *t, const char *path, LoadedState *out) {
+    double start = now_seconds();
+    KVCache *kv = &t->cache;
+    StateHeader h = read_state_header(path);
+    check_state_options(t, &h, path);
+    int fd = open(path, O_RDONLY);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0) die("%s: cannot open: %s", path, strerror(errno));
+    check_state_layout(t, &h, (size_t)st.st_size, path);
+    uint8_t *base = mmap(NULL, h.file_size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (base == MAP_FAILED) die("%s: cannot mmap: %s", path, strerror(errno));
+    if (memcmp(base, &h, sizeof(h))) die("%s: changed while being read", path);
+    const StateSectionEntry *sec = h.sections;
+    check_state_layers(&t->config, (const LayerConfig *)(base + sec[ST_LAYER_CONFIG].offset), path);
+    const int32_t *tokens = (const int32_t *)(base + sec[ST_TOKENS].offset);
+    for (size_t i = 0; i < h.n_tokens; i++)
+        if (tokens[i] < 0 || tokens[i] >= t->config.vocab_size)
+            die("%s: token %zu is id %d, outside the vocabulary: the file is damaged", path, i,
+                tokens[i]);
+    install_slots(kv, &t->config, &h, base, path);
+    restore_rope(t, (const uint64_t *)(base + sec[ST_ROPE_LEN].offset), h.n_tokens, path);
+    kv_release_rows(kv);
+    kv->map = base;
+    kv->map_size = h.file_size;
+    kv->key = base + sec[ST_KEYS].offset;
+    kv->value = base + sec[ST_VALUES].offset;
+    kv->sink_key = (float *)(base + sec[ST_SINK_KEYS].offset);
+    kv->sink_value = (float *)(base + sec[ST_SINK_VALUES].offset);
+    out->header = h;
+    out->tokens = tokens;
+    out->logits = (const float *)(base + sec[ST_LOGITS].offset);
+    out->seconds = now_seconds() - start;
+}
+
+// The start-up bill's line for a loaded state: its tokens, its size and what loading cost.
+static void print_state_bill(const Transformer *t, const char *path, const LoadedState *from) {
+    struct stat st;
+    double disk_mb = stat(path, &st) == 0 ? (double)st.st_blocks * 512 / 1e6 : 0;
+    fprintf(stderr, "state: %s, %llu tokens, %.1f MB on disk (%.1f MB mapped), %s KV, loaded in "
+            "%.1f ms\n", path, (unsigned long long)from->header.n_tokens, disk_mb,
+            from->header.file_size / 1e6, kv_type_names[t->cache.type], from->seconds * 1e3);
+}
+
+// The context and chunk size of a run that loads a state: the state's; -c or --chunk may only
+// repeat them, as the slots of the cache depend on both.
+static size_t state_context(const Options *o, const StateHeader *h) {
+    if (o->context && (uint64_t)o->context != h->context)
+        die("%s was saved with a context of %llu positions; this run asks -c %ld: leave -c out",
+            o->load_state, (unsigned long long)h->context, o->context);
+    if (o->chunk && (uint32_t)o->chunk != h->max_T)
+        die("%s was saved with chunks of %u tokens; this run asks --chunk %d: leave --chunk out",
+            o->load_state, h->max_T, o->chunk);
+    return (size_t)h->context;
+}
+
+// The text so far: a loaded state's tokens (from may be NULL), then n more. Caller frees.
+static int *text_so_far(const LoadedState *from, const int *ids, size_t n, size_t *n_text) {
+    size_t n_state = from ? from->header.n_tokens : 0;
+    *n_text = add_size(n_state, n, "the text");
+    int *text = xcalloc(max_size(*n_text, 1), sizeof(int), "the text");
+    for (size_t i = 0; i < n_state; i++) text[i] = from->tokens[i];
+    if (n) memcpy(text + n_state, ids, n * sizeof(int));
+    return text;
+}
+
+// The logits after a loaded state's last token, copied where forward() would have left them.
+static float *state_logits(Transformer *t, const LoadedState *from) {
+    memcpy(t->state.logits, from->logits, t->config.vocab_size * sizeof(float));
+    return t->state.logits;
+}
+
+// --save-state, if given: the text so far (n tokens) and the logits after its last token.
+static void save_text_state(Transformer *t, const Options *o, const int *tokens, size_t n,
+                            const float *logits, StateKind kind, int chat_template) {
+    if (!o->save_state) return;
+    double start = now_seconds();
+    StateText text = {tokens, n, logits, kind, chat_template};
+    const char *inputs[] = {o->model_path, o->input_path};
+    save_state(t, o->save_state, &text, inputs, 2);
+    fprintf(stderr, "state: %zu tokens saved to %s in %.2f s\n", n, o->save_state,
+            now_seconds() - start);
 }
 
 // Feed tokens[0..n) to the model from position pos0, max_T at a time, and hand each chunk's
@@ -2110,12 +2563,12 @@ static int decode(Transformer *t, Tokenizer *tok, int print_text, Sampler *sp, f
 }
 
 static void print_stats(size_t n_prompt, double prefill_s, int generated, double decode_s) {
+    double prefill_rate = n_prompt ? n_prompt / prefill_s : 0;
     fprintf(stderr,
             "prompt %zu tokens, prefill %.1f tok/s, first token after %.2f s, decode %.1f tok/s "
             "(%d tokens), "
             "peak RSS %.0f MB\n",
-            n_prompt, n_prompt / prefill_s, prefill_s, generated / decode_s, generated,
-            peak_rss_mb());
+            n_prompt, prefill_rate, prefill_s, generated / decode_s, generated, peak_rss_mb());
 }
 
 // --show-prompt: what the model is about to read, on stderr: the rendered text, then its ids.
@@ -2125,23 +2578,31 @@ static void show_prompt(const char *text, const int *ids, size_t n) {
     fprintf(stderr, "\n---\n");
 }
 
-// -m generate: echo the prompt's text (echo, may be NULL), prefill the prompt, then sample
-// until -n tokens, end of text, a --stop string, a full context or Ctrl-C. Stats on stderr.
+// -m generate: echo the prompt's text (echo, may be NULL), prefill the prompt (after a loaded
+// state, `from`, if any; then the prompt may be empty), save the state (--save-state), then
+// sample until -n tokens, end of text, a --stop string, a full context or Ctrl-C. Stats on
+// stderr.
 static void generate(Transformer *t, Tokenizer *tok, Sampler *sp, const int *prompt,
-                     size_t n_prompt, const char *echo, const Options *o) {
-    for (size_t i = 0; i < n_prompt; i++) sampler_accept(sp, prompt[i]);
-    if (o->show_prompt) show_prompt(o->shown_text, prompt, n_prompt);
+                     size_t n_prompt, const char *echo, const Options *o,
+                     const LoadedState *from) {
+    size_t n_text, pos0 = from ? from->header.n_tokens : 0;
+    int *text = text_so_far(from, prompt, n_prompt, &n_text);
+    for (size_t i = 0; i < n_text; i++) sampler_accept(sp, text[i]);
+    if (o->show_prompt && n_prompt) show_prompt(o->shown_text, prompt, n_prompt);
     if (echo) fputs(echo, stdout);
     fflush(stdout);
     double t0 = now_seconds();
-    float *logits = prefill(t, prompt, n_prompt, 0);
+    float *logits = n_prompt ? prefill(t, prompt, n_prompt, pos0) : state_logits(t, from);
     double t1 = now_seconds();
-    size_t pos = n_prompt;
+    save_text_state(t, o, text, n_text, logits, STATE_TEXT, 0);
+    free(text);
+    double t2 = now_seconds();
+    size_t pos = n_text;
     int generated = decode(t, tok, !o->input_is_ids, sp, logits, &pos, o->steps, stdout, o->stop,
                            o->n_stop);
     printf("\n");
     fflush(stdout);   // the text before the stats on stderr
-    print_stats(n_prompt, t1 - t0, generated, now_seconds() - t1);
+    print_stats(n_prompt, t1 - t0, generated, now_seconds() - t2);
 }
 
 // Chat formats, chosen by the template id export.py recorded from the model's chat_template.
@@ -2219,33 +2680,111 @@ static ssize_t read_message(char **msg, int interactive) {
     return got < 0 && len == 0 ? -1 : (ssize_t)len;
 }
 
+// One turn of the model's chat format around its user message: *head is [close the previous
+// reply] [system, first turn only] the user cue, *tail the end of the message and the
+// assistant cue (both malloc'd). The turn's text is head, message, tail.
+static void chat_turn_parts(int id, int turn, const char *system, char **head, char **tail) {
+    const ChatFormat *fmt = &chat_formats[id];
+    size_t head_len = 0, tail_len = 0;
+    *head = xcalloc(1, 1, "chat turn");
+    *tail = xcalloc(1, 1, "chat turn");
+    if (turn > 0) append_format(head, &head_len, "%s", fmt->close);
+    if (turn == 0 && system) append_format(head, &head_len, fmt->system, system);
+    const char *user = fmt->user;   // "cue%send": the message goes where the %s is
+    if (id == CHAT_LLAMA2_INST && turn == 0 && system) user = "%s [/INST]";   // inside [INST]
+    const char *at = strstr(user, "%s");
+    char *cue = xcalloc((size_t)(at - user) + 1, 1, "chat turn");
+    memcpy(cue, user, (size_t)(at - user));
+    append_format(head, &head_len, "%s", cue);
+    append_format(tail, &tail_len, "%s", at + 2);
+    free(cue);
+}
+
 // The text of one turn in the model's chat format: [close the previous reply] [system, first
 // turn only] the user's message and the assistant cue.
 static char *chat_turn(int id, int turn, const char *system, const char *message, size_t *len) {
-    const ChatFormat *fmt = &chat_formats[id];
-    char *text = NULL;
-    *len = 0;
-    if (turn > 0) append_format(&text, len, "%s", fmt->close);
-    if (turn == 0 && system) append_format(&text, len, fmt->system, system);
-    // Llama 2 puts the system block inside [INST]
-    if (id == CHAT_LLAMA2_INST && turn == 0 && system)
-        append_format(&text, len, "%s [/INST]", message);
-    else
-        append_format(&text, len, fmt->user, message);
+    char *text, *tail;
+    chat_turn_parts(id, turn, system, &text, &tail);
+    *len = strlen(text);
+    append_format(&text, len, "%s", message);
+    append_format(&text, len, "%s", tail);
+    free(tail);
     return text;
+}
+
+// The first question after open_document(): the rest of that first turn, the message and the
+// turn's tail.
+static char *question_in_document(int id, const char *system, const char *message, size_t *len) {
+    char *head, *text = xcalloc(1, 1, "chat turn");
+    char *tail;
+    chat_turn_parts(id, 0, system, &head, &tail);
+    *len = 0;
+    append_format(&text, len, "%s", message);
+    append_format(&text, len, "%s", tail);
+    free(head);
+    free(tail);
+    return text;
+}
+
+// With a state file, chat's document (-f or -i) is prefilled before any question: its opening,
+// [system] the user cue, the document and a blank line, tokenized on its own (HF's ids for that
+// text) and saved (--save-state), so that one state serves any question; each question then
+// goes on inside the same user message. Returns the positions filled.
+static size_t open_document(Transformer *t, Tokenizer *tok, Sampler *sp, int id,
+                            const char *doc, const Options *o) {
+    char *text, *tail;
+    chat_turn_parts(id, 0, o->system, &text, &tail);
+    size_t len = strlen(text);
+    append_format(&text, &len, "%s\n\n", doc);
+    int *ids;
+    size_t n = tokenizer_encode(tok, text, len, tokenizer_add_bos(tok), &ids);
+    if (!ids) die("out of memory tokenizing the document");
+    if (o->show_prompt) show_prompt(text, ids, n);
+    if (n > cache_capacity(&t->cache, t->config.n_layers))
+        die("the document (%zu tokens) does not fit the context; raise -c", n);
+    for (size_t i = 0; i < n; i++) sampler_accept(sp, ids[i]);
+    double t0 = now_seconds();
+    float *logits = prefill(t, ids, n, 0);
+    fprintf(stderr, "document: %zu tokens prefilled in %.2f s\n", n, now_seconds() - t0);
+    save_text_state(t, o, ids, n, logits, STATE_CHAT_DOCUMENT, id);
+    free(text);
+    free(tail);
+    free(ids);
+    return n;
+}
+
+// Go on from a loaded state (load_state(); again with --reset-turns, mapped afresh, the
+// conversation since forgotten): its tokens are the text so far. Returns the positions filled.
+static size_t chat_from_state(Sampler *sp, int id, const char *path, const LoadedState *from) {
+    const StateHeader *h = &from->header;
+    if (h->kind != STATE_CHAT_DOCUMENT)
+        die("%s holds a plain text; -m chat goes on from a document's state, saved by -m chat "
+            "-f DOC --save-state FILE", path);
+    if (h->chat_template != (uint32_t)id) die("%s was saved for another chat format", path);
+    sp->n_seen = 0;
+    for (size_t i = 0; i < h->n_tokens; i++) sampler_accept(sp, from->tokens[i]);
+    return h->n_tokens;
 }
 
 // -m chat: read user messages from stdin until EOF (read_message()); doc (-f or -i, may be
 // NULL) opens the first one, a blank line before the first question. The KV cache keeps the
-// whole conversation, so each turn only prefills its own new tokens. With --ids, replies are
-// printed as token ids instead of text.
-static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *doc, const Options *o) {
+// whole conversation, so each turn only prefills its own new tokens. With a state (saved here
+// with the document, or loaded: `from`), the first question goes on from the document's
+// opening (open_document()); with --reset-turns every question does, the state mapped afresh.
+// With --ids, replies are printed as token ids instead of text.
+static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *doc, const Options *o,
+                 LoadedState *from) {
     int id = tokenizer_chat_template(tok);
     if (id <= CHAT_NONE || id >= CHAT_COUNT)
         die("this model has no known chat format; use -m generate");
     int interactive = isatty(fileno(stdin));
     char *msg = NULL;
     size_t pos = 0;
+    const char *state = o->load_state ? o->load_state : o->save_state;
+    int opened = 0;   // the document's opening is in the cache: a question goes on inside it
+    if (from) opened = (pos = chat_from_state(sp, id, state, from)) > 0;
+    else if (doc && state) opened = (pos = open_document(t, tok, sp, id, doc, o)) > 0;
+    LoadedState again;
     for (int turn = 0;; turn++) {
         if (interactive) {
             fprintf(stderr, "> ");
@@ -2254,18 +2793,26 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *doc, c
         ssize_t got = read_message(&msg, interactive);
         if (got < 0) break;
         check_utf8("this chat line", msg, (size_t)got, "the terminal or the file must send UTF-8");
+        if (o->reset_turns && turn > 0) {
+            load_state(t, state, &again);
+            opened = (pos = chat_from_state(sp, id, state, &again)) > 0;
+            turn = 0;
+        }
         char *message = msg;
         size_t len = 0;
-        if (turn == 0 && doc) {
+        if (turn == 0 && doc && !opened) {
             message = NULL;
             append_format(&message, &len, "%s\n\n", doc);
             append_format(&message, &len, "%s", msg);
         }
-        char *text = chat_turn(id, turn, o->system, message, &len);
+        char *text = opened ? question_in_document(id, o->system, msg, &len)
+                            : chat_turn(id, turn, o->system, message, &len);
         if (message != msg) free(message);
         int *ids;
-        size_t n = turn == 0 ? tokenizer_encode(tok, text, len, tokenizer_add_bos(tok), &ids)
-                             : tokenizer_encode_continued(tok, text, len, &ids);
+        size_t n = turn == 0 && !opened
+                           ? tokenizer_encode(tok, text, len, tokenizer_add_bos(tok), &ids)
+                           : tokenizer_encode_continued(tok, text, len, &ids);
+        opened = 0;
         if (!ids) die("out of memory tokenizing the chat turn");
         if (o->show_prompt) show_prompt(text, ids, n);
         free(text);
@@ -2292,6 +2839,7 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *doc, c
 typedef struct {
     OutputFile *out;
     int V;
+    const float *last;   // the last row written
 } LogitsFile;
 
 static void write_chunk(void *file, float *logits, size_t done, int T) {
@@ -2299,14 +2847,21 @@ static void write_chunk(void *file, float *logits, size_t done, int T) {
     (void)done;
     if (fwrite(logits, sizeof(float) * lf->V, T, lf->out->f) != (size_t)T)
         die("%s: write failed: %s", lf->out->path, strerror(errno));
+    lf->last = logits + (size_t)(T - 1) * lf->V;
 }
 
-// -m logits: run the ids in chunks and write every position's logits as raw float32 (n, V).
-static void write_logits(Transformer *t, const int *tokens, size_t n, OutputFile *out) {
-    LogitsFile lf = {out, t->config.vocab_size};
-    size_t done = run_chunks(t, tokens, n, 0, "logits", write_chunk, &lf);
+// -m logits: run the ids in chunks (after a loaded state, `from`, if any) and write every
+// position's logits as raw float32 (n, V); then save the state (--save-state).
+static void write_logits(Transformer *t, const int *tokens, size_t n, OutputFile *out,
+                         const Options *o, const LoadedState *from) {
+    LogitsFile lf = {out, t->config.vocab_size, NULL};
+    size_t n_text, pos0 = from ? from->header.n_tokens : 0;
+    size_t done = run_chunks(t, tokens, n, pos0, "logits", write_chunk, &lf);
     if (done < n || interrupted)
         die("interrupted after %zu of %zu tokens; %s not written", done, n, out->path);
+    int *text = text_so_far(from, tokens, n, &n_text);
+    save_text_state(t, o, text, n_text, lf.last, STATE_TEXT, 0);
+    free(text);
 }
 
 // -m tokenize: the ids of the prompt on one line, as HF's encode(text, add_special_tokens=False).
@@ -2515,40 +3070,47 @@ static void print_kl(const KLRun *k) {
 }
 
 // The running sums of a perplexity pass: row r of a chunk that starts at token `done`
-// predicts token done + r + 1.
+// predicts token done + r + 1 (the text's last token, fed only to be saved, predicts none).
 typedef struct {
     const int *tokens;
     int V;
     size_t n, bucket;      // the text's tokens; predicted positions per CSV row
+    size_t n_predict;      // n - 1, or n after a loaded state (its logits predict the first)
     FILE *csv;
     double *nll;           // (max_T) one chunk's negative log-likelihoods
     KLRun *kl;             // --kl-base-save / --kl-base, or NULL
     double total, total2;  // sums of the NLLs and of their squares, for the standard error
     double bucket_sum;
     size_t bucket_n, predicted;
+    const float *last;     // the logits after the last token fed
 } PerplexityRun;
+
+// One predicted position's NLL into the sums, and a CSV row when a bucket fills.
+static void add_nll(PerplexityRun *p, double nll) {
+    p->total += nll;
+    p->total2 += nll * nll;
+    p->bucket_sum += nll;
+    p->bucket_n++;
+    p->predicted++;
+    if (p->csv && (p->predicted % p->bucket == 0 || p->predicted == p->n_predict)) {
+        double mean = p->bucket_sum / p->bucket_n;
+        fprintf(p->csv, "%zu,%zu,%zu,%.6f,%.4f\n", p->predicted - p->bucket_n + 1, p->predicted,
+                p->bucket_n, mean, exp(mean));
+        p->bucket_sum = 0;
+        p->bucket_n = 0;
+    }
+}
 
 static void score_chunk(void *run, float *logits, size_t done, int T) {
     PerplexityRun *p = run;
+    int rows = (int)min_size((size_t)T, p->n - 1 - done);   // the rows with a next token
+    p->last = logits + (size_t)(T - 1) * p->V;
     PARALLEL_FOR
-    for (int r = 0; r < T; r++)
+    for (int r = 0; r < rows; r++)
         p->nll[r] = -token_log_prob(logits + (size_t)r * p->V, p->V, p->tokens[done + r + 1]);
-    if (p->kl && p->kl->save.f) save_kl_rows(p->kl, logits, p->V, T);
-    if (p->kl && p->kl->base) compare_kl_rows(p->kl, logits, p->V, T);
-    for (int r = 0; r < T; r++) {
-        p->total += p->nll[r];
-        p->total2 += p->nll[r] * p->nll[r];
-        p->bucket_sum += p->nll[r];
-        p->bucket_n++;
-        p->predicted++;
-        if (p->csv && (p->predicted % p->bucket == 0 || p->predicted == p->n - 1)) {
-            double mean = p->bucket_sum / p->bucket_n;
-            fprintf(p->csv, "%zu,%zu,%zu,%.6f,%.4f\n", p->predicted - p->bucket_n + 1,
-                    p->predicted, p->bucket_n, mean, exp(mean));
-            p->bucket_sum = 0;
-            p->bucket_n = 0;
-        }
-    }
+    if (p->kl && p->kl->save.f) save_kl_rows(p->kl, logits, p->V, rows);
+    if (p->kl && p->kl->base) compare_kl_rows(p->kl, logits, p->V, rows);
+    for (int r = 0; r < rows; r++) add_nll(p, p->nll[r]);
 }
 
 // Open what --kl-base-save and --kl-base name, if anything; NULL when neither is given.
@@ -2585,15 +3147,25 @@ static void finish_kl(KLRun *k) {
 // chunk's logits, whatever the text's length. With a csv file, one row per `bucket` predicted
 // positions: first,last,tokens,mean_nll,ppl. With --kl-base-save / --kl-base, the base file
 // of each position is written / compared with alongside.
-static void perplexity(Transformer *t, const int *tokens, size_t n, const Options *o, FILE *csv) {
+static void perplexity(Transformer *t, const int *tokens, size_t n, const Options *o, FILE *csv,
+                       const LoadedState *from) {
     PerplexityRun p = {.tokens = tokens, .V = t->config.vocab_size, .n = n,
-                       .bucket = (size_t)o->ppl_bucket, .csv = csv};
+                       .bucket = (size_t)o->ppl_bucket, .csv = csv, .n_predict = n - !from};
     p.nll = xcalloc(t->state.max_T, sizeof(double), "nll row");
     p.kl = start_kl(o, tokens, n, p.V, t->state.max_T);
     if (csv) fprintf(csv, "first,last,tokens,mean_nll,ppl\n");
     double start = now_seconds();
-    run_chunks(t, tokens, n - 1, 0, "ppl", score_chunk, &p);   // the rows with a next token
+    size_t pos0 = from ? from->header.n_tokens : 0;
+    if (from) add_nll(&p, -token_log_prob(from->logits, p.V, tokens[0]));
+    size_t fed = o->save_state ? n : n - 1;   // the last token only for the state's sake
+    run_chunks(t, tokens, fed, pos0, "ppl", score_chunk, &p);
     free(p.nll);
+    if (o->save_state && !interrupted) {
+        size_t n_text;
+        int *text = text_so_far(from, tokens, n, &n_text);
+        save_text_state(t, o, text, n_text, p.last, STATE_TEXT, 0);
+        free(text);
+    }
     double mean = p.total / p.predicted;
     if (interrupted && p.predicted == 0) die("interrupted before the first chunk was scored");
     if (interrupted)
@@ -2978,6 +3550,20 @@ static void usage_model_options(FILE *out) {
             "  --version        print the version and exit\n");
 }
 
+static void usage_state_options(FILE *out) {
+    fprintf(out,
+            "State files: read a document once, ask many times (see README, \"State files\"):\n"
+            "  --save-state F   generate, logits, ppl: after the prompt; chat: after the -f/-i "
+            "document,\n"
+            "                   write what the cache holds to F\n"
+            "  --load-state F   go on from F: the prompt (generate: may be none) continues its "
+            "text;\n"
+            "                   chat: questions about its document. F's settings must be "
+            "repeated\n"
+            "  --reset-turns    chat with a state: every question starts again from the "
+            "document\n");
+}
+
 static void usage(FILE *out) {
     fprintf(out,
             "usage: run MODEL [options]\n"
@@ -3012,6 +3598,7 @@ static void usage(FILE *out) {
             "kernels\n"
             "  --logits-out F   logits mode: write (n_tokens, vocab) float32 here; the prompt is "
             "ids\n");
+    usage_state_options(out);
     usage_model_options(out);
 }
 
@@ -3170,6 +3757,9 @@ static const OptionInfo option_table[] = {
     { "--show-prompt", 0, SAMPLING },
     { "--pieces", 0, TOKENIZE },
     { "--stop", 1, SAMPLING },
+    { "--save-state", 1, GEN | CHAT | LOGITS | PPL },
+    { "--load-state", 1, GEN | CHAT | LOGITS | PPL },
+    { "--reset-turns", 0, CHAT },
     { "-c", 1, MODEL_MODES },
     { "--chunk", 1, MODEL_MODES },
     { "--threads", 1, MODEL_MODES },
@@ -3288,6 +3878,7 @@ static int parse_switch(Options *o, const char *flag) {
     if (!strcmp(flag, "--no-echo")) target = &o->no_echo;
     if (!strcmp(flag, "--show-prompt")) target = &o->show_prompt;
     if (!strcmp(flag, "--pieces")) target = &o->pieces;
+    if (!strcmp(flag, "--reset-turns")) target = &o->reset_turns;
     if (target) *target = 1;
     return target != NULL;
 }
@@ -3320,6 +3911,8 @@ static int parse_run_option(Options *o, const char *flag, const char *val) {
     else if (!strcmp(flag, "--threads")) o->threads = parse_threads(o, flag, val);
     else if (!strcmp(flag, "--logits-out")) o->logits_out = val;
     else if (!strcmp(flag, "--stop")) add_stop(o, val);
+    else if (!strcmp(flag, "--save-state")) o->save_state = val;
+    else if (!strcmp(flag, "--load-state")) o->load_state = val;
     else return 0;
     return 1;
 }
@@ -3369,6 +3962,22 @@ static int parse_model_option(Options *o, const char *flag, const char *val) {
     return 1;
 }
 
+// --save-state, --load-state and --reset-turns: what each mode can do with a state.
+static void check_state_flags(const Options *o) {
+    int chat = !strcmp(o->mode, "chat"), doc = o->input || o->input_path;
+    if (o->reset_turns && !o->load_state && !o->save_state)
+        usage_error("%s", "--reset-turns needs a state: --load-state FILE, or a document with "
+                    "--save-state FILE");
+    if (chat && o->save_state && !doc)
+        usage_error("%s", "chat --save-state saves a document's state: give it with -f or -i");
+    if (chat && o->load_state && (doc || o->save_state || o->system))
+        usage_error("%s", "chat --load-state: the document and system prompt are in the state "
+                    "(-f, -i, --system and --save-state do not apply)");
+    if (o->load_state && (o->kl_base || o->kl_base_save))
+        usage_error("%s", "--kl-base and --kl-base-save score a whole text in one run, not "
+                    "from a --load-state");
+}
+
 // Refuse combinations of options that cannot mean anything.
 static void check_options(Options *o) {
     if (!strcmp(o->mode, "chat")) {
@@ -3378,9 +3987,12 @@ static void check_options(Options *o) {
     } else if (!mode_reads_prompt(o->mode)) {
         if (o->input || o->input_path)
             usage_error("-m %s takes no prompt: -i and -f do not apply", o->mode);
-    } else if (!o->input == !o->input_path) {
+    } else if (o->input && o->input_path) {
+        usage_error("%s", "give the prompt with exactly one of -i TEXT or -f FILE");
+    } else if (!o->input && !o->input_path && !(o->load_state && !strcmp(o->mode, "generate"))) {
         usage_error("%s", "give the prompt with exactly one of -i TEXT or -f FILE");
     }
+    check_state_flags(o);
     if (o->rope.scaling && rope_type_from_name(o->rope.scaling) < 0)
         usage_error("unknown --rope-scaling '%s' (none, linear, dynamic, yarn, llama3)",
                     o->rope.scaling);
@@ -3468,7 +4080,8 @@ static size_t run_length(const Options *o, size_t n_prompt) {
 static size_t context_slots(const Options *o, size_t reach, size_t n_prompt) {
     if (o->context) return (size_t)o->context;
     size_t need = run_length(o, n_prompt);
-    if (o->attn.window || o->attn.lminf) return need;
+    if (o->attn.window || o->attn.lminf) return o->save_state ? SIZE_MAX : need;
+    if (o->save_state) return max_size(reach, n_prompt);   // room for the runs that go on
     if (!strcmp(o->mode, "chat")) return min_size(reach, n_prompt + 4096);
     if (!strcmp(o->mode, "logits") || !strcmp(o->mode, "passkey") || !strcmp(o->mode, "bench"))
         return need;
@@ -3481,7 +4094,8 @@ static size_t context_slots(const Options *o, size_t reach, size_t n_prompt) {
 static int chunk_size(const Options *o, size_t n_prompt, size_t context) {
     int chunk = o->chunk;
     if (!chunk) chunk = !strcmp(o->mode, "logits") ? (int)min_size(n_prompt, 65536) : 256;
-    if (mode_reads_prompt(o->mode)) chunk = (int)min_size((size_t)chunk, n_prompt);
+    if (mode_reads_prompt(o->mode) && !o->save_state)   // a state's chunk serves later runs
+        chunk = (int)min_size((size_t)chunk, n_prompt);
     int may_fill = !strcmp(o->mode, "generate") || !strcmp(o->mode, "chat");
     if (may_fill && !o->chunk && context < SIZE_MAX && (size_t)chunk > context / 4)
         chunk = (int)max_size(context / 4, 1);
@@ -3507,7 +4121,10 @@ static int *prompt_ids(const Options *o, Tokenizer *tok, int has_tokenizer, cons
                    "convert it (iconv -t UTF-8), or give token ids with --ids");
         int add_bos = o->bos || (strcmp(o->mode, "tokenize") && tokenizer_add_bos(tok));
         size_t want = (size_t)o->ppl_tokens;
-        *n_prompt = tokenizer_encode_first(tok, text, len, add_bos, want, &prompt);
+        if (o->load_state)   // the text goes on from the state's
+            *n_prompt = tokenizer_encode_continued(tok, text, len, &prompt);
+        else
+            *n_prompt = tokenizer_encode_first(tok, text, len, add_bos, want, &prompt);
         if (!prompt) die("out of memory tokenizing the prompt");
     }
     *text_out = text;
@@ -3571,8 +4188,9 @@ static void print_sampling(const Options *o) {
 
 // Run the chosen mode on a built transformer.
 // text: generate's prompt as given (echoed unless --no-echo or --ids), or chat's document.
+// from: the loaded state (--load-state), or NULL.
 static void run_mode(Transformer *t, const Options *o, Tokenizer *tok, int has_tokenizer,
-                     const int *prompt, size_t n_prompt, const char *text) {
+                     const int *prompt, size_t n_prompt, const char *text, LoadedState *from) {
     const char *mode = o->mode;
     const char *inputs[] = {o->model_path, o->input_path};
     const char *out_path = NULL;   // the run's output file, if it has one
@@ -3582,16 +4200,16 @@ static void run_mode(Transformer *t, const Options *o, Tokenizer *tok, int has_t
     if (out_path) out = open_output(out_path, inputs, 2);
     Sampler sp = o->sampler;
     build_sampler(&sp, t->config.vocab_size, o->seed);
-    if (!strcmp(mode, "logits")) write_logits(t, prompt, n_prompt, &out);
-    else if (!strcmp(mode, "ppl")) perplexity(t, prompt, n_prompt, o, out.f);
+    if (!strcmp(mode, "logits")) write_logits(t, prompt, n_prompt, &out, o, from);
+    else if (!strcmp(mode, "ppl")) perplexity(t, prompt, n_prompt, o, out.f, from);
     else if (!strcmp(mode, "passkey"))
         passkey(t, tok, o->passkey_len, o->n_passkey_len, o->passkey_depth, o->n_passkey_depth,
                 o->passkey_trials, o->seed);
     else if (!strcmp(mode, "bench"))
         bench(t, o);
-    else if (!strcmp(mode, "chat")) chat(t, tok, &sp, text, o);
+    else if (!strcmp(mode, "chat")) chat(t, tok, &sp, text, o, from);
     else generate(t, has_tokenizer ? tok : NULL, &sp, prompt, n_prompt,
-                  o->no_echo || o->input_is_ids ? NULL : text, o);
+                  o->no_echo || o->input_is_ids ? NULL : text, o, from);
     if (out_path) close_output(&out);   // after ppl's result is printed, whatever becomes of it
     free_sampler(&sp);
 }
@@ -3610,7 +4228,7 @@ int main(int argc, char **argv) {
     size_t n_prompt = 0;
     int *prompt = NULL;
     char *prompt_text = NULL;   // the prompt as given: generate's echo, chat's document
-    if (mode_reads_prompt(mode))
+    if (mode_reads_prompt(mode) && (o.input || o.input_path))
         prompt = prompt_ids(&o, &tok, has_tokenizer, &mf, &n_prompt, &prompt_text);
     if (!strcmp(mode, "chat") && (o.input || o.input_path))
         prompt_text = chat_document(&o, &tok, &n_prompt);
@@ -3629,13 +4247,19 @@ int main(int argc, char **argv) {
 
     if (mf.header->n_layers == 0)
         die("%s is a tokenizer-only file: it can only -m tokenize", o.model_path);
-    if (!strcmp(mode, "ppl") && n_prompt < 2) die("perplexity needs a text of at least 2 tokens");
-    size_t context = context_slots(&o, rope_reach(&mf, o.model_path, &o.rope), n_prompt);
-    int chunk = chunk_size(&o, n_prompt, context);
+    if (!strcmp(mode, "ppl") && n_prompt < 2 - !!o.load_state)
+        die("perplexity needs a text of at least 2 tokens");
+    StateHeader saved = {0};
+    if (o.load_state) saved = read_state_header(o.load_state);
+    size_t reach = rope_reach(&mf, o.model_path, &o.rope);
+    size_t context = o.load_state ? state_context(&o, &saved) : context_slots(&o, reach, n_prompt);
+    int chunk = o.load_state ? (int)saved.max_T : chunk_size(&o, n_prompt, context);
     int all_logits = !strcmp(mode, "logits") || !strcmp(mode, "ppl");
     Transformer t = {0};
     build_transformer(&t, &mf, o.model_path, &o.rope, &o.attn, context, chunk, all_logits);
-    check_prompt_fits(&t, mode, n_prompt);
+    LoadedState loaded = {0};
+    if (o.load_state) load_state(&t, o.load_state, &loaded);
+    check_prompt_fits(&t, mode, loaded.header.n_tokens + n_prompt);
     t.reference = o.reference;
     print_model_summary(&t, o.model_path);
     print_sampling(&o);
@@ -3644,8 +4268,10 @@ int main(int argc, char **argv) {
                 t.config.layers[0].factor, o.context, t.config.layers[0].orig_ctx);
     if (t.reference)
         fprintf(stderr, "blocks: the plain reference loops (--reference), not the kernels\n");
+    if (o.load_state) print_state_bill(&t, o.load_state, &loaded);
     catch_signals();
-    run_mode(&t, &o, &tok, has_tokenizer, prompt, n_prompt, prompt_text);
+    run_mode(&t, &o, &tok, has_tokenizer, prompt, n_prompt, prompt_text,
+             o.load_state ? &loaded : NULL);
     finish_stdout();
     free_transformer(&t);
     free(prompt);
