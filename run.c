@@ -1825,6 +1825,8 @@ typedef struct {
     // bench: --bench-pp/-tg/-depth
     long bench_pp[MAX_LIST], bench_tg[MAX_LIST], bench_depth[MAX_LIST];
     int n_bench_pp, n_bench_tg, n_bench_depth, reps, json;                // bench: -r, --json
+    long bench_state[MAX_LIST];   // bench: --bench-state, document lengths for time to first token
+    int n_bench_state;
     int csv;                  // bench: --csv
     // --threads and --kv-type as lists: bench sweeps them (the other modes take one value)
     long threads_list[MAX_LIST];
@@ -3379,11 +3381,21 @@ static void bench_test(Transformer *t, const int *ids, size_t n, size_t depth, i
     *sd = reps > 1 ? sqrt(fmax(0, (sum2 - reps * (*mean) * (*mean)) / (reps - 1))) : 0;
 }
 
+// --bench-state: time to first token after an n-token document, prefilled and loaded.
+typedef struct {
+    size_t n;
+    KVType kv;
+    double prefilled_s, loaded_s;   // until the first reply token has run through the model
+    double disk_mb;                 // the state file's disk use
+} StateTiming;
+
 // What one bench row prints: its own fields after the shared ones.
 typedef struct {
     const Options *o;
     Field config[16];
     int n_config, first;
+    StateTiming state[MAX_LIST * KV_COUNT];
+    int n_state;
 } BenchOut;
 
 static void bench_row(BenchOut *b, const Transformer *t, int tg, size_t n, size_t depth,
@@ -3425,10 +3437,76 @@ static void bench_header(BenchOut *b) {
     }
 }
 
+// The first token of a reply after a document whose last logits are `logits`: picked
+// greedily and run through the model at pos.
+static void first_token(Transformer *t, const float *logits, size_t pos) {
+    int next = argmax(logits, t->config.vocab_size);
+    forward(t, &next, 1, pos);
+}
+
+// A temporary state file's name in $TMPDIR (or /tmp), created empty.
+static void temp_state_path(char *path, size_t size) {
+    const char *dir = getenv("TMPDIR");
+    if (!dir || !*dir) dir = "/tmp";
+    if (snprintf(path, size, "%s/longrun-bench-XXXXXX", dir) >= (int)size)
+        die("TMPDIR is too long a path");
+    int fd = mkstemp(path);
+    if (fd < 0) die("%s: cannot create a temporary state file: %s", path, strerror(errno));
+    close(fd);
+}
+
+// --bench-state: an n-token document prefilled, then the first reply token; the document saved
+// (not timed), then loaded from its state and the same first token. The cache stays mapped.
+static StateTiming bench_state(Transformer *t, const Options *o, const int *doc, size_t n) {
+    StateTiming st = {.n = n, .kv = t->cache.type};
+    char path[4096];
+    temp_state_path(path, sizeof(path));
+    double t0 = now_seconds();
+    float *logits = prefill(t, doc, n, 0);
+    double t1 = now_seconds();
+    StateText text = {doc, n, logits, STATE_TEXT, 0};
+    save_state(t, path, &text, &o->model_path, 1);
+    double t2 = now_seconds();
+    first_token(t, logits, n);
+    st.prefilled_s = t1 - t0 + now_seconds() - t2;
+    LoadedState from;
+    double t3 = now_seconds();
+    load_state(t, path, &from);
+    first_token(t, from.logits, n);
+    st.loaded_s = now_seconds() - t3;
+    struct stat sb;
+    st.disk_mb = stat(path, &sb) == 0 ? (double)sb.st_blocks * 512 / 1e6 : 0;
+    unlink(path);
+    return st;
+}
+
+// The --bench-state results: a table, or the JSON "state" list.
+static void print_state_timings(const BenchOut *b) {
+    if (!b->n_state) return;
+    if (b->o->json) printf(", \"state\": [");
+    else printf("\n| document | kv | first token, prefilled | loaded | speed-up | state on disk |"
+                "\n|---:|---|---:|---:|---:|---:|\n");
+    for (int i = 0; i < b->n_state; i++) {
+        const StateTiming *s = &b->state[i];
+        const char *kv = kv_type_names[s->kv];
+        double speedup = s->prefilled_s / s->loaded_s;
+        if (b->o->json)
+            printf("%s\n  {\"tokens\": %zu, \"kv_type\": \"%s\", \"prefilled_s\": %.4f, "
+                   "\"loaded_s\": %.5f, \"speedup\": %.1f, \"state_disk_mb\": %.1f}",
+                   i ? "," : "", s->n, kv, s->prefilled_s, s->loaded_s, speedup, s->disk_mb);
+        else
+            printf("| %zu | %s | %.3f s | %.4f s | %.0fx | %.1f MB |\n", s->n, kv,
+                   s->prefilled_s, s->loaded_s, speedup, s->disk_mb);
+    }
+    if (b->o->json) printf("\n]");
+}
+
 // JSON: the peak RSS closes the object. Table: the configuration, then each swept cache
 // type's bytes per token.
 static void bench_footer(const BenchOut *b, const Transformer *t, const int *kv_types, int n_kv) {
-    if (b->o->json) printf("\n], \"peak_rss_mb\": %.0f}\n", peak_rss_mb());
+    if (b->o->json) printf("\n]");
+    print_state_timings(b);
+    if (b->o->json) printf(", \"peak_rss_mb\": %.0f}\n", peak_rss_mb());
     if (b->o->json || b->o->csv) return;
     printf("\n");
     for (int i = 0; i < b->n_config; i++)
@@ -3488,6 +3566,13 @@ static void bench(Transformer *t, const Options *o) {
             free(fill);
             bench_depth(t, &b, ids, depth);
         }
+        for (int si = 0; si < o->n_bench_state; si++) {
+            size_t n = (size_t)o->bench_state[si];
+            int *doc = xcalloc(n, sizeof(int), "bench document");
+            for (size_t i = 0; i < n; i++) doc[i] = (int)(random_f32(&rng) * t->config.vocab_size);
+            b.state[b.n_state++] = bench_state(t, o, doc, n);
+            free(doc);
+        }
     }
     bench_footer(&b, t, kv_types, n_kv);
     free(ids);
@@ -3530,6 +3615,8 @@ static void usage_model_options(FILE *out) {
             "  --bench-pp N,..  prompt lengths                                   (default 512)\n"
             "  --bench-tg N,..  tokens generated one by one                      (default 128)\n"
             "  --bench-depth N,..  tokens already in the cache before each test  (default 0)\n"
+            "  --bench-state N,..  time to first token after an N-token document: prefilled, and\n"
+            "                   loaded from a state file (saved to $TMPDIR, then removed)\n"
             "  -r N             repetitions, reported as mean ± sd               (default 3)\n"
             "  --json           JSON instead of a markdown table, with the configuration\n"
             "  --csv            CSV instead: a header, then one row per test and setting\n"
@@ -3776,6 +3863,7 @@ static const OptionInfo option_table[] = {
     { "--bench-pp", 1, BENCH },
     { "--bench-tg", 1, BENCH },
     { "--bench-depth", 1, BENCH },
+    { "--bench-state", 1, BENCH },
     { "-r", 1, BENCH },
     { "--json", 0, BENCH },
     { "--csv", 0, BENCH },
@@ -3936,6 +4024,8 @@ static int parse_measure_option(Options *o, const char *flag, const char *val) {
         o->n_bench_tg = parse_long_list(flag, val, o->bench_tg, 1, 1 << 24);
     else if (!strcmp(flag, "--bench-depth"))
         o->n_bench_depth = parse_long_list(flag, val, o->bench_depth, 0, 1 << 24);
+    else if (!strcmp(flag, "--bench-state"))
+        o->n_bench_state = parse_long_list(flag, val, o->bench_state, 1, 1 << 24);
     else if (!strcmp(flag, "-r")) o->reps = (int)parse_long(flag, val, 1, 1000);
     else return 0;
     return 1;
@@ -4011,6 +4101,8 @@ static void check_options(Options *o) {
     if (!bench && (o->n_threads_list > 1 || o->n_kv_types > 1))
         usage_error("%s", "--threads and --kv-type take one value; lists are -m bench sweeps");
     if (o->json && o->csv) usage_error("%s", "give one of --json and --csv");
+    if (o->csv && o->n_bench_state)
+        usage_error("%s", "--bench-state: its times fit the table or --json, not --csv's columns");
     if (o->kl_base_save && o->ppl_csv)
         usage_error("%s", "--kl-base-save and --ppl-csv: one output file per run; run twice");
     o->rope.context = o->context;
@@ -4066,7 +4158,8 @@ static size_t run_length(const Options *o, size_t n_prompt) {
     if (!strcmp(o->mode, "bench")) {
         size_t pp = (size_t)max_of(o->bench_pp, o->n_bench_pp);
         size_t tg = (size_t)max_of(o->bench_tg, o->n_bench_tg);
-        return (size_t)max_of(o->bench_depth, o->n_bench_depth) + max_size(pp, tg);
+        size_t state = (size_t)max_of(o->bench_state, o->n_bench_state) + 1;
+        return max_size((size_t)max_of(o->bench_depth, o->n_bench_depth) + max_size(pp, tg), state);
     }
     if (o->steps < 0 || !strcmp(o->mode, "chat")) return SIZE_MAX;
     return n_prompt + (size_t)o->steps;
