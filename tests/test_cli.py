@@ -82,6 +82,9 @@ ACCEPTED = {
     "--no-echo": ["--no-echo", "-i", PROMPT, "-n", "2"],
     "--stop": ["--stop", ".", "-i", PROMPT, "-n", "2"],
     "--show-prompt": ["--show-prompt", "-i", PROMPT, "-n", "2"],
+    "--save-state": ["-m", "chat", "-i", "A short note.", "--save-state", "{state_file}", "-n", "2"],
+    "--load-state": ["-m", "chat", "--load-state", "{state_file}", "-n", "2"],   # the one just saved
+    "--reset-turns": ["-m", "chat", "--load-state", "{state_file}", "--reset-turns", "-n", "2"],
     "--pieces": ["-m", "tokenize", "--pieces", "-i", PROMPT],
     "-c": ["-c", "64", "-i", PROMPT, "-n", "2"],
     "--chunk": ["--chunk", "2", "-i", PROMPT, "-n", "2"],
@@ -99,6 +102,7 @@ ACCEPTED = {
     "--bench-pp": ["-m", "bench", "--bench-pp", "8,16", "--bench-tg", "2", "-r", "1"],
     "--bench-tg": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2,3", "-r", "1"],
     "--bench-depth": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2", "--bench-depth", "0,16", "-r", "1"],
+    "--bench-state": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2", "-r", "1", "--bench-state", "16"],
     "-r": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2", "-r", "2"],
     "--json": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2", "-r", "1", "--json"],
     "--csv": ["-m", "bench", "--bench-pp", "8", "--bench-tg", "2", "-r", "1", "--csv"],
@@ -127,7 +131,7 @@ def test_every_option_is_accepted(model, tmp_path):
     prompt_file.write_text(PROMPT)
     for flag, args in ACCEPTED.items():
         args = [a.format(prompt_file=prompt_file, logits_file=logits_file, csv_file=csv_file,
-                         kl_file=tmp_path / "base.kld") for a in args]
+                         kl_file=tmp_path / "base.kld", state_file=tmp_path / "doc.state") for a in args]
         r = run(model, *args, check=False, input="Hi\n")
         assert r.returncode == 0, f"{flag}: {args} exited {r.returncode}: {r.stderr}"
         assert "error" not in r.stderr, f"{flag}: {r.stderr}"
