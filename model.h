@@ -295,7 +295,7 @@ typedef struct {
     uint64_t limit;               // --lminf-limit as resolved
     uint64_t context;             // slots of a full-attention layer (-c)
     uint32_t max_T;               // the longest chunk the rings make room for (--chunk)
-    uint32_t sink_kind;           // now: 0 StreamingLLM, 1 LM-Infinite (a full context switches)
+    uint32_t sink_kind;           // 0 StreamingLLM sinks, 1 LM-Infinite global tokens
     uint64_t n_slots;             // every layer's slots
     uint64_t max_sink;            // sink copies per layer
     uint64_t kv_dim;              // values in one position's key (or value)

@@ -2277,21 +2277,13 @@ static void check_state_layout(const Transformer *t, const StateHeader *h, size_
             file_size, (unsigned long long)h->file_size);
 }
 
-// A layer's saved slots: as this run built them, or as a full context switched them to
-// StreamingLLM (kv_continue_streaming()). Returns 1 for the switch.
-static int check_state_slots(const LayerSlots *built, const StateSlots *s, int max_T, int l,
-                             const char *path) {
-    LayerSlots was = {s->first, s->n_sink, s->ring, s->window, (int)(s->fills != 0)};
-    LayerSlots now = *built;
-    int switched = 0;
-    if (now.fills && now.ring > STREAMING_SINKS + (size_t)max_T && was.n_sink != now.n_sink) {
-        now = streaming_slots(now, max_T);
-        switched = 1;
-    }
-    if (s->fills > 1 || was.first != now.first || was.n_sink != now.n_sink
-        || was.ring != now.ring || was.window != now.window || was.fills != now.fills)
+// A layer's saved slots must be the ones this run built from the same settings: a state is
+// saved after a prefill, and only decoding fills a context and switches it to StreamingLLM.
+static void check_state_slots(const LayerSlots *built, const StateSlots *s, int l,
+                              const char *path) {
+    if (s->fills != (uint64_t)built->fills || s->first != built->first
+        || s->n_sink != built->n_sink || s->ring != built->ring || s->window != built->window)
         die("%s: layer %d's slots do not follow from its settings: the file is damaged", path, l);
-    return switched;
 }
 
 // The RoPE tables as the saving run left them: as built, or dynamic NTK grown to a length the
@@ -2321,22 +2313,16 @@ typedef struct {
     double seconds;          // what loading took
 } LoadedState;
 
-// The mapping's slot records checked against this run's cache as built, then made the cache's.
+// The mapping's slot records checked against this run's cache as built, which becomes the
+// cache's layout again (an earlier state's run may have filled its context and switched it).
 static void install_slots(KVCache *kv, const Config *c, const StateHeader *h,
                           const uint8_t *base, const char *path) {
-    lay_out_slots(kv, c);   // as built, whatever an earlier state or a full context made them
+    lay_out_slots(kv, c);
     const StateSlots *slots = (const StateSlots *)(base + h->sections[ST_SLOTS].offset);
-    int switched = 0;
-    for (int l = 0; l < kv->n_layers; l++)
-        switched |= check_state_slots(&kv->layers[l], &slots[l], kv->max_T, l, path);
-    SinkKind kind = switched || !kv->built.lminf ? SINKS_STREAMING : SINKS_LMINF;
+    for (int l = 0; l < kv->n_layers; l++) check_state_slots(&kv->layers[l], &slots[l], l, path);
+    SinkKind kind = kv->built.lminf ? SINKS_LMINF : SINKS_STREAMING;
     if (h->sink_kind != (uint32_t)kind)
         die("%s: its sink kind does not follow from its settings: the file is damaged", path);
-    for (int l = 0; l < kv->n_layers; l++) {
-        const StateSlots *s = &slots[l];
-        LayerSlots ls = {s->first, s->n_sink, s->ring, s->window, (int)s->fills};
-        kv->layers[l] = ls;
-    }
     kv->sink_kind = kind;
 }
 
