@@ -2203,6 +2203,9 @@ static StateHeader read_state_header(const char *path) {
     if (h.max_T < 1 || h.max_T > 1 << 16 || h.context < 1)
         die("%s: chunks of %u tokens and a context of %llu: the file is damaged", path, h.max_T,
             (unsigned long long)h.context);
+    if (h.n_slots > (uint64_t)st.st_size)   // each slot has a row of at least a byte in the file
+        die("%s: %llu slots in a file of %lld bytes: the file is damaged", path,
+            (unsigned long long)h.n_slots, (long long)st.st_size);
     return h;
 }
 
@@ -2260,7 +2263,7 @@ static void check_state_layout(const Transformer *t, const StateHeader *h, size_
     if (h->n_layers != (uint32_t)c->n_layers || h->vocab_size != (uint32_t)c->vocab_size
         || h->n_slots != kv->n_slots || h->max_sink != kv->max_sink || h->kv_dim != kv->kv_dim
         || h->row_bytes != kv->row_bytes || h->kind >= STATE_KIND_COUNT
-        || h->context != kv->context || h->max_T != (uint32_t)kv->max_T)
+        || min_size(h->context, h->n_slots) != kv->context || h->max_T != (uint32_t)kv->max_T)
         die("%s: its counts do not match its settings: the file is damaged", path);
     size_t capacity = cache_capacity(kv, t->config.n_layers);
     if (h->n_tokens == 0 || h->n_tokens > capacity)
@@ -2393,7 +2396,10 @@ static size_t state_context(const Options *o, const StateHeader *h) {
     if (o->chunk && (uint32_t)o->chunk != h->max_T)
         die("%s was saved with chunks of %u tokens; this run asks --chunk %d: leave --chunk out",
             o->load_state, h->max_T, o->chunk);
-    return (size_t)h->context;
+    // Each layer has min(its ring, context) slots, n_slots in all, so a context past n_slots
+    // lays out the same cache as n_slots: built with at most that, a damaged context cannot
+    // ask for a cache larger than the file (n_slots <= its size, read_state_header()).
+    return min_size(h->context, h->n_slots);
 }
 
 // The text so far: a loaded state's tokens (from may be NULL), then n more. Caller frees.
