@@ -2351,10 +2351,16 @@ static void load_state(Transformer *t, const char *path, LoadedState *out) {
     int fd = open(path, O_RDONLY);
     struct stat st;
     if (fd < 0 || fstat(fd, &st) != 0) die("%s: cannot open: %s", path, strerror(errno));
-    check_state_layout(t, &h, (size_t)st.st_size, path);
-    uint8_t *base = mmap(NULL, h.file_size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    // Mapped before the checks and made the cache's storage at once (its rows let go), so that
+    // free_cache() unmaps it whichever check refuses the file (tests/fuzz/fuzz_state.c goes on
+    // after die()); the descriptor is closed before any check too.
+    uint8_t *base = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
     close(fd);
     if (base == MAP_FAILED) die("%s: cannot mmap: %s", path, strerror(errno));
+    kv_release_rows(kv);
+    kv->map = base;
+    kv->map_size = (size_t)st.st_size;
+    check_state_layout(t, &h, (size_t)st.st_size, path);
     if (memcmp(base, &h, sizeof(h))) die("%s: changed while being read", path);
     const StateSectionEntry *sec = h.sections;
     check_state_layers(&t->config, (const LayerConfig *)(base + sec[ST_LAYER_CONFIG].offset), path);
@@ -2365,9 +2371,6 @@ static void load_state(Transformer *t, const char *path, LoadedState *out) {
                 tokens[i]);
     install_slots(kv, &t->config, &h, base, path);
     restore_rope(t, (const uint64_t *)(base + sec[ST_ROPE_LEN].offset), h.n_tokens, path);
-    kv_release_rows(kv);
-    kv->map = base;
-    kv->map_size = h.file_size;
     kv->key = base + sec[ST_KEYS].offset;
     kv->value = base + sec[ST_VALUES].offset;
     kv->sink_key = (float *)(base + sec[ST_SINK_KEYS].offset);
