@@ -2203,6 +2203,8 @@ static StateHeader read_state_header(const char *path) {
     if (h.max_T < 1 || h.max_T > 1 << 16 || h.context < 1)
         die("%s: chunks of %u tokens and a context of %llu: the file is damaged", path, h.max_T,
             (unsigned long long)h.context);
+    if (h.kv_type >= KV_COUNT || h.lminf > 1)   // else named as the options they record
+        die("%s: KV type %u, LM-Infinite flag %u: the file is damaged", path, h.kv_type, h.lminf);
     if (h.n_slots > (uint64_t)st.st_size)   // each slot has a row of at least a byte in the file
         die("%s: %llu slots in a file of %lld bytes: the file is damaged", path,
             (unsigned long long)h.n_slots, (long long)st.st_size);
@@ -2218,8 +2220,7 @@ static void check_state_options(const Transformer *t, const StateHeader *h, cons
         die("%s was saved from another model file (or another export of it)", path);
     if (h->kv_type != (uint32_t)kv->type)
         die("%s holds a %s KV cache, this run's is %s: add --kv-type %s", path,
-            h->kv_type < KV_COUNT ? kv_type_names[h->kv_type] : "unknown",
-            kv_type_names[kv->type], h->kv_type < KV_COUNT ? kv_type_names[h->kv_type] : "?");
+            kv_type_names[h->kv_type], kv_type_names[kv->type], kv_type_names[h->kv_type]);
     if (h->lminf != (uint32_t)a->lminf)
         die("%s was saved %s --lminf; this run is %s it", path, h->lminf ? "with" : "without",
             a->lminf ? "with" : "without");
@@ -2269,6 +2270,9 @@ static void check_state_layout(const Transformer *t, const StateHeader *h, size_
     if (h->n_tokens == 0 || h->n_tokens > capacity)
         die("%s: %llu tokens in a cache of %zu positions: the file is damaged", path,
             (unsigned long long)h->n_tokens, capacity);
+    if (h->n_tokens > file_size / sizeof(int32_t))   // a window's cache takes any number
+        die("%s: %llu tokens in a file of %zu bytes: the file is damaged", path,
+            (unsigned long long)h->n_tokens, file_size);
     StateHeader want = *h;
     state_layout(&want);
     if (memcmp(want.sections, h->sections, sizeof(h->sections)) || want.file_size != h->file_size)
