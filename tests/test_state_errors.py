@@ -194,25 +194,39 @@ def test_chat_refuses_a_plain_text_state(models, state):
 # Damaged contents: refused where the loader can tell, harmless where it cannot
 
 def test_a_header_field_out_of_line_is_refused(models, state, tmp_path):
-    """Each count the cache's shape fixes, set to another value: refused (as damaged, or as the
-    setting it records), never built on. A huge context once made the loading run allocate a
-    cache that size before comparing it with the file's (ASan aborts on such a calloc)."""
+    """Each count the cache's shape fixes, set to another value: refused as damaged, or as the
+    option it records, never built on. A huge context once made the loading run allocate a
+    cache that size before comparing it with the file's (ASan aborts on such a calloc); an
+    unknown KV type was named as an option to add ("--kv-type ?")."""
     blob = state[1]
     h = header(blob)
+    damaged = "the file is damaged"
     changes = [("file_size", h["file_size"] + 4096), ("n_layers", 3), ("vocab_size", 321),
-               ("kv_type", 7), ("lminf", 1), ("n_sink", 4), ("window", 8), ("limit", 9),
-               ("context", 32), ("context", 0), ("context", 2**40), ("context", 2**64 - 1),
-               ("max_T", 0), ("max_T", 1 << 20), ("sink_kind", 1), ("n_slots", h["n_slots"] * 2),
-               ("n_slots", 2**40), ("max_sink", h["max_sink"] + 1), ("kv_dim", 16),
-               ("row_bytes", 64), ("n_tokens", 0), ("n_tokens", 65), ("n_tokens", 2**63),
-               ("n_tokens", 3), ("kind", 2)]
-    for name, value in changes:
+               ("kv_type", 7), ("lminf", 2), ("context", 32), ("context", 0), ("context", 2**40),
+               ("context", 2**64 - 1), ("max_T", 0), ("max_T", 1 << 20), ("sink_kind", 1),
+               ("n_slots", h["n_slots"] * 2), ("n_slots", 2**40), ("max_sink", h["max_sink"] + 1),
+               ("kv_dim", 16), ("row_bytes", 64), ("n_tokens", 0), ("n_tokens", 65),
+               ("n_tokens", 2**63), ("n_tokens", 3), ("kind", 2)]
+    options = [("lminf", 1, "--lminf"), ("n_sink", 4, "--sinks 4"), ("window", 8, "--window 8"),
+               ("limit", 9, "--lminf-limit 9")]
+    for name, value, words in [(n, v, damaged) for n, v in changes] + options:
         r = load_bytes(models, tmp_path, patch(blob, *field(name), value))
         assert r.returncode == 1, (name, value, r.stderr[-2000:])
-        refused(r)
+        assert words in refused(r), (name, value)
     off = SECTIONS_AT + 16 * SECTIONS.index("keys")
     refused(load_bytes(models, tmp_path, patch(blob, off, "<Q", sections(blob)["keys"][0] + 8)),
-            "sections are not where")
+            "sections are not where", damaged)
+
+
+def test_a_windowed_states_token_count_is_bounded_by_its_file(models, tmp_path):
+    """A window's cache takes a text of any length, so only the file bounds n_tokens: a huge
+    one was refused by an overflow check as "state: size overflows", naming neither."""
+    path = tmp_path / "w.state"
+    blob = save(models["a"], path, "--window", 8, "--sinks", 2)
+    for n in [2**62, 2**64 - 1, 10**6]:
+        r = load_bytes(models, tmp_path, patch(blob, *field("n_tokens"), n), "--window", 8,
+                       "--sinks", 2)
+        refused(r, f"{n} tokens in a file of", "the file is damaged")
 
 
 def u64_at(blob, section, index=0):
