@@ -101,13 +101,14 @@ test: run run-asan $(VENV)/.test $(SMOLLM2_GGUF)
 # build/fuzz/corpus/, crashing inputs land in build/fuzz/crashes/ (copy each into
 # tests/fuzz/regressions/HARNESS/ once fixed: make test replays them).
 #   make fuzz FUZZ_SECONDS=600 FUZZERS="model text"
-FUZZERS ?= model tokenizer text cli sample
+FUZZERS ?= model tokenizer text cli sample state
 FUZZ_SECONDS ?= 60
 FUZZ_CC ?= $(shell command -v clang || command -v clang-14 || echo clang)
 fuzz: $(FUZZERS:%=build/fuzz/fuzz_%)
 	mkdir -p build/fuzz/crashes
 	for h in $(FUZZERS); do mkdir -p build/fuzz/corpus/$$h; \
-	  LONGRUN_FUZZ_TOKENIZER=tests/fuzz/text-tokenizer.bin build/fuzz/fuzz_$$h build/fuzz/corpus/$$h tests/fuzz/seeds/$$h \
+	  LONGRUN_FUZZ_TOKENIZER=tests/fuzz/text-tokenizer.bin LONGRUN_FUZZ_MODEL=tests/fuzz/seeds/model/llama-f32.bin \
+	  build/fuzz/fuzz_$$h build/fuzz/corpus/$$h tests/fuzz/seeds/$$h \
 	    -max_total_time=$(FUZZ_SECONDS) -close_fd_mask=3 -print_final_stats=1 -artifact_prefix=build/fuzz/crashes/$$h- \
 	    > build/fuzz/$$h.log 2>&1; rc=$$?; \
 	  grep -E '^stat::(number_of_executed_units|average_exec_per_sec|new_units_added|peak_rss_mb)' build/fuzz/$$h.log \

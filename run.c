@@ -2205,6 +2205,11 @@ static StateHeader read_state_header(const char *path) {
     if (h.max_T < 1 || h.max_T > 1 << 16 || h.context < 1)
         die("%s: chunks of %u tokens and a context of %llu: the file is damaged", path, h.max_T,
             (unsigned long long)h.context);
+    if (h.kv_type >= KV_COUNT || h.lminf > 1)   // else named as the options they record
+        die("%s: KV type %u, LM-Infinite flag %u: the file is damaged", path, h.kv_type, h.lminf);
+    if (h.n_slots > (uint64_t)st.st_size)   // each slot has a row of at least a byte in the file
+        die("%s: %llu slots in a file of %lld bytes: the file is damaged", path,
+            (unsigned long long)h.n_slots, (long long)st.st_size);
     return h;
 }
 
@@ -2217,8 +2222,7 @@ static void check_state_options(const Transformer *t, const StateHeader *h, cons
         die("%s was saved from another model file (or another export of it)", path);
     if (h->kv_type != (uint32_t)kv->type)
         die("%s holds a %s KV cache, this run's is %s: add --kv-type %s", path,
-            h->kv_type < KV_COUNT ? kv_type_names[h->kv_type] : "unknown",
-            kv_type_names[kv->type], h->kv_type < KV_COUNT ? kv_type_names[h->kv_type] : "?");
+            kv_type_names[h->kv_type], kv_type_names[kv->type], kv_type_names[h->kv_type]);
     if (h->lminf != (uint32_t)a->lminf)
         die("%s was saved %s --lminf; this run is %s it", path, h->lminf ? "with" : "without",
             a->lminf ? "with" : "without");
@@ -2262,12 +2266,15 @@ static void check_state_layout(const Transformer *t, const StateHeader *h, size_
     if (h->n_layers != (uint32_t)c->n_layers || h->vocab_size != (uint32_t)c->vocab_size
         || h->n_slots != kv->n_slots || h->max_sink != kv->max_sink || h->kv_dim != kv->kv_dim
         || h->row_bytes != kv->row_bytes || h->kind >= STATE_KIND_COUNT
-        || h->context != kv->context || h->max_T != (uint32_t)kv->max_T)
+        || min_size(h->context, h->n_slots) != kv->context || h->max_T != (uint32_t)kv->max_T)
         die("%s: its counts do not match its settings: the file is damaged", path);
     size_t capacity = cache_capacity(kv, t->config.n_layers);
     if (h->n_tokens == 0 || h->n_tokens > capacity)
         die("%s: %llu tokens in a cache of %zu positions: the file is damaged", path,
             (unsigned long long)h->n_tokens, capacity);
+    if (h->n_tokens > file_size / sizeof(int32_t))   // a window's cache takes any number
+        die("%s: %llu tokens in a file of %zu bytes: the file is damaged", path,
+            (unsigned long long)h->n_tokens, file_size);
     StateHeader want = *h;
     state_layout(&want);
     if (memcmp(want.sections, h->sections, sizeof(h->sections)) || want.file_size != h->file_size)
@@ -2336,10 +2343,16 @@ static void load_state(Transformer *t, const char *path, LoadedState *out) {
     int fd = open(path, O_RDONLY);
     struct stat st;
     if (fd < 0 || fstat(fd, &st) != 0) die("%s: cannot open: %s", path, strerror(errno));
-    check_state_layout(t, &h, (size_t)st.st_size, path);
-    uint8_t *base = mmap(NULL, h.file_size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    // Mapped before the checks and made the cache's storage at once (its rows let go), so that
+    // free_cache() unmaps it whichever check refuses the file (tests/fuzz/fuzz_state.c goes on
+    // after die()); the descriptor is closed before any check too.
+    uint8_t *base = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
     close(fd);
     if (base == MAP_FAILED) die("%s: cannot mmap: %s", path, strerror(errno));
+    kv_release_rows(kv);
+    kv->map = base;
+    kv->map_size = (size_t)st.st_size;
+    check_state_layout(t, &h, (size_t)st.st_size, path);
     if (memcmp(base, &h, sizeof(h))) die("%s: changed while being read", path);
     const StateSectionEntry *sec = h.sections;
     check_state_layers(&t->config, (const LayerConfig *)(base + sec[ST_LAYER_CONFIG].offset), path);
@@ -2350,9 +2363,6 @@ static void load_state(Transformer *t, const char *path, LoadedState *out) {
                 tokens[i]);
     install_slots(kv, &t->config, &h, base, path);
     restore_rope(t, (const uint64_t *)(base + sec[ST_ROPE_LEN].offset), h.n_tokens, path);
-    kv_release_rows(kv);
-    kv->map = base;
-    kv->map_size = h.file_size;
     kv->key = base + sec[ST_KEYS].offset;
     kv->value = base + sec[ST_VALUES].offset;
     kv->sink_key = (float *)(base + sec[ST_SINK_KEYS].offset);
@@ -2381,7 +2391,10 @@ static size_t state_context(const Options *o, const StateHeader *h) {
     if (o->chunk && (uint32_t)o->chunk != h->max_T)
         die("%s was saved with chunks of %u tokens; this run asks --chunk %d: leave --chunk out",
             o->load_state, h->max_T, o->chunk);
-    return (size_t)h->context;
+    // Each layer has min(its ring, context) slots, n_slots in all, so a context past n_slots
+    // lays out the same cache as n_slots: built with at most that, a damaged context cannot
+    // ask for a cache larger than the file (n_slots <= its size, read_state_header()).
+    return min_size(h->context, h->n_slots);
 }
 
 // The text so far: a loaded state's tokens (from may be NULL), then n more. Caller frees.

@@ -1,8 +1,9 @@
 """The fuzz harnesses of tests/fuzz/ (libFuzzer targets for `make fuzz`), built here without
 libFuzzer (-DFUZZ_REPLAY: a main() that runs each file once) under ASan/UBSan. Every committed
 seed and every regression input (an input `make fuzz` once crashed on, fixed since) goes through
-its harness with no sanitizer report; the model seeds load and compute (they are valid files,
-so mutations start from inputs that reach the forward pass), and a damaged one is refused."""
+its harness with no sanitizer report; the model and state seeds load and compute (they are
+valid files, so mutations start from inputs that reach the forward pass), and a damaged one is
+refused."""
 import glob
 import os
 import subprocess
@@ -11,8 +12,9 @@ import pytest
 from conftest import ROOT
 
 FUZZ = os.path.join(ROOT, "tests", "fuzz")
-HARNESSES = ["model", "tokenizer", "text", "cli", "sample"]
-ENV = dict(os.environ, LONGRUN_FUZZ_TOKENIZER=os.path.join(FUZZ, "text-tokenizer.bin"))
+HARNESSES = ["model", "tokenizer", "text", "cli", "sample", "state"]
+ENV = dict(os.environ, LONGRUN_FUZZ_TOKENIZER=os.path.join(FUZZ, "text-tokenizer.bin"),
+           LONGRUN_FUZZ_MODEL=os.path.join(FUZZ, "seeds", "model", "llama-f32.bin"))
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +51,13 @@ def test_seeds_and_regressions_replay_clean(replay, h):
     seeds, regressions = inputs(h)
     codes = replay_files(replay[h], seeds + regressions)
     print(f"\n[fuzz {h}] {len(seeds)} seeds, {len(regressions)} regression inputs, clean")
-    if h == "model":
+    if h in ("model", "state"):
         assert all(codes[s] == 0 for s in seeds), codes   # each seed loads and runs its forward passes
 
 
-def test_replay_sees_a_refused_file(replay, tmp_path):
-    seed = inputs("model")[0][0]
+@pytest.mark.parametrize("h", ["model", "state"])
+def test_replay_sees_a_refused_file(replay, tmp_path, h):
+    seed = inputs(h)[0][0]
     bad = tmp_path / "cut.bin"
     bad.write_bytes(open(seed, "rb").read()[:1000])
-    assert replay_files(replay["model"], [str(bad)]) == {str(bad): 1}
+    assert replay_files(replay[h], [str(bad)]) == {str(bad): 1}

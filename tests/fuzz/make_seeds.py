@@ -11,6 +11,9 @@ text/       prompts for fuzz_text (first byte even: text; odd: token ids)
 cli/        command lines for fuzz_cli (arguments separated by NUL bytes)
 sample/     option bytes and float32 logits for fuzz_sample: greedy, a tiny temperature, a
             nucleus, infinite and NaN logits, logits a repetition penalty overflows
+state/      fuzz_state's settings byte, then a state file ./run --save-state wrote from
+            model/llama-f32.bin: full attention (f32 cache, -c 16), and --window 4 --sinks 2
+            with a q8 cache; both --chunk 4. ./run must be built (LONGRUN_BIN names another).
 """
 import json
 import os
@@ -101,6 +104,7 @@ def main():
                               ["--help"]]):
         write("cli", f"args{i}", b"\0".join(a.encode() for a in args))
     write_sample_seeds()
+    write_state_seeds()
     print("seeds written under", SEEDS)
 
 
@@ -119,6 +123,23 @@ def write_sample_seeds():
     }
     for name, (options, logits) in cases.items():
         write("sample", name, bytes(options) + struct.pack(f"<{len(logits)}f", *logits))
+
+
+def write_state_seeds():
+    """A settings byte (see fuzz_state.c: bit 0 window + sinks, bits 1-2 the KV type), then the
+    state ./run saved after a prompt of token ids, with those settings. Small contexts and
+    windows keep each file a few pages (its sections are page-aligned)."""
+    run = os.environ.get("LONGRUN_BIN", os.path.join(ROOT, "run"))
+    model = os.path.join(SEEDS, "model", "llama-f32.bin")
+    cases = {"full-f32": (0, ["-c", "16"], 10),
+             "window-sinks-q8": (1 | 2 << 1, ["--window", "4", "--sinks", "2", "--kv-type", "q8"], 13)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (settings, options, n) in cases.items():
+            state = os.path.join(tmp, name)
+            ids = " ".join(str(i) for i in range(1, n + 1))
+            subprocess.run([run, model, "--ids", "-i", ids, "-n", "1", "-t", "0", "--chunk", "4", *options,
+                            "--save-state", state], check=True, capture_output=True)
+            write("state", name, bytes([settings]) + open(state, "rb").read())
 
 
 if __name__ == "__main__":
