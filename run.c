@@ -905,6 +905,206 @@ static size_t kv_continue_streaming(KVCache *kv, int n_layers) {
 }
 
 // ----------------------------------------------------------------------------
+// Context memory: every key and value kept in blocks, the few a query needs retrieved
+//
+// With --memory on top of --window W and --sinks S, a query sees the sinks, its window, and the
+// positions between them that lie in the K blocks of B positions its chunk retrieved (InfLLM:
+// Xiao et al. 2024, "InfLLM: Training-Free Long-Context Extrapolation for LLMs with an
+// Efficient Context Memory"): S + W + K B keys at most, whatever the text's length. A chunk
+// scores each block by Quest's bound (Tang et al. 2024, "Quest: Query-Aware Sparsity for
+// Efficient Long-Context LLM Inference"): with M and m the channel-wise max and min of the
+// block's keys, sum_i max(q_i M_i, q_i m_i) >= q . k for every key k of the block; q is the
+// mean of the chunk's queries of each head of a kv head's group, the scores of the group's
+// heads are added, and the K best blocks are the kv head's, for every query of the chunk.
+// Positions: memory_query_pos().
+
+typedef struct {
+    uint8_t *key, *value;      // (cap, row_bytes) position p's key, unrotated, and value
+    float *key_max, *key_min;  // (cap / B + 1, kv_dim) each block's channel-wise key bounds
+    int *chosen;               // (n_kv_heads, K) the blocks the chunk retrieved, ascending
+    int *n_chosen;             // (n_kv_heads)
+    size_t cap;                // positions allocated
+    size_t n_pos;              // positions stored
+} MemoryLayer;
+
+typedef struct {
+    int block;                 // B: positions per block (--memory-block)
+    int top_k;                 // K: blocks a chunk retrieves per kv head (--memory-blocks)
+    int true_positions;        // --memory-true-pos: memory keys at their own positions
+    MemoryLayer *layers;       // (n_layers)
+} ContextMemory;
+
+static ContextMemory *new_memory(const KVCache *kv, int block, int top_k, int true_positions) {
+    ContextMemory *m = xcalloc(1, sizeof(ContextMemory), "the context memory");
+    m->block = block;
+    m->top_k = top_k;
+    m->true_positions = true_positions;
+    m->layers = xcalloc(kv->n_layers, sizeof(MemoryLayer), "the context memory");
+    for (int l = 0; l < kv->n_layers; l++) {
+        MemoryLayer *ml = &m->layers[l];
+        ml->chosen = xcalloc(max_size((size_t)kv->n_kv_heads * top_k, 1), sizeof(int), "memory");
+        ml->n_chosen = xcalloc(kv->n_kv_heads, sizeof(int), "the context memory");
+    }
+    return m;
+}
+
+static void free_memory(ContextMemory *m, int n_layers) {
+    if (!m) return;
+    for (int l = 0; l < n_layers; l++) {
+        MemoryLayer *ml = &m->layers[l];
+        void *buffers[] = { ml->key, ml->value, ml->key_max, ml->key_min, ml->chosen,
+                            ml->n_chosen };
+        for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
+    }
+    free(m->layers);
+    free(m);
+}
+
+static void *resize(void *p, size_t n, size_t size, const char *what) {
+    void *q = realloc(p, mul_size(n, size, what));
+    if (!q) die("out of memory for %s (%zu x %zu bytes)", what, n, size);
+    return q;
+}
+
+// Room for positions .. n-1 in a layer's store (capacity doubled as the text grows).
+static void memory_reserve(ContextMemory *m, const KVCache *kv, int layer, size_t n) {
+    MemoryLayer *ml = &m->layers[layer];
+    if (n <= ml->cap) return;
+    size_t cap = max_size(n, mul_size(ml->cap, 2, "the context memory"));
+    size_t blocks = cap / m->block + 1;
+    ml->key = resize(ml->key, cap, kv->row_bytes, "the context memory");
+    ml->value = resize(ml->value, cap, kv->row_bytes, "the context memory");
+    size_t bounds = mul_size(blocks, kv->kv_dim, "the context memory");
+    ml->key_max = resize(ml->key_max, bounds, sizeof(float), "the context memory");
+    ml->key_min = resize(ml->key_min, bounds, sizeof(float), "the context memory");
+    ml->cap = cap;
+}
+
+// Keep position pos's key k (kv_dim: unrotated; --memory-true-pos: rotated to pos) and value
+// v, in the cache's type.
+static void memory_write(ContextMemory *m, const KVCache *kv, int layer, size_t pos,
+                         const float *k, const float *v) {
+    MemoryLayer *ml = &m->layers[layer];
+    kv_store(kv, ml->key + pos * kv->row_bytes, k);
+    kv_store(kv, ml->value + pos * kv->row_bytes, v);
+}
+
+// After positions p0 .. p0+n-1 are written: their blocks' bounds, from the keys as stored.
+static void memory_bounds(ContextMemory *m, const KVCache *kv, int layer, size_t p0, size_t n,
+                          float *buf) {
+    MemoryLayer *ml = &m->layers[layer];
+    int H = kv->head_dim;
+    for (size_t p = p0; p < p0 + n; p++) {
+        float *hi = ml->key_max + p / m->block * kv->kv_dim;
+        float *lo = ml->key_min + p / m->block * kv->kv_dim;
+        int first = p % m->block == 0;
+        for (int g = 0; g < kv->n_kv_heads; g++) {
+            const float *key = kv_head(kv, ml->key + p * kv->row_bytes, g, buf);
+            for (int i = 0; i < H; i++) {
+                size_t at = (size_t)g * H + i;
+                hi[at] = first ? key[i] : max_float(hi[at], key[i]);
+                lo[at] = first ? key[i] : min_float(lo[at], key[i]);
+            }
+        }
+    }
+    ml->n_pos = max_size(ml->n_pos, p0 + n);
+}
+
+// Where the query meets memory keys, which are stored unrotated (at angle 0): at position
+// W - 1, so every memory key is at distance W - 1, the window's far edge (InfLLM's placement:
+// no distance exceeds what the window already shows the model). --memory-true-pos: the keys
+// are stored rotated to their own positions, as in the cache, and the query is at its own:
+// true distances (Quest's rule, and with K >= every block, full attention).
+static size_t memory_query_pos(const ContextMemory *m, const LayerSlots *ls, size_t pos) {
+    return m->true_positions ? pos : min_size(pos, ls->window - 1);
+}
+
+// Quest's bound of block b for one head's query q (H): sum_i max(q_i M_i, q_i m_i).
+static float block_score(const MemoryLayer *ml, const KVCache *kv, size_t b, int g,
+                         const float *q) {
+    const float *hi = ml->key_max + b * kv->kv_dim + (size_t)g * kv->head_dim;
+    const float *lo = ml->key_min + b * kv->kv_dim + (size_t)g * kv->head_dim;
+    float score = 0;
+    for (int i = 0; i < kv->head_dim; i++) score += max_float(q[i] * hi[i], q[i] * lo[i]);
+    return score;
+}
+
+// Keep the K best (block, score) pairs in best (sorted by score, ties to the lower block).
+static int keep_best(int *best, float *best_score, int n, int k, int b, float score) {
+    if (k == 0 || (n == k && score <= best_score[k - 1])) return n;   // ties: the lower stays
+    int at = k - 1;   // the worst's place, or a new one
+    if (n < k) at = n;
+    if (n < k) n++;
+    while (at > 0 && best_score[at - 1] < score) {
+        best[at] = best[at - 1];
+        best_score[at] = best_score[at - 1];
+        at--;
+    }
+    best[at] = b;
+    best_score[at] = score;
+    return n;
+}
+
+static int compare_ints(const void *a, const void *b) {
+    return (*(const int *)a > *(const int *)b) - (*(const int *)a < *(const int *)b);
+}
+
+// A chunk's retrieval in one layer: for each kv head, the K blocks with the best summed score
+// over its query heads (q_mem: (T, q_dim), the chunk's queries rotated for the memory) among
+// the blocks holding a position between the sinks and the last query's window.
+static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const float *q_mem,
+                          const Config *c, int T, size_t pos0) {
+    MemoryLayer *ml = &m->layers[layer];
+    const LayerSlots *ls = &kv->layers[layer];
+    VisibleKeys last = visible_keys(kv, layer, pos0 + T - 1);
+    size_t first_block = ls->n_sink / m->block;
+    size_t end_block = last.lo > ls->n_sink ? (last.lo - 1) / m->block + 1 : first_block;
+    int H = c->head_dim;
+    int group = c->n_heads / c->n_kv_heads;
+    float *mean = xcalloc((size_t)group * H, sizeof(float), "memory scores");
+    float *best_score = xcalloc(max_size(m->top_k, 1), sizeof(float), "memory scores");
+    for (int g = 0; g < c->n_kv_heads; g++) {
+        memset(mean, 0, (size_t)group * H * sizeof(float));
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < group * H; i++)
+                mean[i] += q_mem[(size_t)t * c->q_dim + (size_t)g * group * H + i] / T;
+        int *best = ml->chosen + (size_t)g * m->top_k;
+        int n = 0;
+        for (size_t b = first_block; b < end_block; b++) {
+            float score = 0;
+            for (int h = 0; h < group; h++) score += block_score(ml, kv, b, g, mean + h * H);
+            n = keep_best(best, best_score, n, m->top_k, (int)b, score);
+        }
+        qsort(best, n, sizeof(int), compare_ints);
+        ml->n_chosen[g] = n;
+    }
+    free(mean);
+    free(best_score);
+}
+
+// Kv head g's key or value (H) of memory position p as floats (kv_head(): maybe in buf).
+static const float *memory_row(const KVCache *kv, const uint8_t *rows, size_t p, int g,
+                               float *buf) {
+    return kv_head(kv, rows + p * kv->row_bytes, g, buf);
+}
+
+// The memory positions a query at pos sees (kv head g): those of the chunk's blocks at or
+// above the sinks and below its window, in order, into out; returns how many.
+static size_t memory_positions(const ContextMemory *m, const KVCache *kv, int layer, int g,
+                               size_t pos, size_t *out) {
+    const MemoryLayer *ml = &m->layers[layer];
+    VisibleKeys vis = visible_keys(kv, layer, pos);
+    size_t n = 0;
+    for (int i = 0; i < ml->n_chosen[g]; i++) {
+        size_t b = (size_t)ml->chosen[(size_t)g * m->top_k + i];
+        size_t from = max_size(b * m->block, kv->layers[layer].n_sink);
+        size_t to = min_size((b + 1) * m->block, vis.lo);
+        for (size_t p = from; p < to; p++) out[n++] = p;
+    }
+    return n;
+}
+
+// ----------------------------------------------------------------------------
 // Blocks: the operations forward() is made of, each the plain loop
 //
 // matmul_reference() and attention_reference() are the textbook algorithms, with no tiles,
@@ -1027,6 +1227,70 @@ static void attention_reference(float *out, const float *q, const float *q_sink,
     free(value_buf);
 }
 
+
+// attention_reference() with a context memory (--memory): for query row t at position p and
+// head h, the keys are the sinks below its window (met by q_sink), the memory positions of its
+// kv head's retrieved blocks (memory_positions(), met by q_mem, the query rotated at
+// memory_query_pos()), then its window (met by q), all in one softmax. The plain loop is the
+// only implementation: a query sees S + W + K B keys at most, whatever the text's length.
+static void attention_memory(float *out, const float *q, const float *q_sink, const float *q_mem,
+                             const KVCache *kv, const ContextMemory *m, int layer,
+                             const Config *c, int T, size_t pos0) {
+    int H = c->head_dim;
+    int group = c->n_heads / c->n_kv_heads;
+    float scale = 1.0f / sqrtf((float)H);
+    const LayerSlots *ls = &kv->layers[layer];
+    size_t most = add_size(ls->n_sink + min_size(ls->window, pos0 + T),
+                           mul_size(m->top_k, m->block, "memory"), "memory");
+    int threads = n_threads();
+    float *weights = xcalloc(mul_size(threads, most, "memory"), sizeof(float), "memory");
+    size_t *positions = xcalloc(mul_size(threads, most, "memory"), sizeof(size_t), "memory");
+    float *bufs = xcalloc(mul_size(threads, 2 * (size_t)H, "memory"), sizeof(float), "memory");
+    PARALLEL_FOR
+    for (int row = 0; row < T * c->n_heads; row++) {
+        int t = row / c->n_heads;
+        int h = row % c->n_heads;
+        int g = h / group;
+        size_t at = (size_t)t * c->q_dim + (size_t)h * H;
+        float *w = weights + (size_t)thread_id() * most;
+        size_t *mem_pos = positions + (size_t)thread_id() * most;
+        float *key_buf = bufs + (size_t)thread_id() * 2 * H;
+        float *value_buf = key_buf + H;
+        VisibleKeys vis = visible_keys(kv, layer, pos0 + (size_t)t);
+        size_t n_mem = memory_positions(m, kv, layer, g, vis.pos, mem_pos);
+        size_t n_window = vis.pos - vis.lo + 1;
+        size_t n = vis.n_sink + n_mem + n_window;
+        const float *key, *value;
+        for (size_t j = 0; j < n; j++) {   // the scores: sinks, memory, window
+            const float *query = q + at;
+            if (j < vis.n_sink) query = q_sink + at;
+            else if (j < vis.n_sink + n_mem) query = q_mem + at;
+            if (j >= vis.n_sink && j < vis.n_sink + n_mem)
+                key = memory_row(kv, m->layers[layer].key, mem_pos[j - vis.n_sink], g, key_buf);
+            else
+                read_visible(kv, layer, &vis, j < vis.n_sink ? j : j - n_mem, 1, g, &key, &value,
+                             key_buf, value_buf);
+            w[j] = dot(query, key, H) * scale;
+        }
+        softmax(w, n);
+        float *oh = out + at;
+        memset(oh, 0, (size_t)H * sizeof(float));
+        for (size_t j = 0; j < n; j++) {   // the weighted sum of the values
+            if (j >= vis.n_sink && j < vis.n_sink + n_mem) {
+                const uint8_t *rows = m->layers[layer].value;
+                value = memory_row(kv, rows, mem_pos[j - vis.n_sink], g, value_buf);
+            } else {
+                read_visible(kv, layer, &vis, j < vis.n_sink ? j : j - n_mem, 1, g, &key, &value,
+                             key_buf, value_buf);
+            }
+            for (int i = 0; i < H; i++) oh[i] += w[j] * value[i];
+        }
+    }
+    free(weights);
+    free(positions);
+    free(bufs);
+}
+
 // ----------------------------------------------------------------------------
 // The fast kernels: the same sums as matmul_reference() and attention_reference(), in the
 // orders a processor computes fastest (kernels.c, included after forward(); it says how).
@@ -1049,6 +1313,7 @@ typedef struct {
     float *xb;          // (max_T, D) normed input, then block output
     float *q;           // (max_T, q_dim)
     float *q_sink;      // (max_T, q_dim) the queries rotated to meet the sinks
+    float *q_mem;       // (max_T, q_dim) the queries rotated to meet the context memory
     float *k, *v;       // (max_T, kv_dim)
     float *att_out;     // (max_T, q_dim)
     float *hb, *hb2;    // (max_T, hidden_dim)
@@ -1062,6 +1327,7 @@ typedef struct {
     Weights weights;
     Rope rope;
     KVCache cache;
+    ContextMemory *memory;   // --memory, or NULL
     RunState state;
     ModelFile file;
     int reference;      // --reference: the plain blocks instead of the fast kernels
@@ -1077,7 +1343,11 @@ static void project(Transformer *tr, float *out, const float *x, const Tensor *w
 static void attend(Transformer *tr, int layer, int T, size_t pos0) {
     RunState *s = &tr->state;
     const Config *c = &tr->config;
-    if (tr->reference)
+    if (tr->memory) {
+        memory_select(tr->memory, &tr->cache, layer, s->q_mem, c, T, pos0);
+        attention_memory(s->att_out, s->q, s->q_sink, s->q_mem, &tr->cache, tr->memory, layer, c,
+                         T, pos0);
+    } else if (tr->reference)
         attention_reference(s->att_out, s->q, s->q_sink, &tr->cache, layer, c, T, pos0);
     else attention(s->att_out, s->q, s->q_sink, &tr->cache, layer, c, T, pos0, s->kernels);
 }
@@ -1091,6 +1361,8 @@ static void rotate_and_cache(Transformer *tr, int layer, int T, size_t pos0) {
     KVCache *kv = &tr->cache;
     LayerRope rope = layer_rope(&tr->rope, c, layer);
     int has_sinks = kv->layers[layer].n_sink > 0;
+    ContextMemory *mem = tr->memory;
+    if (mem) memory_reserve(mem, kv, layer, pos0 + T);
     PARALLEL_FOR_IF(T > 1)
     for (int t = 0; t < T; t++) {
         size_t pos = pos0 + t;
@@ -1100,10 +1372,20 @@ static void rotate_and_cache(Transformer *tr, int layer, int T, size_t pos0) {
             memcpy(q_sink, q, c->q_dim * sizeof(float));
             rope_rotate(q_sink, c->n_heads, c->head_dim, &rope, sink_query_pos(kv, layer, pos));
         }
+        if (mem) {
+            float *q_mem = s->q_mem + (size_t)t * c->q_dim;
+            size_t at = memory_query_pos(mem, &kv->layers[layer], pos);
+            memcpy(q_mem, q, c->q_dim * sizeof(float));
+            rope_rotate(q_mem, c->n_heads, c->head_dim, &rope, at);
+        }
         rope_rotate(q, c->n_heads, c->head_dim, &rope, pos);
         float *k = s->k + (size_t)t * c->kv_dim;
-        kv_write(kv, layer, pos, k, s->v + (size_t)t * c->kv_dim, &rope);
+        float *v = s->v + (size_t)t * c->kv_dim;
+        if (mem && !mem->true_positions) memory_write(mem, kv, layer, pos, k, v);   // unrotated
+        kv_write(kv, layer, pos, k, v, &rope);   // rotates k to pos
+        if (mem && mem->true_positions) memory_write(mem, kv, layer, pos, k, v);
     }
+    if (mem) memory_bounds(mem, kv, layer, pos0, (size_t)T, s->row);
 }
 
 // Run T tokens at positions pos0 .. pos0+T-1 through the model. Their keys and values are
@@ -1495,6 +1777,7 @@ static void build_state(RunState *s, const Config *c, int max_T, int all_logits)
     s->xb = xcalloc(mul_size(T, c->dim, "xb"), sizeof(float), "activations");
     s->q = xcalloc(mul_size(T, c->q_dim, "q"), sizeof(float), "activations");
     s->q_sink = xcalloc(mul_size(T, c->q_dim, "q"), sizeof(float), "activations");
+    s->q_mem = xcalloc(mul_size(T, c->q_dim, "q"), sizeof(float), "activations");
     s->k = xcalloc(mul_size(T, c->kv_dim, "k"), sizeof(float), "activations");
     s->v = xcalloc(mul_size(T, c->kv_dim, "v"), sizeof(float), "activations");
     s->att_out = xcalloc(mul_size(T, c->q_dim, "att"), sizeof(float), "activations");
@@ -1507,7 +1790,7 @@ static void build_state(RunState *s, const Config *c, int max_T, int all_logits)
 }
 
 static void free_state(RunState *s) {
-    void *buffers[] = { s->x,  s->xb,  s->q,      s->q_sink, s->k,  s->v,
+    void *buffers[] = { s->x,  s->xb,  s->q,      s->q_sink,  s->q_mem, s->k, s->v,
                         s->hb, s->hb2, s->logits, s->att_out, s->row };
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
     free_kernel_work(s->kernels);
@@ -1538,6 +1821,7 @@ static void use_threads(Transformer *t, int n) {
 }
 
 static void free_transformer(Transformer *t) {
+    free_memory(t->memory, t->config.n_layers);
     free_state(&t->state);
     free_cache(&t->cache);
     free_rope(&t->rope);
@@ -1577,6 +1861,10 @@ static void print_attention(const Transformer *t) {
         fprintf(stderr, " + %zu global tokens at distance min(pos, %zu) (LM-Infinite)", n_sink,
                 kv->limit);
     else if (n_sink) fprintf(stderr, " + %zu sinks at cache-slot distances (StreamingLLM)", n_sink);
+    if (t->memory)
+        fprintf(stderr, " + memory: %d blocks of %d per chunk and kv head (Quest bounds), %s",
+                t->memory->top_k, t->memory->block,
+                t->memory->true_positions ? "at true distances" : "at distance W - 1 (InfLLM)");
     size_t cap = cache_capacity(kv, c->n_layers);
     if (cap == SIZE_MAX) fprintf(stderr, "; a text of any length\n");
     else fprintf(stderr, "; context %zu tokens\n", cap);
@@ -1839,6 +2127,10 @@ typedef struct {
     const char *save_state;   // --save-state FILE: the cache after the prompt's prefill
     const char *load_state;   // --load-state FILE: go on from a saved state
     int reset_turns;          // --reset-turns: chat: each question starts from the state
+    int memory;               // --memory: keep every key in blocks, retrieve K per chunk
+    long memory_block;        // --memory-block B: positions per block (0: 128)
+    long memory_blocks;       // --memory-blocks K: blocks a chunk retrieves per kv head (-1: 16)
+    int memory_true_pos;      // --memory-true-pos: memory keys at their true distances
     const char *stop[MAX_LIST];   // --stop: strings that end a reply
     int n_stop;
 } Options;
@@ -3596,6 +3888,11 @@ static void usage_model_options(FILE *out) {
             "window)\n"
             "  --kv-type T      f32 | f16 | q8: how keys and values are stored   (default f32;\n"
             "                   bench: T,.. a sweep)\n"
+            "  --memory         with --window: keep every key; each chunk also attends to the\n"
+            "                   K blocks of B positions that score best for it (InfLLM, Quest)\n"
+            "  --memory-block B positions per memory block                      (default 128)\n"
+            "  --memory-blocks K  blocks a chunk retrieves per kv head           (default 16)\n"
+            "  --memory-true-pos  memory keys at their true distances, not the window's edge\n"
             "ppl: perplexity of the text of -f or -i\n"
             "  --ppl-csv FILE   write first,last,tokens,mean_nll,ppl per bucket of predicted "
             "tokens\n"
@@ -3871,6 +4168,10 @@ static const OptionInfo option_table[] = {
     { "--lminf", 0, MODEL_MODES },
     { "--lminf-limit", 1, MODEL_MODES },
     { "--kv-type", 1, MODEL_MODES },
+    { "--memory", 0, MODEL_MODES },
+    { "--memory-block", 1, MODEL_MODES },
+    { "--memory-blocks", 1, MODEL_MODES },
+    { "--memory-true-pos", 0, MODEL_MODES },
     { "--rope-scaling", 1, MODEL_MODES },
     { "--rope-theta", 1, MODEL_MODES },
     { "--rope-factor", 1, MODEL_MODES },
@@ -3948,6 +4249,7 @@ static Options default_options(void) {
                   .bench_tg = { 128 },
                   .n_bench_tg = 1,
                   .n_bench_depth = 1,
+                  .memory_blocks = -1,
                   .reps = 3,
                   .attn = { .n_sink = -1, .kv_type = KV_F32 } };
     return o;
@@ -3966,6 +4268,8 @@ static int parse_switch(Options *o, const char *flag) {
     if (!strcmp(flag, "--show-prompt")) target = &o->show_prompt;
     if (!strcmp(flag, "--pieces")) target = &o->pieces;
     if (!strcmp(flag, "--reset-turns")) target = &o->reset_turns;
+    if (!strcmp(flag, "--memory")) target = &o->memory;
+    if (!strcmp(flag, "--memory-true-pos")) target = &o->memory_true_pos;
     if (target) *target = 1;
     return target != NULL;
 }
@@ -4036,6 +4340,9 @@ static int parse_model_option(Options *o, const char *flag, const char *val) {
     if (!strcmp(flag, "--sinks")) o->attn.n_sink = parse_long(flag, val, 0, 4096);
     else if (!strcmp(flag, "--window")) o->attn.window = parse_long(flag, val, 1, INT32_MAX);
     else if (!strcmp(flag, "--lminf-limit")) o->attn.limit = parse_long(flag, val, 1, INT32_MAX);
+    else if (!strcmp(flag, "--memory-block")) o->memory_block = parse_long(flag, val, 1, 1 << 16);
+    else if (!strcmp(flag, "--memory-blocks"))
+        o->memory_blocks = parse_long(flag, val, 0, 1 << 16);
     else if (!strcmp(flag, "--kv-type")) o->attn.kv_type = parse_kv_types(o, flag, val);
     else if (!strcmp(flag, "--rope-scaling")) r->scaling = val;
     else if (!strcmp(flag, "--rope-theta")) r->theta = parse_float(flag, val, 1.0001f, 1e12f);
@@ -4067,6 +4374,22 @@ static void check_state_flags(const Options *o) {
                     "from a --load-state");
 }
 
+// --memory and its settings; the defaults are InfLLM's: blocks of 128, 16 retrieved.
+static void check_memory_flags(Options *o) {
+    int tuned = o->memory_block || o->memory_blocks >= 0 || o->memory_true_pos;
+    if (tuned && !o->memory) usage_error("%s", "--memory-block, --memory-blocks and "
+                                         "--memory-true-pos apply only with --memory");
+    if (o->memory && !o->attn.window)
+        usage_error("%s", "--memory needs --window W (and usually --sinks S): it keeps what "
+                    "leaves the window");
+    if (o->memory && o->attn.lminf)
+        usage_error("%s", "--memory and --lminf are two rules for far keys: give one");
+    if (o->memory && (o->save_state || o->load_state))
+        usage_error("%s", "--memory with state files is not built yet");
+    if (!o->memory_block) o->memory_block = 128;
+    if (o->memory_blocks < 0) o->memory_blocks = 16;
+}
+
 // Refuse combinations of options that cannot mean anything.
 static void check_options(Options *o) {
     if (!strcmp(o->mode, "chat")) {
@@ -4082,6 +4405,7 @@ static void check_options(Options *o) {
         usage_error("%s", "give the prompt with exactly one of -i TEXT or -f FILE");
     }
     check_state_flags(o);
+    check_memory_flags(o);
     if (o->rope.scaling && rope_type_from_name(o->rope.scaling) < 0)
         usage_error("unknown --rope-scaling '%s' (none, linear, dynamic, yarn, llama3)",
                     o->rope.scaling);
@@ -4349,6 +4673,9 @@ int main(int argc, char **argv) {
     int all_logits = !strcmp(mode, "logits") || !strcmp(mode, "ppl");
     Transformer t = {0};
     build_transformer(&t, &mf, o.model_path, &o.rope, &o.attn, context, chunk, all_logits);
+    if (o.memory)
+        t.memory = new_memory(&t.cache, (int)o.memory_block, (int)o.memory_blocks,
+                              o.memory_true_pos);
     LoadedState loaded = {0};
     if (o.load_state) load_state(&t, o.load_state, &loaded);
     check_prompt_fits(&t, mode, loaded.header.n_tokens + n_prompt);
