@@ -115,6 +115,12 @@ static double now_seconds(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+// Where temporary files go: $TMPDIR, else /tmp.
+static const char *temp_dir(void) {
+    const char *dir = getenv("TMPDIR");
+    return dir && *dir ? dir : "/tmp";
+}
+
 // OpenMP is optional: without it there is one thread. PARALLEL_FOR splits the loop that
 // follows it across the threads; PARALLEL_FOR_IF(c) the same when c holds (a loop over a
 // chunk's tokens: one token is cheaper alone than the threads' start); SIMD tells the
@@ -925,6 +931,7 @@ typedef struct {
     int *n_chosen;             // (n_kv_heads)
     size_t cap;                // positions allocated
     size_t n_pos;              // positions stored
+    int key_fd, value_fd;      // the files key and value are mapped from, once on file
 } MemoryLayer;
 
 typedef struct {
@@ -932,6 +939,12 @@ typedef struct {
     int top_k;                 // K: blocks a chunk retrieves per kv head (--memory-blocks)
     int true_positions;        // --memory-true-pos: memory keys at their own positions
     MemoryLayer *layers;       // (n_layers)
+    int n_layers;
+    size_t budget;             // bytes of rows kept in RAM; past it, every layer's go to files
+    const char *dir;           // where those files are made
+    size_t bytes;              // bytes of rows allocated
+    size_t row_bytes;          // one position's key (or value) in the cache's type
+    int on_file;
 } ContextMemory;
 
 static ContextMemory *new_memory(const KVCache *kv, int block, int top_k, int true_positions) {
@@ -939,6 +952,9 @@ static ContextMemory *new_memory(const KVCache *kv, int block, int top_k, int tr
     m->block = block;
     m->top_k = top_k;
     m->true_positions = true_positions;
+    m->budget = SIZE_MAX;
+    m->n_layers = kv->n_layers;
+    m->row_bytes = kv->row_bytes;
     m->layers = xcalloc(kv->n_layers, sizeof(MemoryLayer), "the context memory");
     for (int l = 0; l < kv->n_layers; l++) {
         MemoryLayer *ml = &m->layers[l];
@@ -948,13 +964,38 @@ static ContextMemory *new_memory(const KVCache *kv, int block, int top_k, int tr
     return m;
 }
 
+// Rows in RAM up to budget_mb MB of them (every layer's keys and values), then in files made
+// in dir (deleted at once, so they go when the run does). The budget must hold a block of
+// every layer.
+static void memory_budget(ContextMemory *m, const KVCache *kv, size_t budget_mb, const char *dir) {
+    size_t block = mul_size(mul_size(m->block, kv->row_bytes, "memory"), 2 * m->n_layers, "memory");
+    m->budget = mul_size(budget_mb, 1 << 20, "--memory-budget");
+    m->dir = dir;
+    if (m->budget < block)
+        die("--memory-budget %zu MB holds less than one block of every layer (%.1f MB)",
+            budget_mb, block / 1048576.0);
+}
+
+// A layer's key or value rows (bytes of them) let go of: freed, or unmapped and their file
+// closed.
+static void store_free(uint8_t *rows, size_t bytes, int fd) {
+    if (fd < 0) {
+        free(rows);
+        return;
+    }
+    if (rows) munmap(rows, bytes);
+    close(fd);
+}
+
 static void free_memory(ContextMemory *m, int n_layers) {
     if (!m) return;
     for (int l = 0; l < n_layers; l++) {
         MemoryLayer *ml = &m->layers[l];
-        void *buffers[] = { ml->key, ml->value, ml->key_max, ml->key_min, ml->chosen,
-                            ml->n_chosen };
+        void *buffers[] = { ml->key_max, ml->key_min, ml->chosen, ml->n_chosen };
         for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
+        size_t bytes = ml->cap * m->row_bytes;
+        store_free(ml->key, bytes, m->on_file ? ml->key_fd : -1);
+        store_free(ml->value, bytes, m->on_file ? ml->value_fd : -1);
     }
     free(m->layers);
     free(m);
@@ -966,14 +1007,59 @@ static void *resize(void *p, size_t n, size_t size, const char *what) {
     return q;
 }
 
+// Grow rows from old to new bytes: realloc in RAM, or (fd: the file they are mapped from) the
+// file made longer and mapped again; what they held stays.
+static uint8_t *store_grow(uint8_t *rows, size_t old, size_t new, int fd) {
+    if (fd < 0) return resize(rows, new, 1, "the context memory");
+    if (ftruncate(fd, (off_t)new) != 0)
+        die("the context memory's file: cannot grow it to %zu bytes: %s", new, strerror(errno));
+    if (rows) munmap(rows, old);
+    void *p = mmap(NULL, new, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED)
+        die("the context memory's file: cannot map %zu bytes: %s", new, strerror(errno));
+    return p;
+}
+
+// Move rows (bytes of them) from RAM into a new file in dir, deleted at once (it lives while
+// it is open); returns the file's descriptor, *rows its map.
+static int store_to_file(uint8_t **rows, size_t bytes, const char *dir) {
+    char path[4096];
+    if (snprintf(path, sizeof(path), "%s/longrun-memory-XXXXXX", dir) >= (int)sizeof(path))
+        die("%s: too long a path for the context memory's files", dir);
+    int fd = mkstemp(path);
+    if (fd < 0) die("%s: cannot create the context memory's file: %s", path, strerror(errno));
+    unlink(path);
+    uint8_t *file = bytes ? store_grow(NULL, 0, bytes, fd) : NULL;
+    if (bytes) memcpy(file, *rows, bytes);
+    free(*rows);
+    *rows = file;
+    return fd;
+}
+
+// Past the budget: every layer's rows move to files.
+static void memory_to_files(ContextMemory *m) {
+    for (int l = 0; l < m->n_layers; l++) {
+        MemoryLayer *ml = &m->layers[l];
+        ml->key_fd = store_to_file(&ml->key, ml->cap * m->row_bytes, m->dir);
+        ml->value_fd = store_to_file(&ml->value, ml->cap * m->row_bytes, m->dir);
+    }
+    m->on_file = 1;
+    fprintf(stderr, "\n[memory: past its budget of %zu MB, the blocks go on in files in %s]\n",
+            m->budget >> 20, m->dir);
+}
+
 // Room for positions .. n-1 in a layer's store (capacity doubled as the text grows).
 static void memory_reserve(ContextMemory *m, const KVCache *kv, int layer, size_t n) {
     MemoryLayer *ml = &m->layers[layer];
     if (n <= ml->cap) return;
     size_t cap = max_size(n, mul_size(ml->cap, 2, "the context memory"));
     size_t blocks = cap / m->block + 1;
-    ml->key = resize(ml->key, cap, kv->row_bytes, "the context memory");
-    ml->value = resize(ml->value, cap, kv->row_bytes, "the context memory");
+    size_t old = ml->cap * m->row_bytes;
+    size_t new = mul_size(cap, m->row_bytes, "the context memory");
+    m->bytes = add_size(m->bytes, 2 * (new - old), "the context memory");
+    if (!m->on_file && m->bytes > m->budget) memory_to_files(m);
+    ml->key = store_grow(ml->key, old, new, m->on_file ? ml->key_fd : -1);
+    ml->value = store_grow(ml->value, old, new, m->on_file ? ml->value_fd : -1);
     size_t bounds = mul_size(blocks, kv->kv_dim, "the context memory");
     ml->key_max = resize(ml->key_max, bounds, sizeof(float), "the context memory");
     ml->key_min = resize(ml->key_min, bounds, sizeof(float), "the context memory");
@@ -2131,6 +2217,7 @@ typedef struct {
     long memory_block;        // --memory-block B: positions per block (0: 128)
     long memory_blocks;       // --memory-blocks K: blocks a chunk retrieves per kv head (-1: 16)
     int memory_true_pos;      // --memory-true-pos: memory keys at their true distances
+    long memory_budget;       // --memory-budget MB: rows kept in RAM before they go to files
     const char *stop[MAX_LIST];   // --stop: strings that end a reply
     int n_stop;
 } Options;
@@ -3737,9 +3824,7 @@ static void first_token(Transformer *t, const float *logits, size_t pos) {
 
 // A temporary state file's name in $TMPDIR (or /tmp), created empty.
 static void temp_state_path(char *path, size_t size) {
-    const char *dir = getenv("TMPDIR");
-    if (!dir || !*dir) dir = "/tmp";
-    if (snprintf(path, size, "%s/longrun-bench-XXXXXX", dir) >= (int)size)
+    if (snprintf(path, size, "%s/longrun-bench-XXXXXX", temp_dir()) >= (int)size)
         die("TMPDIR is too long a path");
     int fd = mkstemp(path);
     if (fd < 0) die("%s: cannot create a temporary state file: %s", path, strerror(errno));
@@ -3893,6 +3978,8 @@ static void usage_model_options(FILE *out) {
             "  --memory-block B positions per memory block                      (default 128)\n"
             "  --memory-blocks K  blocks a chunk retrieves per kv head           (default 16)\n"
             "  --memory-true-pos  memory keys at their true distances, not the window's edge\n"
+            "  --memory-budget MB  memory rows kept in RAM; past it, in files in $TMPDIR\n"
+            "                   (default 4096)\n"
             "ppl: perplexity of the text of -f or -i\n"
             "  --ppl-csv FILE   write first,last,tokens,mean_nll,ppl per bucket of predicted "
             "tokens\n"
@@ -4172,6 +4259,7 @@ static const OptionInfo option_table[] = {
     { "--memory-block", 1, MODEL_MODES },
     { "--memory-blocks", 1, MODEL_MODES },
     { "--memory-true-pos", 0, MODEL_MODES },
+    { "--memory-budget", 1, MODEL_MODES },
     { "--rope-scaling", 1, MODEL_MODES },
     { "--rope-theta", 1, MODEL_MODES },
     { "--rope-factor", 1, MODEL_MODES },
@@ -4343,6 +4431,8 @@ static int parse_model_option(Options *o, const char *flag, const char *val) {
     else if (!strcmp(flag, "--memory-block")) o->memory_block = parse_long(flag, val, 1, 1 << 16);
     else if (!strcmp(flag, "--memory-blocks"))
         o->memory_blocks = parse_long(flag, val, 0, 1 << 16);
+    else if (!strcmp(flag, "--memory-budget"))
+        o->memory_budget = parse_long(flag, val, 1, 1L << 30);
     else if (!strcmp(flag, "--kv-type")) o->attn.kv_type = parse_kv_types(o, flag, val);
     else if (!strcmp(flag, "--rope-scaling")) r->scaling = val;
     else if (!strcmp(flag, "--rope-theta")) r->theta = parse_float(flag, val, 1.0001f, 1e12f);
@@ -4376,9 +4466,11 @@ static void check_state_flags(const Options *o) {
 
 // --memory and its settings; the defaults are InfLLM's: blocks of 128, 16 retrieved.
 static void check_memory_flags(Options *o) {
-    int tuned = o->memory_block || o->memory_blocks >= 0 || o->memory_true_pos;
-    if (tuned && !o->memory) usage_error("%s", "--memory-block, --memory-blocks and "
-                                         "--memory-true-pos apply only with --memory");
+    int tuned = o->memory_block || o->memory_blocks >= 0 || o->memory_true_pos
+                || o->memory_budget;
+    if (tuned && !o->memory)
+        usage_error("%s", "--memory-block, --memory-blocks, --memory-true-pos and "
+                    "--memory-budget apply only with --memory");
     if (o->memory && !o->attn.window)
         usage_error("%s", "--memory needs --window W (and usually --sinks S): it keeps what "
                     "leaves the window");
@@ -4388,6 +4480,7 @@ static void check_memory_flags(Options *o) {
         usage_error("%s", "--memory with state files is not built yet");
     if (!o->memory_block) o->memory_block = 128;
     if (o->memory_blocks < 0) o->memory_blocks = 16;
+    if (!o->memory_budget) o->memory_budget = 4096;
 }
 
 // Refuse combinations of options that cannot mean anything.
@@ -4676,6 +4769,7 @@ int main(int argc, char **argv) {
     if (o.memory)
         t.memory = new_memory(&t.cache, (int)o.memory_block, (int)o.memory_blocks,
                               o.memory_true_pos);
+    if (o.memory) memory_budget(t.memory, &t.cache, (size_t)o.memory_budget, temp_dir());
     LoadedState loaded = {0};
     if (o.load_state) load_state(&t, o.load_state, &loaded);
     check_prompt_fits(&t, mode, loaded.header.n_tokens + n_prompt);
