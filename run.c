@@ -1317,8 +1317,10 @@ static void attention_reference(float *out, const float *q, const float *q_sink,
 // attention_reference() with a context memory (--memory): for query row t at position p and
 // head h, the keys are the sinks below its window (met by q_sink), the memory positions of its
 // kv head's retrieved blocks (memory_positions(), met by q_mem, the query rotated at
-// memory_query_pos()), then its window (met by q), all in one softmax. The plain loop is the
-// only implementation: a query sees S + W + K B keys at most, whatever the text's length.
+// memory_query_pos()), then its window (met by q), all in one softmax, summed in the order of
+// attention_reference(). The plain loop is the only implementation (a query sees S + W + K B
+// keys at most, whatever the text's length); each (row, kv head) reads its keys once for the
+// group of query heads that share them.
 static void attention_memory(float *out, const float *q, const float *q_sink, const float *q_mem,
                              const KVCache *kv, const ContextMemory *m, int layer,
                              const Config *c, int T, size_t pos0) {
@@ -1328,53 +1330,52 @@ static void attention_memory(float *out, const float *q, const float *q_sink, co
     const LayerSlots *ls = &kv->layers[layer];
     size_t most = add_size(ls->n_sink + min_size(ls->window, pos0 + T),
                            mul_size(m->top_k, m->block, "memory"), "memory");
+    size_t per_thread = mul_size(most, 2 * (size_t)H + 1, "memory");   // keys, values, weights
     int threads = n_threads();
-    float *weights = xcalloc(mul_size(threads, most, "memory"), sizeof(float), "memory");
+    float *scratch = xcalloc(mul_size(threads, per_thread, "memory"), sizeof(float), "memory");
     size_t *positions = xcalloc(mul_size(threads, most, "memory"), sizeof(size_t), "memory");
-    float *bufs = xcalloc(mul_size(threads, 2 * (size_t)H, "memory"), sizeof(float), "memory");
+    const float **rows = xcalloc(mul_size(threads, 2 * most, "memory"), sizeof(float *), "memory");
     PARALLEL_FOR
-    for (int row = 0; row < T * c->n_heads; row++) {
-        int t = row / c->n_heads;
-        int h = row % c->n_heads;
-        int g = h / group;
-        size_t at = (size_t)t * c->q_dim + (size_t)h * H;
-        float *w = weights + (size_t)thread_id() * most;
+    for (int tg = 0; tg < T * c->n_kv_heads; tg++) {
+        int t = tg / c->n_kv_heads;
+        int g = tg % c->n_kv_heads;
+        float *kbuf = scratch + (size_t)thread_id() * per_thread;
+        float *vbuf = kbuf + most * H;
+        float *w = vbuf + most * H;
         size_t *mem_pos = positions + (size_t)thread_id() * most;
-        float *key_buf = bufs + (size_t)thread_id() * 2 * H;
-        float *value_buf = key_buf + H;
+        const float **keys = rows + (size_t)thread_id() * 2 * most;
+        const float **values = keys + most;
         VisibleKeys vis = visible_keys(kv, layer, pos0 + (size_t)t);
         size_t n_mem = memory_positions(m, kv, layer, g, vis.pos, mem_pos);
         size_t n_window = vis.pos - vis.lo + 1;
         size_t n = vis.n_sink + n_mem + n_window;
-        const float *key, *value;
-        for (size_t j = 0; j < n; j++) {   // the scores: sinks, memory, window
-            const float *query = q + at;
-            if (j < vis.n_sink) query = q_sink + at;
-            else if (j < vis.n_sink + n_mem) query = q_mem + at;
-            if (j >= vis.n_sink && j < vis.n_sink + n_mem)
-                key = memory_row(kv, m->layers[layer].key, mem_pos[j - vis.n_sink], g, key_buf);
-            else
-                read_visible(kv, layer, &vis, j < vis.n_sink ? j : j - n_mem, 1, g, &key, &value,
-                             key_buf, value_buf);
-            w[j] = dot(query, key, H) * scale;
+        size_t win = vis.n_sink + n_mem;   // where the window's keys start
+        read_visible(kv, layer, &vis, 0, (int)vis.n_sink, g, keys, values, kbuf, vbuf);
+        for (size_t i = 0; i < n_mem; i++) {
+            size_t j = vis.n_sink + i;
+            keys[j] = memory_row(kv, m->layers[layer].key, mem_pos[i], g, kbuf + j * H);
+            values[j] = memory_row(kv, m->layers[layer].value, mem_pos[i], g, vbuf + j * H);
         }
-        softmax(w, n);
-        float *oh = out + at;
-        memset(oh, 0, (size_t)H * sizeof(float));
-        for (size_t j = 0; j < n; j++) {   // the weighted sum of the values
-            if (j >= vis.n_sink && j < vis.n_sink + n_mem) {
-                const uint8_t *rows = m->layers[layer].value;
-                value = memory_row(kv, rows, mem_pos[j - vis.n_sink], g, value_buf);
-            } else {
-                read_visible(kv, layer, &vis, j < vis.n_sink ? j : j - n_mem, 1, g, &key, &value,
-                             key_buf, value_buf);
+        read_visible(kv, layer, &vis, vis.n_sink, (int)n_window, g, keys + win, values + win,
+                     kbuf + win * H, vbuf + win * H);
+        for (int h = g * group; h < (g + 1) * group; h++) {
+            size_t at = (size_t)t * c->q_dim + (size_t)h * H;
+            for (size_t j = 0; j < n; j++) {   // the scores: sinks, memory, window
+                const float *query = q + at;
+                if (j < win) query = q_mem + at;
+                if (j < vis.n_sink) query = q_sink + at;
+                w[j] = dot(query, keys[j], H) * scale;
             }
-            for (int i = 0; i < H; i++) oh[i] += w[j] * value[i];
+            softmax(w, n);
+            float *oh = out + at;
+            memset(oh, 0, (size_t)H * sizeof(float));
+            for (size_t j = 0; j < n; j++)   // the weighted sum of the values
+                for (int i = 0; i < H; i++) oh[i] += w[j] * values[j][i];
         }
     }
-    free(weights);
+    free(scratch);
     free(positions);
-    free(bufs);
+    free(rows);
 }
 
 // ----------------------------------------------------------------------------
