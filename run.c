@@ -4477,8 +4477,12 @@ static void check_memory_flags(Options *o) {
                     "leaves the window");
     if (o->memory && o->attn.lminf)
         usage_error("%s", "--memory and --lminf are two rules for far keys: give one");
-    if (o->memory && (o->save_state || o->load_state))
-        usage_error("%s", "--memory with state files is not built yet");
+    if (o->memory && (o->save_state || o->load_state || o->n_bench_state))
+        usage_error("%s", "--memory with state files (--save-state, --load-state, "
+                    "--bench-state) is not built yet");
+    if (o->memory && o->n_kv_types > 1)
+        usage_error("%s", "--memory keeps its rows in one --kv-type: sweep the types in "
+                    "separate runs");
     if (!o->memory_block) o->memory_block = 128;
     if (o->memory_blocks < 0) o->memory_blocks = 16;
     if (!o->memory_budget) o->memory_budget = 4096;
