@@ -967,12 +967,12 @@ static ContextMemory *new_memory(const KVCache *kv, int block, int top_k, int tr
 // Rows in RAM up to budget_mb MB of them (every layer's keys and values), then in files made
 // in dir (deleted at once, so they go when the run does). The budget must hold a block of
 // every layer.
-static void memory_budget(ContextMemory *m, const KVCache *kv, size_t budget_mb, const char *dir) {
+static void memory_budget(ContextMemory *m, const KVCache *kv, float budget_mb, const char *dir) {
     size_t block = mul_size(mul_size(m->block, kv->row_bytes, "memory"), 2 * m->n_layers, "memory");
-    m->budget = mul_size(budget_mb, 1 << 20, "--memory-budget");
+    m->budget = (size_t)((double)budget_mb * 1048576);   // at most 1e9 MB: no overflow
     m->dir = dir;
     if (m->budget < block)
-        die("--memory-budget %zu MB holds less than one block of every layer (%.1f MB)",
+        die("--memory-budget %g MB holds less than one block of every layer (%.3f MB)",
             budget_mb, block / 1048576.0);
 }
 
@@ -1044,8 +1044,8 @@ static void memory_to_files(ContextMemory *m) {
         ml->value_fd = store_to_file(&ml->value, ml->cap * m->row_bytes, m->dir);
     }
     m->on_file = 1;
-    fprintf(stderr, "\n[memory: past its budget of %zu MB, the blocks go on in files in %s]\n",
-            m->budget >> 20, m->dir);
+    fprintf(stderr, "\n[memory: past its budget of %.3g MB, the blocks go on in files in %s]\n",
+            m->budget / 1048576.0, m->dir);
 }
 
 // Room for positions .. n-1 in a layer's store (capacity doubled as the text grows).
@@ -2218,7 +2218,7 @@ typedef struct {
     long memory_block;        // --memory-block B: positions per block (0: 128)
     long memory_blocks;       // --memory-blocks K: blocks a chunk retrieves per kv head (-1: 16)
     int memory_true_pos;      // --memory-true-pos: memory keys at their true distances
-    long memory_budget;       // --memory-budget MB: rows kept in RAM before they go to files
+    float memory_budget;      // --memory-budget MB: rows kept in RAM before they go to files
     const char *stop[MAX_LIST];   // --stop: strings that end a reply
     int n_stop;
 } Options;
@@ -4433,7 +4433,7 @@ static int parse_model_option(Options *o, const char *flag, const char *val) {
     else if (!strcmp(flag, "--memory-blocks"))
         o->memory_blocks = parse_long(flag, val, 0, 1 << 16);
     else if (!strcmp(flag, "--memory-budget"))
-        o->memory_budget = parse_long(flag, val, 1, 1L << 30);
+        o->memory_budget = parse_float(flag, val, 1e-3f, 1e9f);
     else if (!strcmp(flag, "--kv-type")) o->attn.kv_type = parse_kv_types(o, flag, val);
     else if (!strcmp(flag, "--rope-scaling")) r->scaling = val;
     else if (!strcmp(flag, "--rope-theta")) r->theta = parse_float(flag, val, 1.0001f, 1e12f);
@@ -4774,7 +4774,7 @@ int main(int argc, char **argv) {
     if (o.memory)
         t.memory = new_memory(&t.cache, (int)o.memory_block, (int)o.memory_blocks,
                               o.memory_true_pos);
-    if (o.memory) memory_budget(t.memory, &t.cache, (size_t)o.memory_budget, temp_dir());
+    if (o.memory) memory_budget(t.memory, &t.cache, o.memory_budget, temp_dir());
     LoadedState loaded = {0};
     if (o.load_state) load_state(&t, o.load_state, &loaded);
     check_prompt_fits(&t, mode, loaded.header.n_tokens + n_prompt);

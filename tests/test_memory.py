@@ -29,7 +29,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, RUN_ASAN, export, need, run, tiny_llama
+from conftest import ROOT, RUN_ASAN, engine_logits, export, need, run, tiny_llama
 from test_engine import TINY, build_hf, rel_err
 
 SEQ = 80
@@ -260,6 +260,7 @@ BAD = {
     "block without memory": (["--window", 16, "--memory-block", 8], "apply only with --memory"),
     "save state": (["--memory", "--window", 16, "--save-state", "STATE"], "state files"),
     "load state": (["--memory", "--window", 16, "--load-state", "STATE"], "state files"),
+    "budget 0": (["--memory", "--window", 16, "--memory-budget", 0], "--memory-budget 0"),
 }
 
 
@@ -272,3 +273,24 @@ def test_bad_settings(tiny_model, case):
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
     assert re.match(r"error: ", r.stderr) and message in r.stderr, r.stderr
     assert not os.path.exists(d / "state") and not os.path.exists(d / "out.f32")
+
+
+def test_memory_on_file_equals_memory_in_ram(tiny_model, tmp_path):
+    """--memory-budget below the store's size moves every layer's rows to a file (mapped, grown
+    in place): the logits equal the in-RAM run's bit for bit; a budget below one block of every
+    layer is refused."""
+    model, d = tiny_model
+    ids = list(range(1, 81))
+    args = ["--window", 16, "--sinks", 4, "--memory", "--memory-block", 8, "--memory-blocks", 2]
+    ram = engine_logits(model, ids, tmp_path, chunk=8, extra=[*map(str, args)])
+    out = tmp_path / "file.f32"
+    r = run(model, "-m", "logits", "-i", " ".join(map(str, ids)), "--logits-out", out, "--chunk", 8,
+            *args, "--memory-budget", "0.01", env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert "[memory: past its budget of 0.01 MB" in r.stderr, r.stderr
+    on_file = np.fromfile(out, dtype="<f4").reshape(len(ids), -1)
+    assert np.array_equal(ram, on_file)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("longrun-memory")]   # deleted
+    r = run(model, "-m", "logits", "-i", "1 2 3", "--logits-out", out, *args, "--memory-budget",
+            "0.001", check=False)
+    assert r.returncode == 1 and "less than one block of every layer" in r.stderr, r.stderr
+    print(f"\n[memory] on file == in RAM over {len(ids)} ids")
