@@ -114,7 +114,7 @@ ACCEPTED = {
     "--memory": ["--memory", "--window", "8", "--sinks", "2", "-i", PROMPT, "-n", "2"],
     "--memory-block": ["--memory", "--memory-block", "4", "--window", "8", "-i", PROMPT, "-n", "2"],
     "--memory-blocks": ["--memory", "--memory-blocks", "1", "--window", "8", "-i", PROMPT, "-n", "2"],
-    "--memory-budget": ["--memory", "--memory-budget", "1", "--window", "8", "-i", PROMPT, "-n", "2"],
+    "--memory-budget": ["--memory", "--memory-budget", "8", "--window", "8", "-i", PROMPT, "-n", "2"],
     "--memory-true-pos": ["--memory", "--memory-true-pos", "--window", "8", "-i", PROMPT, "-n", "2"],
     "--rope-scaling": ["--rope-scaling", "linear", "--rope-factor", "2", "-i", PROMPT, "-n", "2"],
     "--rope-theta": ["--rope-theta", "200000", "-i", PROMPT, "-n", "2"],
