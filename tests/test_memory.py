@@ -293,4 +293,8 @@ def test_memory_on_file_equals_memory_in_ram(tiny_model, tmp_path):
     r = run(model, "-m", "logits", "-i", "1 2 3", "--logits-out", out, *args, "--memory-budget",
             "0.001", check=False)
     assert r.returncode == 1 and "less than one block of every layer" in r.stderr, r.stderr
+    r = run(model, "-m", "logits", "-i", " ".join(map(str, ids)), "--logits-out", out, *args,
+            "--memory-budget", "0.01", check=False, env=dict(os.environ, TMPDIR=str(tmp_path / "gone")))
+    assert r.returncode == 1 and r.stderr.splitlines()[-1].endswith(
+        "cannot create the context memory's file: No such file or directory"), r.stderr
     print(f"\n[memory] on file == in RAM over {len(ids)} ids")
