@@ -1319,8 +1319,36 @@ static void attention_reference(float *out, const float *q, const float *q_sink,
 // kv head's retrieved blocks (memory_positions(), met by q_mem, the query rotated at
 // memory_query_pos()), then its window (met by q), all in one softmax, summed in the order of
 // attention_reference(). The plain loop is the only implementation (a query sees S + W + K B
-// keys at most, whatever the text's length); each (row, kv head) reads its keys once for the
-// group of query heads that share them.
+// keys at most, whatever the text's length); the rows of each kv head that any query of the
+// chunk sees are read (converted from the cache's type) once, by chunk_rows().
+typedef struct {
+    const float **keys, **values;   // (n_mem + n_window) rows as floats
+    float *kbuf, *vbuf;             // room to convert them into
+    size_t *mem_pos;                // (n_mem) memory positions, ascending
+    size_t n_mem;                   // rows 0 .. n_mem-1: memory positions below the last window
+    size_t lo, n_window;            // rows n_mem ..: positions lo .. lo + n_window - 1
+} ChunkRows;
+
+// Kv head g's rows for a chunk of T queries at pos0..: the memory positions the last query
+// sees (an earlier query sees those below its own window: a prefix), then every position from
+// the first query's window to the last query.
+static void chunk_rows(ChunkRows *r, const KVCache *kv, const ContextMemory *m, int layer, int g,
+                       int T, size_t pos0) {
+    int H = kv->head_dim;
+    VisibleKeys first = visible_keys(kv, layer, pos0);
+    size_t last = pos0 + (size_t)T - 1;
+    r->n_mem = memory_positions(m, kv, layer, g, last, r->mem_pos);
+    r->lo = first.lo;
+    r->n_window = last - first.lo + 1;
+    for (size_t i = 0; i < r->n_mem; i++) {
+        r->keys[i] = memory_row(kv, m->layers[layer].key, r->mem_pos[i], g, r->kbuf + i * H);
+        r->values[i] = memory_row(kv, m->layers[layer].value, r->mem_pos[i], g, r->vbuf + i * H);
+    }
+    size_t w = r->n_mem;
+    read_positions(kv, layer, r->lo, (int)r->n_window, g, r->keys + w, r->values + w,
+                   r->kbuf + w * H, r->vbuf + w * H);
+}
+
 static void attention_memory(float *out, const float *q, const float *q_sink, const float *q_mem,
                              const KVCache *kv, const ContextMemory *m, int layer,
                              const Config *c, int T, size_t pos0) {
@@ -1328,37 +1356,39 @@ static void attention_memory(float *out, const float *q, const float *q_sink, co
     int group = c->n_heads / c->n_kv_heads;
     float scale = 1.0f / sqrtf((float)H);
     const LayerSlots *ls = &kv->layers[layer];
-    size_t most = add_size(ls->n_sink + min_size(ls->window, pos0 + T),
-                           mul_size(m->top_k, m->block, "memory"), "memory");
-    size_t per_thread = mul_size(most, 2 * (size_t)H + 1, "memory");   // keys, values, weights
+    size_t rows = add_size(mul_size(m->top_k, m->block, "memory"),
+                           min_size(ls->window, pos0 + T) + (size_t)T, "memory");
+    size_t most = add_size(ls->n_sink, rows, "memory");   // keys one query sees
+    ChunkRows r = {0};
+    r.keys = xcalloc(mul_size(rows, 2, "memory"), sizeof(float *), "memory");
+    r.values = r.keys + rows;
+    r.kbuf = xcalloc(mul_size(rows, 2 * (size_t)H, "memory"), sizeof(float), "memory");
+    r.vbuf = r.kbuf + rows * H;
+    r.mem_pos = xcalloc(rows, sizeof(size_t), "memory");
     int threads = n_threads();
-    float *scratch = xcalloc(mul_size(threads, per_thread, "memory"), sizeof(float), "memory");
-    size_t *positions = xcalloc(mul_size(threads, most, "memory"), sizeof(size_t), "memory");
-    const float **rows = xcalloc(mul_size(threads, 2 * most, "memory"), sizeof(float *), "memory");
-    PARALLEL_FOR
-    for (int tg = 0; tg < T * c->n_kv_heads; tg++) {
-        int t = tg / c->n_kv_heads;
-        int g = tg % c->n_kv_heads;
-        float *kbuf = scratch + (size_t)thread_id() * per_thread;
-        float *vbuf = kbuf + most * H;
-        float *w = vbuf + most * H;
-        size_t *mem_pos = positions + (size_t)thread_id() * most;
-        const float **keys = rows + (size_t)thread_id() * 2 * most;
-        const float **values = keys + most;
-        VisibleKeys vis = visible_keys(kv, layer, pos0 + (size_t)t);
-        size_t n_mem = memory_positions(m, kv, layer, g, vis.pos, mem_pos);
-        size_t n_window = vis.pos - vis.lo + 1;
-        size_t n = vis.n_sink + n_mem + n_window;
-        size_t win = vis.n_sink + n_mem;   // where the window's keys start
-        read_visible(kv, layer, &vis, 0, (int)vis.n_sink, g, keys, values, kbuf, vbuf);
-        for (size_t i = 0; i < n_mem; i++) {
-            size_t j = vis.n_sink + i;
-            keys[j] = memory_row(kv, m->layers[layer].key, mem_pos[i], g, kbuf + j * H);
-            values[j] = memory_row(kv, m->layers[layer].value, mem_pos[i], g, vbuf + j * H);
-        }
-        read_visible(kv, layer, &vis, vis.n_sink, (int)n_window, g, keys + win, values + win,
-                     kbuf + win * H, vbuf + win * H);
-        for (int h = g * group; h < (g + 1) * group; h++) {
+    float *weights = xcalloc(mul_size(threads, most, "memory"), sizeof(float), "memory");
+    const float **lists = xcalloc(mul_size(threads, 2 * most, "memory"), sizeof(float *), "memory");
+    for (int g = 0; g < c->n_kv_heads; g++) {
+        chunk_rows(&r, kv, m, layer, g, T, pos0);
+        PARALLEL_FOR
+        for (int th = 0; th < T * group; th++) {
+            int t = th / group;
+            int h = g * group + th % group;
+            float *w = weights + (size_t)thread_id() * most;
+            const float **keys = lists + (size_t)thread_id() * 2 * most;
+            const float **values = keys + most;
+            VisibleKeys vis = visible_keys(kv, layer, pos0 + (size_t)t);
+            size_t n_mem = 0;   // the prefix of the chunk's memory positions below its window
+            while (n_mem < r.n_mem && r.mem_pos[n_mem] < vis.lo) n_mem++;
+            size_t n_window = vis.pos - vis.lo + 1;
+            size_t win = vis.n_sink + n_mem;   // where the window's keys start
+            size_t n = win + n_window;
+            read_sinks(kv, layer, 0, (int)vis.n_sink, g, keys, values);
+            memcpy(keys + vis.n_sink, r.keys, n_mem * sizeof(float *));
+            memcpy(values + vis.n_sink, r.values, n_mem * sizeof(float *));
+            size_t from = r.n_mem + (vis.lo - r.lo);
+            memcpy(keys + win, r.keys + from, n_window * sizeof(float *));
+            memcpy(values + win, r.values + from, n_window * sizeof(float *));
             size_t at = (size_t)t * c->q_dim + (size_t)h * H;
             for (size_t j = 0; j < n; j++) {   // the scores: sinks, memory, window
                 const float *query = q + at;
@@ -1373,9 +1403,11 @@ static void attention_memory(float *out, const float *q, const float *q_sink, co
                 for (int i = 0; i < H; i++) oh[i] += w[j] * values[j][i];
         }
     }
-    free(scratch);
-    free(positions);
-    free(rows);
+    free(r.keys);
+    free(r.kbuf);
+    free(r.mem_pos);
+    free(weights);
+    free(lists);
 }
 
 // ----------------------------------------------------------------------------
