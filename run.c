@@ -877,15 +877,6 @@ static void read_visible(const KVCache *kv, int layer, const VisibleKeys *vis, s
 // changes nothing) if a layer is too small for it.
 static const size_t STREAMING_SINKS = 4;
 
-// A full layer's slots once it goes on as StreamingLLM (ls: a full layer, ring > S + max_T).
-static LayerSlots streaming_slots(LayerSlots ls, int max_T) {
-    ls.n_sink = STREAMING_SINKS;
-    ls.ring -= STREAMING_SINKS;
-    ls.window = ls.ring - max_T + 1;
-    ls.fills = 0;
-    return ls;
-}
-
 static size_t kv_continue_streaming(KVCache *kv, int n_layers) {
     const size_t S = STREAMING_SINKS;
     size_t window = 0;
@@ -894,7 +885,10 @@ static size_t kv_continue_streaming(KVCache *kv, int n_layers) {
     for (int l = 0; l < n_layers; l++) {
         LayerSlots *ls = &kv->layers[l];
         if (!ls->fills || ls->n_sink) continue;
-        *ls = streaming_slots(*ls, kv->max_T);
+        ls->n_sink = S;
+        ls->ring -= S;
+        ls->window = ls->ring - kv->max_T + 1;
+        ls->fills = 0;
         window = ls->window;
         for (size_t i = 0; i < S; i++)
             for (int g = 0; g < kv->n_kv_heads; g++) {
@@ -934,6 +928,14 @@ typedef struct {
     int key_fd, value_fd;      // the files key and value are mapped from, once on file
 } MemoryLayer;
 
+// The scratch buffers of the memory's per-chunk work.
+typedef enum {
+    SCRATCH_MEAN, SCRATCH_BEST,                          // memory_select()
+    SCRATCH_ROW_PTRS, SCRATCH_ROWS, SCRATCH_POSITIONS,   // attention_memory(): the chunk's rows
+    SCRATCH_WEIGHTS, SCRATCH_LISTS,                      // attention_memory(): per thread
+    SCRATCH_COUNT
+} MemoryScratch;
+
 typedef struct {
     int block;                 // B: positions per block (--memory-block)
     int top_k;                 // K: blocks a chunk retrieves per kv head (--memory-blocks)
@@ -945,7 +947,20 @@ typedef struct {
     size_t bytes;              // bytes of rows allocated
     size_t row_bytes;          // one position's key (or value) in the cache's type
     int on_file;
+    void *scratch[SCRATCH_COUNT];        // buffers memory_select() and attention_memory()
+    size_t scratch_bytes[SCRATCH_COUNT]; // reuse from call to call (memory_scratch())
 } ContextMemory;
+
+// Buffer `which` of m's scratch with room for n elements of size bytes (grown, never shrunk;
+// what it held is not kept): the per-token calls allocate nothing once it has grown.
+static void *memory_scratch(ContextMemory *m, MemoryScratch which, size_t n, size_t size) {
+    size_t bytes = mul_size(n, size, "the context memory's scratch");
+    if (bytes <= m->scratch_bytes[which]) return m->scratch[which];
+    free(m->scratch[which]);
+    m->scratch[which] = xcalloc(bytes, 1, "the context memory's scratch");
+    m->scratch_bytes[which] = bytes;
+    return m->scratch[which];
+}
 
 static ContextMemory *new_memory(const KVCache *kv, int block, int top_k, int true_positions) {
     ContextMemory *m = xcalloc(1, sizeof(ContextMemory), "the context memory");
@@ -997,6 +1012,7 @@ static void free_memory(ContextMemory *m, int n_layers) {
         store_free(ml->key, bytes, m->on_file ? ml->key_fd : -1);
         store_free(ml->value, bytes, m->on_file ? ml->value_fd : -1);
     }
+    for (int i = 0; i < SCRATCH_COUNT; i++) free(m->scratch[i]);
     free(m->layers);
     free(m);
 }
@@ -1147,8 +1163,8 @@ static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const 
     size_t end_block = last.lo > ls->n_sink ? (last.lo - 1) / m->block + 1 : first_block;
     int H = c->head_dim;
     int group = c->n_heads / c->n_kv_heads;
-    float *mean = xcalloc((size_t)group * H, sizeof(float), "memory scores");
-    float *best_score = xcalloc(max_size(m->top_k, 1), sizeof(float), "memory scores");
+    float *mean = memory_scratch(m, SCRATCH_MEAN, (size_t)group * H, sizeof(float));
+    float *best_score = memory_scratch(m, SCRATCH_BEST, max_size(m->top_k, 1), sizeof(float));
     for (int g = 0; g < c->n_kv_heads; g++) {
         memset(mean, 0, (size_t)group * H * sizeof(float));
         for (int t = 0; t < T; t++)
@@ -1164,8 +1180,6 @@ static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const 
         qsort(best, n, sizeof(int), compare_ints);
         ml->n_chosen[g] = n;
     }
-    free(mean);
-    free(best_score);
 }
 
 // Kv head g's key or value (H) of memory position p as floats (kv_head(): maybe in buf).
@@ -1350,7 +1364,7 @@ static void chunk_rows(ChunkRows *r, const KVCache *kv, const ContextMemory *m, 
 }
 
 static void attention_memory(float *out, const float *q, const float *q_sink, const float *q_mem,
-                             const KVCache *kv, const ContextMemory *m, int layer,
+                             const KVCache *kv, ContextMemory *m, int layer,
                              const Config *c, int T, size_t pos0) {
     int H = c->head_dim;
     int group = c->n_heads / c->n_kv_heads;
@@ -1360,14 +1374,17 @@ static void attention_memory(float *out, const float *q, const float *q_sink, co
                            min_size(ls->window, pos0 + T) + (size_t)T, "memory");
     size_t most = add_size(ls->n_sink, rows, "memory");   // keys one query sees
     ChunkRows r = {0};
-    r.keys = xcalloc(mul_size(rows, 2, "memory"), sizeof(float *), "memory");
+    r.keys = memory_scratch(m, SCRATCH_ROW_PTRS, mul_size(rows, 2, "memory"), sizeof(float *));
     r.values = r.keys + rows;
-    r.kbuf = xcalloc(mul_size(rows, 2 * (size_t)H, "memory"), sizeof(float), "memory");
+    r.kbuf = memory_scratch(m, SCRATCH_ROWS, mul_size(rows, 2 * (size_t)H, "memory"),
+                            sizeof(float));
     r.vbuf = r.kbuf + rows * H;
-    r.mem_pos = xcalloc(rows, sizeof(size_t), "memory");
-    int threads = n_threads();
-    float *weights = xcalloc(mul_size(threads, most, "memory"), sizeof(float), "memory");
-    const float **lists = xcalloc(mul_size(threads, 2 * most, "memory"), sizeof(float *), "memory");
+    r.mem_pos = memory_scratch(m, SCRATCH_POSITIONS, rows, sizeof(size_t));
+    size_t threads = (size_t)n_threads();
+    float *weights = memory_scratch(m, SCRATCH_WEIGHTS, mul_size(threads, most, "memory"),
+                                    sizeof(float));
+    const float **lists = memory_scratch(m, SCRATCH_LISTS, mul_size(threads, 2 * most, "memory"),
+                                         sizeof(float *));
     for (int g = 0; g < c->n_kv_heads; g++) {
         chunk_rows(&r, kv, m, layer, g, T, pos0);
         PARALLEL_FOR
@@ -1403,11 +1420,6 @@ static void attention_memory(float *out, const float *q, const float *q_sink, co
                 for (int i = 0; i < H; i++) oh[i] += w[j] * values[j][i];
         }
     }
-    free(r.keys);
-    free(r.kbuf);
-    free(r.mem_pos);
-    free(weights);
-    free(lists);
 }
 
 // ----------------------------------------------------------------------------
