@@ -52,6 +52,17 @@ def stored_dtypes(model):
     return out
 
 
+def field_offset(fields, name):
+    """(offset, struct format) of field `name` in a struct given as (name, struct code) pairs in
+    order (model.h's structs: no padding)."""
+    off = 0
+    for n, code in fields:
+        if n == name:
+            return off, "<" + code
+        off += struct.calcsize("<" + code)
+    raise KeyError(name)
+
+
 def plant_tmp(out, kind):
     """Put a file ("file") or a symlink to one ("symlink") at OUT.tmp, a name temporaries once
     had, holding "keep me". Returns a check that nothing was written through it."""

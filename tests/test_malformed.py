@@ -5,19 +5,10 @@ import struct
 import sys
 
 import pytest
-from conftest import ROOT, RUN_ASAN, export, need, run, tiny_llama
+from conftest import ROOT, RUN_ASAN, export, field_offset, need, run, tiny_llama
 
 sys.path.insert(0, ROOT)
 import export as ex  # noqa: E402  (the field lists that mirror model.h)
-
-
-def field_offset(fields, name):
-    off = 0
-    for n, code in fields:
-        if n == name:
-            return off, "<" + code
-        off += struct.calcsize("<" + code)
-    raise KeyError(name)
 
 
 @pytest.fixture(scope="module")

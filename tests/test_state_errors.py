@@ -14,7 +14,7 @@ import struct
 import sys
 
 import pytest
-from conftest import ROOT, RUN_ASAN, export, need, run, tiny_llama
+from conftest import ROOT, RUN_ASAN, export, field_offset, need, run, tiny_llama
 
 sys.path.insert(0, os.path.join(ROOT, "tests", "fuzz"))
 import make_seeds  # noqa: E402  (the byte-level tokenizer of the fuzz seeds)
@@ -36,12 +36,7 @@ HEADER_SIZE = 272
 
 def field(name):
     """(offset, struct format) of a StateHeader field."""
-    off = 0
-    for n, code in HEADER_FIELDS:
-        if n == name:
-            return off, "<" + code
-        off += struct.calcsize("<" + code)
-    raise KeyError(name)
+    return field_offset(HEADER_FIELDS, name)
 
 
 def header(blob):
