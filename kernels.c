@@ -27,7 +27,7 @@
 #define ATT_SPLIT 256 // fewest keys per decode range
 #define ATT_RANGES 64 // most decode ranges per kv head
 // Floats of one thread's attention scratch: queries, keys, values, accumulators and scores.
-#define ATT_WORK(H) ((size_t)(H) * (ATT_QT * 3 + ATT_KB * 2) + ATT_KB * ATT_QT)
+#define ATT_WORK(H) ((size_t)(H) * (ATT_QT * 4 + ATT_KB * 2) + ATT_KB * ATT_QT)
 
 // Sized for chunks of up to max_T tokens of up to `widest` columns:
 //   row (n_threads, widest)            one dequantized weight row per thread
@@ -36,7 +36,7 @@
 //   qx (max_T, widest), dx (max_T, widest / 32)           the chunk quantized for q8_0 weights
 //   q8_panel (n_threads, widest * Q8_R), q8_dw (n_threads, widest / 32 * Q8_R)   q8 panels
 //   q8_xt (max_T up to Q8_T, widest), q8_dx (same, widest / 32)   the quantized chunk in k pairs
-//   att (n_threads, ATT_WORK(head_dim))                  attention tiles
+//   att (n_threads, ATT_WORK(head_dim))                  attention tiles (or decode blocks)
 //   parts (n_heads, ATT_RANGES, head_dim + 2)           decode's partial softmaxes
 struct KernelWork {
     float *row, *panel, *xt, *dx, *q8_dw, *q8_dx, *att, *parts;
@@ -567,17 +567,16 @@ static void decode_values(float *acc, const float *w, const float *const *values
 }
 #endif
 
-// One decode range's online softmax for the group's query heads: fold the nk keys of a block,
-// visible keys j0.. of the token (the first n_sink_keys of them sinks, met by q_sink), into
-// (m, l, acc) of each head. s: (ATT_KB) scratch.
-static void decode_block(float *m, float *l, float *acc, const float *q, const float *q_sink,
+// One decode range's online softmax for the group's query heads: fold the nk keys of a block
+// into (m, l, acc) of each head; q (group, H): the group's queries, rotated as these keys need.
+// s: (ATT_KB) scratch.
+static void decode_block(float *m, float *l, float *acc, const float *q,
                          const float *const *keys, const float *const *values, int nk,
-                         int n_sink_keys, int group, int H, float *s) {
+                         int group, int H, float *s) {
     float scale = 1.0f / sqrtf((float)H);
     for (int h = 0; h < group; h++) {
         size_t at = (size_t)h * H;
-        decode_scores(s, q_sink + at, keys, n_sink_keys, H, scale);
-        decode_scores(s + n_sink_keys, q + at, keys + n_sink_keys, nk - n_sink_keys, H, scale);
+        decode_scores(s, q + at, keys, nk, H, scale);
         float m_new = m[h];
         for (int j = 0; j < nk; j++) m_new = max_float(s[j], m_new);
         for (int j0 = 0; j0 < nk; j0 += ATT_QT) {   // e^(s - m_new), ATT_QT at a time
@@ -620,28 +619,89 @@ static void decode_merge(float *out, const float *parts, size_t ranges, const Co
     }
 }
 
+// Kv head g's rows i0 .. i0+n-1 of a chunk's memory list (mk), as floats (kbuf, vbuf: (n, H)
+// room to convert into).
+static void read_memory(const KVCache *kv, const MemoryKeys *mk, int layer, int g, size_t i0,
+                        int n, const float **keys, const float **values, float *kbuf,
+                        float *vbuf) {
+    const MemoryLayer *ml = &mk->m->layers[layer];
+    const size_t *pos = mk->pos + (size_t)g * mk->stride + i0;
+    for (int j = 0; j < n; j++) {
+        size_t at = (size_t)j * kv->head_dim;
+        keys[j] = memory_row(kv, ml->key, pos[j], g, kbuf + at);
+        values[j] = memory_row(kv, ml->value, pos[j], g, vbuf + at);
+    }
+}
+
+// The keys a decoded token sees through kv head g, numbered in three segments: its sinks
+// (visible_keys()), then with a context memory its retrieved positions, then its window
+// lo .. pos. Each segment meets the query rotated for it.
+typedef struct {
+    VisibleKeys vis;
+    const MemoryKeys *mk;   // or NULL
+    size_t n_mem;           // memory positions: all of kv head g's list (the chunk is this token)
+    size_t n_keys;          // n_sink + n_mem + the window's
+} DecodeKeys;
+
+static DecodeKeys decode_keys(const KVCache *kv, const MemoryKeys *mk, int layer, int g,
+                              size_t pos) {
+    DecodeKeys d = {.vis = visible_keys(kv, layer, pos), .mk = mk};
+    d.n_mem = mk ? mk->n[g] : 0;
+    d.n_keys = d.vis.n_sink + d.n_mem + (pos - d.vis.lo + 1);
+    return d;
+}
+
+// Where key j's segment ends.
+static size_t segment_end(const DecodeKeys *d, size_t j) {
+    if (j < d->vis.n_sink) return d->vis.n_sink;
+    if (j < d->vis.n_sink + d->n_mem) return d->vis.n_sink + d->n_mem;
+    return d->n_keys;
+}
+
+// Keys j0 .. j0+n-1 of d, within one segment, as float rows; returns the offset of that
+// segment's queries: 0 for the window's q, 1 for the sinks' q_sink, 2 for the memory's q_mem.
+static int read_decode_keys(const DecodeKeys *d, const KVCache *kv, int layer, int g, size_t j0,
+                            int n, const float **keys, const float **values, float *kbuf,
+                            float *vbuf) {
+    size_t n_sink = d->vis.n_sink;
+    if (j0 < n_sink) {
+        read_sinks(kv, layer, j0, n, g, keys, values);
+        return 1;
+    }
+    if (j0 < n_sink + d->n_mem) {
+        read_memory(kv, d->mk, layer, g, j0 - n_sink, n, keys, values, kbuf, vbuf);
+        return 2;
+    }
+    size_t p0 = d->vis.lo + (j0 - n_sink - d->n_mem);
+    read_positions(kv, layer, p0, n, g, keys, values, kbuf, vbuf);
+    return 0;
+}
+
 // One decoded token at pos against its visible keys: Flash-Decoding (Dao et al. 2023,
 // "Flash-Decoding for long-context inference"). A tile of ATT_QT queries would hold only the
-// group's few heads, and the n_kv_heads jobs would leave threads idle, so instead the visible
-// keys (visible_keys(): the sinks below the window, then positions lo..pos) are cut into
-// ranges of at least ATT_SPLIT keys; each job (kv head g, range r) keeps its own online
-// softmax per head of the group, partial (m_r, l_r, acc_r), and decode_merge() joins them
-// exactly. A range meets its keys ATT_KB at a time: scores, one max, then weights and values.
+// group's few heads, and the n_kv_heads jobs would leave threads idle, so instead the keys it
+// sees (decode_keys(): sinks, memory, window) are cut into ranges of at least ATT_SPLIT keys;
+// each job (kv head g, range r) keeps its own online softmax per head of the group, partial
+// (m_r, l_r, acc_r), and decode_merge() joins them exactly. A range meets its keys ATT_KB at a
+// time, a block never crossing a segment: scores, one max, then weights and values.
 static void attention_decode(float *out, const float *q, const float *q_sink, const KVCache *kv,
-                             int layer, const Config *c, size_t pos, KernelWork *kw) {
+                             const MemoryKeys *mk, int layer, const Config *c, size_t pos,
+                             KernelWork *kw) {
     int H = c->head_dim;
     int group = c->n_heads / c->n_kv_heads;
-    VisibleKeys vis = visible_keys(kv, layer, pos);
-    size_t n_keys = vis.n_sink + (pos - vis.lo + 1);
-    size_t ranges = min_size((n_keys + ATT_SPLIT - 1) / ATT_SPLIT, ATT_RANGES);
-    size_t per_range = (n_keys + ranges - 1) / ranges;
+    size_t most_keys = 0;   // kv heads retrieve different memory positions
+    for (int g = 0; g < c->n_kv_heads; g++)
+        most_keys = max_size(decode_keys(kv, mk, layer, g, pos).n_keys, most_keys);
+    size_t ranges = min_size((most_keys + ATT_SPLIT - 1) / ATT_SPLIT, ATT_RANGES);
+    size_t per_range = (most_keys + ranges - 1) / ranges;
     size_t part_floats = (size_t)group * (H + 2);
     PARALLEL_FOR
     for (int job = 0; job < c->n_kv_heads * (int)ranges; job++) {
         int g = job / (int)ranges;
         size_t range = (size_t)(job % (int)ranges);
+        DecodeKeys d = decode_keys(kv, mk, layer, g, pos);
         size_t j0 = range * per_range;
-        size_t j1 = min_size(j0 + per_range, n_keys);
+        size_t j1 = min_size(j0 + per_range, d.n_keys);
         float *kbuf = kw->att + (size_t)thread_id() * ATT_WORK(H);   // (ATT_KB, H) keys in f32
         float *vbuf = kbuf + (size_t)ATT_KB * H;                     // (ATT_KB, H) values
         float *s = vbuf + (size_t)ATT_KB * H;                        // (ATT_KB) scores
@@ -656,59 +716,80 @@ static void attention_decode(float *out, const float *q, const float *q_sink, co
         memset(acc, 0, (size_t)group * H * sizeof(float));
         const float *keys[ATT_KB], *values[ATT_KB];
         size_t at = (size_t)g * group * H;   // the group's first query head
-        for (size_t b0 = j0; b0 < j1; b0 += ATT_KB) {
-            int nk = (int)min_size(j1 - b0, ATT_KB);
-            read_visible(kv, layer, &vis, b0, nk, g, keys, values, kbuf, vbuf);
-            int n_sink_keys = (int)(b0 < vis.n_sink ? min_size(vis.n_sink - b0, nk) : 0);
-            decode_block(m, l, acc, q + at, q_sink + at, keys, values, nk, n_sink_keys, group, H,
-                         s);
+        const float *queries[3] = { q + at, q_sink + at, mk ? mk->q_mem + at : NULL };
+        for (size_t b0 = j0; b0 < j1; ) {
+            int nk = (int)min_size(min_size(j1, segment_end(&d, b0)) - b0, ATT_KB);
+            int which = read_decode_keys(&d, kv, layer, g, b0, nk, keys, values, kbuf, vbuf);
+            decode_block(m, l, acc, queries[which], keys, values, nk, group, H, s);
+            b0 += (size_t)nk;
         }
     }
     decode_merge(out, kw->parts, ranges, c);
 }
 
 // What the queries of one attention tile are: ATT_QT queries that share kv head g (the
-// group's heads over several rows; padding repeats the last), their positions and the first
-// position each may see.
+// group's heads over several rows; padding repeats the last), their positions, the first
+// position each may see, and how much of the chunk's memory list each sees.
 typedef struct {
     int64_t pos[ATT_QT];
     int64_t lo[ATT_QT];      // first visible position
     int64_t n_sink[ATT_QT];  // sinks below the window
+    int64_t n_mem[ATT_QT];   // memory positions below the window: a prefix of kv head g's list
     size_t lo_all, hi_all;   // the union of the positions the tile's queries see
+    size_t n_mem_all;        // the longest of those prefixes
 } TileQueries;
 
+// The tile's queries (T, q_dim each) as they are rotated for the window, the sinks and the
+// memory; transposed into qt, qs and qm (H, ATT_QT) by load_tile().
+typedef struct {
+    const float *q, *q_sink, *q_mem;
+    float *qt, *qs, *qm;
+} TileInputs;
+
+// Query k of the tile: row at of src, into column k of dst (H, ATT_QT).
+static void load_column(float *dst, const float *src, size_t at, int k, int H) {
+    for (int i = 0; i < H; i++) dst[i * ATT_QT + k] = src[at + i];
+}
+
 // Load queries first .. first+nq-1 of kv head g (query index qi: row qi / group, head
-// g * group + qi % group) transposed into qt (H, ATT_QT), and their sink rotations into qs.
-static TileQueries load_tile(float *qt, float *qs, const float *q, const float *q_sink,
-                             const KVCache *kv, int layer, const Config *c, int g, int first,
-                             int nq, size_t pos0) {
+// g * group + qi % group), transposed, with the sink and memory rotations each needs.
+static TileQueries load_tile(const TileInputs *in, const KVCache *kv, const MemoryKeys *mk,
+                             int layer, const Config *c, int g, int first, int nq, size_t pos0) {
     int H = c->head_dim;
     int group = c->n_heads / c->n_kv_heads;
-    TileQueries tq = {.lo_all = SIZE_MAX, .hi_all = 0};
+    TileQueries tq = {.lo_all = SIZE_MAX, .hi_all = 0, .n_mem_all = 0};
     int has_sinks = kv->layers[layer].n_sink > 0;   // else q_sink is never read
+    const size_t *mem_pos = mk ? mk->pos + (size_t)g * mk->stride : NULL;
+    size_t mem_n = mk ? mk->n[g] : 0;
     for (int k = 0; k < ATT_QT; k++) {
         int qi = first + min_int(k, nq - 1);
         int t = qi / group;
         int h = g * group + qi % group;
         size_t at = (size_t)t * c->q_dim + (size_t)h * H;
-        for (int i = 0; i < H; i++) qt[i * ATT_QT + k] = q[at + i];
-        if (has_sinks)
-            for (int i = 0; i < H; i++) qs[i * ATT_QT + k] = q_sink[at + i];
+        load_column(in->qt, in->q, at, k, H);
+        if (has_sinks) load_column(in->qs, in->q_sink, at, k, H);
+        if (mk) load_column(in->qm, in->q_mem, at, k, H);
         VisibleKeys vis = visible_keys(kv, layer, pos0 + (size_t)t);
+        size_t n_mem = 0;
+        while (n_mem < mem_n && mem_pos[n_mem] < vis.lo) n_mem++;
         tq.pos[k] = (int64_t)vis.pos;
         tq.lo[k] = (int64_t)vis.lo;
         tq.n_sink[k] = (int64_t)vis.n_sink;
+        tq.n_mem[k] = (int64_t)n_mem;
         tq.lo_all = min_size(vis.lo, tq.lo_all);
         tq.hi_all = max_size(vis.pos, tq.hi_all);
+        tq.n_mem_all = max_size(n_mem, tq.n_mem_all);
     }
     return tq;
 }
 
 // One tile of a chunk's queries against the keys: the sinks first (query k sees sink j iff
-// j < tq.n_sink[k]), then blocks of ATT_KB positions that start at multiples of ATT_KB, so a
-// query meets the same blocks however a text is cut into chunks of 2 or more.
-static void attention_tile(Tile *tile, const float *qt, const float *qs, const TileQueries *tq,
-                           const KVCache *kv, int layer, int g, float *kbuf, float *vbuf) {
+// j < tq.n_sink[k]), then the memory (query k sees the first tq.n_mem[k] of kv head g's list),
+// then blocks of ATT_KB positions that start at multiples of ATT_KB, so a query meets the same
+// blocks however a text is cut into chunks of 2 or more.
+static void attention_tile(Tile *tile, const TileInputs *in, const TileQueries *tq,
+                           const KVCache *kv, const MemoryKeys *mk, int layer, int g, float *kbuf,
+                           float *vbuf) {
     int H = kv->head_dim;
     float scale = 1.0f / sqrtf((float)H);
     int n_sink = (int)kv->layers[layer].n_sink;
@@ -722,7 +803,17 @@ static void attention_tile(Tile *tile, const float *qt, const float *qs, const T
             first_key[k] = 0;
             last_key[k] = (int)tq->n_sink[k] - 1 - j0;
         }
-        tile_block(tile, qs, keys, values, nk, first_key, last_key, scale, H);
+        tile_block(tile, in->qs, keys, values, nk, first_key, last_key, scale, H);
+    }
+    for (size_t j0 = 0; j0 < tq->n_mem_all; j0 += ATT_KB) {
+        int nk = (int)min_size(tq->n_mem_all - j0, ATT_KB);
+        read_memory(kv, mk, layer, g, j0, nk, keys, values, kbuf, vbuf);
+        for (int j = nk; j < nk + ATT_KS; j++) keys[j] = keys[nk - 1];
+        for (int k = 0; k < ATT_QT; k++) {
+            first_key[k] = 0;
+            last_key[k] = (int)(tq->n_mem[k] - (int64_t)j0) - 1;
+        }
+        tile_block(tile, in->qm, keys, values, nk, first_key, last_key, scale, H);
     }
     for (int64_t p0 = (int64_t)(tq->lo_all / ATT_KB * ATT_KB); p0 <= (int64_t)tq->hi_all;
          p0 += ATT_KB) {
@@ -733,18 +824,20 @@ static void attention_tile(Tile *tile, const float *qt, const float *qs, const T
             first_key[k] = tq->lo[k] > p0 ? (int)(tq->lo[k] - p0) : 0;
             last_key[k] = tq->pos[k] - p0 < nk ? (int)(tq->pos[k] - p0) : nk - 1;   // -1: none
         }
-        tile_block(tile, qt, keys, values, nk, first_key, last_key, scale, H);
+        tile_block(tile, in->qt, keys, values, nk, first_key, last_key, scale, H);
     }
 }
 
 // Attention of a chunk of T queries (T, q_dim) at positions pos0.. against one layer's cache,
 // whose slots already hold this chunk's keys and values; out: (T, q_dim). q_sink: the queries
-// rotated to meet the sinks. One row (decode) goes to attention_decode(); a chunk is cut into
-// tiles of ATT_QT queries that share a kv head, one job each.
+// rotated to meet the sinks. mk: the chunk's context memory (attention_memory()'s keys), or
+// NULL. One row (decode) goes to attention_decode(); a chunk is cut into tiles of ATT_QT
+// queries that share a kv head, one job each.
 static void attention(float *out, const float *q, const float *q_sink, const KVCache *kv,
-                      int layer, const Config *c, int T, size_t pos0, KernelWork *kw) {
+                      const MemoryKeys *mk, int layer, const Config *c, int T, size_t pos0,
+                      KernelWork *kw) {
     if (T == 1) {
-        attention_decode(out, q, q_sink, kv, layer, c, pos0, kw);
+        attention_decode(out, q, q_sink, kv, mk, layer, c, pos0, kw);
         return;
     }
     int H = c->head_dim;
@@ -756,9 +849,11 @@ static void attention(float *out, const float *q, const float *q_sink, const KVC
         int g = job / tiles;
         int first = job % tiles * ATT_QT;
         int nq = min_int(n_q - first, ATT_QT);
-        float *qt = kw->att + (size_t)thread_id() * ATT_WORK(H);   // (H, ATT_QT) queries
-        float *qs = qt + (size_t)H * ATT_QT;                       // (H, ATT_QT) sink queries
-        float *kbuf = qs + (size_t)H * ATT_QT;                     // (ATT_KB, H) keys in f32
+        TileInputs in = {.q = q, .q_sink = q_sink, .q_mem = mk ? mk->q_mem : NULL};
+        in.qt = kw->att + (size_t)thread_id() * ATT_WORK(H);   // (H, ATT_QT) queries
+        in.qs = in.qt + (size_t)H * ATT_QT;                    // (H, ATT_QT) sink queries
+        in.qm = in.qs + (size_t)H * ATT_QT;                    // (H, ATT_QT) memory queries
+        float *kbuf = in.qm + (size_t)H * ATT_QT;              // (ATT_KB, H) keys in f32
         float *vbuf = kbuf + (size_t)ATT_KB * H;                   // (ATT_KB, H) values
         Tile tile = {.acc = vbuf + (size_t)ATT_KB * H};
         tile.s = tile.acc + (size_t)H * ATT_QT;
@@ -767,8 +862,8 @@ static void attention(float *out, const float *q, const float *q_sink, const KVC
             tile.l[k] = 0;
         }
         memset(tile.acc, 0, (size_t)H * ATT_QT * sizeof(float));
-        TileQueries tq = load_tile(qt, qs, q, q_sink, kv, layer, c, g, first, nq, pos0);
-        attention_tile(&tile, qt, qs, &tq, kv, layer, g, kbuf, vbuf);
+        TileQueries tq = load_tile(&in, kv, mk, layer, c, g, first, nq, pos0);
+        attention_tile(&tile, &in, &tq, kv, mk, layer, g, kbuf, vbuf);
         for (int k = 0; k < nq; k++) {
             int qi = first + k;
             int t = qi / group;

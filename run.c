@@ -933,6 +933,7 @@ typedef enum {
     SCRATCH_MEAN, SCRATCH_BEST,                          // memory_select()
     SCRATCH_ROW_PTRS, SCRATCH_ROWS, SCRATCH_POSITIONS,   // attention_memory(): the chunk's rows
     SCRATCH_WEIGHTS, SCRATCH_LISTS,                      // attention_memory(): per thread
+    SCRATCH_KERNEL_POSITIONS, SCRATCH_KERNEL_COUNTS,     // chunk_memory()
     SCRATCH_COUNT
 } MemoryScratch;
 
@@ -947,8 +948,8 @@ typedef struct {
     size_t bytes;              // bytes of rows allocated
     size_t row_bytes;          // one position's key (or value) in the cache's type
     int on_file;
-    void *scratch[SCRATCH_COUNT];        // buffers memory_select() and attention_memory()
-    size_t scratch_bytes[SCRATCH_COUNT]; // reuse from call to call (memory_scratch())
+    void *scratch[SCRATCH_COUNT];        // buffers the per-chunk work reuses from call to
+    size_t scratch_bytes[SCRATCH_COUNT]; // call (memory_scratch())
 } ContextMemory;
 
 // Buffer `which` of m's scratch with room for n elements of size bytes (grown, never shrunk;
@@ -1204,6 +1205,29 @@ static size_t memory_positions(const ContextMemory *m, const KVCache *kv, int la
     return n;
 }
 
+// What the fast kernels need to read a chunk's memory (chunk_memory()): for each kv head g
+// the memory positions the chunk's last query sees, ascending (an earlier query sees those
+// below its own window: a prefix), and the queries rotated to meet them.
+typedef struct {
+    const ContextMemory *m;
+    const float *q_mem;   // (T, q_dim) the queries rotated at memory_query_pos()
+    const size_t *pos;    // (n_kv_heads, stride) kv head g's memory positions
+    const size_t *n;      // (n_kv_heads) how many
+    size_t stride;        // K B: the most a kv head retrieves
+} MemoryKeys;
+
+static MemoryKeys chunk_memory(ContextMemory *m, const KVCache *kv, int layer,
+                               const float *q_mem, int T, size_t pos0) {
+    size_t stride = max_size(mul_size(m->top_k, m->block, "memory"), 1);
+    size_t *pos = memory_scratch(m, SCRATCH_KERNEL_POSITIONS,
+                                 mul_size(stride, kv->n_kv_heads, "memory"), sizeof(size_t));
+    size_t *n = memory_scratch(m, SCRATCH_KERNEL_COUNTS, kv->n_kv_heads, sizeof(size_t));
+    for (int g = 0; g < kv->n_kv_heads; g++)
+        n[g] = memory_positions(m, kv, layer, g, pos0 + (size_t)T - 1, pos + g * stride);
+    MemoryKeys mk = {.m = m, .q_mem = q_mem, .pos = pos, .n = n, .stride = stride};
+    return mk;
+}
+
 // ----------------------------------------------------------------------------
 // Blocks: the operations forward() is made of, each the plain loop
 //
@@ -1332,9 +1356,9 @@ static void attention_reference(float *out, const float *q, const float *q_sink,
 // head h, the keys are the sinks below its window (met by q_sink), the memory positions of its
 // kv head's retrieved blocks (memory_positions(), met by q_mem, the query rotated at
 // memory_query_pos()), then its window (met by q), all in one softmax, summed in the order of
-// attention_reference(). The plain loop is the only implementation (a query sees S + W + K B
-// keys at most, whatever the text's length); the rows of each kv head that any query of the
-// chunk sees are read (converted from the cache's type) once, by chunk_rows().
+// attention_reference(). The rows of each kv head that any query of the chunk sees are read
+// (converted from the cache's type) once, by chunk_rows(). The fast kernels fold the memory
+// into attention()'s tiles and decode ranges (chunk_memory()); --reference runs this loop.
 typedef struct {
     const float **keys, **values;   // (n_mem + n_window) rows as floats
     float *kbuf, *vbuf;             // room to convert them into
@@ -1432,7 +1456,8 @@ static KernelWork *new_kernel_work(size_t widest, int max_T, int head_dim, int n
 static void free_kernel_work(KernelWork *kw);
 static void matmul(float *out, const float *x, const Tensor *w, int T, KernelWork *kw);
 static void attention(float *out, const float *q, const float *q_sink, const KVCache *kv,
-                      int layer, const Config *c, int T, size_t pos0, KernelWork *kw);
+                      const MemoryKeys *mk, int layer, const Config *c, int T, size_t pos0,
+                      KernelWork *kw);
 
 // ----------------------------------------------------------------------------
 // The transformer and its forward pass
@@ -1474,13 +1499,16 @@ static void project(Transformer *tr, float *out, const float *x, const Tensor *w
 static void attend(Transformer *tr, int layer, int T, size_t pos0) {
     RunState *s = &tr->state;
     const Config *c = &tr->config;
-    if (tr->memory) {
-        memory_select(tr->memory, &tr->cache, layer, s->q_mem, c, T, pos0);
+    if (tr->memory) memory_select(tr->memory, &tr->cache, layer, s->q_mem, c, T, pos0);
+    if (tr->memory && tr->reference)
         attention_memory(s->att_out, s->q, s->q_sink, s->q_mem, &tr->cache, tr->memory, layer, c,
                          T, pos0);
-    } else if (tr->reference)
+    else if (tr->reference)
         attention_reference(s->att_out, s->q, s->q_sink, &tr->cache, layer, c, T, pos0);
-    else attention(s->att_out, s->q, s->q_sink, &tr->cache, layer, c, T, pos0, s->kernels);
+    else if (tr->memory) {
+        MemoryKeys mk = chunk_memory(tr->memory, &tr->cache, layer, s->q_mem, T, pos0);
+        attention(s->att_out, s->q, s->q_sink, &tr->cache, &mk, layer, c, T, pos0, s->kernels);
+    } else attention(s->att_out, s->q, s->q_sink, &tr->cache, NULL, layer, c, T, pos0, s->kernels);
 }
 
 // RoPE for the chunk's rows at positions pos0..: each query rotated to its position (and a

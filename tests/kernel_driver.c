@@ -97,7 +97,7 @@ static void check_attention(KVType kt, int H, int n_heads, int n_kv_heads, size_
         kv_store(&kv, kv.value + slot * kv.row_bytes, values + p * c.kv_dim);
     }
     KernelWork *kw = new_kernel_work(8, T, H, n_heads);
-    attention(out, q, q, &kv, 0, &c, T, pos0, kw);
+    attention(out, q, q, &kv, NULL, 0, &c, T, pos0, kw);
     double worst = 0, *s = malloc(n * sizeof(double));
     for (int t = 0; t < T; t++)
         for (int h = 0; h < n_heads; h++) {
@@ -160,7 +160,7 @@ static void check_against_reference(KVType kt, int H, int n_heads, int n_kv_head
     for (size_t i = 0; i < q_floats; i++) q[i] = 4 * random_f32(&rng) - 2;
     for (size_t i = 0; i < q_floats; i++) q_sink[i] = 4 * random_f32(&rng) - 2;
     KernelWork *kw = new_kernel_work(8, T, H, n_heads);
-    attention(out, q, q_sink, &kv, 0, &c, T, pos0, kw);
+    attention(out, q, q_sink, &kv, NULL, 0, &c, T, pos0, kw);
     attention_reference(ref, q, q_sink, &kv, 0, &c, T, pos0);
     double worst = 0;
     for (size_t i = 0; i < q_floats; i++) {   // values are O(1)
@@ -178,6 +178,72 @@ static void check_against_reference(KVType kt, int H, int n_heads, int n_kv_head
     free(out);
     free(ref);
     free_kernel_work(kw);
+    free_cache(&kv);
+}
+
+// attention() with a context memory against attention_memory(): random rows in the cache
+// and in the memory (all positions, in the cache's type), memory_select() on random queries,
+// then both read the same rows, so only their summation order differs. B, W and pos0 are
+// chosen so blocks straddle the sinks and the windows.
+static void check_memory_against_reference(KVType kt, int H, int n_heads, int n_kv_heads,
+                                           size_t window, long n_sink, int B, int K, size_t pos0,
+                                           int T) {
+    LayerConfig lc = {.attn_kind = ATTN_SLIDING, .window = (uint32_t)window};
+    Config c = {.n_layers = 1, .head_dim = H, .n_heads = n_heads, .n_kv_heads = n_kv_heads,
+                .q_dim = n_heads * H, .kv_dim = n_kv_heads * H, .layers = &lc};
+    AttnOptions a = {.kv_type = kt, .n_sink = n_sink};
+    KVCache kv = {0};
+    size_t n = pos0 + T;
+    build_cache(&kv, &c, &a, n, T);
+    ContextMemory *m = new_memory(&kv, B, K, 0);
+    memory_reserve(m, &kv, 0, n);
+    float *k = xcalloc(c.kv_dim, sizeof(float), "row");
+    float *v = xcalloc(c.kv_dim, sizeof(float), "row");
+    for (size_t p = 0; p < n; p++) {
+        for (int i = 0; i < c.kv_dim; i++) k[i] = 4 * random_f32(&rng) - 2;
+        for (int i = 0; i < c.kv_dim; i++) v[i] = 4 * random_f32(&rng) - 2;
+        size_t slot = kv_slot(&kv.layers[0], p);
+        kv_store(&kv, kv.key + slot * kv.row_bytes, k);
+        kv_store(&kv, kv.value + slot * kv.row_bytes, v);
+        memory_write(m, &kv, 0, p, k, v);
+    }
+    memory_bounds(m, &kv, 0, 0, n, k);
+    for (size_t i = 0; i < (size_t)n_sink * c.kv_dim; i++) {
+        kv.sink_key[i] = 4 * random_f32(&rng) - 2;
+        kv.sink_value[i] = 4 * random_f32(&rng) - 2;
+    }
+    size_t q_floats = (size_t)T * c.q_dim;
+    float *q = xcalloc(q_floats, sizeof(float), "q");
+    float *q_sink = xcalloc(q_floats, sizeof(float), "q_sink");
+    float *q_mem = xcalloc(q_floats, sizeof(float), "q_mem");
+    float *out = xcalloc(q_floats, sizeof(float), "out");
+    float *ref = xcalloc(q_floats, sizeof(float), "ref");
+    for (size_t i = 0; i < q_floats; i++) q[i] = 4 * random_f32(&rng) - 2;
+    for (size_t i = 0; i < q_floats; i++) q_sink[i] = 4 * random_f32(&rng) - 2;
+    for (size_t i = 0; i < q_floats; i++) q_mem[i] = 4 * random_f32(&rng) - 2;
+    memory_select(m, &kv, 0, q_mem, &c, T, pos0);
+    KernelWork *kw = new_kernel_work(8, T, H, n_heads);
+    MemoryKeys mk = chunk_memory(m, &kv, 0, q_mem, T, pos0);
+    attention(out, q, q_sink, &kv, &mk, 0, &c, T, pos0, kw);
+    attention_memory(ref, q, q_sink, q_mem, &kv, m, 0, &c, T, pos0);
+    double worst = 0;
+    for (size_t i = 0; i < q_floats; i++) {   // values are O(1)
+        double e = fabs((double)out[i] - ref[i]);
+        worst = e > worst ? e : worst;
+    }
+    char what[96];
+    snprintf(what, sizeof(what), "memory %s H %d, %d/%d, W %zu, S %ld, B %d K %d, pos %zu, T = %d",
+             kv_type_names[kt], H, n_heads, n_kv_heads, window, n_sink, B, K, pos0, T);
+    report(what, worst);
+    free(k);
+    free(v);
+    free(q);
+    free(q_sink);
+    free(q_mem);
+    free(out);
+    free(ref);
+    free_kernel_work(kw);
+    free_memory(m, 1);
     free_cache(&kv);
 }
 
@@ -209,6 +275,10 @@ int main(void) {
         check_against_reference(kts[k], 64, 8, 1, 100, 5, 1, 900, 1);
         check_against_reference(kts[k], 64, 8, 1, 100, 5, 1, 600, 37);
         check_against_reference(kts[k], 36, 4, 4, 600, 70, 0, 2000, 1);   // 2 sink blocks
+        check_memory_against_reference(kts[k], 40, 6, 2, 48, 4, 20, 3, 300, 1);
+        check_memory_against_reference(kts[k], 40, 6, 2, 48, 4, 20, 3, 250, 51);
+        check_memory_against_reference(kts[k], 64, 8, 1, 100, 0, 33, 40, 900, 1);   // every block
+        check_memory_against_reference(kts[k], 64, 8, 1, 100, 5, 70, 4, 1500, 130);
     }
     printf("%s\n", failures ? "FAILED" : "all within 1e-5");
     return failures ? 1 : 0;
