@@ -930,7 +930,7 @@ typedef struct {
 
 // The scratch buffers of the memory's per-chunk work.
 typedef enum {
-    SCRATCH_MEAN, SCRATCH_BEST,                          // memory_select()
+    SCRATCH_MEAN, SCRATCH_SCORES, SCRATCH_BEST,          // memory_select()
     SCRATCH_ROW_PTRS, SCRATCH_ROWS, SCRATCH_POSITIONS,   // attention_memory(): the chunk's rows
     SCRATCH_WEIGHTS, SCRATCH_LISTS,                      // attention_memory(): per thread
     SCRATCH_KERNEL_POSITIONS, SCRATCH_KERNEL_COUNTS,     // chunk_memory()
@@ -1154,7 +1154,9 @@ static int compare_ints(const void *a, const void *b) {
 
 // A chunk's retrieval in one layer: for each kv head, the K blocks with the best summed score
 // over its query heads (q_mem: (T, q_dim), the chunk's queries rotated for the memory) among
-// the blocks holding a position between the sinks and the last query's window.
+// the blocks holding a position between the sinks and the last query's window. The scores of
+// all blocks are computed first (split across the threads: at 1M tokens decode scans 16K
+// blocks a layer), then each kv head keeps its K best.
 static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const float *q_mem,
                           const Config *c, int T, size_t pos0) {
     MemoryLayer *ml = &m->layers[layer];
@@ -1162,22 +1164,30 @@ static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const 
     VisibleKeys last = visible_keys(kv, layer, pos0 + T - 1);
     size_t first_block = ls->n_sink / m->block;
     size_t end_block = last.lo > ls->n_sink ? (last.lo - 1) / m->block + 1 : first_block;
+    size_t n_blocks = end_block - first_block;
     int H = c->head_dim;
     int group = c->n_heads / c->n_kv_heads;
-    float *mean = memory_scratch(m, SCRATCH_MEAN, (size_t)group * H, sizeof(float));
+    float *mean = memory_scratch(m, SCRATCH_MEAN, (size_t)c->q_dim, sizeof(float));
+    float *scores = memory_scratch(m, SCRATCH_SCORES, max_size(n_blocks * c->n_kv_heads, 1),
+                                   sizeof(float));   // (n_kv_heads, n_blocks)
     float *best_score = memory_scratch(m, SCRATCH_BEST, max_size(m->top_k, 1), sizeof(float));
+    memset(mean, 0, (size_t)c->q_dim * sizeof(float));
+    for (int t = 0; t < T; t++)   // each head's mean query (q_dim)
+        for (int i = 0; i < c->q_dim; i++) mean[i] += q_mem[(size_t)t * c->q_dim + i] / T;
+    PARALLEL_FOR_IF(n_blocks >= 64)
+    for (size_t i = 0; i < n_blocks; i++)
+        for (int g = 0; g < c->n_kv_heads; g++) {
+            float score = 0;
+            for (int h = g * group; h < (g + 1) * group; h++)
+                score += block_score(ml, kv, first_block + i, g, mean + (size_t)h * H);
+            scores[(size_t)g * n_blocks + i] = score;
+        }
     for (int g = 0; g < c->n_kv_heads; g++) {
-        memset(mean, 0, (size_t)group * H * sizeof(float));
-        for (int t = 0; t < T; t++)
-            for (int i = 0; i < group * H; i++)
-                mean[i] += q_mem[(size_t)t * c->q_dim + (size_t)g * group * H + i] / T;
         int *best = ml->chosen + (size_t)g * m->top_k;
         int n = 0;
-        for (size_t b = first_block; b < end_block; b++) {
-            float score = 0;
-            for (int h = 0; h < group; h++) score += block_score(ml, kv, b, g, mean + h * H);
-            n = keep_best(best, best_score, n, m->top_k, (int)b, score);
-        }
+        for (size_t i = 0; i < n_blocks; i++)
+            n = keep_best(best, best_score, n, m->top_k, (int)(first_block + i),
+                          scores[(size_t)g * n_blocks + i]);
         qsort(best, n, sizeof(int), compare_ints);
         ml->n_chosen[g] = n;
     }
@@ -1993,6 +2003,15 @@ static size_t kv_bytes_per_token(const Transformer *t) {
     return (size_t)2 * t->config.n_layers * t->cache.row_bytes;
 }
 
+// With a context memory, what one query at position p sees, drawn as the README draws it.
+static void print_memory_geometry(const ContextMemory *m, size_t n_sink, size_t window) {
+    size_t retrieved = (size_t)m->top_k * m->block;
+    fprintf(stderr, "  a query at p sees: [%zu sinks] .. [%d blocks of %d, %s] .. "
+            "[p-%zu .. p] = at most %zu keys\n", n_sink, m->top_k, m->block,
+            m->true_positions ? "at their distances" : "each at distance W-1",
+            window - 1, n_sink + retrieved + window);
+}
+
 // One line: which keys a query sees, and how many positions fit.
 static void print_attention(const Transformer *t) {
     const Config *c = &t->config;
@@ -2027,6 +2046,7 @@ static void print_attention(const Transformer *t) {
     size_t cap = cache_capacity(kv, c->n_layers);
     if (cap == SIZE_MAX) fprintf(stderr, "; a text of any length\n");
     else fprintf(stderr, "; context %zu tokens\n", cap);
+    if (t->memory && n_windowed) print_memory_geometry(t->memory, n_sink, w_max);
 }
 
 // The start-up block on stderr: what model, how big, and the memory bill.
