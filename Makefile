@@ -86,7 +86,7 @@ $(VENV)/.plot: $(VENV)/.export
 	touch $@
 plot: $(VENV)/.plot
 	$(VPY) tools/plot_ppl.py -o $(PNG) $(CSVS)
-# Pass-key accuracy vs length from -m passkey tables: make plot-passkey TABLES="a.md b.md" PNG=..
+# Pass-key accuracy vs length from -m passkey tables: make plot-passkey TABLES="a.txt b.txt" PNG=..
 plot-passkey: $(VENV)/.plot
 	$(VPY) tools/plot_passkey.py -o $(PNG) $(TABLES)
 

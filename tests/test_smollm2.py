@@ -204,7 +204,7 @@ def test_passkey_prompts_and_table(smol):
     print(f"\n[SmolLM2 passkey] {sum(found.values())}/{len(found)} found through a "
           f"{PASSKEY_WINDOW}-key window")
     # tools/plot_passkey.py reads the same table (twice in one file: a second run appended)
-    table = d / "passkey.md"
+    table = d / "passkey.txt"
     table.write_text(r.stdout + r.stdout)
     spec = importlib.util.spec_from_file_location("plot_passkey",
                                                   os.path.join(ROOT, "tools", "plot_passkey.py"))

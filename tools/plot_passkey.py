@@ -1,6 +1,6 @@
 """Plot pass-key accuracy against prompt length from one or more `./run -m passkey` tables.
 
-    python tools/plot_passkey.py -o passkey.png mem.md window.md [--label memory --label window]
+    python tools/plot_passkey.py -o passkey.png memory.txt window.txt [--label memory --label window]
 
 Each file holds what `-m passkey` prints on stdout (one or more runs appended): a markdown
 table whose rows are `| tokens | found/trials per depth ... | all |`. Rows of one length found
