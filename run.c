@@ -4182,7 +4182,7 @@ static void usage_state_options(FILE *out) {
             "State files: read a document once, ask many times (see README, \"State files\"):\n"
             "  --save-state F   generate, logits, ppl: after the prompt; chat: after the -f/-i "
             "document,\n"
-            "                   write what the cache holds to F\n"
+            "                   write what the cache (and a --memory) holds to F\n"
             "  --load-state F   go on from F: the prompt (generate: may be none) continues its "
             "text;\n"
             "                   chat: questions about its document. F's settings must be "
