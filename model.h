@@ -248,9 +248,9 @@ _Static_assert(sizeof(TokMerge) == 16, "TokMerge has padding");
 // ----------------------------------------------------------------------------
 // The state file (run.c writes it with --save-state and maps it with --load-state)
 //
-// What a run's KV cache holds after a prefill, so that a long document is read once and
-// asked many times. Little-endian, native structs, every section at a LR_STATE_ALIGN
-// boundary; the sections are exactly as long as the header's counts say:
+// What a run's KV cache (and context memory) holds after a prefill, so that a long document is
+// read once and asked many times. Little-endian, native structs, every section at a
+// LR_STATE_ALIGN boundary; the sections are exactly as long as the header's counts say:
 //
 //   0                         StateHeader
 //   sections[ST_LAYER_CONFIG] LayerConfig[n_layers]   the RoPE and window settings the run used
@@ -262,16 +262,28 @@ _Static_assert(sizeof(TokMerge) == 16, "TokMerge has padding");
 //   sections[ST_SINK_VALUES]  the same for the values
 //   sections[ST_KEYS]         n_slots rows of row_bytes: the cache's keys in its own type
 //   sections[ST_VALUES]       the same for the values
+//   sections[ST_MEM_KEYS]     the context memory's keys (--memory): n_layers x memory_positions
+//                             rows of row_bytes, layer after layer, row p position p's key as
+//                             the memory stores it (unrotated, or rotated to p: true positions)
+//   sections[ST_MEM_VALUES]   the same for the values
+//   sections[ST_MEM_KEY_MAX]  float32[n_layers][blocks][kv_dim]: each block's channel-wise key
+//                             maximum, blocks = ceil(memory_positions / memory_block)
+//   sections[ST_MEM_KEY_MIN]  the same for the minimum
 //
+// Without a memory the four memory sections are empty. The block bounds are saved, not
+// recomputed from the keys at load: they cost 2 kv_dim floats per block against the block's
+// 2 B rows, and loading stays a copy instead of dequantizing every key.
 // Slots no position reached yet are left as holes in the file (no disk blocks), so a state's
 // disk use grows with its tokens, not with the context it was made for.
+// Version 1 (no memory fields, 9 sections) is refused: save the state again.
 #define LR_STATE_MAGIC 0x5453524Cu   // bytes "LRST"
-#define LR_STATE_VERSION 1
+#define LR_STATE_VERSION 2
 #define LR_STATE_ALIGN 4096          // a page: the key and value rows are mapped in place
 
 typedef enum {
     ST_LAYER_CONFIG = 0, ST_SLOTS, ST_ROPE_LEN, ST_TOKENS, ST_LOGITS,
-    ST_SINK_KEYS, ST_SINK_VALUES, ST_KEYS, ST_VALUES, ST_COUNT
+    ST_SINK_KEYS, ST_SINK_VALUES, ST_KEYS, ST_VALUES,
+    ST_MEM_KEYS, ST_MEM_VALUES, ST_MEM_KEY_MAX, ST_MEM_KEY_MIN, ST_COUNT
 } StateSection;
 
 // What the tokens are: a plain text (generate, ppl, logits), or a chat's opening up to the end
@@ -303,9 +315,17 @@ typedef struct {
     uint64_t n_tokens;            // positions filled
     uint32_t kind;                // StateKind
     uint32_t chat_template;       // ChatTemplate of STATE_CHAT_DOCUMENT (else 0)
+    // The context memory's settings (all 0 without --memory), each of which shaped what the
+    // cache holds as --window does; --memory-budget only says where the rows live, and is not
+    // recorded:
+    uint32_t memory;              // 1: the run kept a context memory (--memory)
+    uint32_t memory_block;        // B: positions per block (--memory-block)
+    uint32_t memory_blocks;       // K: blocks a chunk retrieves per kv head (--memory-blocks)
+    uint32_t memory_true_pos;     // 1: keys stored rotated to their positions (--memory-true-pos)
+    uint64_t memory_positions;    // positions the memory holds: n_tokens (0 without a memory)
     StateSectionEntry sections[ST_COUNT];
 } StateHeader;
-#define LR_STATE_HEADER_SIZE 272
+#define LR_STATE_HEADER_SIZE 360
 
 // One layer's slots (run.c's LayerSlots): sinks first, then a ring.
 typedef struct {

@@ -2540,12 +2540,21 @@ static uint64_t model_fingerprint(const ModelFile *mf) {
 
 static size_t align_up(size_t x, size_t a) { return add_size(x, a - 1, "state file") / a * a; }
 
+// The memory blocks a state saves the bounds of, per layer: those holding one of its positions.
+static size_t state_memory_blocks(const StateHeader *h) {
+    if (!h->memory_block) return 0;
+    uint64_t n = h->memory_positions;
+    return (size_t)(n / h->memory_block + (n % h->memory_block != 0));
+}
+
 // Where each section goes, from the header's counts: one layout for the writer and the reader
 // (a file whose section table differs from it is refused). Sets file_size.
 static void state_layout(StateHeader *h) {
     size_t L = h->n_layers;
     size_t sink_floats = mul_size(mul_size(L, h->max_sink, "state"), h->kv_dim, "state");
     size_t rows = mul_size(h->n_slots, h->row_bytes, "state");
+    size_t memory_rows = mul_size(mul_size(L, h->memory_positions, "state"), h->row_bytes, "state");
+    size_t bounds = mul_size(mul_size(L, state_memory_blocks(h), "state"), h->kv_dim, "state");
     size_t sizes[ST_COUNT] = {
         [ST_LAYER_CONFIG] = mul_size(L, sizeof(LayerConfig), "state"),
         [ST_SLOTS] = mul_size(L, sizeof(StateSlots), "state"),
@@ -2556,6 +2565,10 @@ static void state_layout(StateHeader *h) {
         [ST_SINK_VALUES] = mul_size(sink_floats, sizeof(float), "state"),
         [ST_KEYS] = rows,
         [ST_VALUES] = rows,
+        [ST_MEM_KEYS] = memory_rows,
+        [ST_MEM_VALUES] = memory_rows,
+        [ST_MEM_KEY_MAX] = mul_size(bounds, sizeof(float), "state"),
+        [ST_MEM_KEY_MIN] = mul_size(bounds, sizeof(float), "state"),
     };
     size_t at = sizeof(StateHeader);
     for (int s = 0; s < ST_COUNT; s++) {
@@ -2597,6 +2610,14 @@ static StateHeader state_header(const Transformer *t, const StateText *text) {
     h.n_tokens = text->n_tokens;
     h.kind = (uint32_t)text->kind;
     h.chat_template = (uint32_t)text->chat_template;
+    const ContextMemory *m = t->memory;
+    if (m) {   // the memory holds the text's positions (and, in bench, stale ones past them)
+        h.memory = 1;
+        h.memory_block = (uint32_t)m->block;
+        h.memory_blocks = (uint32_t)m->top_k;
+        h.memory_true_pos = (uint32_t)m->true_positions;
+        h.memory_positions = text->n_tokens;
+    }
     state_layout(&h);
     return h;
 }
@@ -2618,9 +2639,26 @@ static void write_rows(OutputFile *out, size_t at, const KVCache *kv, const uint
     }
 }
 
-// --save-state: the cache, RoPE tables and text as they are now, written to a temporary file
-// beside path and renamed over it once complete (open_output()): a crash or a full disk on the
-// way leaves an older state file as it was.
+// The context memory's rows of the text's positions and the bounds of the blocks holding them,
+// layer after layer (the section sizes of state_layout()).
+static void write_memory(OutputFile *out, const StateHeader *h, const ContextMemory *m) {
+    size_t n = h->memory_positions;
+    size_t rows = n * h->row_bytes;
+    size_t bounds = state_memory_blocks(h) * h->kv_dim * sizeof(float);
+    const StateSectionEntry *sec = h->sections;
+    for (int l = 0; l < m->n_layers; l++) {
+        const MemoryLayer *ml = &m->layers[l];
+        if (ml->n_pos < n) die("the context memory holds %zu of %zu positions", ml->n_pos, n);
+        write_at(out, sec[ST_MEM_KEYS].offset + l * rows, ml->key, rows);
+        write_at(out, sec[ST_MEM_VALUES].offset + l * rows, ml->value, rows);
+        write_at(out, sec[ST_MEM_KEY_MAX].offset + l * bounds, ml->key_max, bounds);
+        write_at(out, sec[ST_MEM_KEY_MIN].offset + l * bounds, ml->key_min, bounds);
+    }
+}
+
+// --save-state: the cache, its context memory, RoPE tables and text as they are now, written to
+// a temporary file beside path and renamed over it once complete (open_output()): a crash or a
+// full disk on the way leaves an older state file as it was.
 static void save_state(const Transformer *t, const char *path, const StateText *text,
                        const char *const *inputs, int n_inputs) {
     const KVCache *kv = &t->cache;
@@ -2649,12 +2687,26 @@ static void save_state(const Transformer *t, const char *path, const StateText *
     write_at(&out, sec[ST_SINK_VALUES].offset, kv->sink_value, sec[ST_SINK_VALUES].size);
     write_rows(&out, sec[ST_KEYS].offset, kv, kv->key, text->n_tokens);
     write_rows(&out, sec[ST_VALUES].offset, kv, kv->value, text->n_tokens);
+    if (t->memory) write_memory(&out, &h, t->memory);
     if (fflush(out.f) != 0 || ftruncate(fileno(out.f), (off_t)h.file_size) != 0)
         die("%s: write failed: %s", path, strerror(errno));
     close_output(&out);
     free(slots);
     free(rope_len);
     free(tokens);
+}
+
+// The memory fields: all 0 (no memory), or settings --memory could have had (else they would
+// be named as options to give, or divide by a block of 0).
+static void check_memory_header(const StateHeader *h, const char *path) {
+    int none = !h->memory && !h->memory_block && !h->memory_blocks && !h->memory_true_pos
+               && !h->memory_positions;
+    int some = h->memory == 1 && h->memory_block >= 1 && h->memory_block <= 1 << 16
+               && h->memory_blocks <= 1 << 16 && h->memory_true_pos <= 1;
+    if (!none && !some)
+        die("%s: context memory flag %u, blocks of %u, %u retrieved, true positions flag %u: the "
+            "file is damaged", path, h->memory, h->memory_block, h->memory_blocks,
+            h->memory_true_pos);
 }
 
 // The header of a state file, checked to be one, read before the transformer is built: the
@@ -2682,7 +2734,30 @@ static StateHeader read_state_header(const char *path) {
     if (h.n_slots > (uint64_t)st.st_size)   // each slot has a row of at least a byte in the file
         die("%s: %llu slots in a file of %lld bytes: the file is damaged", path,
             (unsigned long long)h.n_slots, (long long)st.st_size);
+    check_memory_header(&h, path);
     return h;
+}
+
+// The context memory's settings as the saving run had them: a state with a memory needs a run
+// with the same one, and a run with a memory a state that has one.
+static void check_state_memory(const ContextMemory *m, const StateHeader *h, const char *path) {
+    if (h->memory && !m)
+        die("%s holds a context memory: add --memory --memory-block %u --memory-blocks %u%s",
+            path, h->memory_block, h->memory_blocks,
+            h->memory_true_pos ? " --memory-true-pos" : "");
+    if (!m) return;
+    if (!h->memory)
+        die("%s holds no context memory (it was saved without --memory): leave --memory out",
+            path);
+    if (h->memory_block != (uint32_t)m->block)
+        die("%s holds a context memory of %u-position blocks, this run's are %d: add "
+            "--memory-block %u", path, h->memory_block, m->block, h->memory_block);
+    if (h->memory_blocks != (uint32_t)m->top_k)
+        die("%s was saved with --memory-blocks %u; this run has %d", path, h->memory_blocks,
+            m->top_k);
+    if (h->memory_true_pos != (uint32_t)m->true_positions)
+        die("%s was saved %s --memory-true-pos; this run is %s it", path,
+            h->memory_true_pos ? "with" : "without", m->true_positions ? "with" : "without");
 }
 
 // What the loading run's options must repeat of the saving run's: refused with the option to
@@ -2707,6 +2782,7 @@ static void check_state_options(const Transformer *t, const StateHeader *h, cons
     if (h->limit != (uint64_t)a->limit)
         die("%s was saved with --lminf-limit %llu; this run has %ld", path,
             (unsigned long long)h->limit, a->limit);
+    check_state_memory(t->memory, h, path);
 }
 
 // Each layer's attention and RoPE settings as the saving run had them after its options.
@@ -2738,7 +2814,8 @@ static void check_state_layout(const Transformer *t, const StateHeader *h, size_
     if (h->n_layers != (uint32_t)c->n_layers || h->vocab_size != (uint32_t)c->vocab_size
         || h->n_slots != kv->n_slots || h->max_sink != kv->max_sink || h->kv_dim != kv->kv_dim
         || h->row_bytes != kv->row_bytes || h->kind >= STATE_KIND_COUNT
-        || min_size(h->context, h->n_slots) != kv->context || h->max_T != (uint32_t)kv->max_T)
+        || min_size(h->context, h->n_slots) != kv->context || h->max_T != (uint32_t)kv->max_T
+        || h->memory_positions != (h->memory ? h->n_tokens : 0))
         die("%s: its counts do not match its settings: the file is damaged", path);
     size_t capacity = cache_capacity(kv, t->config.n_layers);
     if (h->n_tokens == 0 || h->n_tokens > capacity)
@@ -2805,8 +2882,31 @@ static void install_slots(KVCache *kv, const Config *c, const StateHeader *h,
     kv->sink_kind = kind;
 }
 
-// --load-state: map path and make it the cache, after checking it is one this run can go on
-// from (read_state_header(), the options, the layers, the layout, the slots, the tokens).
+// The context memory as saved: each layer's rows copied into the run's store and its blocks'
+// bounds copied. The store grows by realloc or ftruncate as the text goes on, so it cannot live
+// in the copy-on-write mapping as the cache's rows do; memory_reserve() makes the room, in RAM
+// or, past --memory-budget, in files. Positions past the state's (a --reset-turns chat's
+// earlier turns) are left as they are: written again before any block holding one is scored.
+static void load_memory(ContextMemory *m, const KVCache *kv, const StateHeader *h,
+                        const uint8_t *base) {
+    size_t n = h->memory_positions;
+    size_t rows = n * kv->row_bytes;
+    size_t bounds = state_memory_blocks(h) * kv->kv_dim * sizeof(float);
+    const StateSectionEntry *sec = h->sections;
+    for (int l = 0; l < m->n_layers; l++) {
+        MemoryLayer *ml = &m->layers[l];
+        memory_reserve(m, kv, l, n);
+        memcpy(ml->key, base + sec[ST_MEM_KEYS].offset + l * rows, rows);
+        memcpy(ml->value, base + sec[ST_MEM_VALUES].offset + l * rows, rows);
+        memcpy(ml->key_max, base + sec[ST_MEM_KEY_MAX].offset + l * bounds, bounds);
+        memcpy(ml->key_min, base + sec[ST_MEM_KEY_MIN].offset + l * bounds, bounds);
+        ml->n_pos = n;
+    }
+}
+
+// --load-state: map path and make it the cache (and copy its context memory into the run's),
+// after checking it is one this run can go on from (read_state_header(), the options, the
+// layers, the layout, the slots, the tokens).
 static void load_state(Transformer *t, const char *path, LoadedState *out) {
     double start = now_seconds();
     KVCache *kv = &t->cache;
@@ -2839,19 +2939,31 @@ static void load_state(Transformer *t, const char *path, LoadedState *out) {
     kv->value = base + sec[ST_VALUES].offset;
     kv->sink_key = (float *)(base + sec[ST_SINK_KEYS].offset);
     kv->sink_value = (float *)(base + sec[ST_SINK_VALUES].offset);
+    if (t->memory) load_memory(t->memory, kv, &h, base);
     out->header = h;
     out->tokens = tokens;
     out->logits = (const float *)(base + sec[ST_LOGITS].offset);
     out->seconds = now_seconds() - start;
 }
 
-// The start-up bill's line for a loaded state: its tokens, its size and what loading cost.
+// The start-up bill's line for a loaded state: its tokens, its size, its context memory and
+// what loading cost.
 static void print_state_bill(const Transformer *t, const char *path, const LoadedState *from) {
+    const StateHeader *h = &from->header;
     struct stat st;
     double disk_mb = stat(path, &st) == 0 ? (double)st.st_blocks * 512 / 1e6 : 0;
-    fprintf(stderr, "state: %s, %llu tokens, %.1f MB on disk (%.1f MB mapped), %s KV, loaded in "
-            "%.1f ms\n", path, (unsigned long long)from->header.n_tokens, disk_mb,
-            from->header.file_size / 1e6, kv_type_names[t->cache.type], from->seconds * 1e3);
+    fprintf(stderr, "state: %s, %llu tokens, %.1f MB on disk (%.1f MB mapped), %s KV", path,
+            (unsigned long long)h->n_tokens, disk_mb, h->file_size / 1e6,
+            kv_type_names[t->cache.type]);
+    if (t->memory) {
+        const StateSectionEntry *sec = h->sections;
+        size_t copied = 0;
+        for (int s = ST_MEM_KEYS; s <= ST_MEM_KEY_MIN; s++) copied += sec[s].size;
+        fprintf(stderr, " + a context memory of %llu positions (%.1f MB copied into %s)",
+                (unsigned long long)h->memory_positions, copied / 1e6,
+                t->memory->on_file ? "files" : "RAM");
+    }
+    fprintf(stderr, ", loaded in %.1f ms\n", from->seconds * 1e3);
 }
 
 // The context and chunk size of a run that loads a state: the state's; -c or --chunk may only
@@ -4118,7 +4230,7 @@ static void usage_state_options(FILE *out) {
             "State files: read a document once, ask many times (see README, \"State files\"):\n"
             "  --save-state F   generate, logits, ppl: after the prompt; chat: after the -f/-i "
             "document,\n"
-            "                   write what the cache holds to F\n"
+            "                   write what the cache (and a --memory) holds to F\n"
             "  --load-state F   go on from F: the prompt (generate: may be none) continues its "
             "text;\n"
             "                   chat: questions about its document. F's settings must be "
@@ -4569,9 +4681,6 @@ static void check_memory_flags(Options *o) {
                     "leaves the window");
     if (o->memory && o->attn.lminf)
         usage_error("%s", "--memory and --lminf are two rules for far keys: give one");
-    if (o->memory && (o->save_state || o->load_state || o->n_bench_state))
-        usage_error("%s", "--memory with state files (--save-state, --load-state, "
-                    "--bench-state) is not built yet");
     if (o->memory && o->n_kv_types > 1)
         usage_error("%s", "--memory keeps its rows in one --kv-type: sweep the types in "
                     "separate runs");

@@ -258,8 +258,6 @@ BAD = {
     "blocks huge": (["--memory", "--window", 16, "--memory-blocks", 1000000], "--memory-blocks 1000000"),
     "blocks negative": (["--memory", "--window", 16, "--memory-blocks", -1], "--memory-blocks -1"),
     "block without memory": (["--window", 16, "--memory-block", 8], "apply only with --memory"),
-    "save state": (["--memory", "--window", 16, "--save-state", "STATE"], "state files"),
-    "load state": (["--memory", "--window", 16, "--load-state", "STATE"], "state files"),
     "budget 0": (["--memory", "--window", 16, "--memory-budget", 0], "--memory-budget 0"),
 }
 
@@ -268,11 +266,10 @@ BAD = {
 def test_bad_settings(tiny_model, case):
     model, d = tiny_model
     args, message = BAD[case]
-    args = [str(d / "state") if a == "STATE" else a for a in args]
     r = run(model, "-m", "logits", "-i", "1 2 3", "--logits-out", d / "out.f32", *args, check=False)
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
     assert re.match(r"error: ", r.stderr) and message in r.stderr, r.stderr
-    assert not os.path.exists(d / "state") and not os.path.exists(d / "out.f32")
+    assert not os.path.exists(d / "out.f32")
 
 
 def test_memory_on_file_equals_memory_in_ram(tiny_model, tmp_path):

@@ -9,14 +9,18 @@ goes on as if the saving run had never stopped.
    one run over all ids (the first part a multiple of --chunk, so both runs make the same
    forward calls).
 2. generate: with one seed and temperature > 0 (and a repeat penalty, which reads the saved
-   text), the loading run samples the saving run's ids; a continuation prompt after the state
+   text), the loading run samples the saving run's ids (a context memory too); a continuation prompt after the state
    samples what one run over both prompts does; a small -c that generation overflows after the
    load switches to StreamingLLM as the uninterrupted run does.
+   With a context memory (--memory: far and true positions, every KV type, its rows in files
+   past --memory-budget on the loading side, a chain, token by token) the same holds: the state
+   holds the memory's rows and block bounds.
 3. ppl: the NLL sums add up, ppl(A) + ppl(B after A's state) = ppl(A + B).
 4. chat on SmolLM2-135M-Instruct: the state holds HF's ids for the template's opening up to
    the document; a loading run answers as the saving run; --reset-turns answers each question
    as a fresh run from the state; the first reply is HF generate() on the opening's ids and the
-   question's; logits after a load are exact on a windowed q8 cache and on YaRN x4.
+   question's; logits after a load are exact on a windowed q8 cache and on YaRN x4; with a
+   context memory a loading run and --reset-turns answer as the saving run and fresh runs.
 """
 import re
 import struct
@@ -76,30 +80,33 @@ def models(tmp_path_factory):
     return out, ids, tmp_path_factory.mktemp("state")
 
 
-def logits(model, ids, path, *args, binary=None):
-    """-m logits rows (n, vocab) of ids, written to path."""
-    run(model, "-m", "logits", "-i", " ".join(map(str, ids)), "--logits-out", path, *ONE, *args,
-        binary=binary)
+def logits(model, ids, path, *args, binary=None, stderr=None):
+    """-m logits rows (n, vocab) of ids, written to path (stderr: a list the run's is added to)."""
+    r = run(model, "-m", "logits", "-i", " ".join(map(str, ids)), "--logits-out", path, *ONE,
+            *args, binary=binary)
+    if stderr is not None:
+        stderr.append(r.stderr)
     return np.fromfile(path, dtype="<f4").reshape(len(ids), -1)
 
 
 def state_header(path):
     """(n_tokens, kind) and the tokens of a state file (model.h StateHeader: n_tokens at byte
-    112, kind at 120, sections[] of (offset, size) at 128, the tokens the fourth)."""
+    112, kind at 120, sections[] of (offset, size) at 152, the tokens the fourth)."""
     with open(path, "rb") as f:
         blob = f.read()
     assert blob[:4] == b"LRST"
     n_tokens, kind = struct.unpack_from("<QI", blob, 112)
-    offset, size = struct.unpack_from("<QQ", blob, 128 + 16 * 3)
+    offset, size = struct.unpack_from("<QQ", blob, 152 + 16 * 3)
     tokens = list(struct.unpack_from(f"<{size // 4}i", blob, offset))
     return n_tokens, kind, tokens
 
 
 def split_equals_whole(model, ids, d, name, options, split=SPLIT, chunk=CHUNK, binary=None,
-                       seen=None):
+                       seen=None, load_options=(), load_says=None):
     """Save after ids[:split], load and go on over the rest; both parts' rows against one run
     of the same binary over all ids. Returns the failures (empty: bit-identical). seen: the
-    whole runs' rows by case, for the caller to check that every case computes its own."""
+    whole runs' rows by case, for the caller to check that every case computes its own.
+    load_options: given to the loading run only; load_says: what its stderr must hold."""
     common = ["--chunk", chunk, *options]
     whole = logits(model, ids, d / f"{name}.whole", *common, binary=binary)
     if seen is not None:
@@ -108,8 +115,10 @@ def split_equals_whole(model, ids, d, name, options, split=SPLIT, chunk=CHUNK, b
     first = logits(model, ids[:split], d / f"{name}.first", *common, "--save-state", state,
                    binary=binary)
     assert state_header(state)[:2] == (split, 0)
-    rest = logits(model, ids[split:], d / f"{name}.rest", *common, "--load-state", state,
-                  binary=binary)
+    said = []
+    rest = logits(model, ids[split:], d / f"{name}.rest", *common, *load_options,
+                  "--load-state", state, binary=binary, stderr=said)
+    assert load_says is None or load_says in said[0], said[0]
     failures = []
     for part, got, want in (("first", first, whole[:split]), ("rest", rest, whole[split:])):
         if not np.array_equal(got, want):
@@ -181,6 +190,44 @@ def test_logits_after_load_are_exact(models):
     assert not failures, "; ".join(failures)
 
 
+# The context memory (--memory) on a 4 + 16 window: blocks of 8, 2 retrieved per chunk and kv
+# head, so that the first part (40 ids) leaves blocks behind the window to choose from
+MEMORY = [*ATTENTION["sinks"], "--memory", "--memory-block", 8, "--memory-blocks", 2]
+
+
+def test_logits_after_load_with_memory_are_exact(models):
+    """A state holds the context memory: its rows and block bounds go into the loading run's
+    memory, which then retrieves as the uninterrupted run's did. Far (InfLLM) and true
+    positions, every KV type; the loading run's memory past a --memory-budget of 5 KB (its rows
+    in files, the saving run's in RAM); Qwen2's own window on layer 1; a chain; token by token
+    through the sanitizer build."""
+    paths, ids, d = models
+    failures = []
+    cases = [("llama", "memory-far-f32", [*MEMORY, "--kv-type", "f32"]),
+             ("llama", "memory-true-q8", [*MEMORY, "--memory-true-pos", "--kv-type", "q8"]),
+             ("llama", "memory-far-f16", [*MEMORY, "--kv-type", "f16"]),
+             ("qwen2_w16_mixed", "memory-true-f32", [*MEMORY, "--memory-true-pos"])]
+    seen = {}
+    for family, name, options in cases:
+        failures += split_equals_whole(paths[family], ids, d, name, options, seen=seen)
+    # without the memory's blocks the same window gives other logits: the memory is used
+    seen["no-memory"] = logits(paths["llama"], ids, d / "no-memory", "--chunk", CHUNK,
+                               *ATTENTION["sinks"]).tobytes()
+    assert len(set(seen.values())) == len(seen), "a case gave another case's logits"
+    failures += split_equals_whole(paths["llama"], ids, d, "memory-true-q8-files",
+                                   [*MEMORY, "--memory-true-pos", "--kv-type", "q8"],
+                                   load_options=["--memory-budget", 0.005],
+                                   load_says="40 positions (0.0 MB copied into files)")
+    failures += chain_equals_whole(paths["llama"], ids, d, "memory-chain-f16",
+                                   [*MEMORY, "--kv-type", "f16"])
+    failures += split_equals_whole(paths["llama"], ids[:48], d, "memory-far-q8-asan",
+                                   [*MEMORY, "--kv-type", "q8"], split=32, chunk=1,
+                                   binary=need(RUN_ASAN, "make run-asan"))
+    print(f"\n[state] memory logits: {len(cases) + 3} cases, {len(failures)} differ; the others' "
+          f"rows after --load-state equal one run's bit for bit")
+    assert not failures, "; ".join(failures)
+
+
 def generated(model, *args, binary=None):
     """The ids a generate run samples (--ids: the prompt is ids, the output ids) and stderr."""
     r = run(model, "-m", "generate", "--ids", *ONE, *args, binary=binary)
@@ -197,7 +244,8 @@ def test_generate_after_load_samples_the_same(models):
     cases = 0
     for name, opts in (("full-f32", []), ("lminf-q8", [*ATTENTION["lminf"], "--kv-type", "q8"]),
                        ("dynamic-sinks-f16", [*ROPE["dynamic"], *ATTENTION["sinks"], "--kv-type",
-                                              "f16"])):
+                                              "f16"]),
+                       ("memory-true-f16", [*MEMORY, "--memory-true-pos", "--kv-type", "f16"])):
         common = ["--chunk", CHUNK, "-n", 30, *SAMPLING, *opts]
         state = d / f"gen-{name}.state"
         # no prompt after the load: sampling starts from the saved logits
@@ -249,7 +297,8 @@ def test_ppl_sums_add_up(models):
     paths, ids, d = models
     model = paths["llama"]
     cases = (("full-f32", []), ("lminf-q8", [*ATTENTION["lminf"], "--kv-type", "q8"]),
-             ("yarn-sinks-f16", [*ROPE["yarn"], *ATTENTION["sinks"], "--kv-type", "f16"]))
+             ("yarn-sinks-f16", [*ROPE["yarn"], *ATTENTION["sinks"], "--kv-type", "f16"]),
+             ("memory-far-q8", [*MEMORY, "--kv-type", "q8"]))
     for name, opts in cases:
         state = d / f"ppl-{name}.state"
         common = ["-m", "ppl", "--ids", "--chunk", CHUNK, *ONE, *opts]
@@ -321,6 +370,30 @@ def test_chat_from_a_state(smol, tmp_path):  # noqa: F811 (the fixture)
     print(f"\n[state] chat: a loading run answers {len(replies)} questions as the saving run; "
           f"--reset-turns as fresh runs; reply 1 ({len(want)} tokens) is HF's: "
           f"{tok.decode(want)!r}")
+
+
+def test_chat_from_a_state_with_memory(smol, tmp_path):  # noqa: F811 (the fixture)
+    """A document's state with its context memory (a 4 + 16 window, blocks of 8, 2 retrieved:
+    the 70-token opening leaves blocks behind the window): a loading run answers as the saving
+    run, and --reset-turns (the memory copied in afresh before each question, over what the
+    first turn wrote) answers question 2 as a fresh run from the state."""
+    model = smol[0]
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOC)
+    state = tmp_path / "memory.state"
+    memory = ["--window", 16, "--sinks", 4, "--memory", "--memory-block", 8, "--memory-blocks", 2,
+              "--kv-type", "f16"]
+    both = "".join(q + "\n" for q in QUESTIONS)
+    saved, replies = chat(model, both, "-f", doc, "--system", SYSTEM, "--chunk", 16, *memory,
+                          "--save-state", state)
+    assert len(replies) == 2 and state_header(state)[0] > 40, saved
+    loaded, _ = chat(model, both, *memory, "--load-state", state)
+    assert loaded == saved, "the loading run answers otherwise than the saving run"
+    _, reset = chat(model, both, *memory, "--load-state", state, "--reset-turns")
+    _, alone = chat(model, QUESTIONS[1] + "\n", *memory, "--load-state", state)
+    assert reset == [replies[0], alone[0]], (reset, replies, alone)
+    print(f"\n[state] chat with a context memory: the loading run answers as the saving run; "
+          f"--reset-turns as fresh runs")
 
 
 def test_reset_turns_after_a_full_context(smol, tmp_path):  # noqa: F811 (the fixture)

@@ -22,16 +22,20 @@ import make_seeds  # noqa: E402  (the byte-level tokenizer of the fuzz seeds)
 TEXT = "Hello world, this is a tiny corpus for a tiny tokenizer."
 CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 
-# model.h StateHeader: (name, struct code) in order, then sections[9] of (offset, size).
+# model.h StateHeader (version 2): (name, struct code) in order, then sections[13] of
+# (offset, size).
 HEADER_FIELDS = [("magic", "I"), ("version", "I"), ("model_fingerprint", "Q"), ("file_size", "Q"),
                  ("n_layers", "I"), ("vocab_size", "I"), ("kv_type", "I"), ("lminf", "I"),
                  ("n_sink", "Q"), ("window", "Q"), ("limit", "Q"), ("context", "Q"), ("max_T", "I"),
                  ("sink_kind", "I"), ("n_slots", "Q"), ("max_sink", "Q"), ("kv_dim", "Q"),
-                 ("row_bytes", "Q"), ("n_tokens", "Q"), ("kind", "I"), ("chat_template", "I")]
+                 ("row_bytes", "Q"), ("n_tokens", "Q"), ("kind", "I"), ("chat_template", "I"),
+                 ("memory", "I"), ("memory_block", "I"), ("memory_blocks", "I"),
+                 ("memory_true_pos", "I"), ("memory_positions", "Q")]
 SECTIONS = ["layer_config", "slots", "rope_len", "tokens", "logits", "sink_keys", "sink_values",
-            "keys", "values"]
-SECTIONS_AT = 128
-HEADER_SIZE = 272
+            "keys", "values", "mem_keys", "mem_values", "mem_key_max", "mem_key_min"]
+SECTIONS_AT = 152
+HEADER_SIZE = SECTIONS_AT + 16 * len(SECTIONS)   # 360
+MEMORY = ["--window", 8, "--sinks", 2, "--memory", "--memory-block", 4, "--memory-blocks", 2]
 
 
 def field(name):
@@ -107,6 +111,16 @@ def state(models, tmp_path_factory):
     return path, blob
 
 
+@pytest.fixture(scope="module")
+def memory_state(models, tmp_path_factory):
+    """A state of TEXT with a context memory (MEMORY, --kv-type f16, --chunk 4): its path and
+    bytes; it loads."""
+    path = tmp_path_factory.mktemp("memory_state") / "memory.state"
+    blob = save(models["a"], path, *MEMORY, "--kv-type", "f16", "--chunk", 4)
+    assert clean(load(models["a"], path, *MEMORY, "--kv-type", "f16")).returncode == 0
+    return path, blob
+
+
 def load_bytes(models, tmp_path, blob, *options):
     bad = tmp_path / "bad.state"
     bad.write_bytes(blob)
@@ -116,26 +130,52 @@ def load_bytes(models, tmp_path, blob, *options):
 # ----------------------------------------------------------------------------
 # Files that are not a whole state file
 
-def test_cut_at_every_section_boundary_is_refused(models, state, tmp_path):
+def test_layout_of_version_2(state, memory_state):
+    """The header is 360 bytes, the sections follow it in order, each at the next 4096-byte
+    boundary, as long as the counts say: without a memory its four sections are empty; with one,
+    n_layers x n_tokens rows of row_bytes and ceil(n_tokens / B) blocks of kv_dim floats."""
+    for blob, memory in ((state[1], False), (memory_state[1], True)):
+        h = header(blob)
+        assert h["version"] == 2 and h["memory"] == memory, h
+        at = HEADER_SIZE
+        for name, (off, size) in sections(blob).items():
+            assert off == -(-at // 4096) * 4096, (name, off, at)
+            at = off + size
+        assert at == h["file_size"] == len(blob)
+        n, L = h["n_tokens"], h["n_layers"]
+        blocks = -(-n // 4) if memory else 0
+        assert h["memory_positions"] == (n if memory else 0)
+        assert (h["memory_block"], h["memory_blocks"]) == ((4, 2) if memory else (0, 0))
+        rows, bounds = L * h["memory_positions"] * h["row_bytes"], L * blocks * h["kv_dim"] * 4
+        got = [sections(blob)[k][1] for k in ("mem_keys", "mem_values", "mem_key_max",
+                                              "mem_key_min")]
+        assert got == [rows, rows, bounds, bounds] and (not memory or rows > 0), (got, h)
+
+
+@pytest.mark.parametrize("which", ["plain", "memory"])
+def test_cut_at_every_section_boundary_is_refused(models, state, memory_state, tmp_path, which):
     """Cut at each section's start and end and inside the header: every cut is refused, by the
     header's length or by the file size the header records (a cut inside a hole too)."""
-    path, blob = state
+    path, blob = state if which == "plain" else memory_state
+    options = [] if which == "plain" else [*MEMORY, "--kv-type", "f16"]
     cuts = {0, 4, 8, 100, SECTIONS_AT, HEADER_SIZE - 1, HEADER_SIZE}
     for off, size in sections(blob).values():
         cuts |= {off, off + size // 2, off + size}
     cuts.discard(len(blob))
     assert len(blob) == header(blob)["file_size"] and len(cuts) >= 25
     for cut in sorted(cuts):
-        line = refused(load_bytes(models, tmp_path, blob[:cut]))
+        line = refused(load_bytes(models, tmp_path, blob[:cut], *options))
         assert ("too short" if cut < HEADER_SIZE else "truncated") in line, (cut, line)
-    refused(load_bytes(models, tmp_path, blob + b"\0" * 4096), "truncated or damaged")
+        assert cut >= HEADER_SIZE or f"its header is {HEADER_SIZE} bytes" in line, line
+    refused(load_bytes(models, tmp_path, blob + b"\0" * 4096, *options), "truncated or damaged")
 
 
 def test_wrong_magic_and_version_are_refused(models, state, tmp_path):
     blob = state[1]
     refused(load_bytes(models, tmp_path, b"LRSX" + blob[4:]), "not a longrun state file")
-    refused(load_bytes(models, tmp_path, patch(blob, 4, "<I", 2)), "version 2",
-            "save the state again")
+    for version in (1, 3):   # version 1: before the context memory's sections
+        refused(load_bytes(models, tmp_path, patch(blob, 4, "<I", version)),
+                f"version {version}; this longrun reads version 2", "save the state again")
     refused(load_bytes(models, tmp_path, b"\0" * len(blob)), "not a longrun state file")
 
 
@@ -168,6 +208,16 @@ SETTINGS = {   # name: (the saving run's options, the loading run's, what the me
     "context": (["-c", 64], ["-c", 32], "-c 32"),
     "bigger context": (["-c", 32], ["-c", 64], "-c 64"),
     "chunk": (["--chunk", 4], ["--chunk", 8], "--chunk 8"),
+    "memory": (MEMORY, MEMORY[:4], "holds a context memory: add --memory --memory-block 4 "
+               "--memory-blocks 2"),
+    "no memory": (MEMORY[:4], MEMORY, "holds no context memory (it was saved without --memory): "
+                  "leave --memory out"),
+    "memory-block": (MEMORY, [*MEMORY, "--memory-block", 8],
+                     "holds a context memory of 4-position blocks, this run's are 8: add "
+                     "--memory-block 4"),
+    "memory-blocks": (MEMORY, [*MEMORY, "--memory-blocks", 3], "--memory-blocks 2; this run has 3"),
+    "memory-true-pos": ([*MEMORY, "--memory-true-pos"], MEMORY,
+                        "was saved with --memory-true-pos; this run is without it"),
 }
 
 
@@ -178,6 +228,14 @@ def test_each_differing_setting_is_refused_by_name(models, tmp_path, name):
     save(models["a"], path, *saved)
     assert clean(load(models["a"], path, *saved)).returncode == 0   # the same options load
     refused(load(models["a"], path, *loading), named)
+
+
+def test_memory_budget_may_differ(models, memory_state):
+    """--memory-budget only says where the memory's rows live: a budget of one block of every
+    layer puts the loading run's rows in files, and the state loads."""
+    r = clean(load(models["a"], memory_state[0], *MEMORY, "--kv-type", "f16", "--memory-budget",
+                   0.001))
+    assert r.returncode == 0 and "copied into files" in r.stderr, r.stderr[-2000:]
 
 
 def test_chat_refuses_a_plain_text_state(models, state):
@@ -211,6 +269,31 @@ def test_a_header_field_out_of_line_is_refused(models, state, tmp_path):
     off = SECTIONS_AT + 16 * SECTIONS.index("keys")
     refused(load_bytes(models, tmp_path, patch(blob, off, "<Q", sections(blob)["keys"][0] + 8)),
             "sections are not where", damaged)
+    # a memory's fields on a state without one: refused before any is named as an option
+    for name, value in [("memory", 1), ("memory", 2), ("memory_block", 4), ("memory_blocks", 2),
+                        ("memory_true_pos", 1), ("memory_positions", h["n_tokens"])]:
+        r = load_bytes(models, tmp_path, patch(blob, *field(name), value))
+        assert damaged in refused(r), (name, value)
+
+
+def test_a_memory_header_field_out_of_line_is_refused(models, memory_state, tmp_path):
+    """A state with a memory: its block size 0 (a division by zero in the layout), a flag
+    past 1, a count of memory positions that is not the text's, or a memory section moved."""
+    blob = memory_state[1]
+    h = header(blob)
+    options = [*MEMORY, "--kv-type", "f16"]
+    changes = [("memory", 2), ("memory_block", 0), ("memory_block", 1 << 20),
+               ("memory_blocks", 1 << 20), ("memory_true_pos", 2),
+               ("memory_positions", h["n_tokens"] - 1), ("memory_positions", h["n_tokens"] + 1),
+               ("memory_positions", 0), ("memory_positions", 2**63)]
+    for name, value in changes:
+        r = load_bytes(models, tmp_path, patch(blob, *field(name), value), *options)
+        assert "the file is damaged" in refused(r), (name, value)
+    for name in ["mem_keys", "mem_key_min"]:
+        off = SECTIONS_AT + 16 * SECTIONS.index(name)
+        for at, value in [(off, sections(blob)[name][0] + 4096), (off + 8, 0)]:
+            r = load_bytes(models, tmp_path, patch(blob, at, "<Q", value), *options)
+            refused(r, "sections are not where", "the file is damaged")
 
 
 def test_a_windowed_states_token_count_is_bounded_by_its_file(models, tmp_path):
@@ -250,17 +333,20 @@ def test_damaged_records_are_refused(models, state, tmp_path):
         refused(load_bytes(models, tmp_path, patch(blob, at, fmt, value)), words)
 
 
-@pytest.mark.parametrize("section", ["keys", "values", "sink_keys", "logits"])
-def test_damaged_rows_and_logits_cannot_crash(models, state, tmp_path, section):
-    """Rows, sinks and logits are data the loader cannot check. Finite garbage (every float
-    12.08) changes the reply and nothing else; NaNs reach the logits, which sample() refuses
-    (one error line). Generation from the state and a continuation of it run clean."""
-    blob = state[1]
+@pytest.mark.parametrize("section", ["keys", "values", "sink_keys", "logits", "mem_keys",
+                                     "mem_values", "mem_key_max", "mem_key_min"])
+def test_damaged_rows_and_logits_cannot_crash(models, state, memory_state, tmp_path, section):
+    """Rows, sinks, the memory's rows and block bounds, and logits are data the loader cannot
+    check. Finite garbage (every float 12.08) changes the reply and nothing else; NaNs reach the
+    logits, which sample() refuses (one error line). Generation from the state and a
+    continuation of it run clean."""
+    blob = memory_state[1] if section.startswith("mem") else state[1]
+    options = [*MEMORY, "--kv-type", "f16"] if section.startswith("mem") else []
     off, size = sections(blob)[section]   # all of it: slots the text never reached too
     for fill, runs in [(b"\x41", True), (b"\xff\x7f\x80\x7f", False)]:   # 12.08; a NaN
         bad = blob[:off] + fill * (size // len(fill)) + blob[off + size:]
         for extra in [[], ["-i", " and more"]]:
-            r = clean(load_bytes(models, tmp_path, bad, *extra))
+            r = clean(load_bytes(models, tmp_path, bad, *options, *extra))
             if runs or r.returncode == 0:
                 assert r.returncode == 0, r.stderr[-2000:]
             else:

@@ -1,12 +1,14 @@
 // fuzz_state.c - a state file (--load-state), as bytes, through what ./run does with one: read
 // and check its header, build the transformer with the state's context and chunk (main()'s
 // state_context()), map it as the cache (load_state(): options, layers, layout, slots, tokens,
-// RoPE lengths), then take its logits and one decode step from it, so that a file the checks let
-// through is also safe to compute with. The model is fixed: the file named by
+// RoPE lengths, and its context memory copied in), then take its logits and one decode step from
+// it, so that a file the checks let through is also safe to compute with. The model is fixed: the file named by
 // $LONGRUN_FUZZ_MODEL (tests/fuzz/seeds/model/llama-f32.bin, which the seeds were saved from).
 // The input's first byte picks the loading run's settings, the rest is the state file:
 //   bit 0      0: full attention; 1: --window 4 --sinks 2
 //   bits 1-2   --kv-type (f32, f16, q8; modulo their count)
+//   bit 3      with bit 0: --memory --memory-block 2 --memory-blocks 2 (the rows in RAM)
+//   bit 4      with bit 3: --memory-true-pos
 // and the chunk is 4 (--chunk 4: a state saved with another is refused, as by state_context()).
 #include "fuzz.h"
 
@@ -60,13 +62,15 @@ static void load_and_step(uint8_t settings, const char *path) {
     StateHeader h = read_state_header(path);
     Options o = {.load_state = path, .chunk = 4};
     size_t context = state_context(&o, &h);
-    AttnOptions attn = {.n_sink = -1, .kv_type = (settings >> 1) % KV_COUNT};
+    AttnOptions attn = {.n_sink = -1, .kv_type = ((settings >> 1) & 3) % KV_COUNT};
     if (settings & 1) {
         attn.window = 4;
         attn.n_sink = 2;
     }
     RopeOptions rope = {0};
     build_transformer(&tr, &mf, model_path, &rope, &attn, context, o.chunk, 0);
+    if ((settings & 1) && (settings & 8))
+        tr.memory = new_memory(&tr.cache, 2, 2, (settings >> 4) & 1);
     LoadedState loaded;
     load_state(&tr, path, &loaded);
     size_t pos = loaded.header.n_tokens;
