@@ -1307,6 +1307,7 @@ static void block_represent(ContextMemory *m, const KVCache *kv, int layer, size
                             float *buf) {
     MemoryLayer *ml = &m->layers[layer];
     int H = kv->head_dim;
+    int group = m->n_heads / kv->n_kv_heads;
     size_t from = max_size(b * m->block, kv->layers[layer].n_sink);
     size_t to = (b + 1) * m->block;
     size_t n = to > from ? min_size((size_t)m->repr, to - from) : 0;
@@ -1323,8 +1324,7 @@ static void block_represent(ContextMemory *m, const KVCache *kv, int layer, size
                                                        score[best % ml->score_ring]))
                     best = p;
             taken[best - from] = 1;
-            const float *key = memory_row(kv, ml->key, best, h / (m->n_heads / kv->n_kv_heads),
-                                          buf);
+            const float *key = memory_row(kv, ml->key, best, h / group, buf);
             for (int i = 0; i < H; i++) r[i] += key[i];
         }
         for (int i = 0; i < H && n; i++) r[i] /= (float)n;
@@ -1473,8 +1473,12 @@ static void attention_reference(float *out, const float *q, const float *q_sink,
 // kv head's retrieved blocks (memory_positions(), met by q_mem, the query rotated at
 // memory_query_pos()), then its window (met by q), all in one softmax, summed in the order of
 // attention_reference(). The plain loop is the only implementation (a query sees S + W + K B
-// keys at most, whatever the text's length); the rows of each kv head that any query of the
-// chunk sees are read (converted from the cache's type) once, by chunk_rows().
+// keys at most, whatever the text's length; infllm: and its remainder, fewer than B + T); the
+// rows of each kv head that any query of the chunk sees are read (converted from the cache's
+// type) once, by chunk_rows(). With
+// --memory-score infllm it is also where InfLLM's token scores come from: the window's share of
+// each softmax row (add_token_scores()), then the representatives of the blocks that left the
+// window (memory_complete()).
 typedef struct {
     const float **keys, **values;   // (n_mem + n_window) rows as floats
     float *kbuf, *vbuf;             // room to convert them into

@@ -148,10 +148,13 @@ static void print_chunk_choice(const ContextMemory *m, const KVCache *kv, const 
         for (int t = 0; t < T; t++)
             for (int i = 0; i < group * c->head_dim; i++)
                 mean[i] += q_mem[(size_t)t * c->q_dim + (size_t)g * group * c->head_dim + i] / T;
-        for (size_t b = first; b < end; b++)
-            printf("score %d %d %zu %.9g\n", chunk, g, b, chunk_score(m, ml, kv, b, g, group, mean));
+        for (size_t b = first; b < end; b++) {
+            float score = chunk_score(m, ml, kv, b, g, group, mean);
+            printf("score %d %d %zu %.9g\n", chunk, g, b, score);
+        }
         printf("chosen %d %d", chunk, g);
-        for (int i = 0; i < ml->n_chosen[g]; i++) printf(" %d", ml->chosen[(size_t)g * m->top_k + i]);
+        for (int i = 0; i < ml->n_chosen[g]; i++)
+            printf(" %d", ml->chosen[(size_t)g * m->top_k + i]);
         printf("\n");
     }
     free(mean);

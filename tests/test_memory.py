@@ -21,6 +21,15 @@ Tang et al. 2024).
    eligible blocks (ties to the lower block). Quest's bound: no single query's q . k over a
    block's keys exceeds the block's score for that query.
 3. Bad settings: one error line, exit 2.
+4. --memory-score infllm (InfLLM's representative tokens, Xiao et al. 2024): through the driver's
+   infllm mode, numpy's own chunk loop (joint softmax over sinks, chosen blocks, remainder and
+   window) gives (a) the token scores s_h(t), brute-force sums of the probabilities t receives
+   from the queries whose window holds it, (b) the representatives (mean of the top-R keys),
+   (c) each chunk's block scores sum_h <qbar_h, r_b,h> and chosen blocks; the represent mode
+   checks exact ties (lower position) and two heads of one kv head picking different tokens;
+   through ./run, every block retrieved is full attention bit for bit. Mutants seen failing:
+   ties to the higher position, the query's own position left out of its scores, the
+   remainder left out, one head of the group scored, blocks completed a position early.
 """
 import os
 import re
@@ -112,7 +121,7 @@ def tiny_model(tmp_path_factory):
 
 def test_memory_asan(tiny_model):
     """One case under ASan/UBSan (conftest's tiny Llama, GQA 4/2): (a) with a q8 cache bit for
-    bit, and one block (f32 cache: the two builds round differently, which a q8 cache can turn
+    bit (Quest's and InfLLM's scores), and one block (f32 cache: the two builds round differently, which a q8 cache can turn
     into a step) within the fast bound of ./run."""
     model, d = tiny_model
     asan = need(RUN_ASAN, "build it with make run-asan")
@@ -120,6 +129,10 @@ def test_memory_asan(tiny_model):
     base = ["--kv-type", "q8", "--chunk", 8]
     full = logits(model, ids, d, "--reference", *base, binary=asan)
     assert np.array_equal(logits(model, ids, d, "--reference", *base, *MEMORY_ALL, binary=asan), full)
+    infllm = ["--memory-score", "infllm", "--memory-repr", 2]   # its token scores and representatives
+    assert np.array_equal(logits(model, ids, d, "--reference", *base, *MEMORY_ALL, *infllm, binary=asan), full)
+    assert rel_err(logits(model, ids, d, "--chunk", 8, *MEMORY_ONE, *infllm, binary=asan),
+                   logits(model, ids, d, "--chunk", 8, *MEMORY_ONE, *infllm)) <= FAST_BOUND
     one = logits(model, ids, d, "--chunk", 8, *MEMORY_ONE, binary=asan)
     assert rel_err(one, logits(model, ids, d, "--chunk", 8, *MEMORY_ONE)) <= FAST_BOUND
     assert rel_err(one, logits(model, ids, d, "--chunk", 8, *SINKS_WINDOW)) > 0.05
