@@ -916,13 +916,22 @@ static size_t kv_continue_streaming(KVCache *kv, int n_layers) {
 // block's keys, sum_i max(q_i M_i, q_i m_i) >= q . k for every key k of the block; q is the
 // mean of the chunk's queries of each head of a kv head's group, the scores of the group's
 // heads are added, and the K best blocks are the kv head's, for every query of the chunk.
-// Positions: memory_query_pos().
+// --memory-score infllm scores blocks by InfLLM's representative tokens instead
+// (block_represent(), memory_select()). Positions: memory_query_pos().
+
+// How a chunk scores a block (--memory-score).
+typedef enum { SCORE_QUEST, SCORE_INFLLM } MemoryScore;
 
 typedef struct {
     uint8_t *key, *value;      // (cap, row_bytes) position p's key, unrotated, and value
     float *key_max, *key_min;  // (cap / B + 1, kv_dim) each block's channel-wise key bounds
     int *chosen;               // (n_kv_heads, K) the blocks the chunk retrieved, ascending
     int *n_chosen;             // (n_kv_heads)
+    float *repr;               // infllm: (cap / B + 1, n_heads, H) each complete block's
+                               // representative key per query head
+    float *token_score;        // infllm: (n_heads, score_ring) s_h(t) of position t at t % ring
+    size_t score_ring;         // infllm: W + B + max_T, more than the positions not complete
+    size_t n_complete;         // infllm: blocks 0 .. n_complete-1 have their representatives
     size_t cap;                // positions allocated
     size_t n_pos;              // positions stored
     int key_fd, value_fd;      // the files key and value are mapped from, once on file
@@ -934,6 +943,7 @@ typedef enum {
     SCRATCH_ROW_PTRS, SCRATCH_ROWS, SCRATCH_POSITIONS,   // attention_memory(): the chunk's rows
     SCRATCH_WEIGHTS, SCRATCH_LISTS,                      // attention_memory(): per thread
     SCRATCH_KERNEL_POSITIONS, SCRATCH_KERNEL_COUNTS,     // chunk_memory()
+    SCRATCH_PROBS, SCRATCH_TAKEN,                        // infllm: token scores, representatives
     SCRATCH_COUNT
 } MemoryScratch;
 
@@ -941,6 +951,9 @@ typedef struct {
     int block;                 // B: positions per block (--memory-block)
     int top_k;                 // K: blocks a chunk retrieves per kv head (--memory-blocks)
     int true_positions;        // --memory-true-pos: memory keys at their own positions
+    MemoryScore score;         // --memory-score
+    int repr;                  // --memory-repr R: infllm's representative tokens per block
+    int n_heads;               // query heads (infllm: scores and representatives per head)
     MemoryLayer *layers;       // (n_layers)
     int n_layers;
     size_t budget;             // bytes of rows kept in RAM; past it, every layer's go to files
@@ -980,6 +993,21 @@ static ContextMemory *new_memory(const KVCache *kv, int block, int top_k, int tr
     return m;
 }
 
+// --memory-score infllm with R representative tokens per block: each layer's ring of token
+// scores (every query head's, for the positions of the blocks not complete yet).
+static void memory_use_infllm(ContextMemory *m, const KVCache *kv, int n_heads, int repr) {
+    m->score = SCORE_INFLLM;
+    m->repr = repr;
+    m->n_heads = n_heads;
+    for (int l = 0; l < kv->n_layers; l++) {
+        MemoryLayer *ml = &m->layers[l];
+        size_t window = min_size(kv->layers[l].window, kv->context);
+        ml->score_ring = add_size(window, (size_t)m->block + kv->max_T, "the context memory");
+        ml->token_score = xcalloc(mul_size(ml->score_ring, n_heads, "the context memory"),
+                                  sizeof(float), "the context memory");
+    }
+}
+
 // Rows in RAM up to budget_mb MB of them (every layer's keys and values), then in files made
 // in dir (deleted at once, so they go when the run does). The budget must hold a block of
 // every layer.
@@ -1007,7 +1035,8 @@ static void free_memory(ContextMemory *m, int n_layers) {
     if (!m) return;
     for (int l = 0; l < n_layers; l++) {
         MemoryLayer *ml = &m->layers[l];
-        void *buffers[] = { ml->key_max, ml->key_min, ml->chosen, ml->n_chosen };
+        void *buffers[] = { ml->key_max, ml->key_min, ml->chosen, ml->n_chosen, ml->repr,
+                            ml->token_score };
         for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
         size_t bytes = ml->cap * m->row_bytes;
         store_free(ml->key, bytes, m->on_file ? ml->key_fd : -1);
@@ -1080,6 +1109,10 @@ static void memory_reserve(ContextMemory *m, const KVCache *kv, int layer, size_
     size_t bounds = mul_size(blocks, kv->kv_dim, "the context memory");
     ml->key_max = resize(ml->key_max, bounds, sizeof(float), "the context memory");
     ml->key_min = resize(ml->key_min, bounds, sizeof(float), "the context memory");
+    if (m->score == SCORE_INFLLM) {
+        size_t reprs = mul_size(blocks, (size_t)m->n_heads * kv->head_dim, "the context memory");
+        ml->repr = resize(ml->repr, reprs, sizeof(float), "the context memory");
+    }
     ml->cap = cap;
 }
 
@@ -1148,15 +1181,38 @@ static int keep_best(int *best, float *best_score, int n, int k, int b, float sc
     return n;
 }
 
+// InfLLM's score of block b for kv head g: sum_h <qbar_h, r_b,h> over the group's query heads
+// (mean: their mean queries, group * H floats), no 1 / sqrt(H): one dot product, as the group's
+// rows are contiguous in both.
+static float repr_score(const ContextMemory *m, const MemoryLayer *ml, const KVCache *kv,
+                        size_t b, int g, int group, const float *mean) {
+    int n = group * kv->head_dim;
+    const float *r = ml->repr + (b * m->n_heads * kv->head_dim + (size_t)g * n);
+    float score = 0;
+    for (int i = 0; i < n; i++) score += mean[i] * r[i];
+    return score;
+}
+
+// A chunk's score of block b for kv head g (mean: the mean queries of its group's heads):
+// Quest's bounds summed over the heads, or InfLLM's representatives.
+static float chunk_score(const ContextMemory *m, const MemoryLayer *ml, const KVCache *kv,
+                         size_t b, int g, int group, const float *mean) {
+    if (m->score == SCORE_INFLLM) return repr_score(m, ml, kv, b, g, group, mean);
+    float score = 0;
+    for (int h = 0; h < group; h++) score += block_score(ml, kv, b, g, mean + h * kv->head_dim);
+    return score;
+}
+
 static int compare_ints(const void *a, const void *b) {
     return (*(const int *)a > *(const int *)b) - (*(const int *)a < *(const int *)b);
 }
 
 // A chunk's retrieval in one layer: for each kv head, the K blocks with the best summed score
 // over its query heads (q_mem: (T, q_dim), the chunk's queries rotated for the memory) among
-// the blocks holding a position between the sinks and the last query's window. The scores of
-// all blocks are computed first (split across the threads: at 1M tokens decode scans 16K
-// blocks a layer), then each kv head keeps its K best.
+// the blocks holding a position between the sinks and the last query's window (infllm: among
+// the complete blocks, those with representatives). The scores of all blocks are computed
+// first (split across the threads: at 1M tokens decode scans 16K blocks a layer), then each
+// kv head keeps its K best.
 static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const float *q_mem,
                           const Config *c, int T, size_t pos0) {
     MemoryLayer *ml = &m->layers[layer];
@@ -1164,6 +1220,7 @@ static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const 
     VisibleKeys last = visible_keys(kv, layer, pos0 + T - 1);
     size_t first_block = ls->n_sink / m->block;
     size_t end_block = last.lo > ls->n_sink ? (last.lo - 1) / m->block + 1 : first_block;
+    if (m->score == SCORE_INFLLM) end_block = min_size(end_block, ml->n_complete);
     size_t n_blocks = end_block - first_block;
     int H = c->head_dim;
     int group = c->n_heads / c->n_kv_heads;
@@ -1177,10 +1234,9 @@ static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const 
     PARALLEL_FOR_IF(n_blocks >= 64)
     for (size_t i = 0; i < n_blocks; i++)
         for (int g = 0; g < c->n_kv_heads; g++) {
-            float score = 0;
-            for (int h = g * group; h < (g + 1) * group; h++)
-                score += block_score(ml, kv, first_block + i, g, mean + (size_t)h * H);
-            scores[(size_t)g * n_blocks + i] = score;
+            const float *group_mean = mean + (size_t)g * group * H;
+            scores[(size_t)g * n_blocks + i] = chunk_score(m, ml, kv, first_block + i, g, group,
+                                                           group_mean);
         }
     for (int g = 0; g < c->n_kv_heads; g++) {
         int *best = ml->chosen + (size_t)g * m->top_k;
@@ -1200,7 +1256,9 @@ static const float *memory_row(const KVCache *kv, const uint8_t *rows, size_t p,
 }
 
 // The memory positions a query at pos sees (kv head g): those of the chunk's blocks at or
-// above the sinks and below its window, in order, into out; returns how many.
+// above the sinks and below its window, in order, into out; returns how many. Infllm: then
+// the remainder, the positions below its window of the blocks not complete yet (InfLLM attends
+// to them always: they have no representatives to be retrieved by).
 static size_t memory_positions(const ContextMemory *m, const KVCache *kv, int layer, int g,
                                size_t pos, size_t *out) {
     const MemoryLayer *ml = &m->layers[layer];
@@ -1212,6 +1270,10 @@ static size_t memory_positions(const ContextMemory *m, const KVCache *kv, int la
         size_t to = min_size((b + 1) * m->block, vis.lo);
         for (size_t p = from; p < to; p++) out[n++] = p;
     }
+    if (m->score == SCORE_INFLLM)
+        for (size_t p = max_size(ml->n_complete * m->block, kv->layers[layer].n_sink); p < vis.lo;
+             p++)
+            out[n++] = p;
     return n;
 }
 
@@ -1236,6 +1298,84 @@ static MemoryKeys chunk_memory(ContextMemory *m, const KVCache *kv, int layer,
         n[g] = memory_positions(m, kv, layer, g, pos0 + (size_t)T - 1, pos + g * stride);
     MemoryKeys mk = {.m = m, .q_mem = q_mem, .pos = pos, .n = n, .stride = stride};
     return mk;
+}
+
+// InfLLM's token scores (Xiao et al. 2024, section 3.2): s_h(t), per layer and query head h,
+// sums the softmax probabilities position t receives from every query whose window holds it
+// (itself included; one softmax over sinks, memory and window), in f32. Kept in a ring per
+// layer, only for the positions of the blocks not complete yet. A chunk's new positions start
+// at 0 (the slots they take are of complete blocks').
+static void clear_token_scores(ContextMemory *m, int layer, size_t pos0, int T) {
+    MemoryLayer *ml = &m->layers[layer];
+    for (int h = 0; h < m->n_heads; h++)
+        for (size_t p = pos0; p < pos0 + (size_t)T; p++)
+            ml->token_score[(size_t)h * ml->score_ring + p % ml->score_ring] = 0;
+}
+
+// Add the chunk's window probabilities for kv head g's query heads: probs row t * group + i
+// (stride floats apart) is query t's, head g * group + i, over its window lo .. pos. Query by
+// query in order, so the sums do not depend on the threads.
+static void add_token_scores(ContextMemory *m, const KVCache *kv, int layer, int g,
+                             const float *probs, size_t stride, int T, size_t pos0) {
+    MemoryLayer *ml = &m->layers[layer];
+    int group = m->n_heads / kv->n_kv_heads;
+    size_t ring = ml->score_ring;
+    for (int i = 0; i < group; i++) {
+        float *score = ml->token_score + (size_t)(g * group + i) * ring;
+        for (int t = 0; t < T; t++) {
+            VisibleKeys vis = visible_keys(kv, layer, pos0 + (size_t)t);
+            const float *row = probs + ((size_t)t * group + i) * stride;
+            size_t slot = vis.lo % ring;
+            for (size_t j = 0; j <= vis.pos - vis.lo; j++) {
+                score[slot] += row[j];
+                slot = slot + 1 == ring ? 0 : slot + 1;
+            }
+        }
+    }
+}
+
+// Block b's representative key for each query head h (InfLLM's): the mean of the stored keys
+// (kv head h / group) of the R positions of the block past the sinks with the highest s_h,
+// ties to the lower position (all of them if the block has fewer).
+static void block_represent(ContextMemory *m, const KVCache *kv, int layer, size_t b,
+                            float *buf) {
+    MemoryLayer *ml = &m->layers[layer];
+    int H = kv->head_dim;
+    int group = m->n_heads / kv->n_kv_heads;
+    size_t from = max_size(b * m->block, kv->layers[layer].n_sink);
+    size_t to = (b + 1) * m->block;
+    size_t n = to > from ? min_size((size_t)m->repr, to - from) : 0;
+    char *taken = memory_scratch(m, SCRATCH_TAKEN, m->block, 1);
+    for (int h = 0; h < m->n_heads; h++) {
+        float *r = ml->repr + (b * m->n_heads + (size_t)h) * H;
+        const float *score = ml->token_score + (size_t)h * ml->score_ring;
+        memset(r, 0, (size_t)H * sizeof(float));
+        memset(taken, 0, m->block);
+        for (size_t k = 0; k < n; k++) {
+            size_t best = to;
+            for (size_t p = from; p < to; p++)
+                if (!taken[p - from] && (best == to || score[p % ml->score_ring] >
+                                                       score[best % ml->score_ring]))
+                    best = p;
+            taken[best - from] = 1;
+            const float *key = memory_row(kv, ml->key, best, h / group, buf);
+            for (int i = 0; i < H; i++) r[i] += key[i];
+        }
+        for (int i = 0; i < H && n; i++) r[i] /= (float)n;
+    }
+}
+
+// After the chunk that ends before next_pos: the blocks whose positions have all left the
+// window (no later query's window holds them, so their scores are final) get their
+// representatives and become retrievable.
+static void memory_complete(ContextMemory *m, const KVCache *kv, int layer, size_t next_pos,
+                            float *buf) {
+    MemoryLayer *ml = &m->layers[layer];
+    size_t lo = visible_keys(kv, layer, next_pos).lo;
+    while ((ml->n_complete + 1) * m->block <= lo) {
+        block_represent(m, kv, layer, ml->n_complete, buf);
+        ml->n_complete++;
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -1368,7 +1508,11 @@ static void attention_reference(float *out, const float *q, const float *q_sink,
 // memory_query_pos()), then its window (met by q), all in one softmax, summed in the order of
 // attention_reference(). The rows of each kv head that any query of the chunk sees are read
 // (converted from the cache's type) once, by chunk_rows(). The fast kernels fold the memory
-// into attention()'s tiles and decode ranges (chunk_memory()); --reference runs this loop.
+// into attention()'s tiles and decode ranges (chunk_memory()); --reference runs this loop, and
+// so does --memory-score infllm, for this is where InfLLM's token scores come from: the
+// window's share of each softmax row (add_token_scores()), then the representatives of the
+// blocks that left the window (memory_complete()). Infllm's queries also see the remainder
+// (fewer than B + T positions).
 typedef struct {
     const float **keys, **values;   // (n_mem + n_window) rows as floats
     float *kbuf, *vbuf;             // room to convert them into
@@ -1404,8 +1548,9 @@ static void attention_memory(float *out, const float *q, const float *q_sink, co
     int group = c->n_heads / c->n_kv_heads;
     float scale = 1.0f / sqrtf((float)H);
     const LayerSlots *ls = &kv->layers[layer];
-    size_t rows = add_size(mul_size(m->top_k, m->block, "memory"),
-                           min_size(ls->window, pos0 + T) + (size_t)T, "memory");
+    size_t stride = min_size(ls->window, pos0 + T);   // the most window keys a query sees
+    size_t rows = add_size(mul_size(m->top_k, m->block, "memory"), stride + (size_t)T, "memory");
+    if (m->score == SCORE_INFLLM) rows = add_size(rows, m->block + (size_t)T, "memory");
     size_t most = add_size(ls->n_sink, rows, "memory");   // keys one query sees
     ChunkRows r = {0};
     r.keys = memory_scratch(m, SCRATCH_ROW_PTRS, mul_size(rows, 2, "memory"), sizeof(float *));
@@ -1419,6 +1564,12 @@ static void attention_memory(float *out, const float *q, const float *q_sink, co
                                     sizeof(float));
     const float **lists = memory_scratch(m, SCRATCH_LISTS, mul_size(threads, 2 * most, "memory"),
                                          sizeof(float *));
+    float *probs = NULL;   // infllm: each query's window probabilities, for the token scores
+    if (m->score == SCORE_INFLLM) {
+        probs = memory_scratch(m, SCRATCH_PROBS, mul_size((size_t)T * group, stride, "memory"),
+                               sizeof(float));
+        clear_token_scores(m, layer, pos0, T);
+    }
     for (int g = 0; g < c->n_kv_heads; g++) {
         chunk_rows(&r, kv, m, layer, g, T, pos0);
         PARALLEL_FOR
@@ -1448,12 +1599,15 @@ static void attention_memory(float *out, const float *q, const float *q_sink, co
                 w[j] = dot(query, keys[j], H) * scale;
             }
             softmax(w, n);
+            if (probs) memcpy(probs + (size_t)th * stride, w + win, n_window * sizeof(float));
             float *oh = out + at;
             memset(oh, 0, (size_t)H * sizeof(float));
             for (size_t j = 0; j < n; j++)   // the weighted sum of the values
                 for (int i = 0; i < H; i++) oh[i] += w[j] * values[j][i];
         }
+        if (probs) add_token_scores(m, kv, layer, g, probs, stride, T, pos0);
     }
+    if (probs) memory_complete(m, kv, layer, pos0 + (size_t)T, r.kbuf);
 }
 
 // ----------------------------------------------------------------------------
@@ -1510,7 +1664,7 @@ static void attend(Transformer *tr, int layer, int T, size_t pos0) {
     RunState *s = &tr->state;
     const Config *c = &tr->config;
     if (tr->memory) memory_select(tr->memory, &tr->cache, layer, s->q_mem, c, T, pos0);
-    if (tr->memory && tr->reference)
+    if (tr->memory && (tr->reference || tr->memory->score == SCORE_INFLLM))
         attention_memory(s->att_out, s->q, s->q_sink, s->q_mem, &tr->cache, tr->memory, layer, c,
                          T, pos0);
     else if (tr->reference)
@@ -2040,8 +2194,9 @@ static void print_attention(const Transformer *t) {
                 kv->limit);
     else if (n_sink) fprintf(stderr, " + %zu sinks at cache-slot distances (StreamingLLM)", n_sink);
     if (t->memory)
-        fprintf(stderr, " + memory: %d blocks of %d per chunk and kv head (Quest bounds), %s",
+        fprintf(stderr, " + memory: %d blocks of %d per chunk and kv head (%s), %s",
                 t->memory->top_k, t->memory->block,
+                t->memory->score == SCORE_INFLLM ? "InfLLM representatives" : "Quest bounds",
                 t->memory->true_positions ? "at true distances" : "at distance W - 1 (InfLLM)");
     size_t cap = cache_capacity(kv, c->n_layers);
     if (cap == SIZE_MAX) fprintf(stderr, "; a text of any length\n");
@@ -2311,6 +2466,8 @@ typedef struct {
     long memory_blocks;       // --memory-blocks K: blocks a chunk retrieves per kv head (-1: 16)
     int memory_true_pos;      // --memory-true-pos: memory keys at their true distances
     float memory_budget;      // --memory-budget MB: rows kept in RAM before they go to files
+    const char *memory_score; // --memory-score quest|infllm: how a chunk scores blocks
+    long memory_repr;         // --memory-repr R: infllm's representative tokens (0: 4)
     const char *stop[MAX_LIST];   // --stop: strings that end a reply
     int n_stop;
 } Options;
@@ -4185,6 +4342,9 @@ static void usage_model_options(FILE *out) {
             "  --memory-true-pos  memory keys at their true distances, not the window's edge\n"
             "  --memory-budget MB  memory rows kept in RAM; past it, in files in $TMPDIR\n"
             "                   (default 4096)\n"
+            "  --memory-score S quest: blocks scored by their keys' bounds; infllm: by R\n"
+            "                   representative keys (plain attention loop)   (default quest)\n"
+            "  --memory-repr R  infllm: representative tokens per block        (default 4)\n"
             "ppl: perplexity of the text of -f or -i\n"
             "  --ppl-csv FILE   write first,last,tokens,mean_nll,ppl per bucket of predicted "
             "tokens\n"
@@ -4465,6 +4625,8 @@ static const OptionInfo option_table[] = {
     { "--memory-blocks", 1, MODEL_MODES },
     { "--memory-true-pos", 0, MODEL_MODES },
     { "--memory-budget", 1, MODEL_MODES },
+    { "--memory-score", 1, MODEL_MODES },
+    { "--memory-repr", 1, MODEL_MODES },
     { "--rope-scaling", 1, MODEL_MODES },
     { "--rope-theta", 1, MODEL_MODES },
     { "--rope-factor", 1, MODEL_MODES },
@@ -4638,6 +4800,8 @@ static int parse_model_option(Options *o, const char *flag, const char *val) {
         o->memory_blocks = parse_long(flag, val, 0, 1 << 16);
     else if (!strcmp(flag, "--memory-budget"))
         o->memory_budget = parse_float(flag, val, 1e-3f, 1e9f);
+    else if (!strcmp(flag, "--memory-score")) o->memory_score = val;
+    else if (!strcmp(flag, "--memory-repr")) o->memory_repr = parse_long(flag, val, 1, 1 << 16);
     else if (!strcmp(flag, "--kv-type")) o->attn.kv_type = parse_kv_types(o, flag, val);
     else if (!strcmp(flag, "--rope-scaling")) r->scaling = val;
     else if (!strcmp(flag, "--rope-theta")) r->theta = parse_float(flag, val, 1.0001f, 1e12f);
@@ -4672,10 +4836,20 @@ static void check_state_flags(const Options *o) {
 // --memory and its settings; the defaults are InfLLM's: blocks of 128, 16 retrieved.
 static void check_memory_flags(Options *o) {
     int tuned = o->memory_block || o->memory_blocks >= 0 || o->memory_true_pos
-                || o->memory_budget;
+                || o->memory_budget || o->memory_score || o->memory_repr;
     if (tuned && !o->memory)
-        usage_error("%s", "--memory-block, --memory-blocks, --memory-true-pos and "
-                    "--memory-budget apply only with --memory");
+        usage_error("%s", "--memory-block, --memory-blocks, --memory-true-pos, "
+                    "--memory-budget, --memory-score and --memory-repr apply only with --memory");
+    if (o->memory_score && strcmp(o->memory_score, "quest") && strcmp(o->memory_score, "infllm"))
+        usage_error("unknown --memory-score '%s' (quest, infllm)", o->memory_score);
+    if (!o->memory_score) o->memory_score = "quest";
+    if (o->memory_repr && strcmp(o->memory_score, "infllm"))
+        usage_error("%s", "--memory-repr applies only with --memory-score infllm");
+    int states = o->save_state || o->load_state || o->n_bench_state;
+    if (o->memory && states && !strcmp(o->memory_score, "infllm"))
+        usage_error("%s", "state files hold Quest's bounds, not InfLLM's token scores and "
+                    "representatives: --memory-score infllm runs without --save-state, "
+                    "--load-state and --bench-state");
     if (o->memory && !o->attn.window)
         usage_error("%s", "--memory needs --window W (and usually --sinks S): it keeps what "
                     "leaves the window");
@@ -4687,6 +4861,10 @@ static void check_memory_flags(Options *o) {
     if (!o->memory_block) o->memory_block = 128;
     if (o->memory_blocks < 0) o->memory_blocks = 16;
     if (!o->memory_budget) o->memory_budget = 4096;
+    if (o->memory_repr > o->memory_block)
+        usage_error("%s", "--memory-repr R must be at most --memory-block B (a block's "
+                    "positions)");
+    if (!o->memory_repr) o->memory_repr = min_int(4, (int)o->memory_block);
 }
 
 // Refuse combinations of options that cannot mean anything.
@@ -4976,6 +5154,8 @@ int main(int argc, char **argv) {
         t.memory = new_memory(&t.cache, (int)o.memory_block, (int)o.memory_blocks,
                               o.memory_true_pos);
     if (o.memory) memory_budget(t.memory, &t.cache, o.memory_budget, temp_dir());
+    if (o.memory && !strcmp(o.memory_score, "infllm"))
+        memory_use_infllm(t.memory, &t.cache, t.config.n_heads, (int)o.memory_repr);
     LoadedState loaded = {0};
     if (o.load_state) load_state(&t, o.load_state, &loaded);
     check_prompt_fits(&t, mode, loaded.header.n_tokens + n_prompt);

@@ -15,6 +15,22 @@
 //   score G B S  Quest's bound of block B for kv head G's mean queries (summed over the group)
 //   single T Q B S  the bound of block B for query row T's head Q alone
 //   chosen G  the blocks memory_select() retrieved for kv head G, ascending
+//
+// --memory-score infllm (InfLLM's representative tokens), two more ways to call it:
+//   ./memory_driver infllm TYPE N_KV GROUP H B K N_SINK W N T R < keys_and_queries
+//     the whole chunk loop on one layer, chunks of T, R representatives per block. Stdin: N
+//     keys (kv_dim floats each), then N rows each of q, q_sink and q_mem (q_dim floats each:
+//     all of q, then all of q_sink, then all of q_mem). RoPE is left out (keys and queries as
+//     given); values are 0. Per chunk C (positions C*T ..):
+//       chosen C G  blocks     what memory_select() retrieved for kv head G
+//       score C G B S          the chunk's score of eligible block B for kv head G
+//       tscore C Q P S         s_Q(P) after the chunk's attention, for the positions the ring holds
+//       complete C N           blocks 0 .. N-1 have their representatives
+//     then  repr B Q  H floats  every complete block's representative for query head Q.
+//   ./memory_driver represent TYPE N_KV GROUP H B K N_SINK W N T R < keys_and_scores
+//     block_represent() alone on N keys and given token scores (N_KV * GROUP rows of N floats
+//     after the keys; needs W >= N, so the ring holds them all): repr lines for the blocks
+//     N_SINK / B .. N / B - 1.
 #define main longrun_main
 #include "../run.c"
 #undef main
@@ -58,8 +74,7 @@ static void print_scores(const ContextMemory *m, const KVCache *kv, const Config
             for (int i = 0; i < s->group * s->H; i++)
                 mean[i] += q_mem[(size_t)t * c->q_dim + (size_t)g * s->group * s->H + i] / s->T;
         for (size_t b = first; b < end; b++) {
-            float score = 0;
-            for (int h = 0; h < s->group; h++) score += block_score(ml, kv, b, g, mean + h * s->H);
+            float score = chunk_score(m, ml, kv, b, g, s->group, mean);
             printf("score %d %zu %.9g\n", g, b, score);
         }
     }
@@ -99,7 +114,143 @@ static void print_store(const ContextMemory *m, const KVCache *kv, const Config 
     free(buf);
 }
 
+// ---- --memory-score infllm
+
+// A one-layer cache of the setup's windows and sinks (chunks of T, context N) and a memory on it
+// with InfLLM's scores, R representatives.
+static ContextMemory *infllm_setup(const Setup *s, int R, Config *c, LayerConfig *lc,
+                                   KVCache *kv) {
+    *c = (Config){.n_heads = s->n_kv * s->group, .n_kv_heads = s->n_kv, .head_dim = s->H,
+                  .n_layers = 1, .layers = lc};
+    c->q_dim = c->n_heads * s->H;
+    c->kv_dim = s->n_kv * s->H;
+    AttnOptions a = {.n_sink = s->n_sink, .window = s->W, .kv_type = s->type};
+    build_cache(kv, c, &a, (size_t)s->N, s->T);
+    ContextMemory *m = new_memory(kv, s->B, s->K, 0);
+    memory_use_infllm(m, kv, c->n_heads, R);
+    memory_reserve(m, kv, 0, (size_t)s->N);
+    return m;
+}
+
+// One chunk's record lines: the scores of the eligible blocks (from the mean q_mem rows) and
+// the chosen blocks, before its attention.
+static void print_chunk_choice(const ContextMemory *m, const KVCache *kv, const Config *c,
+                               const float *q_mem, int chunk, int T, size_t pos0) {
+    const MemoryLayer *ml = &m->layers[0];
+    int group = c->n_heads / c->n_kv_heads;
+    VisibleKeys last = visible_keys(kv, 0, pos0 + (size_t)T - 1);
+    size_t first = kv->layers[0].n_sink / m->block;
+    size_t end = last.lo > kv->layers[0].n_sink ? (last.lo - 1) / m->block + 1 : first;
+    end = min_size(end, ml->n_complete);
+    float *mean = xcalloc((size_t)group * c->head_dim, sizeof(float), "mean");
+    for (int g = 0; g < c->n_kv_heads; g++) {
+        memset(mean, 0, (size_t)group * c->head_dim * sizeof(float));
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < group * c->head_dim; i++)
+                mean[i] += q_mem[(size_t)t * c->q_dim + (size_t)g * group * c->head_dim + i] / T;
+        for (size_t b = first; b < end; b++) {
+            float score = chunk_score(m, ml, kv, b, g, group, mean);
+            printf("score %d %d %zu %.9g\n", chunk, g, b, score);
+        }
+        printf("chosen %d %d", chunk, g);
+        for (int i = 0; i < ml->n_chosen[g]; i++)
+            printf(" %d", ml->chosen[(size_t)g * m->top_k + i]);
+        printf("\n");
+    }
+    free(mean);
+}
+
+static void print_repr(const ContextMemory *m, const Config *c, size_t from, size_t to) {
+    for (size_t b = from; b < to; b++)
+        for (int h = 0; h < c->n_heads; h++) {
+            printf("repr %zu %d", b, h);
+            for (int i = 0; i < c->head_dim; i++)
+                printf(" %.9g", m->layers[0].repr[(b * c->n_heads + h) * c->head_dim + i]);
+            printf("\n");
+        }
+}
+
+// The chunk loop as forward() runs it on one layer (rotate_and_cache() without RoPE, then
+// attend()), printing what each chunk chose and the token scores after it.
+static void run_infllm(const Setup *s, int R) {
+    Config c;
+    LayerConfig lc = {0};
+    KVCache kv = {0};
+    ContextMemory *m = infllm_setup(s, R, &c, &lc, &kv);
+    float *keys = read_floats((size_t)s->N * c.kv_dim);
+    float *q = read_floats((size_t)s->N * c.q_dim * 3);   // q, then q_sink, then q_mem
+    float *k = xcalloc((size_t)c.kv_dim, sizeof(float), "k");
+    float *zero = xcalloc((size_t)c.kv_dim, sizeof(float), "values");
+    float *out = xcalloc((size_t)s->T * c.q_dim, sizeof(float), "out");
+    LayerRope none = {0};   // rotary_dim 0: no rotation
+    size_t rows = (size_t)s->N * c.q_dim;
+    for (int chunk = 0; chunk * s->T < s->N; chunk++) {
+        size_t p0 = (size_t)chunk * s->T;
+        int n = min_int(s->T, s->N - (int)p0);
+        for (size_t p = p0; p < p0 + (size_t)n; p++) {
+            memcpy(k, keys + p * c.kv_dim, c.kv_dim * sizeof(float));
+            memory_write(m, &kv, 0, p, k, zero);
+            kv_write(&kv, 0, p, k, zero, &none);
+        }
+        memory_bounds(m, &kv, 0, p0, (size_t)n, out);
+        const float *qc = q + p0 * c.q_dim;
+        memory_select(m, &kv, 0, qc + 2 * rows, &c, n, p0);
+        print_chunk_choice(m, &kv, &c, qc + 2 * rows, chunk, n, p0);
+        attention_memory(out, qc, qc + rows, qc + 2 * rows, &kv, m, 0, &c, n, p0);
+        const MemoryLayer *ml = &m->layers[0];
+        size_t end = p0 + (size_t)n;
+        for (int h = 0; h < c.n_heads; h++)
+            for (size_t p = end - min_size(end, ml->score_ring); p < end; p++)
+                printf("tscore %d %d %zu %.9g\n", chunk, h,
+                       p, ml->token_score[(size_t)h * ml->score_ring + p % ml->score_ring]);
+        printf("complete %d %zu\n", chunk, ml->n_complete);
+    }
+    print_repr(m, &c, (size_t)s->n_sink / s->B, m->layers[0].n_complete);
+    void *buffers[] = { keys, q, k, zero, out };
+    for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
+    free_memory(m, 1);
+    free_cache(&kv);
+}
+
+// block_represent() on given keys and token scores.
+static void run_represent(const Setup *s, int R) {
+    Config c;
+    LayerConfig lc = {0};
+    KVCache kv = {0};
+    ContextMemory *m = infllm_setup(s, R, &c, &lc, &kv);
+    MemoryLayer *ml = &m->layers[0];
+    if (ml->score_ring < (size_t)s->N) die("represent: needs W >= N");
+    float *keys = read_floats((size_t)s->N * c.kv_dim);
+    float *scores = read_floats((size_t)c.n_heads * s->N);
+    float *zero = xcalloc((size_t)c.kv_dim, sizeof(float), "values");
+    float *buf = xcalloc((size_t)s->H, sizeof(float), "buf");
+    for (int p = 0; p < s->N; p++) {
+        memory_write(m, &kv, 0, (size_t)p, keys + (size_t)p * c.kv_dim, zero);
+        for (int h = 0; h < c.n_heads; h++)
+            ml->token_score[(size_t)h * ml->score_ring + p] = scores[(size_t)h * s->N + p];
+    }
+    for (int b = s->n_sink / s->B; b < s->N / s->B; b++) block_represent(m, &kv, 0, (size_t)b, buf);
+    print_repr(m, &c, (size_t)s->n_sink / s->B, (size_t)(s->N / s->B));
+    void *buffers[] = { keys, scores, zero, buf };
+    for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
+    free_memory(m, 1);
+    free_cache(&kv);
+}
+
 int main(int argc, char **argv) {
+    if (argc == 13 && (!strcmp(argv[1], "infllm") || !strcmp(argv[1], "represent"))) {
+        Setup s;
+        int R = atoi(argv[12]);
+        argv[12] = "1";   // parse_setup()'s STEP
+        if (!parse_setup(argc - 1, argv + 1, &s) || R < 1 || R > s.B) {
+            fprintf(stderr, "usage: memory_driver infllm|represent f32|f16|q8 N_KV GROUP H B K "
+                    "N_SINK W N T R\n");
+            return 2;
+        }
+        if (!strcmp(argv[1], "infllm")) run_infllm(&s, R);
+        else run_represent(&s, R);
+        return 0;
+    }
     Setup s;
     if (!parse_setup(argc, argv, &s)) {
         fprintf(stderr, "usage: memory_driver f32|f16|q8 N_KV GROUP H B K N_SINK W N T STEP\n");

@@ -21,6 +21,15 @@ Tang et al. 2024).
    eligible blocks (ties to the lower block). Quest's bound: no single query's q . k over a
    block's keys exceeds the block's score for that query.
 3. Bad settings: one error line, exit 2.
+4. --memory-score infllm (InfLLM's representative tokens, Xiao et al. 2024): through the driver's
+   infllm mode, numpy's own chunk loop (joint softmax over sinks, chosen blocks, remainder and
+   window) gives (a) the token scores s_h(t), brute-force sums of the probabilities t receives
+   from the queries whose window holds it, (b) the representatives (mean of the top-R keys),
+   (c) each chunk's block scores sum_h <qbar_h, r_b,h> and chosen blocks; the represent mode
+   checks exact ties (lower position) and two heads of one kv head picking different tokens;
+   through ./run, every block retrieved is full attention bit for bit. Mutants seen failing:
+   ties to the higher position, the query's own position left out of its scores, the
+   remainder left out, one head of the group scored, blocks completed a position early.
 """
 import os
 import re
@@ -112,7 +121,7 @@ def tiny_model(tmp_path_factory):
 
 def test_memory_asan(tiny_model):
     """One case under ASan/UBSan (conftest's tiny Llama, GQA 4/2): (a) with a q8 cache bit for
-    bit, and one block (f32 cache: the two builds round differently, which a q8 cache can turn
+    bit (Quest's and InfLLM's scores), and one block (f32 cache: the two builds round differently, which a q8 cache can turn
     into a step) within the fast bound of ./run."""
     model, d = tiny_model
     asan = need(RUN_ASAN, "build it with make run-asan")
@@ -120,6 +129,10 @@ def test_memory_asan(tiny_model):
     base = ["--kv-type", "q8", "--chunk", 8]
     full = logits(model, ids, d, "--reference", *base, binary=asan)
     assert np.array_equal(logits(model, ids, d, "--reference", *base, *MEMORY_ALL, binary=asan), full)
+    infllm = ["--memory-score", "infllm", "--memory-repr", 2]   # its token scores and representatives
+    assert np.array_equal(logits(model, ids, d, "--reference", *base, *MEMORY_ALL, *infllm, binary=asan), full)
+    assert rel_err(logits(model, ids, d, "--chunk", 8, *MEMORY_ONE, *infllm, binary=asan),
+                   logits(model, ids, d, "--chunk", 8, *MEMORY_ONE, *infllm)) <= FAST_BOUND
     one = logits(model, ids, d, "--chunk", 8, *MEMORY_ONE, binary=asan)
     assert rel_err(one, logits(model, ids, d, "--chunk", 8, *MEMORY_ONE)) <= FAST_BOUND
     assert rel_err(one, logits(model, ids, d, "--chunk", 8, *SINKS_WINDOW)) > 0.05
@@ -259,6 +272,16 @@ BAD = {
     "blocks negative": (["--memory", "--window", 16, "--memory-blocks", -1], "--memory-blocks -1"),
     "block without memory": (["--window", 16, "--memory-block", 8], "apply only with --memory"),
     "budget 0": (["--memory", "--window", 16, "--memory-budget", 0], "--memory-budget 0"),
+    "score unknown": (["--memory", "--window", 16, "--memory-score", "bounds"],
+                      "unknown --memory-score 'bounds' (quest, infllm)"),
+    "score without memory": (["--window", 16, "--memory-score", "infllm"], "apply only with --memory"),
+    "repr with quest": (["--memory", "--window", 16, "--memory-repr", 2],
+                        "--memory-repr applies only with --memory-score infllm"),
+    "repr 0": (["--memory", "--window", 16, "--memory-score", "infllm", "--memory-repr", 0], "--memory-repr 0"),
+    "repr above block": (["--memory", "--window", 16, "--memory-score", "infllm", "--memory-block", 8,
+                          "--memory-repr", 9], "--memory-repr R must be at most --memory-block B"),
+    "infllm state": (["--memory", "--window", 16, "--memory-score", "infllm", "--save-state", "s.state"],
+                     "--memory-score infllm runs without --save-state"),
 }
 
 
@@ -295,3 +318,159 @@ def test_memory_on_file_equals_memory_in_ram(tiny_model, tmp_path):
     assert r.returncode == 1 and r.stderr.splitlines()[-1].endswith(
         "cannot create the context memory's file: No such file or directory"), r.stderr
     print(f"\n[memory] on file == in RAM over {len(ids)} ids")
+
+
+# ---------------------------------------------------------------------------------------------
+# --memory-score infllm: InfLLM's representative tokens (Xiao et al. 2024), through
+# tests/memory_driver.c's infllm and represent modes, against numpy
+
+def call_infllm(exe, mode, kv, n_kv, group, H, B, K, n_sink, W, N, T, R, *arrays):
+    stdin = " ".join(f"{v:.9g}" for v in np.concatenate([a.ravel() for a in arrays]))
+    args = [mode, kv, n_kv, group, H, B, K, n_sink, W, N, T, R]
+    r = subprocess.run([exe, *map(str, args)], input=stdin, capture_output=True, text=True)
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    out = {"chosen": {}, "score": {}, "tscore": {}, "complete": {}, "repr": {}}
+    for line in r.stdout.splitlines():
+        tag, *f = line.split()
+        if tag == "chosen":
+            out[tag][int(f[0]), int(f[1])] = [int(b) for b in f[2:]]
+        elif tag == "score":
+            out[tag][int(f[0]), int(f[1]), int(f[2])] = float(f[3])
+        elif tag == "tscore":
+            out[tag][int(f[0]), int(f[1]), int(f[2])] = float(f[3])
+        elif tag == "complete":
+            out[tag][int(f[0])] = int(f[1])
+        else:
+            out[tag][int(f[0]), int(f[1])] = np.array(f[2:], dtype=np.float64)
+    return out
+
+
+def represent(keys, s, B, R, n_sink, group, b):
+    """Block b's representative per query head: the mean of the keys (kv head h // group) of
+    the R positions past the sinks with the highest s[h], ties to the lower position."""
+    positions = range(max(b * B, n_sink), (b + 1) * B)
+    reps = []
+    for h in range(len(s)):
+        top = sorted(positions, key=lambda p: (-s[h][p], p))[:R]
+        reps.append(keys[top, h // group].mean(0))
+    return np.array(reps)
+
+
+def infllm_reference(keys, sink_keys, q, q_sink, q_mem, n_kv, group, H, B, K, n_sink, W, N, T, R,
+                     got):
+    """numpy's whole chunk loop: per chunk, the scores sum_h <qbar_h, r_b,h> of the complete
+    blocks and the K best (ties to the lower block), then every query's joint softmax over its
+    sinks, its kv head's chosen blocks and the remainder below its window, and its window; the
+    token scores s_h(t) as brute-force sums, over all queries so far whose window holds t, of the
+    probability t gets; then the blocks that left every later window get their representatives.
+    Checks each chunk's records in got against it; returns the number of checks."""
+    n_heads = n_kv * group
+    k = keys.reshape(N, n_kv, H).astype(np.float64)
+    ks = sink_keys.reshape(N, n_kv, H).astype(np.float64)
+    qs = [a.reshape(N, n_heads, H).astype(np.float64) for a in (q, q_sink, q_mem)]
+    probs = np.zeros((N, n_heads, N))   # probs[query, head, window position]
+    reprs, complete, checks = {}, 0, 0
+    for c, p0 in enumerate(range(0, N, T)):
+        n = min(T, N - p0)
+        qbar = qs[2][p0:p0 + n].mean(0).reshape(n_kv, group * H)
+        lo_last = max(p0 + n - W, 0)
+        end = min((lo_last - 1) // B + 1 if lo_last > n_sink else 0, complete)
+        for g in range(n_kv):
+            scores = {b: float(qbar[g] @ reprs[b][g * group:(g + 1) * group].ravel())
+                      for b in range(n_sink // B, end)}
+            for b, sc in scores.items():
+                assert abs(got["score"][c, g, b] - sc) <= 1e-5 * max(1, abs(sc)), (c, g, b)
+            assert {gb[2] for gb in got["score"] if gb[:2] == (c, g)} == set(scores)
+            ranked = sorted(scores, key=lambda b: (-scores[b], b))
+            assert got["chosen"][c, g] == sorted(ranked[:K]), (c, g, scores)
+            checks += 1 + len(scores)
+        for pos in range(p0, p0 + n):
+            lo = max(pos - W + 1, 0)
+            for h in range(n_heads):
+                g = h // group
+                mem = [p for b in got["chosen"][c, g] for p in range(max(b * B, n_sink), min((b + 1) * B, lo))]
+                mem += list(range(max(complete * B, n_sink), lo))
+                logits = np.concatenate([ks[:min(lo, n_sink), g] @ qs[1][pos, h], k[mem, g] @ qs[2][pos, h],
+                                         k[lo:pos + 1, g] @ qs[0][pos, h]]) / np.sqrt(H)
+                p = np.exp(logits - logits.max())
+                probs[pos, h, lo:pos + 1] = (p / p.sum())[len(logits) - (pos + 1 - lo):]
+        s = probs[:p0 + n].sum(0)   # (n_heads, N): s_h(t) over every query so far
+        for (cc, h, t), v in got["tscore"].items():
+            if cc == c:
+                assert abs(v - s[h, t]) <= 1e-5 * max(1, s[h, t]), (c, h, t, v, s[h, t])
+                checks += 1
+        while (complete + 1) * B <= max(p0 + n - W + 1, 0):
+            if (complete + 1) * B > n_sink:
+                reprs[complete] = represent(k, s, B, R, n_sink, group, complete)
+            complete += 1
+        assert got["complete"][c] == complete
+    for (b, h), r in got["repr"].items():
+        assert np.abs(r - reprs[b][h]).max() <= 1e-5 * np.abs(k).max(), (b, h)
+        checks += 1
+    assert {b for b, _ in got["repr"]} == set(reprs)
+    return checks
+
+
+INFLLM_CASES = {   # n_kv, group, H, B, K, n_sink, W, N, T, R
+    "gqa2_chunks": (2, 2, 8, 4, 2, 2, 6, 48, 4, 2),
+    "gqa3_token_by_token": (1, 3, 6, 4, 2, 5, 5, 37, 1, 3),
+    "sinks_not_multiple_long_chunk": (2, 2, 4, 5, 3, 3, 8, 50, 7, 4),
+}
+
+
+@pytest.mark.parametrize("kv", ["f32", "q8"])
+@pytest.mark.parametrize("case", list(INFLLM_CASES))
+def test_infllm_matches_numpy(driver, case, kv):
+    """(a) the token scores s_h(t), (b) the representatives, (c) the block scores and the chosen
+    blocks of every chunk, on random keys and queries, against numpy's chunk loop."""
+    n_kv, group, H, B, K, n_sink, W, N, T, R = INFLLM_CASES[case]
+    rng = np.random.default_rng(20 + sorted(INFLLM_CASES).index(case))
+    keys = rng.normal(0, 1, (N, n_kv * H)).astype(np.float32)
+    q, q_sink, q_mem = (rng.normal(0, 1, (N, n_kv * group * H)).astype(np.float32) for _ in range(3))
+    got = call_infllm(driver, "infllm", kv, n_kv, group, H, B, K, n_sink, W, N, T, R, keys, q, q_sink, q_mem)
+    checks = infllm_reference(stored(keys, kv, H), keys, q, q_sink, q_mem, n_kv, group, H, B, K, n_sink,
+                              W, N, T, R, got)
+    n_chosen = sum(len(v) for v in got["chosen"].values())
+    print(f"\n[infllm {case} {kv}] {checks} checks, {len(got['repr']) // (n_kv * group)} blocks "
+          f"represented, {n_chosen} retrievals")
+    assert n_chosen > 0 and got["repr"]
+
+
+def test_infllm_representatives(driver):
+    """block_represent() on given scores: exact ties go to the lower position, and the two
+    heads of one kv head (GQA) pick different tokens, so their representatives differ."""
+    n_kv, group, H, B, R, n_sink, N = 2, 2, 4, 6, 3, 2, 24
+    rng = np.random.default_rng(7)
+    keys = rng.normal(0, 1, (N, n_kv * H)).astype(np.float32)
+    s = rng.integers(0, 3, (n_kv * group, N)).astype(np.float32)   # many exact ties
+    s[0, 6:12] = [5, 1, 1, 5, 0, 5]   # head 0, block 1: 6, 9, 11 (three 5s)
+    s[1, 6:12] = [0, 4, 4, 0, 4, 1]   # head 1 (same kv head): 7, 8, 10
+    got = call_infllm(driver, "represent", "f32", n_kv, group, H, B, 1, n_sink, N, N, 1, R, keys, s)
+    k = keys.reshape(N, n_kv, H).astype(np.float64)
+    for b in range(n_sink // B, N // B):
+        want = represent(k, s, B, R, n_sink, group, b)
+        for h in range(n_kv * group):
+            assert np.abs(got["repr"][b, h] - want[h]).max() <= 1e-6, (b, h)
+    assert np.allclose(got["repr"][1, 0], k[[6, 9, 11], 0].mean(0), atol=1e-6)
+    assert np.allclose(got["repr"][1, 1], k[[7, 8, 10], 0].mean(0), atol=1e-6)
+    assert len(got["repr"]) == (N // B - n_sink // B) * n_kv * group
+
+
+@pytest.mark.parametrize("chunk", [8, 1])
+@pytest.mark.parametrize("kv", ["f32", "q8"])
+def test_infllm_all_blocks_is_full_attention(tiny_model, kv, chunk):
+    """--memory-score infllm with every complete block retrieved, plus the remainder it always
+    attends to, keys at their true positions and no sinks: full attention bit for bit
+    (--reference). One block is neither that nor Quest's choice of one block."""
+    model, d = tiny_model
+    ids = [int(i) for i in np.random.default_rng(5).integers(0, 256, SEQ)]
+    base = ["--reference", "--kv-type", kv, "--chunk", chunk]
+    full = logits(model, ids, d, *base)
+    infllm = ["--memory-score", "infllm", "--memory-repr", 2]
+    every = logits(model, ids, d, *base, *MEMORY_ALL, *infllm)
+    assert np.array_equal(every, full), rel_err(every, full)
+    one = logits(model, ids, d, *base, *MEMORY_ONE, *infllm)
+    quest = logits(model, ids, d, *base, *MEMORY_ONE)
+    print(f"\n[infllm {kv} chunk {chunk}] all blocks == full attention; one block differs from full "
+          f"attention by {rel_err(one, full):.3g}, from Quest's one block by {rel_err(one, quest):.3g}")
+    assert min(rel_err(one, full), rel_err(one, quest)) > 1e-3
