@@ -1221,7 +1221,7 @@ static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const 
     size_t first_block = ls->n_sink / m->block;
     size_t end_block = last.lo > ls->n_sink ? (last.lo - 1) / m->block + 1 : first_block;
     if (m->score == SCORE_INFLLM) end_block = min_size(end_block, ml->n_complete);
-    size_t n_blocks = end_block - first_block;
+    size_t n_blocks = end_block > first_block ? end_block - first_block : 0;
     int H = c->head_dim;
     int group = c->n_heads / c->n_kv_heads;
     float *mean = memory_scratch(m, SCRATCH_MEAN, (size_t)c->q_dim, sizeof(float));
