@@ -4066,6 +4066,11 @@ static int bench_config(const Transformer *t, const Options *o, Field *f) {
     set_field(&f[n++], "sinks", 0, "%ld", o->attn.n_sink);
     set_field(&f[n++], "lminf", 0, "%s", o->attn.lminf ? "true" : "false");
     set_field(&f[n++], "lminf_limit", 0, "%ld", o->attn.limit);
+    const ContextMemory *m = t->memory;
+    set_field(&f[n++], "memory", 1, "%s", m ? o->memory_score : "none");
+    set_field(&f[n++], "memory_block", 0, "%d", m ? m->block : 0);
+    set_field(&f[n++], "memory_blocks", 0, "%d", m ? m->top_k : 0);
+    set_field(&f[n++], "memory_true_pos", 0, "%s", m && m->true_positions ? "true" : "false");
     const char *rope = lc->rope_type == ROPE_DEFAULT ? "none" : rope_type_name(lc->rope_type);
     set_field(&f[n++], "rope_scaling", 1, "%s", rope);
     set_field(&f[n++], "rope_factor", 0, "%g", lc->rope_type == ROPE_DEFAULT ? 1 : lc->factor);
@@ -4132,7 +4137,7 @@ typedef struct {
 // What one bench row prints: its own fields after the shared ones.
 typedef struct {
     const Options *o;
-    Field config[16];
+    Field config[24];
     int n_config, first;
     StateTiming state[MAX_LIST * KV_COUNT];
     int n_state;
