@@ -932,6 +932,7 @@ typedef struct {
     float *token_score;        // infllm: (n_heads, score_ring) s_h(t) of position t at t % ring
     size_t score_ring;         // infllm: W + B + max_T, more than the positions not complete
     size_t n_complete;         // infllm: blocks 0 .. n_complete-1 have their representatives
+    size_t scored_end;         // infllm: the position after the last chunk's
     size_t cap;                // positions allocated
     size_t n_pos;              // positions stored
     int key_fd, value_fd;      // the files key and value are mapped from, once on file
@@ -1203,6 +1204,17 @@ static float chunk_score(const ContextMemory *m, const MemoryLayer *ml, const KV
     return score;
 }
 
+// Infllm, a chunk at pos0 in a text that went back (passkey's next trial starts again at 0,
+// bench repeats a test at one depth): the blocks complete at pos0 keep their representatives,
+// which only queries before pos0 shaped; the later ones are not complete any more. (The scores
+// of positions not complete still hold what the abandoned queries added: exact from 0 only.)
+static void memory_rewind(ContextMemory *m, const KVCache *kv, int layer, size_t pos0) {
+    MemoryLayer *ml = &m->layers[layer];
+    if (pos0 < ml->scored_end)
+        ml->n_complete = min_size(ml->n_complete, visible_keys(kv, layer, pos0).lo / m->block);
+    ml->scored_end = pos0;
+}
+
 static int compare_ints(const void *a, const void *b) {
     return (*(const int *)a > *(const int *)b) - (*(const int *)a < *(const int *)b);
 }
@@ -1220,6 +1232,7 @@ static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const 
     VisibleKeys last = visible_keys(kv, layer, pos0 + T - 1);
     size_t first_block = ls->n_sink / m->block;
     size_t end_block = last.lo > ls->n_sink ? (last.lo - 1) / m->block + 1 : first_block;
+    if (m->score == SCORE_INFLLM) memory_rewind(m, kv, layer, pos0);
     if (m->score == SCORE_INFLLM) end_block = min_size(end_block, ml->n_complete);
     size_t n_blocks = end_block > first_block ? end_block - first_block : 0;
     int H = c->head_dim;
@@ -1372,6 +1385,7 @@ static void memory_complete(ContextMemory *m, const KVCache *kv, int layer, size
                             float *buf) {
     MemoryLayer *ml = &m->layers[layer];
     size_t lo = visible_keys(kv, layer, next_pos).lo;
+    ml->scored_end = next_pos;
     while ((ml->n_complete + 1) * m->block <= lo) {
         block_represent(m, kv, layer, ml->n_complete, buf);
         ml->n_complete++;

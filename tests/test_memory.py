@@ -27,9 +27,11 @@ Tang et al. 2024).
    from the queries whose window holds it, (b) the representatives (mean of the top-R keys),
    (c) each chunk's block scores sum_h <qbar_h, r_b,h> and chosen blocks; the represent mode
    checks exact ties (lower position) and two heads of one kv head picking different tokens;
-   through ./run, every block retrieved is full attention bit for bit. Mutants seen failing:
-   ties to the higher position, the query's own position left out of its scores, the
-   remainder left out, one head of the group scored, blocks completed a position early.
+   through ./run, every block retrieved is full attention bit for bit. The driver runs its text
+   twice (as passkey's trials do) and the second pass is checked: no block of the first may
+   count as complete. Mutants seen failing: ties to the higher position, the query's own
+   position left out of its scores, the remainder left out, one head of the group scored,
+   blocks completed a position early, the first pass's blocks kept.
 """
 import os
 import re
