@@ -1298,12 +1298,14 @@ typedef struct {
     const float *q_mem;   // (T, q_dim) the queries rotated at memory_query_pos()
     const size_t *pos;    // (n_kv_heads, stride) kv head g's memory positions
     const size_t *n;      // (n_kv_heads) how many
-    size_t stride;        // K B: the most a kv head retrieves
+    size_t stride;        // the most a kv head sees: K B (infllm: + its remainder)
 } MemoryKeys;
 
 static MemoryKeys chunk_memory(ContextMemory *m, const KVCache *kv, int layer,
                                const float *q_mem, int T, size_t pos0) {
     size_t stride = max_size(mul_size(m->top_k, m->block, "memory"), 1);
+    if (m->score == SCORE_INFLLM)   // and the remainder memory_positions() adds
+        stride = add_size(stride, (size_t)m->block + (size_t)T, "memory");
     size_t *pos = memory_scratch(m, SCRATCH_KERNEL_POSITIONS,
                                  mul_size(stride, kv->n_kv_heads, "memory"), sizeof(size_t));
     size_t *n = memory_scratch(m, SCRATCH_KERNEL_COUNTS, kv->n_kv_heads, sizeof(size_t));

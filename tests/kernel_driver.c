@@ -127,6 +127,24 @@ static void check_attention(KVType kt, int H, int n_heads, int n_kv_heads, size_
     free_cache(&kv);
 }
 
+// x[0..n) uniform in [-2, 2).
+static void random_fill(float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] = 4 * random_f32(&rng) - 2;
+}
+
+// Random f32 copies for a layer's first n_sink sinks, keys and values.
+static void random_sinks(KVCache *kv, long n_sink) {
+    random_fill(kv->sink_key, (size_t)n_sink * kv->kv_dim);
+    random_fill(kv->sink_value, (size_t)n_sink * kv->kv_dim);
+}
+
+// The largest |out[i] - ref[i]| (the outputs are O(1)).
+static double worst_difference(const float *out, const float *ref, size_t n) {
+    double worst = 0;
+    for (size_t i = 0; i < n; i++) worst = fmax(worst, fabs((double)out[i] - ref[i]));
+    return worst;
+}
+
 // attention() against attention_reference() on one cache of any type, with sinks (StreamingLLM
 // or LM-Infinite's global tokens): both read the same stored rows through the KV cache
 // section, so only their summation order differs. Keys, values, queries and the sinks' copies
@@ -143,30 +161,23 @@ static void check_against_reference(KVType kt, int H, int n_heads, int n_kv_head
     float *row = xcalloc(c.kv_dim, sizeof(float), "row");
     for (size_t p = 0; p < n; p++) {   // positions before the window are stored too: unseen
         size_t slot = kv_slot(&kv.layers[0], p);
-        for (int i = 0; i < c.kv_dim; i++) row[i] = 4 * random_f32(&rng) - 2;
+        random_fill(row, c.kv_dim);
         kv_store(&kv, kv.key + slot * kv.row_bytes, row);
-        for (int i = 0; i < c.kv_dim; i++) row[i] = 4 * random_f32(&rng) - 2;
+        random_fill(row, c.kv_dim);
         kv_store(&kv, kv.value + slot * kv.row_bytes, row);
     }
-    for (size_t i = 0; i < (size_t)n_sink * c.kv_dim; i++) {
-        kv.sink_key[i] = 4 * random_f32(&rng) - 2;
-        kv.sink_value[i] = 4 * random_f32(&rng) - 2;
-    }
+    random_sinks(&kv, n_sink);
     size_t q_floats = (size_t)T * c.q_dim;
     float *q = xcalloc(q_floats, sizeof(float), "q");
     float *q_sink = xcalloc(q_floats, sizeof(float), "q_sink");
     float *out = xcalloc(q_floats, sizeof(float), "out");
     float *ref = xcalloc(q_floats, sizeof(float), "ref");
-    for (size_t i = 0; i < q_floats; i++) q[i] = 4 * random_f32(&rng) - 2;
-    for (size_t i = 0; i < q_floats; i++) q_sink[i] = 4 * random_f32(&rng) - 2;
+    random_fill(q, q_floats);
+    random_fill(q_sink, q_floats);
     KernelWork *kw = new_kernel_work(8, T, H, n_heads);
     attention(out, q, q_sink, &kv, NULL, 0, &c, T, pos0, kw);
     attention_reference(ref, q, q_sink, &kv, 0, &c, T, pos0);
-    double worst = 0;
-    for (size_t i = 0; i < q_floats; i++) {   // values are O(1)
-        double e = fabs((double)out[i] - ref[i]);
-        worst = e > worst ? e : worst;
-    }
+    double worst = worst_difference(out, ref, q_floats);
     char what[96];
     snprintf(what, sizeof(what), "vs reference %s H %d, %d/%d, W %zu, %s %ld, pos %zu, T = %d",
              kv_type_names[kt], H, n_heads, n_kv_heads, window, lminf ? "global" : "sinks",
@@ -200,37 +211,30 @@ static void check_memory_against_reference(KVType kt, int H, int n_heads, int n_
     float *k = xcalloc(c.kv_dim, sizeof(float), "row");
     float *v = xcalloc(c.kv_dim, sizeof(float), "row");
     for (size_t p = 0; p < n; p++) {
-        for (int i = 0; i < c.kv_dim; i++) k[i] = 4 * random_f32(&rng) - 2;
-        for (int i = 0; i < c.kv_dim; i++) v[i] = 4 * random_f32(&rng) - 2;
+        random_fill(k, c.kv_dim);
+        random_fill(v, c.kv_dim);
         size_t slot = kv_slot(&kv.layers[0], p);
         kv_store(&kv, kv.key + slot * kv.row_bytes, k);
         kv_store(&kv, kv.value + slot * kv.row_bytes, v);
         memory_write(m, &kv, 0, p, k, v);
     }
     memory_bounds(m, &kv, 0, 0, n, k);
-    for (size_t i = 0; i < (size_t)n_sink * c.kv_dim; i++) {
-        kv.sink_key[i] = 4 * random_f32(&rng) - 2;
-        kv.sink_value[i] = 4 * random_f32(&rng) - 2;
-    }
+    random_sinks(&kv, n_sink);
     size_t q_floats = (size_t)T * c.q_dim;
     float *q = xcalloc(q_floats, sizeof(float), "q");
     float *q_sink = xcalloc(q_floats, sizeof(float), "q_sink");
     float *q_mem = xcalloc(q_floats, sizeof(float), "q_mem");
     float *out = xcalloc(q_floats, sizeof(float), "out");
     float *ref = xcalloc(q_floats, sizeof(float), "ref");
-    for (size_t i = 0; i < q_floats; i++) q[i] = 4 * random_f32(&rng) - 2;
-    for (size_t i = 0; i < q_floats; i++) q_sink[i] = 4 * random_f32(&rng) - 2;
-    for (size_t i = 0; i < q_floats; i++) q_mem[i] = 4 * random_f32(&rng) - 2;
+    random_fill(q, q_floats);
+    random_fill(q_sink, q_floats);
+    random_fill(q_mem, q_floats);
     memory_select(m, &kv, 0, q_mem, &c, T, pos0);
     KernelWork *kw = new_kernel_work(8, T, H, n_heads);
     MemoryKeys mk = chunk_memory(m, &kv, 0, q_mem, T, pos0);
     attention(out, q, q_sink, &kv, &mk, 0, &c, T, pos0, kw);
     attention_memory(ref, q, q_sink, q_mem, &kv, m, 0, &c, T, pos0);
-    double worst = 0;
-    for (size_t i = 0; i < q_floats; i++) {   // values are O(1)
-        double e = fabs((double)out[i] - ref[i]);
-        worst = e > worst ? e : worst;
-    }
+    double worst = worst_difference(out, ref, q_floats);
     char what[96];
     snprintf(what, sizeof(what), "memory %s H %d, %d/%d, W %zu, S %ld, B %d K %d, pos %zu, T = %d",
              kv_type_names[kt], H, n_heads, n_kv_heads, window, n_sink, B, K, pos0, T);

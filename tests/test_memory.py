@@ -165,13 +165,18 @@ def stored(keys, kv, H):
     return (scale * q).astype(np.float32).reshape(keys.shape)
 
 
-def call_driver(exe, kv, n_kv, group, H, B, K, n_sink, W, N, T, step, keys, q):
-    args = [kv, n_kv, group, H, B, K, n_sink, W, N, T, step]
-    stdin = " ".join(f"{v:.9g}" for v in np.concatenate([keys.ravel(), q.ravel()]))
+def driver_lines(exe, args, *arrays):
+    """memory_driver.c run with args, the arrays' floats on stdin: its output lines."""
+    stdin = " ".join(f"{v:.9g}" for v in np.concatenate([a.ravel() for a in arrays]))
     r = subprocess.run([exe, *map(str, args)], input=stdin, capture_output=True, text=True)
     assert r.returncode == 0 and not r.stderr, r.stderr
+    return r.stdout.splitlines()
+
+
+def call_driver(exe, kv, n_kv, group, H, B, K, n_sink, W, N, T, step, keys, q):
+    args = [kv, n_kv, group, H, B, K, n_sink, W, N, T, step]
     out = {"stored": {}, "bounds": {}, "score": {}, "single": {}, "chosen": {}}
-    for line in r.stdout.splitlines():
+    for line in driver_lines(exe, args, keys, q):
         tag, *f = line.split()
         if tag == "stored":
             out[tag][int(f[0])] = np.array(f[1:], dtype=np.float32)
@@ -327,12 +332,9 @@ def test_memory_on_file_equals_memory_in_ram(tiny_model, tmp_path):
 # tests/memory_driver.c's infllm and represent modes, against numpy
 
 def call_infllm(exe, mode, kv, n_kv, group, H, B, K, n_sink, W, N, T, R, *arrays):
-    stdin = " ".join(f"{v:.9g}" for v in np.concatenate([a.ravel() for a in arrays]))
     args = [mode, kv, n_kv, group, H, B, K, n_sink, W, N, T, R]
-    r = subprocess.run([exe, *map(str, args)], input=stdin, capture_output=True, text=True)
-    assert r.returncode == 0 and not r.stderr, r.stderr
     out = {"chosen": {}, "score": {}, "tscore": {}, "complete": {}, "repr": {}}
-    for line in r.stdout.splitlines():
+    for line in driver_lines(exe, args, *arrays):
         tag, *f = line.split()
         if tag == "chosen":
             out[tag][int(f[0]), int(f[1])] = [int(b) for b in f[2:]]
