@@ -266,24 +266,27 @@ _Static_assert(sizeof(TokMerge) == 16, "TokMerge has padding");
 //                             rows of row_bytes, layer after layer, row p position p's key as
 //                             the memory stores it (unrotated, or rotated to p: true positions)
 //   sections[ST_MEM_VALUES]   the same for the values
-//   sections[ST_MEM_KEY_MAX]  float32[n_layers][blocks][kv_dim]: each block's channel-wise key
-//                             maximum, blocks = ceil(memory_positions / memory_block)
-//   sections[ST_MEM_KEY_MIN]  the same for the minimum
+//   sections[ST_MEM_BOUNDS]   int8[n_layers][blocks][n_kv_heads][2][head_dim]: each block's
+//                             channel-wise key maximum, then minimum, in steps of its scale
+//                             (the maximum rounded up, the minimum down), blocks =
+//                             ceil(memory_positions / memory_block)
+//   sections[ST_MEM_BOUND_SCALES] float32[n_layers][blocks][n_kv_heads]: those steps
 //
 // Without a memory the four memory sections are empty. The block bounds are saved, not
-// recomputed from the keys at load: they cost 2 kv_dim floats per block against the block's
+// recomputed from the keys at load: they cost 2 kv_dim bytes per block against the block's
 // 2 B rows, and loading stays a copy instead of dequantizing every key.
 // Slots no position reached yet are left as holes in the file (no disk blocks), so a state's
 // disk use grows with its tokens, not with the context it was made for.
-// Version 1 (no memory fields, 9 sections) is refused: save the state again.
+// Versions 1 (no memory fields, 9 sections) and 2 (float32 bounds) are refused: save the
+// state again.
 #define LR_STATE_MAGIC 0x5453524Cu   // bytes "LRST"
-#define LR_STATE_VERSION 2
+#define LR_STATE_VERSION 3
 #define LR_STATE_ALIGN 4096          // a page: the key and value rows are mapped in place
 
 typedef enum {
     ST_LAYER_CONFIG = 0, ST_SLOTS, ST_ROPE_LEN, ST_TOKENS, ST_LOGITS,
     ST_SINK_KEYS, ST_SINK_VALUES, ST_KEYS, ST_VALUES,
-    ST_MEM_KEYS, ST_MEM_VALUES, ST_MEM_KEY_MAX, ST_MEM_KEY_MIN, ST_COUNT
+    ST_MEM_KEYS, ST_MEM_VALUES, ST_MEM_BOUNDS, ST_MEM_BOUND_SCALES, ST_COUNT
 } StateSection;
 
 // What the tokens are: a plain text (generate, ppl, logits), or a chat's opening up to the end
@@ -315,6 +318,8 @@ typedef struct {
     uint64_t n_tokens;            // positions filled
     uint32_t kind;                // StateKind
     uint32_t chat_template;       // ChatTemplate of STATE_CHAT_DOCUMENT (else 0)
+    uint32_t n_kv_heads;          // kv heads in a position's key (kv_dim = n_kv_heads head_dim)
+    uint32_t head_dim;            // values in one kv head's key
     // The context memory's settings (all 0 without --memory), each of which shaped what the
     // cache holds as --window does; --memory-budget only says where the rows live, and is not
     // recorded:
@@ -325,7 +330,7 @@ typedef struct {
     uint64_t memory_positions;    // positions the memory holds: n_tokens (0 without a memory)
     StateSectionEntry sections[ST_COUNT];
 } StateHeader;
-#define LR_STATE_HEADER_SIZE 360
+#define LR_STATE_HEADER_SIZE 368
 
 // One layer's slots (run.c's LayerSlots): sinks first, then a ring.
 typedef struct {

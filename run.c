@@ -426,6 +426,11 @@ static const float *weight_row(const Tensor *w, size_t row, float *scratch) {
 // with it. In kernels.c, as F16C does it in one instruction where the processor has it.
 static void f16_to_f32_row(float *dst, const uint8_t *src, int n);
 
+// sum_i w_i c_i over n floats w and int8s c: the context memory scores its blocks' bounds,
+// kept as int8 steps, with it. In kernels.c, as AVX2 widens 8 int8s to floats in two
+// instructions where the compiler's own vector code takes many more.
+static float dot_i8(const float *w, const int8_t *c, int n);
+
 // ----------------------------------------------------------------------------
 // RoPE: rotation frequencies per layer, and the rotation itself
 
@@ -916,6 +921,9 @@ static size_t kv_continue_streaming(KVCache *kv, int n_layers) {
 // block's keys, sum_i max(q_i M_i, q_i m_i) >= q . k for every key k of the block; q is the
 // mean of the chunk's queries of each head of a kv head's group, the scores of the group's
 // heads are added, and the K best blocks are the kv head's, for every query of the chunk.
+// M and m are kept in int8 steps of a scale per block and kv head, M rounded up and m down
+// (round_bounds_out()): wider bounds, so the inequality still holds, in a quarter of the bytes
+// that every decoded token reads for every block (bound_score()).
 // --memory-score infllm scores blocks by InfLLM's representative tokens instead
 // (block_represent(), memory_select()). Positions: memory_query_pos().
 
@@ -924,7 +932,9 @@ typedef enum { SCORE_QUEST, SCORE_INFLLM } MemoryScore;
 
 typedef struct {
     uint8_t *key, *value;      // (cap, row_bytes) position p's key, unrotated, and value
-    float *key_max, *key_min;  // (cap / B + 1, kv_dim) each block's channel-wise key bounds
+    int8_t *bounds;            // (cap / B + 1, n_kv_heads, 2, H) each block's channel-wise
+                               // key max, then min, in steps of its scale, rounded outward
+    float *bound_scale;        // (cap / B + 1, n_kv_heads) those steps
     int *chosen;               // (n_kv_heads, K) the blocks the chunk retrieved, ascending
     int *n_chosen;             // (n_kv_heads)
     float *repr;               // infllm: (cap / B + 1, n_heads, H) each complete block's
@@ -940,7 +950,8 @@ typedef struct {
 
 // The scratch buffers of the memory's per-chunk work.
 typedef enum {
-    SCRATCH_MEAN, SCRATCH_SCORES, SCRATCH_BEST,          // memory_select()
+    SCRATCH_MEAN, SCRATCH_SPLIT, SCRATCH_SCORES, SCRATCH_BEST,   // memory_select()
+    SCRATCH_BLOCK,                                       // memory_bounds()
     SCRATCH_ROW_PTRS, SCRATCH_ROWS, SCRATCH_POSITIONS,   // attention_memory(): the chunk's rows
     SCRATCH_WEIGHTS, SCRATCH_LISTS,                      // attention_memory(): per thread
     SCRATCH_KERNEL_POSITIONS, SCRATCH_KERNEL_COUNTS,     // chunk_memory()
@@ -1036,7 +1047,7 @@ static void free_memory(ContextMemory *m, int n_layers) {
     if (!m) return;
     for (int l = 0; l < n_layers; l++) {
         MemoryLayer *ml = &m->layers[l];
-        void *buffers[] = { ml->key_max, ml->key_min, ml->chosen, ml->n_chosen, ml->repr,
+        void *buffers[] = { ml->bounds, ml->bound_scale, ml->chosen, ml->n_chosen, ml->repr,
                             ml->token_score };
         for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
         size_t bytes = ml->cap * m->row_bytes;
@@ -1107,9 +1118,10 @@ static void memory_reserve(ContextMemory *m, const KVCache *kv, int layer, size_
     if (!m->on_file && m->bytes > m->budget) memory_to_files(m);
     ml->key = store_grow(ml->key, old, new, m->on_file ? ml->key_fd : -1);
     ml->value = store_grow(ml->value, old, new, m->on_file ? ml->value_fd : -1);
-    size_t bounds = mul_size(blocks, kv->kv_dim, "the context memory");
-    ml->key_max = resize(ml->key_max, bounds, sizeof(float), "the context memory");
-    ml->key_min = resize(ml->key_min, bounds, sizeof(float), "the context memory");
+    size_t bounds = mul_size(blocks, 2 * kv->kv_dim, "the context memory");
+    ml->bounds = resize(ml->bounds, bounds, 1, "the context memory");
+    ml->bound_scale = resize(ml->bound_scale, mul_size(blocks, kv->n_kv_heads, "memory"),
+                             sizeof(float), "the context memory");
     if (m->score == SCORE_INFLLM) {
         size_t reprs = mul_size(blocks, (size_t)m->n_heads * kv->head_dim, "the context memory");
         ml->repr = resize(ml->repr, reprs, sizeof(float), "the context memory");
@@ -1126,23 +1138,69 @@ static void memory_write(ContextMemory *m, const KVCache *kv, int layer, size_t 
     kv_store(kv, ml->value + pos * kv->row_bytes, v);
 }
 
-// After positions p0 .. p0+n-1 are written: their blocks' bounds, from the keys as stored.
+// A whole number of steps as an int8, within +-127 (damaged keys' NaN and infinities: 0, +-127).
+static int8_t saturate_step(float steps) {
+    if (isnan(steps)) return 0;
+    return (int8_t)max_float(-127, min_float(127, steps));
+}
+
+// One kv head's channel-wise bounds hi >= lo (H each) in int8 steps of the returned scale,
+// rounded outward: codes[0 .. H-1] * scale >= hi and codes[H .. 2H-1] * scale <= lo (Quest's
+// inequality survives). The scale is the largest |bound| / 127, nudged up until that bound is
+// at most 127 steps both ways of rounding it (divided and multiplied), so no code passes 127;
+// each code is moved one more step where the float product falls short of its bound.
+static float round_bounds_out(const float *hi, const float *lo, int H, int8_t *codes) {
+    float amax = 0;
+    for (int i = 0; i < H; i++) amax = max_float(amax, max_float(fabsf(hi[i]), fabsf(lo[i])));
+    if (amax == 0) {
+        memset(codes, 0, 2 * (size_t)H);
+        return 0;
+    }
+    float scale = amax / 127;
+    while (amax / scale > 127 || scale * 127 < amax) scale = nextafterf(scale, INFINITY);
+    for (int i = 0; i < H; i++) {
+        float up = ceilf(hi[i] / scale);
+        float down = floorf(lo[i] / scale);
+        if (up * scale < hi[i]) up += 1;
+        if (down * scale > lo[i]) down -= 1;
+        codes[i] = saturate_step(up);
+        codes[H + i] = saturate_step(down);
+    }
+    return scale;
+}
+
+// Block b's bounds from its keys as stored, positions b B .. end-1 (those written so far; hi
+// and lo: kv_dim floats of scratch, buf H), kept as round_bounds_out()'s steps.
+static void block_bounds(ContextMemory *m, const KVCache *kv, int layer, size_t b, size_t end,
+                         float *hi, float *lo, float *buf) {
+    MemoryLayer *ml = &m->layers[layer];
+    int H = kv->head_dim;
+    for (size_t p = b * m->block; p < end; p++)
+        for (int g = 0; g < kv->n_kv_heads; g++) {
+            const float *key = kv_head(kv, ml->key + p * kv->row_bytes, g, buf);
+            float *gh = hi + (size_t)g * H;
+            float *gl = lo + (size_t)g * H;
+            int first = p == b * m->block;
+            for (int i = 0; i < H; i++) gh[i] = first ? key[i] : max_float(gh[i], key[i]);
+            for (int i = 0; i < H; i++) gl[i] = first ? key[i] : min_float(gl[i], key[i]);
+        }
+    for (int g = 0; g < kv->n_kv_heads; g++) {
+        int8_t *codes = ml->bounds + (b * kv->n_kv_heads + g) * 2 * H;
+        ml->bound_scale[b * kv->n_kv_heads + g] =
+            round_bounds_out(hi + (size_t)g * H, lo + (size_t)g * H, H, codes);
+    }
+}
+
+// After positions p0 .. p0+n-1 are written: the bounds of the blocks holding them, each from
+// all its positions so far (a block a chunk ends inside is read again by the next: at most
+// B - 1 rows more per call, and a text that went back needs no undoing).
 static void memory_bounds(ContextMemory *m, const KVCache *kv, int layer, size_t p0, size_t n,
                           float *buf) {
     MemoryLayer *ml = &m->layers[layer];
-    int H = kv->head_dim;
-    for (size_t p = p0; p < p0 + n; p++) {
-        float *hi = ml->key_max + p / m->block * kv->kv_dim;
-        float *lo = ml->key_min + p / m->block * kv->kv_dim;
-        int first = p % m->block == 0;
-        for (int g = 0; g < kv->n_kv_heads; g++) {
-            const float *key = kv_head(kv, ml->key + p * kv->row_bytes, g, buf);
-            for (int i = 0; i < H; i++) {
-                size_t at = (size_t)g * H + i;
-                hi[at] = first ? key[i] : max_float(hi[at], key[i]);
-                lo[at] = first ? key[i] : min_float(lo[at], key[i]);
-            }
-        }
+    float *hi = memory_scratch(m, SCRATCH_BLOCK, 2 * (size_t)kv->kv_dim, sizeof(float));
+    for (size_t b = p0 / m->block; b * m->block < p0 + n; b++) {
+        size_t end = min_size((b + 1) * m->block, p0 + n);
+        block_bounds(m, kv, layer, b, end, hi, hi + kv->kv_dim, buf);
     }
     ml->n_pos = max_size(ml->n_pos, p0 + n);
 }
@@ -1156,14 +1214,30 @@ static size_t memory_query_pos(const ContextMemory *m, const LayerSlots *ls, siz
     return m->true_positions ? pos : min_size(pos, ls->window - 1);
 }
 
-// Quest's bound of block b for one head's query q (H): sum_i max(q_i M_i, q_i m_i).
-static float block_score(const MemoryLayer *ml, const KVCache *kv, size_t b, int g,
-                         const float *q) {
-    const float *hi = ml->key_max + b * kv->kv_dim + (size_t)g * kv->head_dim;
-    const float *lo = ml->key_min + b * kv->kv_dim + (size_t)g * kv->head_dim;
-    float score = 0;
-    for (int i = 0; i < kv->head_dim; i++) score += max_float(q[i] * hi[i], q[i] * lo[i]);
-    return score;
+// A kv head's group of queries (group rows of H) split as Quest's bound takes them:
+// pos_i = sum_h max(q_h,i, 0) and neg_i = sum_h min(q_h,i, 0).
+static void split_queries(const float *q, int group, int H, float *pos, float *neg) {
+    for (int i = 0; i < H; i++) {
+        pos[i] = 0;
+        neg[i] = 0;
+    }
+    for (int h = 0; h < group; h++)
+        for (int i = 0; i < H; i++) {
+            pos[i] += max_float(q[(size_t)h * H + i], 0);
+            neg[i] += min_float(q[(size_t)h * H + i], 0);
+        }
+}
+
+// Quest's bound of block b for kv head g summed over its group's queries, from their split
+// (pos, neg: H each): as M_i >= m_i, max(q_i M_i, q_i m_i) = max(q_i, 0) M_i + min(q_i, 0) m_i,
+// so sum_h sum_i max(q_h,i M_i, q_h,i m_i) = sum_i pos_i M_i + neg_i m_i: one dot product of
+// the split (pos, then neg: 2 H) with the block's steps (its maxima, then minima), for the
+// whole group. Decode runs this for every block of every layer, hence dot_i8().
+static float bound_score(const MemoryLayer *ml, const KVCache *kv, size_t b, int g,
+                         const float *split) {
+    size_t at = b * kv->n_kv_heads + g;
+    const int8_t *steps = ml->bounds + at * 2 * kv->head_dim;
+    return ml->bound_scale[at] * dot_i8(split, steps, 2 * kv->head_dim);
 }
 
 // Keep the K best (block, score) pairs in best (sorted by score, ties to the lower block).
@@ -1194,14 +1268,13 @@ static float repr_score(const ContextMemory *m, const MemoryLayer *ml, const KVC
     return score;
 }
 
-// A chunk's score of block b for kv head g (mean: the mean queries of its group's heads):
-// Quest's bounds summed over the heads, or InfLLM's representatives.
+// A chunk's score of block b for kv head g (mean: the mean queries of its group's heads, group
+// rows of H; split: split_queries() of them, 2 H): Quest's bounds summed over the heads, or
+// InfLLM's representatives.
 static float chunk_score(const ContextMemory *m, const MemoryLayer *ml, const KVCache *kv,
-                         size_t b, int g, int group, const float *mean) {
+                         size_t b, int g, int group, const float *mean, const float *split) {
     if (m->score == SCORE_INFLLM) return repr_score(m, ml, kv, b, g, group, mean);
-    float score = 0;
-    for (int h = 0; h < group; h++) score += block_score(ml, kv, b, g, mean + h * kv->head_dim);
-    return score;
+    return bound_score(ml, kv, b, g, split);
 }
 
 // Infllm, a chunk at pos0 in a text that went back (passkey's next trial starts again at 0,
@@ -1238,18 +1311,24 @@ static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const 
     int H = c->head_dim;
     int group = c->n_heads / c->n_kv_heads;
     float *mean = memory_scratch(m, SCRATCH_MEAN, (size_t)c->q_dim, sizeof(float));
+    float *split = memory_scratch(m, SCRATCH_SPLIT, 2 * (size_t)c->kv_dim, sizeof(float));
     float *scores = memory_scratch(m, SCRATCH_SCORES, max_size(n_blocks * c->n_kv_heads, 1),
                                    sizeof(float));   // (n_kv_heads, n_blocks)
     float *best_score = memory_scratch(m, SCRATCH_BEST, max_size(m->top_k, 1), sizeof(float));
     memset(mean, 0, (size_t)c->q_dim * sizeof(float));
     for (int t = 0; t < T; t++)   // each head's mean query (q_dim)
         for (int i = 0; i < c->q_dim; i++) mean[i] += q_mem[(size_t)t * c->q_dim + i] / T;
+    for (int g = 0; g < c->n_kv_heads; g++) {   // (n_kv_heads, 2, H)
+        float *pos = split + (size_t)g * 2 * H;
+        split_queries(mean + (size_t)g * group * H, group, H, pos, pos + H);
+    }
     PARALLEL_FOR_IF(n_blocks >= 64)
     for (size_t i = 0; i < n_blocks; i++)
         for (int g = 0; g < c->n_kv_heads; g++) {
             const float *group_mean = mean + (size_t)g * group * H;
+            const float *group_split = split + (size_t)g * 2 * H;
             scores[(size_t)g * n_blocks + i] = chunk_score(m, ml, kv, first_block + i, g, group,
-                                                           group_mean);
+                                                           group_mean, group_split);
         }
     for (int g = 0; g < c->n_kv_heads; g++) {
         int *best = ml->chosen + (size_t)g * m->top_k;
@@ -2727,7 +2806,7 @@ static void state_layout(StateHeader *h) {
     size_t sink_floats = mul_size(mul_size(L, h->max_sink, "state"), h->kv_dim, "state");
     size_t rows = mul_size(h->n_slots, h->row_bytes, "state");
     size_t memory_rows = mul_size(mul_size(L, h->memory_positions, "state"), h->row_bytes, "state");
-    size_t bounds = mul_size(mul_size(L, state_memory_blocks(h), "state"), h->kv_dim, "state");
+    size_t blocks = mul_size(L, state_memory_blocks(h), "state");
     size_t sizes[ST_COUNT] = {
         [ST_LAYER_CONFIG] = mul_size(L, sizeof(LayerConfig), "state"),
         [ST_SLOTS] = mul_size(L, sizeof(StateSlots), "state"),
@@ -2740,8 +2819,9 @@ static void state_layout(StateHeader *h) {
         [ST_VALUES] = rows,
         [ST_MEM_KEYS] = memory_rows,
         [ST_MEM_VALUES] = memory_rows,
-        [ST_MEM_KEY_MAX] = mul_size(bounds, sizeof(float), "state"),
-        [ST_MEM_KEY_MIN] = mul_size(bounds, sizeof(float), "state"),
+        [ST_MEM_BOUNDS] = mul_size(blocks, mul_size(2, h->kv_dim, "state"), "state"),
+        [ST_MEM_BOUND_SCALES] = mul_size(mul_size(blocks, h->n_kv_heads, "state"),
+                                         sizeof(float), "state"),
     };
     size_t at = sizeof(StateHeader);
     for (int s = 0; s < ST_COUNT; s++) {
@@ -2779,6 +2859,8 @@ static StateHeader state_header(const Transformer *t, const StateText *text) {
     h.n_slots = kv->n_slots;
     h.max_sink = kv->max_sink;
     h.kv_dim = kv->kv_dim;
+    h.n_kv_heads = (uint32_t)kv->n_kv_heads;
+    h.head_dim = (uint32_t)kv->head_dim;
     h.row_bytes = kv->row_bytes;
     h.n_tokens = text->n_tokens;
     h.kind = (uint32_t)text->kind;
@@ -2817,15 +2899,16 @@ static void write_rows(OutputFile *out, size_t at, const KVCache *kv, const uint
 static void write_memory(OutputFile *out, const StateHeader *h, const ContextMemory *m) {
     size_t n = h->memory_positions;
     size_t rows = n * h->row_bytes;
-    size_t bounds = state_memory_blocks(h) * h->kv_dim * sizeof(float);
+    size_t bounds = state_memory_blocks(h) * 2 * h->kv_dim;
+    size_t scales = state_memory_blocks(h) * h->n_kv_heads * sizeof(float);
     const StateSectionEntry *sec = h->sections;
     for (int l = 0; l < m->n_layers; l++) {
         const MemoryLayer *ml = &m->layers[l];
         if (ml->n_pos < n) die("the context memory holds %zu of %zu positions", ml->n_pos, n);
         write_at(out, sec[ST_MEM_KEYS].offset + l * rows, ml->key, rows);
         write_at(out, sec[ST_MEM_VALUES].offset + l * rows, ml->value, rows);
-        write_at(out, sec[ST_MEM_KEY_MAX].offset + l * bounds, ml->key_max, bounds);
-        write_at(out, sec[ST_MEM_KEY_MIN].offset + l * bounds, ml->key_min, bounds);
+        write_at(out, sec[ST_MEM_BOUNDS].offset + l * bounds, ml->bounds, bounds);
+        write_at(out, sec[ST_MEM_BOUND_SCALES].offset + l * scales, ml->bound_scale, scales);
     }
 }
 
@@ -2986,6 +3069,7 @@ static void check_state_layout(const Transformer *t, const StateHeader *h, size_
     const Config *c = &t->config;
     if (h->n_layers != (uint32_t)c->n_layers || h->vocab_size != (uint32_t)c->vocab_size
         || h->n_slots != kv->n_slots || h->max_sink != kv->max_sink || h->kv_dim != kv->kv_dim
+        || h->n_kv_heads != (uint32_t)kv->n_kv_heads || h->head_dim != (uint32_t)kv->head_dim
         || h->row_bytes != kv->row_bytes || h->kind >= STATE_KIND_COUNT
         || min_size(h->context, h->n_slots) != kv->context || h->max_T != (uint32_t)kv->max_T
         || h->memory_positions != (h->memory ? h->n_tokens : 0))
@@ -3064,15 +3148,16 @@ static void load_memory(ContextMemory *m, const KVCache *kv, const StateHeader *
                         const uint8_t *base) {
     size_t n = h->memory_positions;
     size_t rows = n * kv->row_bytes;
-    size_t bounds = state_memory_blocks(h) * kv->kv_dim * sizeof(float);
+    size_t bounds = state_memory_blocks(h) * 2 * kv->kv_dim;
+    size_t scales = state_memory_blocks(h) * kv->n_kv_heads * sizeof(float);
     const StateSectionEntry *sec = h->sections;
     for (int l = 0; l < m->n_layers; l++) {
         MemoryLayer *ml = &m->layers[l];
         memory_reserve(m, kv, l, n);
         memcpy(ml->key, base + sec[ST_MEM_KEYS].offset + l * rows, rows);
         memcpy(ml->value, base + sec[ST_MEM_VALUES].offset + l * rows, rows);
-        memcpy(ml->key_max, base + sec[ST_MEM_KEY_MAX].offset + l * bounds, bounds);
-        memcpy(ml->key_min, base + sec[ST_MEM_KEY_MIN].offset + l * bounds, bounds);
+        memcpy(ml->bounds, base + sec[ST_MEM_BOUNDS].offset + l * bounds, bounds);
+        memcpy(ml->bound_scale, base + sec[ST_MEM_BOUND_SCALES].offset + l * scales, scales);
         ml->n_pos = n;
     }
 }
@@ -3131,7 +3216,7 @@ static void print_state_bill(const Transformer *t, const char *path, const Loade
     if (t->memory) {
         const StateSectionEntry *sec = h->sections;
         size_t copied = 0;
-        for (int s = ST_MEM_KEYS; s <= ST_MEM_KEY_MIN; s++) copied += sec[s].size;
+        for (int s = ST_MEM_KEYS; s <= ST_MEM_BOUND_SCALES; s++) copied += sec[s].size;
         fprintf(stderr, " + a context memory of %llu positions (%.1f MB copied into %s)",
                 (unsigned long long)h->memory_positions, copied / 1e6,
                 t->memory->on_file ? "files" : "RAM");

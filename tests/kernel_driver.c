@@ -251,7 +251,27 @@ static void check_memory_against_reference(KVType kt, int H, int n_heads, int n_
     free_cache(&kv);
 }
 
+// dot_i8() on n random floats and int8s against the sum in double.
+static void check_dot_i8(int n) {
+    float *w = malloc(n * sizeof(float));
+    int8_t *c = malloc(n);
+    double ref = 0, size = 0;
+    for (int i = 0; i < n; i++) {
+        w[i] = 2 * random_f32(&rng) - 1;
+        c[i] = (int8_t)(irand(255) - 127);
+        ref += (double)w[i] * c[i];
+        size += fabs((double)w[i] * c[i]);
+    }
+    char what[64];
+    snprintf(what, sizeof(what), "dot_i8 n=%d", n);
+    report(what, fabs(dot_i8(w, c, n) - ref) / size);
+    free(w);
+    free(c);
+}
+
 int main(void) {
+    check_dot_i8(128);   // a head of 64: its maxima and minima
+    check_dot_i8(16 * (1 + irand(8)) + 1 + irand(15));   // and a part step
     DType dts[] = {DT_F32, DT_F16, DT_BF16, DT_Q8_0};
     for (int d = 0; d < 4; d++) {
         check_matmul(dts[d], 37, 96, 1);     // decode: a dot product per row

@@ -11,7 +11,7 @@
 // last chunk's T query rows q_mem (N_KV * GROUP * H floats each; positions N-T .. N-1).
 // Output, one record a line (%.9g):
 //   stored P  the kv_dim floats of position P's key as stored (kv_head(): dequantized)
-//   bounds B G  H maxima, then H minima of block B, kv head G
+//   bounds B G S  block B's scale S for kv head G, then its H maxima and H minima in steps of S
 //   score G B S  Quest's bound of block B for kv head G's mean queries (summed over the group)
 //   single T Q B S  the bound of block B for query row T's head Q alone
 //   chosen G  the blocks memory_select() retrieved for kv head G, ascending
@@ -59,8 +59,8 @@ static float *read_floats(size_t n) {
     return x;
 }
 
-// The scores the chunk's selection ranks: block_score() of each head's mean query row (the
-// mean as memory_select() takes it), summed over the group, for the eligible blocks.
+// The scores the chunk's selection ranks: chunk_score() of the group's mean query rows (the
+// mean as memory_select() takes it, then split_queries()), for the eligible blocks.
 static void print_scores(const ContextMemory *m, const KVCache *kv, const Config *c,
                          const float *q_mem, const Setup *s) {
     const MemoryLayer *ml = &m->layers[0];
@@ -68,16 +68,19 @@ static void print_scores(const ContextMemory *m, const KVCache *kv, const Config
     size_t first = kv->layers[0].n_sink / m->block;
     size_t end = last.lo > kv->layers[0].n_sink ? (last.lo - 1) / m->block + 1 : first;
     float *mean = xcalloc((size_t)s->group * s->H, sizeof(float), "mean");
+    float *split = xcalloc(2 * (size_t)s->H, sizeof(float), "split");
     for (int g = 0; g < s->n_kv; g++) {
         memset(mean, 0, (size_t)s->group * s->H * sizeof(float));
         for (int t = 0; t < s->T; t++)
             for (int i = 0; i < s->group * s->H; i++)
                 mean[i] += q_mem[(size_t)t * c->q_dim + (size_t)g * s->group * s->H + i] / s->T;
+        split_queries(mean, s->group, s->H, split, split + s->H);
         for (size_t b = first; b < end; b++) {
-            float score = chunk_score(m, ml, kv, b, g, s->group, mean);
+            float score = chunk_score(m, ml, kv, b, g, s->group, mean, split);
             printf("score %d %zu %.9g\n", g, b, score);
         }
     }
+    free(split);
     free(mean);
 }
 
@@ -85,7 +88,7 @@ static void print_scores(const ContextMemory *m, const KVCache *kv, const Config
 static void print_store(const ContextMemory *m, const KVCache *kv, const Config *c,
                         const float *q_mem, const Setup *s) {
     const MemoryLayer *ml = &m->layers[0];
-    float *buf = xcalloc((size_t)s->H, sizeof(float), "buf");
+    float *buf = xcalloc(2 * (size_t)s->H, sizeof(float), "buf");
     for (int p = 0; p < s->N; p++) {
         printf("stored %d", p);
         for (int g = 0; g < s->n_kv; g++) {
@@ -97,18 +100,18 @@ static void print_store(const ContextMemory *m, const KVCache *kv, const Config 
     int n_blocks = (s->N + s->B - 1) / s->B;
     for (int b = 0; b < n_blocks; b++)
         for (int g = 0; g < s->n_kv; g++) {
-            const float *at = ml->key_max + (size_t)b * kv->kv_dim + (size_t)g * s->H;
-            printf("bounds %d %d", b, g);
-            for (int i = 0; i < s->H; i++) printf(" %.9g", at[i]);
-            at = ml->key_min + (size_t)b * kv->kv_dim + (size_t)g * s->H;
-            for (int i = 0; i < s->H; i++) printf(" %.9g", at[i]);
+            size_t at = (size_t)b * s->n_kv + g;
+            const int8_t *codes = ml->bounds + at * 2 * s->H;
+            printf("bounds %d %d %.9g", b, g, ml->bound_scale[at]);
+            for (int i = 0; i < 2 * s->H; i++) printf(" %d", codes[i]);
             printf("\n");
         }
     for (int t = 0; t < s->T; t++)
         for (int h = 0; h < c->n_heads; h++)
             for (int b = 0; b < n_blocks; b++) {
                 const float *q = q_mem + (size_t)t * c->q_dim + (size_t)h * s->H;
-                float score = block_score(ml, kv, (size_t)b, h / s->group, q);
+                split_queries(q, 1, s->H, buf, buf + s->H);
+                float score = bound_score(ml, kv, (size_t)b, h / s->group, buf);
                 printf("single %d %d %d %.9g\n", t, h, b, score);
             }
     free(buf);
@@ -149,7 +152,7 @@ static void print_chunk_choice(const ContextMemory *m, const KVCache *kv, const 
             for (int i = 0; i < group * c->head_dim; i++)
                 mean[i] += q_mem[(size_t)t * c->q_dim + (size_t)g * group * c->head_dim + i] / T;
         for (size_t b = first; b < end; b++) {
-            float score = chunk_score(m, ml, kv, b, g, group, mean);
+            float score = chunk_score(m, ml, kv, b, g, group, mean, NULL);   // infllm: no split
             printf("score %d %d %zu %.9g\n", chunk, g, b, score);
         }
         printf("chosen %d %d", chunk, g);

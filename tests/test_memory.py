@@ -180,8 +180,9 @@ def call_driver(exe, kv, n_kv, group, H, B, K, n_sink, W, N, T, step, keys, q):
         tag, *f = line.split()
         if tag == "stored":
             out[tag][int(f[0])] = np.array(f[1:], dtype=np.float32)
-        elif tag == "bounds":
-            out[tag][int(f[0]), int(f[1])] = np.array(f[2:], dtype=np.float32).reshape(2, H)
+        elif tag == "bounds":   # (scale, codes (2, H))
+            codes = np.array(f[3:], dtype=np.int64).reshape(2, H)
+            out[tag][int(f[0]), int(f[1])] = (np.float32(f[2]), codes)
         elif tag == "score":
             out[tag][int(f[0]), int(f[1])] = float(f[2])
         elif tag == "single":
@@ -191,19 +192,38 @@ def call_driver(exe, kv, n_kv, group, H, B, K, n_sink, W, N, T, step, keys, q):
     return out
 
 
+def round_out(hi, lo):
+    """Bounds hi >= lo (float32, H each) in int8 steps of a scale, rounded outward, as
+    round_bounds_out() is specified: scale = max |bound| / 127 in float32, raised an ulp at a time
+    while that bound / scale > 127 or 127 scale < it; max codes ceil(hi / scale), min codes
+    floor(lo / scale), each moved one more step where the float32 product misses its bound.
+    Returns (scale, codes (2, H))."""
+    amax = np.float32(max(np.abs(hi).max(), np.abs(lo).max()))
+    if amax == 0:
+        return np.float32(0), np.zeros((2, len(hi)), np.int64)
+    scale = np.float32(amax / np.float32(127))
+    while amax / scale > 127 or np.float32(scale * np.float32(127)) < amax:
+        scale = np.nextafter(scale, np.float32(np.inf))
+    up, down = np.ceil(hi / scale), np.floor(lo / scale)
+    up += (up * scale < hi)
+    down -= (down * scale > lo)
+    return scale, np.stack([up, down]).astype(np.int64)
+
+
 def expected(keys, q, n_kv, group, H, B, K, n_sink, W, N, T):
-    """numpy's bounds (n_blocks, n_kv, 2, H), scores {(g, b)} and chosen blocks {g}."""
+    """numpy's bounds {(b, g): (scale, codes)}, scores {(g, b)} and chosen blocks {g}."""
     n_blocks = -(-N // B)
-    k = keys.reshape(N, n_kv, H).astype(np.float64)
-    bounds = np.stack([np.stack([k[b * B:(b + 1) * B].max(0), k[b * B:(b + 1) * B].min(0)], 1)
-                       for b in range(n_blocks)])
+    k = keys.reshape(N, n_kv, H).astype(np.float32)
+    bounds = {(b, g): round_out(k[b * B:(b + 1) * B, g].max(0), k[b * B:(b + 1) * B, g].min(0))
+              for b in range(n_blocks) for g in range(n_kv)}
     lo_last = max(N - 1 - W + 1, 0)   # the last query's first window position
     eligible = range(n_sink // B, (lo_last - 1) // B + 1) if lo_last > n_sink else range(0)
     qbar = q.astype(np.float64).reshape(T, n_kv, group, H).mean(0)
     scores, chosen = {}, {}
     for g in range(n_kv):
-        for b in eligible:
-            hi, lo = bounds[b, g]
+        for b in eligible:   # Quest's bound summed over the group's heads, on the rounded bounds
+            scale, codes = bounds[b, g]
+            hi, lo = np.float64(scale) * codes
             scores[g, b] = float(np.maximum(qbar[g] * hi, qbar[g] * lo).sum())
         ranked = sorted(eligible, key=lambda b: (-scores[g, b], b))
         chosen[g] = sorted(ranked[:K])
@@ -232,8 +252,16 @@ def test_select_matches_numpy(driver, case, kv):
     got_keys = np.stack([got["stored"][p] for p in range(N)])
     assert np.abs(got_keys - kept).max() <= 1e-6 * np.abs(keys).max()
     bounds, scores, chosen = expected(kept, q, n_kv, group, H, B, K, n_sink, W, N, T)
-    got_bounds = np.stack([np.stack([got["bounds"][b, g] for g in range(n_kv)]) for b in range(len(bounds))])
-    assert np.abs(got_bounds - bounds).max() <= 1e-6 * np.abs(keys).max()
+    assert set(got["bounds"]) == set(bounds)
+    k = kept.reshape(N, n_kv, H).astype(np.float64)
+    for (b, g), (scale, codes) in bounds.items():
+        got_scale, got_codes = got["bounds"][b, g]
+        assert got_scale == scale and (got_codes == codes).all(), (b, g, got_scale, scale)
+        hi, lo = k[b * B:(b + 1) * B, g].max(0), k[b * B:(b + 1) * B, g].min(0)
+        up, down = codes.astype(np.float32) * scale   # outward (in float32), by two steps at most
+        assert (np.abs(codes) <= 127).all()
+        assert (up >= hi).all() and (up - hi <= 2 * scale).all()
+        assert (down <= lo).all() and (lo - down <= 2 * scale).all()
     assert set(got["score"]) == set(scores)
     for gb, s in scores.items():
         assert abs(got["score"][gb] - s) <= 1e-5 * max(1, abs(s)), (gb, got["score"][gb], s)

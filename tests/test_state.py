@@ -91,12 +91,12 @@ def logits(model, ids, path, *args, binary=None, stderr=None):
 
 def state_header(path):
     """(n_tokens, kind) and the tokens of a state file (model.h StateHeader: n_tokens at byte
-    112, kind at 120, sections[] of (offset, size) at 152, the tokens the fourth)."""
+    112, kind at 120, sections[] of (offset, size) at 160, the tokens the fourth)."""
     with open(path, "rb") as f:
         blob = f.read()
     assert blob[:4] == b"LRST"
     n_tokens, kind = struct.unpack_from("<QI", blob, 112)
-    offset, size = struct.unpack_from("<QQ", blob, 152 + 16 * 3)
+    offset, size = struct.unpack_from("<QQ", blob, 160 + 16 * 3)
     tokens = list(struct.unpack_from(f"<{size // 4}i", blob, offset))
     return n_tokens, kind, tokens
 

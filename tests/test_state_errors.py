@@ -22,19 +22,20 @@ import make_seeds  # noqa: E402  (the byte-level tokenizer of the fuzz seeds)
 TEXT = "Hello world, this is a tiny corpus for a tiny tokenizer."
 CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 
-# model.h StateHeader (version 2): (name, struct code) in order, then sections[13] of
+# model.h StateHeader (version 3): (name, struct code) in order, then sections[13] of
 # (offset, size).
 HEADER_FIELDS = [("magic", "I"), ("version", "I"), ("model_fingerprint", "Q"), ("file_size", "Q"),
                  ("n_layers", "I"), ("vocab_size", "I"), ("kv_type", "I"), ("lminf", "I"),
                  ("n_sink", "Q"), ("window", "Q"), ("limit", "Q"), ("context", "Q"), ("max_T", "I"),
                  ("sink_kind", "I"), ("n_slots", "Q"), ("max_sink", "Q"), ("kv_dim", "Q"),
                  ("row_bytes", "Q"), ("n_tokens", "Q"), ("kind", "I"), ("chat_template", "I"),
+                 ("n_kv_heads", "I"), ("head_dim", "I"),
                  ("memory", "I"), ("memory_block", "I"), ("memory_blocks", "I"),
                  ("memory_true_pos", "I"), ("memory_positions", "Q")]
 SECTIONS = ["layer_config", "slots", "rope_len", "tokens", "logits", "sink_keys", "sink_values",
-            "keys", "values", "mem_keys", "mem_values", "mem_key_max", "mem_key_min"]
-SECTIONS_AT = 152
-HEADER_SIZE = SECTIONS_AT + 16 * len(SECTIONS)   # 360
+            "keys", "values", "mem_keys", "mem_values", "mem_bounds", "mem_bound_scales"]
+SECTIONS_AT = 160
+HEADER_SIZE = SECTIONS_AT + 16 * len(SECTIONS)   # 368
 MEMORY = ["--window", 8, "--sinks", 2, "--memory", "--memory-block", 4, "--memory-blocks", 2]
 
 
@@ -130,13 +131,15 @@ def load_bytes(models, tmp_path, blob, *options):
 # ----------------------------------------------------------------------------
 # Files that are not a whole state file
 
-def test_layout_of_version_2(state, memory_state):
-    """The header is 360 bytes, the sections follow it in order, each at the next 4096-byte
+def test_layout_of_version_3(state, memory_state):
+    """The header is 368 bytes, the sections follow it in order, each at the next 4096-byte
     boundary, as long as the counts say: without a memory its four sections are empty; with one,
-    n_layers x n_tokens rows of row_bytes and ceil(n_tokens / B) blocks of kv_dim floats."""
+    n_layers x n_tokens rows of row_bytes and ceil(n_tokens / B) blocks of 2 kv_dim int8 steps
+    and n_kv_heads float scales."""
     for blob, memory in ((state[1], False), (memory_state[1], True)):
         h = header(blob)
-        assert h["version"] == 2 and h["memory"] == memory, h
+        assert h["version"] == 3 and h["memory"] == memory, h
+        assert h["n_kv_heads"] * h["head_dim"] == h["kv_dim"], h
         at = HEADER_SIZE
         for name, (off, size) in sections(blob).items():
             assert off == -(-at // 4096) * 4096, (name, off, at)
@@ -146,10 +149,11 @@ def test_layout_of_version_2(state, memory_state):
         blocks = -(-n // 4) if memory else 0
         assert h["memory_positions"] == (n if memory else 0)
         assert (h["memory_block"], h["memory_blocks"]) == ((4, 2) if memory else (0, 0))
-        rows, bounds = L * h["memory_positions"] * h["row_bytes"], L * blocks * h["kv_dim"] * 4
-        got = [sections(blob)[k][1] for k in ("mem_keys", "mem_values", "mem_key_max",
-                                              "mem_key_min")]
-        assert got == [rows, rows, bounds, bounds] and (not memory or rows > 0), (got, h)
+        rows = L * h["memory_positions"] * h["row_bytes"]
+        bounds, scales = L * blocks * 2 * h["kv_dim"], L * blocks * h["n_kv_heads"] * 4
+        got = [sections(blob)[k][1] for k in ("mem_keys", "mem_values", "mem_bounds",
+                                              "mem_bound_scales")]
+        assert got == [rows, rows, bounds, scales] and (not memory or rows > 0), (got, h)
 
 
 @pytest.mark.parametrize("which", ["plain", "memory"])
@@ -173,9 +177,9 @@ def test_cut_at_every_section_boundary_is_refused(models, state, memory_state, t
 def test_wrong_magic_and_version_are_refused(models, state, tmp_path):
     blob = state[1]
     refused(load_bytes(models, tmp_path, b"LRSX" + blob[4:]), "not a longrun state file")
-    for version in (1, 3):   # version 1: before the context memory's sections
+    for version in (1, 2, 4):   # 1: before the context memory's sections, 2: float32 bounds
         refused(load_bytes(models, tmp_path, patch(blob, 4, "<I", version)),
-                f"version {version}; this longrun reads version 2", "save the state again")
+                f"version {version}; this longrun reads version 3", "save the state again")
     refused(load_bytes(models, tmp_path, b"\0" * len(blob)), "not a longrun state file")
 
 
@@ -259,7 +263,8 @@ def test_a_header_field_out_of_line_is_refused(models, state, tmp_path):
                ("context", 2**64 - 1), ("max_T", 0), ("max_T", 1 << 20), ("sink_kind", 1),
                ("n_slots", h["n_slots"] * 2), ("n_slots", 2**40), ("max_sink", h["max_sink"] + 1),
                ("kv_dim", 16), ("row_bytes", 64), ("n_tokens", 0), ("n_tokens", 65),
-               ("n_tokens", 2**63), ("n_tokens", 3), ("kind", 2)]
+               ("n_tokens", 2**63), ("n_tokens", 3), ("kind", 2), ("n_kv_heads", 3),
+               ("n_kv_heads", 2**32 - 1), ("head_dim", 1)]
     options = [("lminf", 1, "--lminf"), ("n_sink", 4, "--sinks 4"), ("window", 8, "--window 8"),
                ("limit", 9, "--lminf-limit 9")]
     for name, value, words in [(n, v, damaged) for n, v in changes] + options:
@@ -285,11 +290,11 @@ def test_a_memory_header_field_out_of_line_is_refused(models, memory_state, tmp_
     changes = [("memory", 2), ("memory_block", 0), ("memory_block", 1 << 20),
                ("memory_blocks", 1 << 20), ("memory_true_pos", 2),
                ("memory_positions", h["n_tokens"] - 1), ("memory_positions", h["n_tokens"] + 1),
-               ("memory_positions", 0), ("memory_positions", 2**63)]
+               ("memory_positions", 0), ("memory_positions", 2**63), ("n_kv_heads", 2**32 - 1)]
     for name, value in changes:
         r = load_bytes(models, tmp_path, patch(blob, *field(name), value), *options)
         assert "the file is damaged" in refused(r), (name, value)
-    for name in ["mem_keys", "mem_key_min"]:
+    for name in ["mem_keys", "mem_bound_scales"]:
         off = SECTIONS_AT + 16 * SECTIONS.index(name)
         for at, value in [(off, sections(blob)[name][0] + 4096), (off + 8, 0)]:
             r = load_bytes(models, tmp_path, patch(blob, at, "<Q", value), *options)
@@ -334,7 +339,7 @@ def test_damaged_records_are_refused(models, state, tmp_path):
 
 
 @pytest.mark.parametrize("section", ["keys", "values", "sink_keys", "logits", "mem_keys",
-                                     "mem_values", "mem_key_max", "mem_key_min"])
+                                     "mem_values", "mem_bounds", "mem_bound_scales"])
 def test_damaged_rows_and_logits_cannot_crash(models, state, memory_state, tmp_path, section):
     """Rows, sinks, the memory's rows and block bounds, and logits are data the loader cannot
     check. Finite garbage (every float 12.08) changes the reply and nothing else; NaNs reach the
