@@ -946,6 +946,7 @@ typedef struct {
     size_t cap;                // positions allocated
     size_t n_pos;              // positions stored
     int key_fd, value_fd;      // the files key and value are mapped from, once on file
+    size_t unreleased;         // on file: positions written since the maps were released
 } MemoryLayer;
 
 // The scratch buffers of the memory's per-chunk work.
@@ -1079,7 +1080,8 @@ static uint8_t *store_grow(uint8_t *rows, size_t old, size_t new, int fd) {
 }
 
 // Move rows (bytes of them) from RAM into a new file in dir, deleted at once (it lives while
-// it is open); returns the file's descriptor, *rows its map.
+// it is open); returns the file's descriptor, *rows its map. Written with write(), not copied
+// into the map, so that the pages go to the page cache without joining the run's resident set.
 static int store_to_file(uint8_t **rows, size_t bytes, const char *dir) {
     char path[4096];
     if (snprintf(path, sizeof(path), "%s/longrun-memory-XXXXXX", dir) >= (int)sizeof(path))
@@ -1087,11 +1089,32 @@ static int store_to_file(uint8_t **rows, size_t bytes, const char *dir) {
     int fd = mkstemp(path);
     if (fd < 0) die("%s: cannot create the context memory's file: %s", path, strerror(errno));
     unlink(path);
-    uint8_t *file = bytes ? store_grow(NULL, 0, bytes, fd) : NULL;
-    if (bytes) memcpy(file, *rows, bytes);
+    for (size_t done = 0; done < bytes;) {
+        ssize_t n = write(fd, *rows + done, bytes - done);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) die("%s: cannot write the context memory's file: %s", dir, strerror(errno));
+        done += (size_t)n;
+    }
     free(*rows);
-    *rows = file;
+    *rows = bytes ? store_grow(NULL, 0, bytes, fd) : NULL;
     return fd;
+}
+
+// Rows in files are mapped shared, and every page the run writes or reads stays in its
+// resident set while mapped: at 1M tokens that would be the whole store. So after every
+// MEMORY_RELEASE_EVERY positions a layer writes, its files are mapped afresh (store_grow() to
+// the same size: the rows stay in the file and the page cache, and a page touched again maps
+// back); what stays resident is the rows in RAM, the bounds and the blocks read since.
+#define MEMORY_RELEASE_EVERY 1024
+
+static void memory_release(ContextMemory *m, int layer, size_t written) {
+    MemoryLayer *ml = &m->layers[layer];
+    ml->unreleased += written;
+    if (!m->on_file || ml->unreleased < MEMORY_RELEASE_EVERY) return;
+    size_t bytes = ml->cap * m->row_bytes;
+    ml->key = store_grow(ml->key, bytes, bytes, ml->key_fd);
+    ml->value = store_grow(ml->value, bytes, bytes, ml->value_fd);
+    ml->unreleased = 0;
 }
 
 // Past the budget: every layer's rows move to files.
@@ -1804,6 +1827,7 @@ static void rotate_and_cache(Transformer *tr, int layer, int T, size_t pos0) {
         if (mem && mem->true_positions) memory_write(mem, kv, layer, pos, k, v);
     }
     if (mem) memory_bounds(mem, kv, layer, pos0, (size_t)T, s->row);
+    if (mem) memory_release(mem, layer, (size_t)T);
 }
 
 // Run T tokens at positions pos0 .. pos0+T-1 through the model. Their keys and values are
