@@ -935,6 +935,8 @@ typedef struct {
     int8_t *bounds;            // (cap / B + 1, n_kv_heads, 2, H) each block's channel-wise
                                // key max, then min, in steps of its scale, rounded outward
     float *bound_scale;        // (cap / B + 1, n_kv_heads) those steps
+    float *open_max, *open_min; // (kv_dim) block open_block's bounds in f32, positions up to
+    size_t open_block, open_end; // open_end - 1 (memory_bounds())
     int *chosen;               // (n_kv_heads, K) the blocks the chunk retrieved, ascending
     int *n_chosen;             // (n_kv_heads)
     float *repr;               // infllm: (cap / B + 1, n_heads, H) each complete block's
@@ -952,7 +954,6 @@ typedef struct {
 // The scratch buffers of the memory's per-chunk work.
 typedef enum {
     SCRATCH_MEAN, SCRATCH_SPLIT, SCRATCH_SCORES, SCRATCH_BEST,   // memory_select()
-    SCRATCH_BLOCK,                                       // memory_bounds()
     SCRATCH_ROW_PTRS, SCRATCH_ROWS, SCRATCH_POSITIONS,   // attention_memory(): the chunk's rows
     SCRATCH_WEIGHTS, SCRATCH_LISTS,                      // attention_memory(): per thread
     SCRATCH_KERNEL_POSITIONS, SCRATCH_KERNEL_COUNTS,     // chunk_memory()
@@ -1002,6 +1003,8 @@ static ContextMemory *new_memory(const KVCache *kv, int block, int top_k, int tr
         MemoryLayer *ml = &m->layers[l];
         ml->chosen = xcalloc(max_size((size_t)kv->n_kv_heads * top_k, 1), sizeof(int), "memory");
         ml->n_chosen = xcalloc(kv->n_kv_heads, sizeof(int), "the context memory");
+        ml->open_max = xcalloc(kv->kv_dim, sizeof(float), "the context memory");
+        ml->open_min = xcalloc(kv->kv_dim, sizeof(float), "the context memory");
     }
     return m;
 }
@@ -1048,8 +1051,8 @@ static void free_memory(ContextMemory *m, int n_layers) {
     if (!m) return;
     for (int l = 0; l < n_layers; l++) {
         MemoryLayer *ml = &m->layers[l];
-        void *buffers[] = { ml->bounds, ml->bound_scale, ml->chosen, ml->n_chosen, ml->repr,
-                            ml->token_score };
+        void *buffers[] = { ml->bounds, ml->bound_scale, ml->open_max, ml->open_min, ml->chosen,
+                            ml->n_chosen, ml->repr, ml->token_score };
         for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
         size_t bytes = ml->cap * m->row_bytes;
         store_free(ml->key, bytes, m->on_file ? ml->key_fd : -1);
@@ -1192,38 +1195,50 @@ static float round_bounds_out(const float *hi, const float *lo, int H, int8_t *c
     return scale;
 }
 
-// Block b's bounds from its keys as stored, positions b B .. end-1 (those written so far; hi
-// and lo: kv_dim floats of scratch, buf H), kept as round_bounds_out()'s steps.
-static void block_bounds(ContextMemory *m, const KVCache *kv, int layer, size_t b, size_t end,
-                         float *hi, float *lo, float *buf) {
-    MemoryLayer *ml = &m->layers[layer];
+// Fold the keys as stored of positions from .. end-1 (one block's) into the layer's open
+// bounds, f32 max and min per channel (kv_dim each); from = the block's first position starts
+// them afresh. buf: H floats.
+static void fold_bounds(MemoryLayer *ml, const KVCache *kv, size_t from, size_t end, int first,
+                        float *buf) {
     int H = kv->head_dim;
-    for (size_t p = b * m->block; p < end; p++)
+    for (size_t p = from; p < end; p++)
         for (int g = 0; g < kv->n_kv_heads; g++) {
             const float *key = kv_head(kv, ml->key + p * kv->row_bytes, g, buf);
-            float *gh = hi + (size_t)g * H;
-            float *gl = lo + (size_t)g * H;
-            int first = p == b * m->block;
-            for (int i = 0; i < H; i++) gh[i] = first ? key[i] : max_float(gh[i], key[i]);
-            for (int i = 0; i < H; i++) gl[i] = first ? key[i] : min_float(gl[i], key[i]);
+            float *hi = ml->open_max + (size_t)g * H;
+            float *lo = ml->open_min + (size_t)g * H;
+            int fresh = first && p == from;
+            for (int i = 0; i < H; i++) hi[i] = fresh ? key[i] : max_float(hi[i], key[i]);
+            for (int i = 0; i < H; i++) lo[i] = fresh ? key[i] : min_float(lo[i], key[i]);
         }
-    for (int g = 0; g < kv->n_kv_heads; g++) {
-        int8_t *codes = ml->bounds + (b * kv->n_kv_heads + g) * 2 * H;
-        ml->bound_scale[b * kv->n_kv_heads + g] =
-            round_bounds_out(hi + (size_t)g * H, lo + (size_t)g * H, H, codes);
-    }
 }
 
-// After positions p0 .. p0+n-1 are written: the bounds of the blocks holding them, each from
-// all its positions so far (a block a chunk ends inside is read again by the next: at most
-// B - 1 rows more per call, and a text that went back needs no undoing).
+// After positions p0 .. p0+n-1 are written: the bounds of the blocks holding them, from all
+// each block's positions so far, kept as round_bounds_out()'s steps. The f32 bounds of the last
+// block touched stay open, so the next call (the next chunk, or decode's next token) folds in
+// only its own positions; a call that does not continue them (a text that went back, a state
+// just loaded) reads the block's earlier rows again.
 static void memory_bounds(ContextMemory *m, const KVCache *kv, int layer, size_t p0, size_t n,
                           float *buf) {
     MemoryLayer *ml = &m->layers[layer];
-    float *hi = memory_scratch(m, SCRATCH_BLOCK, 2 * (size_t)kv->kv_dim, sizeof(float));
+    int H = kv->head_dim;
     for (size_t b = p0 / m->block; b * m->block < p0 + n; b++) {
-        size_t end = min_size((b + 1) * m->block, p0 + n);
-        block_bounds(m, kv, layer, b, end, hi, hi + kv->kv_dim, buf);
+        size_t start = b * m->block;
+        size_t from = max_size(start, p0);
+        size_t end = min_size(start + m->block, p0 + n);
+        if (from > start && !(ml->open_block == b && ml->open_end == from)) {
+            fold_bounds(ml, kv, start, from, 1, buf);
+            fold_bounds(ml, kv, from, end, 0, buf);
+        } else {
+            fold_bounds(ml, kv, from, end, from == start, buf);
+        }
+        ml->open_block = b;
+        ml->open_end = end;
+        for (int g = 0; g < kv->n_kv_heads; g++) {
+            size_t at = b * kv->n_kv_heads + g;
+            ml->bound_scale[at] = round_bounds_out(ml->open_max + (size_t)g * H,
+                                                   ml->open_min + (size_t)g * H, H,
+                                                   ml->bounds + at * 2 * H);
+        }
     }
     ml->n_pos = max_size(ml->n_pos, p0 + n);
 }

@@ -8,7 +8,10 @@
 // TYPE: f32, f16 or q8 (the cache's type); N_KV kv heads of GROUP query heads each, head_dim H;
 // blocks of B, K retrieved; --sinks N_SINK --window W. Stdin: N keys (N_KV * H floats each,
 // positions 0 .. N-1, written STEP positions per memory_bounds() call, as chunks do), then the
-// last chunk's T query rows q_mem (N_KV * GROUP * H floats each; positions N-T .. N-1).
+// last chunk's T query rows q_mem (N_KV * GROUP * H floats each; positions N-T .. N-1). The
+// keys are written twice, as a text that goes back does (passkey's next trial): first with
+// rows of +-1000 past N/2, then again from N/2 + 1 with the given keys, so a block's bounds
+// must not keep what the first pass left.
 // Output, one record a line (%.9g):
 //   stored P  the kv_dim floats of position P's key as stored (kv_head(): dequantized)
 //   bounds B G S  block B's scale S for kv head G, then its H maxima and H minima in steps of S
@@ -274,14 +277,19 @@ int main(int argc, char **argv) {
     float *q_mem = read_floats((size_t)s.T * c.q_dim);
     float *zero = xcalloc(kv.kv_dim, sizeof(float), "values");
     float *buf = xcalloc((size_t)s.H, sizeof(float), "buf");
+    float *garbage = xcalloc(kv.kv_dim, sizeof(float), "garbage");
+    for (size_t i = 0; i < kv.kv_dim; i++) garbage[i] = i % 2 ? 1000 : -1000;
     ContextMemory *m = new_memory(&kv, s.B, s.K, 0);
-    for (int p0 = 0; p0 < s.N; p0 += s.step) {   // as forward() does, a chunk at a time
-        int n = min_int(s.step, s.N - p0);
-        memory_reserve(m, &kv, 0, (size_t)(p0 + n));
-        for (int p = p0; p < p0 + n; p++)
-            memory_write(m, &kv, 0, (size_t)p, keys + (size_t)p * kv.kv_dim, zero);
-        memory_bounds(m, &kv, 0, (size_t)p0, (size_t)n, buf);
-    }
+    for (int pass = 0; pass < 2; pass++)
+        for (int p0 = pass ? s.N / 2 + 1 : 0; p0 < s.N; p0 += s.step) {   // a chunk at a time
+            int n = min_int(s.step, s.N - p0);
+            memory_reserve(m, &kv, 0, (size_t)(p0 + n));
+            for (int p = p0; p < p0 + n; p++) {
+                const float *key = keys + (size_t)p * kv.kv_dim;
+                memory_write(m, &kv, 0, (size_t)p, pass == 0 && p > s.N / 2 ? garbage : key, zero);
+            }
+            memory_bounds(m, &kv, 0, (size_t)p0, (size_t)n, buf);
+        }
     memory_select(m, &kv, 0, q_mem, &c, s.T, (size_t)(s.N - s.T));
     print_store(m, &kv, &c, q_mem, &s);
     print_scores(m, &kv, &c, q_mem, &s);
@@ -295,6 +303,7 @@ int main(int argc, char **argv) {
     free(keys);
     free(q_mem);
     free(zero);
+    free(garbage);
     free(buf);
     return 0;
 }

@@ -19,7 +19,10 @@ Tang et al. 2024).
    max|x| / 127 per head), each block's channel-wise bounds, the scores
    sum_h sum_i max(qbar_h,i M_i, qbar_h,i m_i) of the chunk's mean queries, and the K best
    eligible blocks (ties to the lower block). Quest's bound: no single query's q . k over a
-   block's keys exceeds the block's score for that query.
+   block's keys exceeds the block's score for that query. The int8 steps and scales equal
+   numpy's rounding exactly and lie outside the keys' bounds by two steps at most. The driver
+   writes its text twice, going back mid-block over rows of +-1000 (mutant seen failing: the
+   open block's f32 bounds continued where they do not belong).
 3. Bad settings: one error line, exit 2.
 4. --memory-score infllm (InfLLM's representative tokens, Xiao et al. 2024): through the driver's
    infllm mode, numpy's own chunk loop (joint softmax over sinks, chosen blocks, remainder and
