@@ -23,7 +23,7 @@ SMOLLM2_GGUF = models/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM2 = models/smollm2-135m-instruct-q8_0.bin
 DEMO_PROMPT ?= Write a haiku about the sea, then explain it in two sentences.
 
-.PHONY: FORCE all debug asan demo test kjv plot plot-passkey fuzz bench-compare clean
+.PHONY: FORCE all debug asan demo test kjv aarch64 plot plot-passkey fuzz bench-compare clean
 
 # ./run, optimised, with OpenMP when available. build/run.flags holds the compile command and
 # changes only when it does (make OPENMP= after make, another CFLAGS), so ./run is rebuilt then.
@@ -79,6 +79,35 @@ $(KJV):
 	  | sed -E 's/^[1-3]?[A-Za-z]+[0-9]+:[0-9]+ //' > $@.tmp
 	mv $@.tmp $@
 
+# AArch64, tested where the hardware is not: Debian's cross compiler (gcc 12) with its libc, and
+# qemu-user-static, only downloaded and unpacked into build/aarch64/root as make kjv does (no
+# root, nothing installed). `make aarch64` cross-builds ./run and tests/kernel_driver.c, static,
+# for ARMv8.2 with the dot-product instructions (Apple M1 and later, recent Cortex cores), and
+# run-exact, the same without fused multiply-adds (x86-64's baseline has none, so it computes
+# what the portable x86 build does, bit for bit); make test runs them under qemu
+# (tests/test_aarch64.py).
+A64 = build/aarch64/root
+A64_DEBS = gcc-12-aarch64-linux-gnu cpp-12-aarch64-linux-gnu binutils-aarch64-linux-gnu \
+  libc6-dev-arm64-cross libc6-arm64-cross linux-libc-dev-arm64-cross libgcc-12-dev-arm64-cross \
+  libgcc-s1-arm64-cross qemu-user-static
+A64_CC = LD_LIBRARY_PATH=$(A64)/usr/lib/x86_64-linux-gnu $(A64)/usr/bin/aarch64-linux-gnu-gcc-12 \
+  --sysroot=$(A64) -B$(A64)/usr/lib/gcc-cross/aarch64-linux-gnu/12/ -B$(A64)/usr/aarch64-linux-gnu/lib/ \
+  -isystem $(A64)/usr/aarch64-linux-gnu/include -L$(A64)/usr/aarch64-linux-gnu/lib -static
+A64_CFLAGS = -O3 -march=armv8.2-a+dotprod -ffp-contract=fast -fno-trapping-math
+aarch64: build/aarch64/run build/aarch64/run-exact build/aarch64/kernel_driver
+$(A64)/.unpacked:
+	rm -rf build/aarch64 && mkdir -p build/aarch64/debs
+	cd build/aarch64/debs && { apt-get download -q $(A64_DEBS) || \
+	  { apt-get update -q && apt-get download -q $(A64_DEBS); }; }
+	for deb in build/aarch64/debs/*.deb; do dpkg-deb -x $$deb $(A64); done
+	touch $@
+build/aarch64/run: $(SOURCES) $(A64)/.unpacked
+	$(A64_CC) $(A64_CFLAGS) $(WARN) -o $@ run.c -lm
+build/aarch64/run-exact: $(SOURCES) $(A64)/.unpacked
+	$(A64_CC) $(A64_CFLAGS) -ffp-contract=off $(WARN) -o $@ run.c -lm
+build/aarch64/kernel_driver: tests/kernel_driver.c $(SOURCES) $(A64)/.unpacked
+	$(A64_CC) $(A64_CFLAGS) $(WARN) -Werror -o $@ tests/kernel_driver.c -lm
+
 # Perplexity-vs-position plot from ppl CSVs (matplotlib, in the venv):
 #   make plot CSVS="a.csv b.csv" PNG=out.png
 $(VENV)/.plot: $(VENV)/.export
@@ -95,7 +124,7 @@ demo: run $(SMOLLM2)
 	echo "$(DEMO_PROMPT)" | ./run $(SMOLLM2) -m chat -n 200
 
 # Every test: C builds (plain and sanitized), the Python references, the real model.
-test: run run-asan $(VENV)/.test $(SMOLLM2_GGUF)
+test: run run-asan aarch64 $(VENV)/.test $(SMOLLM2_GGUF)
 	LONGRUN_BIN=./run LONGRUN_ASAN_BIN=./run-asan SMOLLM2_GGUF=$(SMOLLM2_GGUF) \
 	  $(VPY) -m pytest -q -rA tests/
 
