@@ -100,6 +100,8 @@ static float hsum8(__m256 v) {
 #define HAVE_AVX2 0
 #endif
 
+static const char *kernel_set(void) { return HAVE_AVX2 ? "AVX2 + FMA + F16C" : "portable C"; }
+
 // Half i of the bytes at p (any alignment), as a float.
 static float f16_at(const uint8_t *p, size_t i) {
     uint16_t h;

@@ -431,6 +431,9 @@ static void f16_to_f32_row(float *dst, const uint8_t *src, int n);
 // instructions where the compiler's own vector code takes many more.
 static float dot_i8(const float *w, const int8_t *c, int n);
 
+// The instruction set kernels.c was compiled for: "AVX2 + FMA + F16C" or "portable C".
+static const char *kernel_set(void);
+
 // ----------------------------------------------------------------------------
 // RoPE: rotation frequencies per layer, and the rotation itself
 
@@ -2369,6 +2372,10 @@ static void print_model_summary(const Transformer *t, const char *path) {
             "activations %.1f MB\n",
             t->file.size / 1e6, (2.0 * kv->n_slots * kv->row_bytes + sink_bytes) / 1e6,
             kv_type_names[kv->type], kv_bytes_per_token(t), kv->n_slots, act / 1e6);
+    int threads = n_threads();
+    fprintf(stderr, "kernels: %s, %d thread%s\n",
+            t->reference ? "the plain reference loops (--reference)" : kernel_set(), threads,
+            threads == 1 ? "" : "s");
 }
 
 // ----------------------------------------------------------------------------
@@ -5310,8 +5317,6 @@ int main(int argc, char **argv) {
     if (o.rope.scaling && !o.rope.factor && t.config.layers[0].rope_type != ROPE_DEFAULT)
         fprintf(stderr, "RoPE factor %g = -c %ld / %u, the original context (no --rope-factor)\n",
                 t.config.layers[0].factor, o.context, t.config.layers[0].orig_ctx);
-    if (t.reference)
-        fprintf(stderr, "blocks: the plain reference loops (--reference), not the kernels\n");
     if (o.load_state) print_state_bill(&t, o.load_state, &loaded);
     catch_signals();
     run_mode(&t, &o, &tok, has_tokenizer, prompt, n_prompt, prompt_text,
