@@ -83,15 +83,16 @@ $(KJV):
 # qemu-user-static, only downloaded and unpacked into build/aarch64/root as make kjv does (no
 # root, nothing installed). `make aarch64` cross-builds ./run and tests/kernel_driver.c, static,
 # for ARMv8.2 with the dot-product instructions (Apple M1 and later, recent Cortex cores), and
-# run-exact, the same without fused multiply-adds (x86-64's baseline has none, so it computes
-# what the portable x86 build does, bit for bit); make test runs them under qemu
+# run-exact, the portable C without SIMD or fused multiply-adds (x86-64's baseline has no FMA,
+# so it computes what the portable x86 build does, bit for bit); make test runs them under qemu
 # (tests/test_aarch64.py).
 A64 = build/aarch64/root
 A64_DEBS = gcc-12-aarch64-linux-gnu cpp-12-aarch64-linux-gnu binutils-aarch64-linux-gnu \
   libc6-dev-arm64-cross libc6-arm64-cross linux-libc-dev-arm64-cross libgcc-12-dev-arm64-cross \
   libgcc-s1-arm64-cross qemu-user-static
-A64_CC = LD_LIBRARY_PATH=$(A64)/usr/lib/x86_64-linux-gnu $(A64)/usr/bin/aarch64-linux-gnu-gcc-12 \
-  --sysroot=$(A64) -B$(A64)/usr/lib/gcc-cross/aarch64-linux-gnu/12/ -B$(A64)/usr/aarch64-linux-gnu/lib/ \
+A64_CC = LD_LIBRARY_PATH=$(A64)/usr/lib/x86_64-linux-gnu \
+  $(A64)/usr/bin/aarch64-linux-gnu-gcc-12 --sysroot=$(A64) \
+  -B$(A64)/usr/lib/gcc-cross/aarch64-linux-gnu/12/ -B$(A64)/usr/aarch64-linux-gnu/lib/ \
   -isystem $(A64)/usr/aarch64-linux-gnu/include -L$(A64)/usr/aarch64-linux-gnu/lib -static
 A64_CFLAGS = -O3 -march=armv8.2-a+dotprod -ffp-contract=fast -fno-trapping-math
 aarch64: build/aarch64/run build/aarch64/run-exact build/aarch64/kernel_driver
@@ -104,7 +105,7 @@ $(A64)/.unpacked:
 build/aarch64/run: $(SOURCES) $(A64)/.unpacked
 	$(A64_CC) $(A64_CFLAGS) $(WARN) -o $@ run.c -lm
 build/aarch64/run-exact: $(SOURCES) $(A64)/.unpacked
-	$(A64_CC) $(A64_CFLAGS) -ffp-contract=off $(WARN) -o $@ run.c -lm
+	$(A64_CC) -O3 -march=armv8.2-a+nosimd -ffp-contract=off -fno-trapping-math $(WARN) -o $@ run.c -lm
 build/aarch64/kernel_driver: tests/kernel_driver.c $(SOURCES) $(A64)/.unpacked
 	$(A64_CC) $(A64_CFLAGS) $(WARN) -Werror -o $@ tests/kernel_driver.c -lm
 

@@ -10,10 +10,11 @@
 //   dot_i8()          = a float-by-int8 dot product (the context memory's block scores)
 //
 // Most kernels are plain C shaped so the compiler vectorizes it. The few it does not find by
-// itself are written twice, behind one fence (HAVE_AVX2): AVX2 intrinsics, and beside each its
-// portable twin, which every other machine compiles. tests/test_kernels.py builds both and
-// holds them to double-precision references; tests/test_reference.py holds the whole forward
-// pass to the reference blocks.
+// itself are written again behind one fence: AVX2 intrinsics (HAVE_AVX2), AArch64 NEON ones
+// (HAVE_NEON), and beside them the portable twin, which every other machine compiles.
+// tests/test_kernels.py builds the AVX2 and portable versions, tests/test_aarch64.py the NEON
+// ones (under qemu), and both hold them to double-precision references; tests/test_reference.py
+// holds the whole forward pass to the reference blocks.
 
 // ----------------------------------------------------------------------------
 // Scratch, allocated once for the longest chunk
@@ -83,11 +84,13 @@ static void free_kernel_work(KernelWork *kw) {
 }
 
 // ----------------------------------------------------------------------------
-// The SIMD fence: AVX2 with FMA and F16C, or none (every other machine, and the portable test
-// build). Each kernel below that comes twice has its two versions side by side.
+// The SIMD fence: AVX2 with FMA and F16C; AArch64's NEON (every AArch64 processor has it); or
+// none (every other machine, and the portable test builds). Each kernel below that comes more
+// than once has its versions side by side.
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define HAVE_AVX2 1
+#define HAVE_NEON 0
 #include <immintrin.h>
 
 // The sum of a vector's 8 floats.
@@ -96,11 +99,18 @@ static float hsum8(__m256 v) {
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#define HAVE_AVX2 0
+#define HAVE_NEON 1
+#include <arm_neon.h>
 #else
 #define HAVE_AVX2 0
+#define HAVE_NEON 0
 #endif
 
-static const char *kernel_set(void) { return HAVE_AVX2 ? "AVX2 + FMA + F16C" : "portable C"; }
+static const char *kernel_set(void) {
+    return HAVE_AVX2 ? "AVX2 + FMA + F16C" : HAVE_NEON ? "NEON" : "portable C";
+}
 
 // Half i of the bytes at p (any alignment), as a float.
 static float f16_at(const uint8_t *p, size_t i) {
@@ -118,6 +128,13 @@ static void f16_to_f32_row(float *dst, const uint8_t *src, int n) {
         __m128i h = _mm_loadu_si128((const __m128i *)(src + 2 * i));
         _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
     }
+    for (; i < n; i++) dst[i] = f16_at(src, i);
+}
+#elif HAVE_NEON
+static void f16_to_f32_row(float *dst, const uint8_t *src, int n) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4)   // fcvtl: 4 halves to 4 floats (bytes loaded: any alignment)
+        vst1q_f32(dst + i, vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(src + 2 * i))));
     for (; i < n; i++) dst[i] = f16_at(src, i);
 }
 #else
@@ -144,6 +161,23 @@ static float dot_i8(const float *w, const int8_t *c, int n) {
     float sum = hsum8(_mm256_add_ps(sum0, sum1));
     for (; i < n; i++) sum += w[i] * c[i];
     return sum;
+}
+#elif HAVE_NEON
+static float dot_i8(const float *w, const int8_t *c, int n) {
+    float32x4_t sum[4] = {vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0)};
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {   // 16 int8s widened to int16, int32, then floats
+        int8x16_t steps = vld1q_s8(c + i);
+        int16x8_t low = vmovl_s8(vget_low_s8(steps));
+        int16x8_t high = vmovl_high_s8(steps);
+        int32x4_t part[4] = {vmovl_s16(vget_low_s16(low)), vmovl_high_s16(low),
+                             vmovl_s16(vget_low_s16(high)), vmovl_high_s16(high)};
+        for (int r = 0; r < 4; r++)
+            sum[r] = vfmaq_f32(sum[r], vld1q_f32(w + i + 4 * r), vcvtq_f32_s32(part[r]));
+    }
+    float total = vaddvq_f32(vaddq_f32(vaddq_f32(sum[0], sum[1]), vaddq_f32(sum[2], sum[3])));
+    for (; i < n; i++) total += w[i] * c[i];
+    return total;
 }
 #else
 static float dot_i8(const float *w, const int8_t *c, int n) {
@@ -215,6 +249,24 @@ static float q8_dot(const int8_t *qw, const float *dw, const int16_t *qx, const 
     }
     return hsum8(acc);
 }
+#elif HAVE_NEON
+static float q8_dot(const int8_t *qw, const float *dw, const int16_t *qx, const float *dx,
+                    size_t cols) {
+    float acc = 0;
+    for (size_t b = 0; b < cols / LR_Q8_BLOCK; b++) {   // smull/smlal: int16 pairs into int32
+        const int8_t *w = qw + b * LR_Q8_BLOCK;
+        const int16_t *x = qx + b * LR_Q8_BLOCK;
+        int32x4_t sum = vdupq_n_s32(0);
+        for (int i = 0; i < LR_Q8_BLOCK; i += 8) {
+            int16x8_t wi = vmovl_s8(vld1_s8(w + i));
+            int16x8_t xi = vld1q_s16(x + i);
+            sum = vmlal_s16(sum, vget_low_s16(wi), vget_low_s16(xi));
+            sum = vmlal_high_s16(sum, wi, xi);
+        }
+        acc += dw[b] * dx[b] * (float)vaddvq_s32(sum);
+    }
+    return acc;
+}
 #else
 static float q8_dot(const int8_t *qw, const float *dw, const int16_t *qx, const float *dx,
                     size_t cols) {
@@ -262,6 +314,41 @@ static void q8_tile(float acc[Q8_R][Q8_T], const int16_t *panel, const float *dw
     }
     for (int r = 0; r < Q8_R; r++)
         for (int v = 0; v < Q8_T / 8; v++) _mm256_storeu_ps(&acc[r][8 * v], a[r][v]);
+}
+#elif HAVE_NEON
+// NEON has no vpmaddwd: a k pair of one row, repeated, meets 4 tokens' pairs in two smull,
+// and addp adds each token's two products.
+static void q8_tile(float acc[Q8_R][Q8_T], const int16_t *panel, const float *dw,
+                    const int16_t *xt, const float *dx, size_t cols) {
+    float32x4_t a[Q8_R][Q8_T / 4];
+    for (int r = 0; r < Q8_R; r++)
+        for (int v = 0; v < Q8_T / 4; v++) a[r][v] = vdupq_n_f32(0);
+    for (size_t b = 0; b < cols / LR_Q8_BLOCK; b++) {
+        int32x4_t sum[Q8_R][Q8_T / 4];
+        for (int r = 0; r < Q8_R; r++)
+            for (int v = 0; v < Q8_T / 4; v++) sum[r][v] = vdupq_n_s32(0);
+        for (size_t kp = b * LR_Q8_BLOCK / 2; kp < (b + 1) * LR_Q8_BLOCK / 2; kp++) {
+            const int16_t *x = xt + kp * Q8_T * 2;
+            for (int r = 0; r < Q8_R; r++) {
+                int32_t pair;   // w0 w1, repeated: w0 w1 w0 w1 w0 w1 w0 w1
+                memcpy(&pair, panel + (kp * Q8_R + r) * 2, 4);
+                int16x8_t w = vreinterpretq_s16_s32(vdupq_n_s32(pair));
+                for (int v = 0; v < Q8_T / 4; v++) {
+                    int16x8_t xv = vld1q_s16(x + 8 * v);   // tokens 4v .. 4v+3, a pair each
+                    int32x4_t low = vmull_s16(vget_low_s16(xv), vget_low_s16(w));
+                    int32x4_t high = vmull_high_s16(xv, w);
+                    sum[r][v] = vaddq_s32(sum[r][v], vpaddq_s32(low, high));
+                }
+            }
+        }
+        for (int r = 0; r < Q8_R; r++)
+            for (int v = 0; v < Q8_T / 4; v++) {
+                float32x4_t d = vmulq_n_f32(vld1q_f32(dx + b * Q8_T + 4 * v), dw[b * Q8_R + r]);
+                a[r][v] = vfmaq_f32(a[r][v], d, vcvtq_f32_s32(sum[r][v]));
+            }
+    }
+    for (int r = 0; r < Q8_R; r++)
+        for (int v = 0; v < Q8_T / 4; v++) vst1q_f32(&acc[r][4 * v], a[r][v]);
 }
 #else
 static void q8_tile(float acc[Q8_R][Q8_T], const int16_t *panel, const float *dw,
