@@ -431,7 +431,8 @@ static void f16_to_f32_row(float *dst, const uint8_t *src, int n);
 // instructions where the compiler's own vector code takes many more.
 static float dot_i8(const float *w, const int8_t *c, int n);
 
-// The instruction set kernels.c was compiled for: "AVX2 + FMA + F16C" or "portable C".
+// The instruction set kernels.c was compiled for: "AVX2 + FMA + F16C" (+ a VNNI), "NEON" or
+// "portable C".
 static const char *kernel_set(void);
 
 // ----------------------------------------------------------------------------

@@ -274,6 +274,7 @@ static void check_dot_i8(int n) {
 }
 
 int main(void) {
+    printf("kernels: %s\n", kernel_set());
     check_dot_i8(128);   // a head of 64: its maxima and minima
     check_dot_i8(16 * (1 + irand(8)) + 1 + irand(15));   // and a part step
     DType dts[] = {DT_F32, DT_F16, DT_BF16, DT_Q8_0};
