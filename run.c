@@ -1229,12 +1229,8 @@ static void memory_bounds(ContextMemory *m, const KVCache *kv, int layer, size_t
         size_t start = b * m->block;
         size_t from = max_size(start, p0);
         size_t end = min_size(start + m->block, p0 + n);
-        if (from > start && !(ml->open_block == b && ml->open_end == from)) {
-            fold_bounds(ml, kv, start, from, 1, buf);
-            fold_bounds(ml, kv, from, end, 0, buf);
-        } else {
-            fold_bounds(ml, kv, from, end, from == start, buf);
-        }
+        if (!(ml->open_block == b && ml->open_end == from)) from = start;   // not continuing
+        fold_bounds(ml, kv, from, end, from == start, buf);
         ml->open_block = b;
         ml->open_end = end;
         for (int g = 0; g < kv->n_kv_heads; g++) {
