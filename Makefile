@@ -170,8 +170,24 @@ $(LLAMA_BENCH): | $(VENV)/.export
 $(SMOLLM2_Q8_GGUF): $(SMOLLM2_GGUF) $(LLAMA_BENCH)
 	$(LLAMA_DIR)/build/bin/llama-quantize --allow-requantize $(SMOLLM2_GGUF) $@.tmp Q8_0
 	mv $@.tmp $@
-bench-compare: run $(SMOLLM2) $(SMOLLM2_Q8_GGUF)
-	$(VPY) tools/bench_compare.py --run ./run --model $(SMOLLM2) --llama-bench $(LLAMA_BENCH) --gguf $(SMOLLM2_Q8_GGUF)
+# The second model of the comparison: Llama-3.2-1B-shaped, random weights
+# (tools/make_bench_model.py), quantized to Q8_0 by llama-quantize; longrun's file is
+# exported from that same Q8_0 GGUF.
+BENCH_1B_F16 = models/bench-1b.F16.gguf
+BENCH_1B_Q8_GGUF = models/bench-1b.Q8_0.gguf
+BENCH_1B = models/bench-1b-q8_0.bin
+$(BENCH_1B_F16): tools/make_bench_model.py $(SMOLLM2_GGUF) | $(VENV)/.export
+	$(VPY) tools/make_bench_model.py --tokenizer-from $(SMOLLM2_GGUF) --out $@
+$(BENCH_1B_Q8_GGUF): $(BENCH_1B_F16) $(LLAMA_BENCH)
+	$(LLAMA_DIR)/build/bin/llama-quantize $(BENCH_1B_F16) $@.tmp Q8_0
+	mv $@.tmp $@
+$(BENCH_1B): $(BENCH_1B_Q8_GGUF) export.py | $(VENV)/.export
+	$(VPY) export.py $(BENCH_1B_Q8_GGUF) $@ --dtype q8_0
+BENCH_COMPARE = $(VPY) tools/bench_compare.py --run ./run --llama-bench $(LLAMA_BENCH)
+bench-compare: run $(SMOLLM2) $(SMOLLM2_Q8_GGUF) $(BENCH_1B) $(BENCH_1B_Q8_GGUF)
+	$(BENCH_COMPARE) --model $(SMOLLM2) --gguf $(SMOLLM2_Q8_GGUF)
+	$(BENCH_COMPARE) --model $(BENCH_1B) --gguf $(BENCH_1B_Q8_GGUF) \
+	  --name "Llama-3.2-1B shape (random weights)" --long 4096 --long-reps 3 --depth 8192
 
 clean:
 	rm -f run run-debug run-asan

@@ -1,11 +1,12 @@
-"""longrun against llama.cpp on this machine: same model (SmolLM2-135M-Instruct, Q8_0 / q8_0),
-same threads, one run. Prints tokens/s of each, their ratio, peak RSS and what the figures mean
+"""longrun against llama.cpp on this machine: the same q8_0 model in each engine's format, the
+same threads, one run. Prints tokens/s of each (mean ± sd of the repetitions), their ratio, peak
+RSS and what the figures mean
 in GB/s (decode reads every weight once per token) and GFLOP/s (prefill does 2 x params flops
 per prefill token over the layers' matrices, attention not counted). Speed is printed, never
 asserted: this is not a test.
 
-    python tools/bench_compare.py --run ./run --model M.bin --llama-bench B --gguf M.gguf [--threads 2]
-        [--reps 3] [--long-reps 1] [--long 4096,16384] [--depth 16384]
+    python tools/bench_compare.py --run ./run --model M.bin --llama-bench B --gguf M.gguf
+        [--name NAME] [--threads 2] [--reps 3] [--long-reps 1] [--long 4096,16384] [--depth 16384]
 
 `make bench-compare` builds llama.cpp from the llama-cpp-python sdist and calls this."""
 import argparse
@@ -38,7 +39,7 @@ def longrun(args, tests, extra=()):
     # classifier runs on the last token only)
     vocab, dim = int(re.search(r"vocab (\d+)", err).group(1)), int(re.search(r"dim (\d+)", err).group(1))
     params = float(re.search(r"([\d.]+)M params", err).group(1)) * 1e6 - vocab * dim
-    rows = {(r["test"], r["depth"]): r["tokens_per_s"] for r in json.loads(out)["results"]}
+    rows = {(r["test"], r["depth"]): (r["tokens_per_s"], r["sd"]) for r in json.loads(out)["results"]}
     return rows, rss, weights, params
 
 
@@ -49,8 +50,13 @@ def llama(args, prompt, gen, depth, extra=()):
     rows = {}
     for r in json.loads(out):
         test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
-        rows[(test, r.get("n_depth", 0))] = r["avg_ts"]
+        rows[(test, r.get("n_depth", 0))] = (r["avg_ts"], r["stddev_ts"])
     return rows, rss
+
+
+def cell(figure):
+    mean, sd = figure
+    return f"{mean:.1f} ± {sd:.1f}"
 
 
 def main():
@@ -59,6 +65,7 @@ def main():
     ap.add_argument("--model", required=True, help="longrun q8_0 model file")
     ap.add_argument("--llama-bench", required=True)
     ap.add_argument("--gguf", required=True, help="the same model as a Q8_0 GGUF")
+    ap.add_argument("--name", default="SmolLM2-135M-Instruct", help="the model's name in the table")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3, help="repetitions of pp512 and tg128")
     ap.add_argument("--long-reps", type=int, default=1, help="repetitions of the long prefills and the deep decode")
@@ -88,17 +95,18 @@ def main():
     rows.append((f"decode tg64, depth {args.depth}, f16 KV", deep[("tg64", args.depth)],
                  deep_theirs[("tg64", args.depth)]))
 
-    print(f"SmolLM2-135M-Instruct q8_0, {args.threads} threads; {args.reps} repetitions of pp512 and tg128, "
-          f"{args.long_reps} of the rest; tokens/s\n")
+    print(f"{args.name} q8_0, {args.threads} threads; {args.reps} repetitions of pp512 and tg128, "
+          f"{args.long_reps} of the rest; tokens/s, mean ± sd\n")
     print("| measure | longrun | llama.cpp | ratio |\n|---|---:|---:|---:|")
     for name, ours_ts, theirs_ts in rows:
-        print(f"| {name} | {ours_ts:.1f} | {theirs_ts:.1f} | {ours_ts / theirs_ts:.2f}x |")
+        print(f"| {name} | {cell(ours_ts)} | {cell(theirs_ts)} | {ours_ts[0] / theirs_ts[0]:.2f}x |")
     print(f"| peak RSS, {args.depth // 1024}K context (MB) | {rss_ours:.0f} | {rss_theirs:.0f} | "
           f"{rss_ours / rss_theirs:.2f}x |")
-    tg, pp = rows[len(longs) + 1][1], rows[0][1]
+    tg, pp = rows[len(longs) + 1][1][0], rows[0][1][0]
+    tg_theirs, pp_theirs = rows[len(longs) + 1][2][0], rows[0][2][0]
     print(f"\nlongrun decode reads {weights_mb:.1f} MB of weights per token: {tg * weights_mb / 1e3:.1f} GB/s at tg128 "
-          f"(llama.cpp {rows[len(longs) + 1][2] * weights_mb / 1e3:.1f} GB/s at the same size); prefill pp512 does "
-          f"{2 * params * pp / 1e9:.1f} GFLOP/s of matrix products (llama.cpp {2 * params * rows[0][2] / 1e9:.1f})")
+          f"(llama.cpp {tg_theirs * weights_mb / 1e3:.1f} GB/s at the same size); prefill pp512 does "
+          f"{2 * params * pp / 1e9:.1f} GFLOP/s of matrix products (llama.cpp {2 * params * pp_theirs / 1e9:.1f})")
 
 
 if __name__ == "__main__":
