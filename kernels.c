@@ -754,17 +754,14 @@ static void decode_merge(float *out, const float *parts, size_t ranges, const Co
     }
 }
 
-// Kv head g's rows i0 .. i0+n-1 of a chunk's memory list (mk), as floats (kbuf, vbuf: (n, H)
-// room to convert into).
-static void read_memory(const KVCache *kv, const MemoryKeys *mk, int layer, int g, size_t i0,
-                        int n, const float **keys, const float **values, float *kbuf,
-                        float *vbuf) {
-    const MemoryLayer *ml = &mk->m->layers[layer];
-    const size_t *pos = mk->pos + (size_t)g * mk->stride + i0;
+// Kv head g's rows i0 .. i0+n-1 of a chunk's memory list (mk), placed as chunk_memory() left
+// them.
+static void read_memory(const MemoryKeys *mk, int g, size_t i0, int n, int H, const float **keys,
+                        const float **values) {
+    size_t first = (size_t)g * mk->stride + i0;
     for (int j = 0; j < n; j++) {
-        size_t at = (size_t)j * kv->head_dim;
-        keys[j] = memory_row(kv, ml->key, pos[j], g, kbuf + at);
-        values[j] = memory_row(kv, ml->value, pos[j], g, vbuf + at);
+        keys[j] = mk->keys + (first + (size_t)j) * H;
+        values[j] = mk->values + (first + (size_t)j) * H;
     }
 }
 
@@ -804,7 +801,7 @@ static int read_decode_keys(const DecodeKeys *d, const KVCache *kv, int layer, i
         return 1;
     }
     if (j0 < n_sink + d->n_mem) {
-        read_memory(kv, d->mk, layer, g, j0 - n_sink, n, keys, values, kbuf, vbuf);
+        read_memory(d->mk, g, j0 - n_sink, n, kv->head_dim, keys, values);
         return 2;
     }
     size_t p0 = d->vis.lo + (j0 - n_sink - d->n_mem);
@@ -942,7 +939,7 @@ static void attention_tile(Tile *tile, const TileInputs *in, const TileQueries *
     }
     for (size_t j0 = 0; j0 < tq->n_mem_all; j0 += ATT_KB) {
         int nk = (int)min_size(tq->n_mem_all - j0, ATT_KB);
-        read_memory(kv, mk, layer, g, j0, nk, keys, values, kbuf, vbuf);
+        read_memory(mk, g, j0, nk, H, keys, values);
         for (int j = nk; j < nk + ATT_KS; j++) keys[j] = keys[nk - 1];
         for (int k = 0; k < ATT_QT; k++) {
             first_key[k] = 0;

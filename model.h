@@ -280,7 +280,7 @@ _Static_assert(sizeof(TokMerge) == 16, "TokMerge has padding");
 // Versions 1 (no memory fields, 9 sections) and 2 (float32 bounds) are refused: save the
 // state again.
 #define LR_STATE_MAGIC 0x5453524Cu   // bytes "LRST"
-#define LR_STATE_VERSION 3
+#define LR_STATE_VERSION 4
 #define LR_STATE_ALIGN 4096          // a page: the key and value rows are mapped in place
 
 typedef enum {
@@ -326,7 +326,7 @@ typedef struct {
     uint32_t memory;              // 1: the run kept a context memory (--memory)
     uint32_t memory_block;        // B: positions per block (--memory-block)
     uint32_t memory_blocks;       // K: blocks a chunk retrieves per kv head (--memory-blocks)
-    uint32_t memory_true_pos;     // 1: keys stored rotated to their positions (--memory-true-pos)
+    uint32_t memory_distance;     // D of the saving run (a loading run may place at another)
     uint64_t memory_positions;    // positions the memory holds: n_tokens (0 without a memory)
     StateSectionEntry sections[ST_COUNT];
 } StateHeader;

@@ -588,6 +588,25 @@ static LayerRope layer_rope(const Rope *r, const Config *c, int layer) {
     return rope;
 }
 
+// Channel pair i's angle at position pos, pos * inv_freq[i], as its cos and sin times the
+// attention factor (rope_rotate() says why in double).
+static void rope_angle(const LayerRope *rope, int i, size_t pos, float *c, float *s) {
+    double angle = (double)pos * rope->inv_freq[i];
+    *c = (float)cos(angle) * rope->attn_factor;
+    *s = (float)sin(angle) * rope->attn_factor;
+}
+
+// Turn channel pair i of each head of vec by the angle whose cos and sin are c and s.
+static void rope_turn(float *vec, int n_heads, int head_dim, int half, int i, float c, float s) {
+    for (int h = 0; h < n_heads; h++) {
+        float *x = vec + (size_t)h * head_dim;
+        float x0 = x[i];
+        float x1 = x[i + half];
+        x[i] = x0 * c - x1 * s;
+        x[i + half] = x1 * c + x0 * s;
+    }
+}
+
 // Rotate each head of vec (n_heads, head_dim) to position pos, rotate-half style (GPT-NeoX,
 // as HF): channel pair i is (i, i + d/2), d = rotary_dim; channels d..head_dim-1 pass through.
 //   y[i]       = x[i] cos - x[i + d/2] sin
@@ -599,16 +618,9 @@ static void rope_rotate(float *vec, int n_heads, int head_dim, const LayerRope *
                         size_t pos) {
     int half = rope->rotary_dim / 2;
     for (int i = 0; i < half; i++) {
-        double angle = (double)pos * rope->inv_freq[i];
-        float c = (float)cos(angle) * rope->attn_factor;
-        float s = (float)sin(angle) * rope->attn_factor;
-        for (int h = 0; h < n_heads; h++) {
-            float *x = vec + (size_t)h * head_dim;
-            float x0 = x[i];
-            float x1 = x[i + half];
-            x[i] = x0 * c - x1 * s;
-            x[i + half] = x1 * c + x0 * s;
-        }
+        float c, s;
+        rope_angle(rope, i, pos, &c, &s);
+        rope_turn(vec, n_heads, head_dim, half, i, c, s);
     }
 }
 
@@ -929,13 +941,14 @@ static size_t kv_continue_streaming(KVCache *kv, int n_layers) {
 // (round_bounds_out()): wider bounds, so the inequality still holds, in a quarter of the bytes
 // that every decoded token reads for every block (bound_score()).
 // --memory-score infllm scores blocks by InfLLM's representative tokens instead
-// (block_represent(), memory_select()). Positions: memory_query_pos().
+// (block_represent(), memory_select()). Positions: memory_block_distance().
 
 // How a chunk scores a block (--memory-score).
 typedef enum { SCORE_QUEST, SCORE_INFLLM } MemoryScore;
 
 typedef struct {
-    uint8_t *key, *value;      // (cap, row_bytes) position p's key, unrotated, and value
+    uint8_t *key, *value;      // (cap, row_bytes) position p's key, rotated to p % B (its
+                               // offset in its block), and value
     int8_t *bounds;            // (cap / B + 1, n_kv_heads, 2, H) each block's channel-wise
                                // key max, then min, in steps of its scale, rounded outward
     float *bound_scale;        // (cap / B + 1, n_kv_heads) those steps
@@ -961,6 +974,7 @@ typedef enum {
     SCRATCH_ROW_PTRS, SCRATCH_ROWS, SCRATCH_POSITIONS,   // attention_memory(): the chunk's rows
     SCRATCH_WEIGHTS, SCRATCH_LISTS,                      // attention_memory(): per thread
     SCRATCH_KERNEL_POSITIONS, SCRATCH_KERNEL_COUNTS,     // chunk_memory()
+    SCRATCH_PLACED, SCRATCH_ANGLES,                      // chunk_memory(), memory_place()
     SCRATCH_PROBS, SCRATCH_TAKEN,                        // infllm: token scores, representatives
     SCRATCH_COUNT
 } MemoryScratch;
@@ -968,7 +982,7 @@ typedef enum {
 typedef struct {
     int block;                 // B: positions per block (--memory-block)
     int top_k;                 // K: blocks a chunk retrieves per kv head (--memory-blocks)
-    int true_positions;        // --memory-true-pos: memory keys at their own positions
+    size_t distance;           // D: the farthest a retrieved key is placed (--memory-distance)
     MemoryScore score;         // --memory-score
     int repr;                  // --memory-repr R: infllm's representative tokens per block
     int n_heads;               // query heads (infllm: scores and representatives per head)
@@ -994,11 +1008,11 @@ static void *memory_scratch(ContextMemory *m, MemoryScratch which, size_t n, siz
     return m->scratch[which];
 }
 
-static ContextMemory *new_memory(const KVCache *kv, int block, int top_k, int true_positions) {
+static ContextMemory *new_memory(const KVCache *kv, int block, int top_k, size_t distance) {
     ContextMemory *m = xcalloc(1, sizeof(ContextMemory), "the context memory");
     m->block = block;
     m->top_k = top_k;
-    m->true_positions = true_positions;
+    m->distance = distance;
     m->budget = SIZE_MAX;
     m->n_layers = kv->n_layers;
     m->row_bytes = kv->row_bytes;
@@ -1159,8 +1173,8 @@ static void memory_reserve(ContextMemory *m, const KVCache *kv, int layer, size_
     ml->cap = cap;
 }
 
-// Keep position pos's key k (kv_dim: unrotated; --memory-true-pos: rotated to pos) and value
-// v, in the cache's type.
+// Keep position pos's key k (kv_dim, rotated to pos % B: memory_block_distance()) and value v,
+// in the cache's type.
 static void memory_write(ContextMemory *m, const KVCache *kv, int layer, size_t pos,
                          const float *k, const float *v) {
     MemoryLayer *ml = &m->layers[layer];
@@ -1243,13 +1257,27 @@ static void memory_bounds(ContextMemory *m, const KVCache *kv, int layer, size_t
     ml->n_pos = max_size(ml->n_pos, p0 + n);
 }
 
-// Where the query meets memory keys, which are stored unrotated (at angle 0): at position
-// W - 1, so every memory key is at distance W - 1, the window's far edge (InfLLM's placement:
-// no distance exceeds what the window already shows the model). --memory-true-pos: the keys
-// are stored rotated to their own positions, as in the cache, and the query is at its own:
-// true distances (Quest's rule, and with K >= every block, full attention).
-static size_t memory_query_pos(const ContextMemory *m, const LayerSlots *ls, size_t pos) {
-    return m->true_positions ? pos : min_size(pos, ls->window - 1);
+// Where retrieved blocks are placed (the one rule). Seen from the chunk's last query at
+// position `last`, the block starting at position s sits at distance
+//     d(s) = min(last - s, D)
+// (its first position's; position s + j is at d(s) - j, so a block keeps its own order). A block
+// nearer than D is at its true distance (Quest's rule, and with K >= every block and D >= the
+// text, full attention); a farther one is moved up to distance D, so no distance exceeds what
+// the model was trained on (InfLLM's idea, Xiao et al. 2024, which puts every block at the
+// window's edge; D = W + B - 1 comes closest to that). Earlier queries of a chunk see its blocks
+// as many positions nearer as they are earlier. How the rotations make it so:
+//   keys are stored rotated to j = p % B (rotate_and_cache());
+//   query t of the chunk (position pos0 + t) meets them rotated to D + t;
+//   block s's keys are turned on by D + (last - pos0) - d(s) when the chunk reads them
+//   (memory_place()), so query t sees position s + j at d(s) - j - (last - pos0 - t).
+static size_t memory_block_distance(const ContextMemory *m, size_t block_start, size_t last) {
+    return min_size(last - block_start, m->distance);
+}
+
+// Where a chunk's queries meet a block to score it (memory_select()): rotated to W + B - 1, so
+// position s + j of every block is at distance W + B - 1 - j, just past the window.
+static size_t memory_score_angle(const ContextMemory *m, const LayerSlots *ls) {
+    return ls->window + (size_t)m->block - 1;
 }
 
 // A kv head's group of queries (group rows of H) split as Quest's bound takes them:
@@ -1331,12 +1359,12 @@ static int compare_ints(const void *a, const void *b) {
 }
 
 // A chunk's retrieval in one layer: for each kv head, the K blocks with the best summed score
-// over its query heads (q_mem: (T, q_dim), the chunk's queries rotated for the memory) among
-// the blocks holding a position between the sinks and the last query's window (infllm: among
-// the complete blocks, those with representatives). The scores of all blocks are computed
-// first (split across the threads: at 1M tokens decode scans 16K blocks a layer), then each
-// kv head keeps its K best.
-static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const float *q_mem,
+// over its query heads (q_score: (T, q_dim), the chunk's queries rotated to
+// memory_score_angle()) among the blocks holding a position between the sinks and the last
+// query's window (infllm: among the complete blocks, those with representatives). The scores
+// of all blocks are computed first (split across the threads: at 1M tokens decode scans 16K
+// blocks a layer), then each kv head keeps its K best.
+static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const float *q_score,
                           const Config *c, int T, size_t pos0) {
     MemoryLayer *ml = &m->layers[layer];
     const LayerSlots *ls = &kv->layers[layer];
@@ -1355,7 +1383,7 @@ static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const 
     float *best_score = memory_scratch(m, SCRATCH_BEST, max_size(m->top_k, 1), sizeof(float));
     memset(mean, 0, (size_t)c->q_dim * sizeof(float));
     for (int t = 0; t < T; t++)   // each head's mean query (q_dim)
-        for (int i = 0; i < c->q_dim; i++) mean[i] += q_mem[(size_t)t * c->q_dim + i] / T;
+        for (int i = 0; i < c->q_dim; i++) mean[i] += q_score[(size_t)t * c->q_dim + i] / T;
     for (int g = 0; g < c->n_kv_heads; g++) {   // (n_kv_heads, 2, H)
         float *pos = split + (size_t)g * 2 * H;
         split_queries(mean + (size_t)g * group * H, group, H, pos, pos + H);
@@ -1407,28 +1435,69 @@ static size_t memory_positions(const ContextMemory *m, const KVCache *kv, int la
     return n;
 }
 
+// Kv head g's rows of memory positions pos[0 .. n-1] (ascending) as floats, placed for a chunk
+// of T queries at pos0..: keys (n, H) turned by D + T - 1 - d(s) from the p % B they are stored
+// at (memory_block_distance(); one set of angles per block), values (n, H) as stored.
+static void memory_place(ContextMemory *m, const KVCache *kv, const LayerRope *rope, int layer,
+                         int g, const size_t *pos, size_t n, int T, size_t pos0, float *keys,
+                         float *values) {
+    const MemoryLayer *ml = &m->layers[layer];
+    int H = kv->head_dim;
+    int half = rope->rotary_dim / 2;
+    size_t last = pos0 + (size_t)T - 1;
+    float *angles = memory_scratch(m, SCRATCH_ANGLES, max_size(2 * (size_t)half, 1),
+                                   sizeof(float));   // cos, then sin, of each channel pair
+    size_t block = SIZE_MAX;   // whose angles those are
+    for (size_t j = 0; j < n; j++) {
+        float *key = keys + j * H;
+        float *value = values + j * H;
+        const float *row = memory_row(kv, ml->key, pos[j], g, key);
+        if (row != key) memcpy(key, row, (size_t)H * sizeof(float));
+        row = memory_row(kv, ml->value, pos[j], g, value);
+        if (row != value) memcpy(value, row, (size_t)H * sizeof(float));
+        size_t start = pos[j] / m->block * m->block;
+        if (start != block) {
+            size_t turn = m->distance + (last - pos0) - memory_block_distance(m, start, last);
+            for (int i = 0; i < half; i++) rope_angle(rope, i, turn, &angles[i], &angles[half + i]);
+            block = start;
+        }
+        for (int i = 0; i < half; i++)
+            rope_turn(key, 1, H, half, i, angles[i], angles[half + i]);
+    }
+}
+
 // What the fast kernels need to read a chunk's memory (chunk_memory()): for each kv head g
 // the memory positions the chunk's last query sees, ascending (an earlier query sees those
-// below its own window: a prefix), and the queries rotated to meet them.
+// below its own window: a prefix), their keys and values placed (memory_place()), and the
+// queries rotated to meet them.
 typedef struct {
-    const ContextMemory *m;
-    const float *q_mem;   // (T, q_dim) the queries rotated at memory_query_pos()
+    const float *q_mem;   // (T, q_dim) query t rotated to D + t (memory_block_distance())
     const size_t *pos;    // (n_kv_heads, stride) kv head g's memory positions
     const size_t *n;      // (n_kv_heads) how many
+    const float *keys;    // (n_kv_heads, stride, H) their keys, placed
+    const float *values;  // (n_kv_heads, stride, H) their values
     size_t stride;        // the most a kv head sees: K B (infllm: + its remainder)
 } MemoryKeys;
 
-static MemoryKeys chunk_memory(ContextMemory *m, const KVCache *kv, int layer,
-                               const float *q_mem, int T, size_t pos0) {
+static MemoryKeys chunk_memory(ContextMemory *m, const KVCache *kv, const LayerRope *rope,
+                               int layer, const float *q_mem, int T, size_t pos0) {
     size_t stride = max_size(mul_size(m->top_k, m->block, "memory"), 1);
     if (m->score == SCORE_INFLLM)   // and the remainder memory_positions() adds
         stride = add_size(stride, (size_t)m->block + (size_t)T, "memory");
-    size_t *pos = memory_scratch(m, SCRATCH_KERNEL_POSITIONS,
-                                 mul_size(stride, kv->n_kv_heads, "memory"), sizeof(size_t));
+    size_t rows = mul_size(stride, kv->n_kv_heads, "memory");
+    size_t *pos = memory_scratch(m, SCRATCH_KERNEL_POSITIONS, rows, sizeof(size_t));
     size_t *n = memory_scratch(m, SCRATCH_KERNEL_COUNTS, kv->n_kv_heads, sizeof(size_t));
-    for (int g = 0; g < kv->n_kv_heads; g++)
-        n[g] = memory_positions(m, kv, layer, g, pos0 + (size_t)T - 1, pos + g * stride);
-    MemoryKeys mk = {.m = m, .q_mem = q_mem, .pos = pos, .n = n, .stride = stride};
+    float *keys = memory_scratch(m, SCRATCH_PLACED, mul_size(rows, 2 * (size_t)kv->head_dim,
+                                                             "memory"), sizeof(float));
+    float *values = keys + rows * kv->head_dim;
+    for (int g = 0; g < kv->n_kv_heads; g++) {
+        size_t *list = pos + (size_t)g * stride;
+        size_t at = (size_t)g * stride * kv->head_dim;
+        n[g] = memory_positions(m, kv, layer, g, pos0 + (size_t)T - 1, list);
+        memory_place(m, kv, rope, layer, g, list, n[g], T, pos0, keys + at, values + at);
+    }
+    MemoryKeys mk = {.q_mem = q_mem, .pos = pos, .n = n, .keys = keys, .values = values,
+                     .stride = stride};
     return mk;
 }
 
@@ -1637,15 +1706,15 @@ static void attention_reference(float *out, const float *q, const float *q_sink,
 
 // attention_reference() with a context memory (--memory): for query row t at position p and
 // head h, the keys are the sinks below its window (met by q_sink), the memory positions of its
-// kv head's retrieved blocks (memory_positions(), met by q_mem, the query rotated at
-// memory_query_pos()), then its window (met by q), all in one softmax, summed in the order of
-// attention_reference(). The rows of each kv head that any query of the chunk sees are read
-// (converted from the cache's type) once, by chunk_rows(). The fast kernels fold the memory
-// into attention()'s tiles and decode ranges (chunk_memory()); --reference runs this loop, and
-// so does --memory-score infllm, for this is where InfLLM's token scores come from: the
-// window's share of each softmax row (add_token_scores()), then the representatives of the
-// blocks that left the window (memory_complete()). Infllm's queries also see the remainder
-// (fewer than B + T positions).
+// kv head's retrieved blocks (memory_positions(), placed by memory_place() and met by q_mem:
+// memory_block_distance()), then its window (met by q), all in one softmax, summed in the
+// order of attention_reference(). The rows of each kv head that any query of the chunk sees
+// are read (converted from the cache's type) once, by chunk_rows(). The fast kernels fold the
+// memory into attention()'s tiles and decode ranges (chunk_memory()); --reference runs this
+// loop, and so does --memory-score infllm, for this is where InfLLM's token scores come from:
+// the window's share of each softmax row (add_token_scores()), then the representatives of
+// the blocks that left the window (memory_complete()). Infllm's queries also see the
+// remainder (fewer than B + T positions).
 typedef struct {
     const float **keys, **values;   // (n_mem + n_window) rows as floats
     float *kbuf, *vbuf;             // room to convert them into
@@ -1657,17 +1726,18 @@ typedef struct {
 // Kv head g's rows for a chunk of T queries at pos0..: the memory positions the last query
 // sees (an earlier query sees those below its own window: a prefix), then every position from
 // the first query's window to the last query.
-static void chunk_rows(ChunkRows *r, const KVCache *kv, const ContextMemory *m, int layer, int g,
-                       int T, size_t pos0) {
+static void chunk_rows(ChunkRows *r, const KVCache *kv, ContextMemory *m, const LayerRope *rope,
+                       int layer, int g, int T, size_t pos0) {
     int H = kv->head_dim;
     VisibleKeys first = visible_keys(kv, layer, pos0);
     size_t last = pos0 + (size_t)T - 1;
     r->n_mem = memory_positions(m, kv, layer, g, last, r->mem_pos);
     r->lo = first.lo;
     r->n_window = last - first.lo + 1;
+    memory_place(m, kv, rope, layer, g, r->mem_pos, r->n_mem, T, pos0, r->kbuf, r->vbuf);
     for (size_t i = 0; i < r->n_mem; i++) {
-        r->keys[i] = memory_row(kv, m->layers[layer].key, r->mem_pos[i], g, r->kbuf + i * H);
-        r->values[i] = memory_row(kv, m->layers[layer].value, r->mem_pos[i], g, r->vbuf + i * H);
+        r->keys[i] = r->kbuf + i * H;
+        r->values[i] = r->vbuf + i * H;
     }
     size_t w = r->n_mem;
     read_positions(kv, layer, r->lo, (int)r->n_window, g, r->keys + w, r->values + w,
@@ -1675,8 +1745,8 @@ static void chunk_rows(ChunkRows *r, const KVCache *kv, const ContextMemory *m, 
 }
 
 static void attention_memory(float *out, const float *q, const float *q_sink, const float *q_mem,
-                             const KVCache *kv, ContextMemory *m, int layer,
-                             const Config *c, int T, size_t pos0) {
+                             const KVCache *kv, ContextMemory *m, const LayerRope *rope,
+                             int layer, const Config *c, int T, size_t pos0) {
     int H = c->head_dim;
     int group = c->n_heads / c->n_kv_heads;
     float scale = 1.0f / sqrtf((float)H);
@@ -1704,7 +1774,7 @@ static void attention_memory(float *out, const float *q, const float *q_sink, co
         clear_token_scores(m, layer, pos0, T);
     }
     for (int g = 0; g < c->n_kv_heads; g++) {
-        chunk_rows(&r, kv, m, layer, g, T, pos0);
+        chunk_rows(&r, kv, m, rope, layer, g, T, pos0);
         PARALLEL_FOR
         for (int th = 0; th < T * group; th++) {
             int t = th / group;
@@ -1766,7 +1836,9 @@ typedef struct {
     float *xb;          // (max_T, D) normed input, then block output
     float *q;           // (max_T, q_dim)
     float *q_sink;      // (max_T, q_dim) the queries rotated to meet the sinks
-    float *q_mem;       // (max_T, q_dim) the queries rotated to meet the context memory
+    float *q_score;     // (max_T, q_dim) the queries rotated to score the memory's blocks
+    float *q_mem;       // (max_T, q_dim) the queries rotated to meet the memory's keys
+    float *k_mem;       // (max_T, kv_dim) the keys rotated as the memory stores them
     float *k, *v;       // (max_T, kv_dim)
     float *att_out;     // (max_T, q_dim)
     float *hb, *hb2;    // (max_T, hidden_dim)
@@ -1796,21 +1868,23 @@ static void project(Transformer *tr, float *out, const float *x, const Tensor *w
 static void attend(Transformer *tr, int layer, int T, size_t pos0) {
     RunState *s = &tr->state;
     const Config *c = &tr->config;
-    if (tr->memory) memory_select(tr->memory, &tr->cache, layer, s->q_mem, c, T, pos0);
+    LayerRope rope = layer_rope(&tr->rope, c, layer);
+    if (tr->memory) memory_select(tr->memory, &tr->cache, layer, s->q_score, c, T, pos0);
     if (tr->memory && (tr->reference || tr->memory->score == SCORE_INFLLM))
-        attention_memory(s->att_out, s->q, s->q_sink, s->q_mem, &tr->cache, tr->memory, layer, c,
-                         T, pos0);
+        attention_memory(s->att_out, s->q, s->q_sink, s->q_mem, &tr->cache, tr->memory, &rope,
+                         layer, c, T, pos0);
     else if (tr->reference)
         attention_reference(s->att_out, s->q, s->q_sink, &tr->cache, layer, c, T, pos0);
     else if (tr->memory) {
-        MemoryKeys mk = chunk_memory(tr->memory, &tr->cache, layer, s->q_mem, T, pos0);
+        MemoryKeys mk = chunk_memory(tr->memory, &tr->cache, &rope, layer, s->q_mem, T, pos0);
         attention(s->att_out, s->q, s->q_sink, &tr->cache, &mk, layer, c, T, pos0, s->kernels);
     } else attention(s->att_out, s->q, s->q_sink, &tr->cache, NULL, layer, c, T, pos0, s->kernels);
 }
 
 // RoPE for the chunk's rows at positions pos0..: each query rotated to its position (and a
-// second time to meet the sinks, if the layer has any), each key rotated and written to the
-// cache with its value.
+// second time to meet the sinks, if the layer has any; with a context memory, a third and a
+// fourth time to score its blocks and to meet its keys), each key rotated and written to the
+// cache with its value (and to the memory, rotated as it stores keys: memory_block_distance()).
 static void rotate_and_cache(Transformer *tr, int layer, int T, size_t pos0) {
     const Config *c = &tr->config;
     RunState *s = &tr->state;
@@ -1828,18 +1902,23 @@ static void rotate_and_cache(Transformer *tr, int layer, int T, size_t pos0) {
             memcpy(q_sink, q, c->q_dim * sizeof(float));
             rope_rotate(q_sink, c->n_heads, c->head_dim, &rope, sink_query_pos(kv, layer, pos));
         }
-        if (mem) {
-            float *q_mem = s->q_mem + (size_t)t * c->q_dim;
-            size_t at = memory_query_pos(mem, &kv->layers[layer], pos);
-            memcpy(q_mem, q, c->q_dim * sizeof(float));
-            rope_rotate(q_mem, c->n_heads, c->head_dim, &rope, at);
-        }
-        rope_rotate(q, c->n_heads, c->head_dim, &rope, pos);
         float *k = s->k + (size_t)t * c->kv_dim;
         float *v = s->v + (size_t)t * c->kv_dim;
-        if (mem && !mem->true_positions) memory_write(mem, kv, layer, pos, k, v);   // unrotated
+        if (mem) {
+            float *q_score = s->q_score + (size_t)t * c->q_dim;
+            float *q_mem = s->q_mem + (size_t)t * c->q_dim;
+            float *k_mem = s->k_mem + (size_t)t * c->kv_dim;
+            memcpy(q_score, q, c->q_dim * sizeof(float));
+            rope_rotate(q_score, c->n_heads, c->head_dim, &rope,
+                        memory_score_angle(mem, &kv->layers[layer]));
+            memcpy(q_mem, q, c->q_dim * sizeof(float));
+            rope_rotate(q_mem, c->n_heads, c->head_dim, &rope, mem->distance + (size_t)t);
+            memcpy(k_mem, k, c->kv_dim * sizeof(float));
+            rope_rotate(k_mem, c->n_kv_heads, c->head_dim, &rope, pos % mem->block);
+            memory_write(mem, kv, layer, pos, k_mem, v);
+        }
+        rope_rotate(q, c->n_heads, c->head_dim, &rope, pos);
         kv_write(kv, layer, pos, k, v, &rope);   // rotates k to pos
-        if (mem && mem->true_positions) memory_write(mem, kv, layer, pos, k, v);
     }
     if (mem) memory_bounds(mem, kv, layer, pos0, (size_t)T, s->row);
     if (mem) memory_release(mem, layer, (size_t)T);
@@ -2234,7 +2313,9 @@ static void build_state(RunState *s, const Config *c, int max_T, int all_logits)
     s->xb = xcalloc(mul_size(T, c->dim, "xb"), sizeof(float), "activations");
     s->q = xcalloc(mul_size(T, c->q_dim, "q"), sizeof(float), "activations");
     s->q_sink = xcalloc(mul_size(T, c->q_dim, "q"), sizeof(float), "activations");
+    s->q_score = xcalloc(mul_size(T, c->q_dim, "q"), sizeof(float), "activations");
     s->q_mem = xcalloc(mul_size(T, c->q_dim, "q"), sizeof(float), "activations");
+    s->k_mem = xcalloc(mul_size(T, c->kv_dim, "k"), sizeof(float), "activations");
     s->k = xcalloc(mul_size(T, c->kv_dim, "k"), sizeof(float), "activations");
     s->v = xcalloc(mul_size(T, c->kv_dim, "v"), sizeof(float), "activations");
     s->att_out = xcalloc(mul_size(T, c->q_dim, "att"), sizeof(float), "activations");
@@ -2247,8 +2328,9 @@ static void build_state(RunState *s, const Config *c, int max_T, int all_logits)
 }
 
 static void free_state(RunState *s) {
-    void *buffers[] = { s->x,  s->xb,  s->q,      s->q_sink,  s->q_mem, s->k, s->v,
-                        s->hb, s->hb2, s->logits, s->att_out, s->row };
+    void *buffers[] = { s->x,  s->xb,     s->q,       s->q_sink, s->q_score, s->q_mem,
+                        s->k,  s->k_mem,  s->v,       s->hb,     s->hb2,     s->logits,
+                        s->att_out, s->row };
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
     free_kernel_work(s->kernels);
 }
@@ -2294,10 +2376,17 @@ static size_t kv_bytes_per_token(const Transformer *t) {
 // With a context memory, what one query at position p sees, drawn as the README draws it.
 static void print_memory_geometry(const ContextMemory *m, size_t n_sink, size_t window) {
     size_t retrieved = (size_t)m->top_k * m->block;
-    fprintf(stderr, "  a query at p sees: [%zu sinks] .. [%d blocks of %d, %s] .. "
-            "[p-%zu .. p] = at most %zu keys\n", n_sink, m->top_k, m->block,
-            m->true_positions ? "at their distances" : "each at distance W-1",
-            window - 1, n_sink + retrieved + window);
+    fprintf(stderr, "  a query at p sees: [%zu sinks] .. [%d blocks of %d, each at distance "
+            "min(true, %zu)] .. [p-%zu .. p] = at most %zu keys\n", n_sink, m->top_k, m->block,
+            m->distance, window - 1, n_sink + retrieved + window);
+}
+
+// D: --memory-distance, or by default a quarter of the trained context (the best perplexity
+// of the distances tried: README, the context memory), but at least W + B - 1, so that a block
+// moved up to D lies past the window of the query that retrieved it.
+static size_t memory_distance(const Transformer *t, long requested, long window, long block) {
+    if (requested) return (size_t)requested;
+    return max_size((size_t)(window + block - 1), (size_t)t->config.max_seq_len / 4);
 }
 
 // One line: which keys a query sees, and how many positions fit.
@@ -2331,7 +2420,7 @@ static void print_attention(const Transformer *t) {
         fprintf(stderr, " + memory: %d blocks of %d per chunk and kv head (%s), %s",
                 t->memory->top_k, t->memory->block,
                 t->memory->score == SCORE_INFLLM ? "InfLLM representatives" : "Quest bounds",
-                t->memory->true_positions ? "at true distances" : "at distance W - 1 (InfLLM)");
+                "at distance min(true, D)");
     size_t cap = cache_capacity(kv, c->n_layers);
     if (cap == SIZE_MAX) fprintf(stderr, "; a text of any length\n");
     else fprintf(stderr, "; context %zu tokens\n", cap);
@@ -2602,7 +2691,7 @@ typedef struct {
     int memory;               // --memory: keep every key in blocks, retrieve K per chunk
     long memory_block;        // --memory-block B: positions per block (0: 128)
     long memory_blocks;       // --memory-blocks K: blocks a chunk retrieves per kv head (-1: 16)
-    int memory_true_pos;      // --memory-true-pos: memory keys at their true distances
+    long memory_distance;     // --memory-distance D: farthest placement (0: the default)
     float memory_budget;      // --memory-budget MB: rows kept in RAM before they go to files
     const char *memory_score; // --memory-score quest|infllm: how a chunk scores blocks
     long memory_repr;         // --memory-repr R: infllm's representative tokens (0: 4)
@@ -2913,7 +3002,7 @@ static StateHeader state_header(const Transformer *t, const StateText *text) {
         h.memory = 1;
         h.memory_block = (uint32_t)m->block;
         h.memory_blocks = (uint32_t)m->top_k;
-        h.memory_true_pos = (uint32_t)m->true_positions;
+        h.memory_distance = (uint32_t)m->distance;
         h.memory_positions = text->n_tokens;
     }
     state_layout(&h);
@@ -2998,14 +3087,14 @@ static void save_state(const Transformer *t, const char *path, const StateText *
 // The memory fields: all 0 (no memory), or settings --memory could have had (else they would
 // be named as options to give, or divide by a block of 0).
 static void check_memory_header(const StateHeader *h, const char *path) {
-    int none = !h->memory && !h->memory_block && !h->memory_blocks && !h->memory_true_pos
+    int none = !h->memory && !h->memory_block && !h->memory_blocks && !h->memory_distance
                && !h->memory_positions;
     int some = h->memory == 1 && h->memory_block >= 1 && h->memory_block <= 1 << 16
-               && h->memory_blocks <= 1 << 16 && h->memory_true_pos <= 1;
+               && h->memory_blocks <= 1 << 16 && h->memory_distance >= 1
+               && h->memory_distance <= 1 << 30;
     if (!none && !some)
-        die("%s: context memory flag %u, blocks of %u, %u retrieved, true positions flag %u: the "
-            "file is damaged", path, h->memory, h->memory_block, h->memory_blocks,
-            h->memory_true_pos);
+        die("%s: context memory flag %u, blocks of %u, %u retrieved, distance %u: the file is "
+            "damaged", path, h->memory, h->memory_block, h->memory_blocks, h->memory_distance);
 }
 
 // The header of a state file, checked to be one, read before the transformer is built: the
@@ -3041,9 +3130,8 @@ static StateHeader read_state_header(const char *path) {
 // with the same one, and a run with a memory a state that has one.
 static void check_state_memory(const ContextMemory *m, const StateHeader *h, const char *path) {
     if (h->memory && !m)
-        die("%s holds a context memory: add --memory --memory-block %u --memory-blocks %u%s",
-            path, h->memory_block, h->memory_blocks,
-            h->memory_true_pos ? " --memory-true-pos" : "");
+        die("%s holds a context memory: add --memory --memory-block %u --memory-blocks %u",
+            path, h->memory_block, h->memory_blocks);
     if (!m) return;
     if (!h->memory)
         die("%s holds no context memory (it was saved without --memory): leave --memory out",
@@ -3054,9 +3142,6 @@ static void check_state_memory(const ContextMemory *m, const StateHeader *h, con
     if (h->memory_blocks != (uint32_t)m->top_k)
         die("%s was saved with --memory-blocks %u; this run has %d", path, h->memory_blocks,
             m->top_k);
-    if (h->memory_true_pos != (uint32_t)m->true_positions)
-        die("%s was saved %s --memory-true-pos; this run is %s it", path,
-            h->memory_true_pos ? "with" : "without", m->true_positions ? "with" : "without");
 }
 
 // What the loading run's options must repeat of the saving run's: refused with the option to
@@ -4214,7 +4299,7 @@ static int bench_config(const Transformer *t, const Options *o, Field *f) {
     set_field(&f[n++], "memory", 1, "%s", m ? o->memory_score : "none");
     set_field(&f[n++], "memory_block", 0, "%d", m ? m->block : 0);
     set_field(&f[n++], "memory_blocks", 0, "%d", m ? m->top_k : 0);
-    set_field(&f[n++], "memory_true_pos", 0, "%s", m && m->true_positions ? "true" : "false");
+    set_field(&f[n++], "memory_distance", 0, "%zu", m ? m->distance : 0);
     const char *rope = lc->rope_type == ROPE_DEFAULT ? "none" : rope_type_name(lc->rope_type);
     set_field(&f[n++], "rope_scaling", 1, "%s", rope);
     set_field(&f[n++], "rope_factor", 0, "%g", lc->rope_type == ROPE_DEFAULT ? 1 : lc->factor);
@@ -4488,7 +4573,8 @@ static void usage_model_options(FILE *out) {
             "                   K blocks of B positions that score best for it (InfLLM, Quest)\n"
             "  --memory-block B positions per memory block                      (default 128)\n"
             "  --memory-blocks K  blocks a chunk retrieves per kv head           (default 16)\n"
-            "  --memory-true-pos  memory keys at their true distances, not the window's edge\n"
+            "  --memory-distance D  retrieved blocks at min(true distance, D)\n"
+            "                   (default: a quarter of the trained context, at least W + B - 1)\n"
             "  --memory-budget MB  memory rows kept in RAM; past it, in files in $TMPDIR\n"
             "                   (default 4096)\n"
             "  --memory-score S quest: blocks scored by their keys' bounds; infllm: by R\n"
@@ -4772,7 +4858,7 @@ static const OptionInfo option_table[] = {
     { "--memory", 0, MODEL_MODES },
     { "--memory-block", 1, MODEL_MODES },
     { "--memory-blocks", 1, MODEL_MODES },
-    { "--memory-true-pos", 0, MODEL_MODES },
+    { "--memory-distance", 1, MODEL_MODES },
     { "--memory-budget", 1, MODEL_MODES },
     { "--memory-score", 1, MODEL_MODES },
     { "--memory-repr", 1, MODEL_MODES },
@@ -4873,7 +4959,6 @@ static int parse_switch(Options *o, const char *flag) {
     if (!strcmp(flag, "--pieces")) target = &o->pieces;
     if (!strcmp(flag, "--reset-turns")) target = &o->reset_turns;
     if (!strcmp(flag, "--memory")) target = &o->memory;
-    if (!strcmp(flag, "--memory-true-pos")) target = &o->memory_true_pos;
     if (target) *target = 1;
     return target != NULL;
 }
@@ -4945,6 +5030,8 @@ static int parse_model_option(Options *o, const char *flag, const char *val) {
     else if (!strcmp(flag, "--window")) o->attn.window = parse_long(flag, val, 1, INT32_MAX);
     else if (!strcmp(flag, "--lminf-limit")) o->attn.limit = parse_long(flag, val, 1, INT32_MAX);
     else if (!strcmp(flag, "--memory-block")) o->memory_block = parse_long(flag, val, 1, 1 << 16);
+    else if (!strcmp(flag, "--memory-distance"))
+        o->memory_distance = parse_long(flag, val, 1, 1 << 30);
     else if (!strcmp(flag, "--memory-blocks"))
         o->memory_blocks = parse_long(flag, val, 0, 1 << 16);
     else if (!strcmp(flag, "--memory-budget"))
@@ -4984,10 +5071,10 @@ static void check_state_flags(const Options *o) {
 
 // --memory and its settings; the defaults are InfLLM's: blocks of 128, 16 retrieved.
 static void check_memory_flags(Options *o) {
-    int tuned = o->memory_block || o->memory_blocks >= 0 || o->memory_true_pos
+    int tuned = o->memory_block || o->memory_blocks >= 0 || o->memory_distance
                 || o->memory_budget || o->memory_score || o->memory_repr;
     if (tuned && !o->memory)
-        usage_error("%s", "--memory-block, --memory-blocks, --memory-true-pos, "
+        usage_error("%s", "--memory-block, --memory-blocks, --memory-distance, "
                     "--memory-budget, --memory-score and --memory-repr apply only with --memory");
     if (o->memory_score && strcmp(o->memory_score, "quest") && strcmp(o->memory_score, "infllm"))
         usage_error("unknown --memory-score '%s' (quest, infllm)", o->memory_score);
@@ -5009,6 +5096,13 @@ static void check_memory_flags(Options *o) {
                     "separate runs");
     if (!o->memory_block) o->memory_block = 128;
     if (o->memory_blocks < 0) o->memory_blocks = 16;
+    long least = o->attn.window + o->memory_block - 1;   // a block just past the window
+    if (o->memory_distance && o->memory_distance < least) {
+        char need[32];
+        snprintf(need, sizeof(need), "%ld", least);
+        usage_error("--memory-distance would put blocks inside the window: at least W + B - 1 = "
+                    "%s", need);
+    }
     if (!o->memory_budget) o->memory_budget = 4096;
     if (o->memory_repr > o->memory_block)
         usage_error("%s", "--memory-repr R must be at most --memory-block B (a block's "
@@ -5301,7 +5395,8 @@ int main(int argc, char **argv) {
     build_transformer(&t, &mf, o.model_path, &o.rope, &o.attn, context, chunk, all_logits);
     if (o.memory)
         t.memory = new_memory(&t.cache, (int)o.memory_block, (int)o.memory_blocks,
-                              o.memory_true_pos);
+                              memory_distance(&t, o.memory_distance, o.attn.window,
+                                              o.memory_block));
     if (o.memory) memory_budget(t.memory, &t.cache, o.memory_budget, temp_dir());
     if (o.memory && !strcmp(o.memory_score, "infllm"))
         memory_use_infllm(t.memory, &t.cache, t.config.n_heads, (int)o.memory_repr);

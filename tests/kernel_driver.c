@@ -198,8 +198,9 @@ static void check_against_reference(KVType kt, int H, int n_heads, int n_kv_head
 
 // attention() with a context memory against attention_memory(): random rows in the cache
 // and in the memory (all positions, in the cache's type), memory_select() on random queries,
-// then both read the same rows, so only their summation order differs. B, W and pos0 are
-// chosen so blocks straddle the sinks and the windows.
+// then both read the same rows, placed by memory_place() with a real rotation and D = W + B + 4
+// (the nearest blocks at their distances, the rest moved), so only their summation order
+// differs. B, W and pos0 are chosen so blocks straddle the sinks and the windows.
 static void check_memory_against_reference(KVType kt, int H, int n_heads, int n_kv_heads,
                                            size_t window, long n_sink, int B, int K, size_t pos0,
                                            int T) {
@@ -210,7 +211,10 @@ static void check_memory_against_reference(KVType kt, int H, int n_heads, int n_
     KVCache kv = {0};
     size_t n = pos0 + T;
     build_cache(&kv, &c, &a, n, T);
-    ContextMemory *m = new_memory(&kv, B, K, 0);
+    ContextMemory *m = new_memory(&kv, B, K, window + (size_t)B + 4);
+    float *inv_freq = xcalloc((size_t)H / 2, sizeof(float), "rope");
+    for (int i = 0; i < H / 2; i++) inv_freq[i] = powf(10000.0f, -2.0f * (float)i / (float)H);
+    LayerRope rope = {.inv_freq = inv_freq, .attn_factor = 1, .rotary_dim = H};
     memory_reserve(m, &kv, 0, n);
     float *k = xcalloc(c.kv_dim, sizeof(float), "row");
     float *v = xcalloc(c.kv_dim, sizeof(float), "row");
@@ -235,9 +239,9 @@ static void check_memory_against_reference(KVType kt, int H, int n_heads, int n_
     random_fill(q_mem, q_floats);
     memory_select(m, &kv, 0, q_mem, &c, T, pos0);
     KernelWork *kw = new_kernel_work(8, T, H, n_heads);
-    MemoryKeys mk = chunk_memory(m, &kv, 0, q_mem, T, pos0);
+    MemoryKeys mk = chunk_memory(m, &kv, &rope, 0, q_mem, T, pos0);
     attention(out, q, q_sink, &kv, &mk, 0, &c, T, pos0, kw);
-    attention_memory(ref, q, q_sink, q_mem, &kv, m, 0, &c, T, pos0);
+    attention_memory(ref, q, q_sink, q_mem, &kv, m, &rope, 0, &c, T, pos0);
     double worst = worst_difference(out, ref, q_floats);
     char what[96];
     snprintf(what, sizeof(what), "memory %s H %d, %d/%d, W %zu, S %ld, B %d K %d, pos %zu, T = %d",
@@ -250,6 +254,7 @@ static void check_memory_against_reference(KVType kt, int H, int n_heads, int n_
     free(q_mem);
     free(out);
     free(ref);
+    free(inv_freq);
     free_kernel_work(kw);
     free_memory(m, 1);
     free_cache(&kv);

@@ -205,7 +205,7 @@ static void run_infllm(const Setup *s, int R) {
         const float *qc = q + p0 * c.q_dim;
         memory_select(m, &kv, 0, qc + 2 * rows, &c, n, p0);
         if (!quiet) print_chunk_choice(m, &kv, &c, qc + 2 * rows, chunk, n, p0);
-        attention_memory(out, qc, qc + rows, qc + 2 * rows, &kv, m, 0, &c, n, p0);
+        attention_memory(out, qc, qc + rows, qc + 2 * rows, &kv, m, &none, 0, &c, n, p0);
         if (quiet) continue;
         const MemoryLayer *ml = &m->layers[0];
         size_t end = p0 + (size_t)n;

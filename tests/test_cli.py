@@ -115,7 +115,7 @@ ACCEPTED = {
     "--memory-block": ["--memory", "--memory-block", "4", "--window", "8", "-i", PROMPT, "-n", "2"],
     "--memory-blocks": ["--memory", "--memory-blocks", "1", "--window", "8", "-i", PROMPT, "-n", "2"],
     "--memory-budget": ["--memory", "--memory-budget", "8", "--window", "8", "-i", PROMPT, "-n", "2"],
-    "--memory-true-pos": ["--memory", "--memory-true-pos", "--window", "8", "-i", PROMPT, "-n", "2"],
+    "--memory-distance": ["--memory", "--memory-distance", "200", "--window", "8", "-i", PROMPT, "-n", "2"],
     "--memory-score": ["--memory", "--memory-score", "infllm", "--memory-block", "4", "--window", "8", "-i",
                        PROMPT, "-n", "2"],
     "--memory-repr": ["--memory", "--memory-score", "infllm", "--memory-repr", "2", "--memory-block", "4",

@@ -12,7 +12,8 @@ goes on as if the saving run had never stopped.
    text), the loading run samples the saving run's ids (a context memory too); a continuation prompt after the state
    samples what one run over both prompts does; a small -c that generation overflows after the
    load switches to StreamingLLM as the uninterrupted run does.
-   With a context memory (--memory: far and true positions, every KV type, its rows in files
+   With a context memory (--memory: blocks moved to the default distance and at their true
+   distances, every KV type, its rows in files
    past --memory-budget on the loading side, a chain, token by token) the same holds: the state
    holds the memory's rows and block bounds.
 3. ppl: the NLL sums add up, ppl(A) + ppl(B after A's state) = ppl(A + B).
@@ -197,16 +198,17 @@ MEMORY = [*ATTENTION["sinks"], "--memory", "--memory-block", 8, "--memory-blocks
 
 def test_logits_after_load_with_memory_are_exact(models):
     """A state holds the context memory: its rows and block bounds go into the loading run's
-    memory, which then retrieves as the uninterrupted run's did. Far (InfLLM) and true
-    positions, every KV type; the loading run's memory past a --memory-budget of 5 KB (its rows
-    in files, the saving run's in RAM); Qwen2's own window on layer 1; a chain; token by token
+    memory, which then retrieves as the uninterrupted run's did. Blocks moved to the default
+    --memory-distance and at true distances (--memory-distance 1000), every KV type; the
+    loading run's memory past a --memory-budget of 5 KB (its rows in files, the saving run's
+    in RAM); Qwen2's own window on layer 1; a chain; token by token
     through the sanitizer build."""
     paths, ids, d = models
     failures = []
     cases = [("llama", "memory-far-f32", [*MEMORY, "--kv-type", "f32"]),
-             ("llama", "memory-true-q8", [*MEMORY, "--memory-true-pos", "--kv-type", "q8"]),
+             ("llama", "memory-true-q8", [*MEMORY, "--memory-distance", 1000, "--kv-type", "q8"]),
              ("llama", "memory-far-f16", [*MEMORY, "--kv-type", "f16"]),
-             ("qwen2_w16_mixed", "memory-true-f32", [*MEMORY, "--memory-true-pos"])]
+             ("qwen2_w16_mixed", "memory-true-f32", [*MEMORY, "--memory-distance", 1000])]
     seen = {}
     for family, name, options in cases:
         failures += split_equals_whole(paths[family], ids, d, name, options, seen=seen)
@@ -215,7 +217,7 @@ def test_logits_after_load_with_memory_are_exact(models):
                                *ATTENTION["sinks"]).tobytes()
     assert len(set(seen.values())) == len(seen), "a case gave another case's logits"
     failures += split_equals_whole(paths["llama"], ids, d, "memory-true-q8-files",
-                                   [*MEMORY, "--memory-true-pos", "--kv-type", "q8"],
+                                   [*MEMORY, "--memory-distance", 1000, "--kv-type", "q8"],
                                    load_options=["--memory-budget", 0.005],
                                    load_says="40 positions (0.0 MB copied into files)")
     failures += chain_equals_whole(paths["llama"], ids, d, "memory-chain-f16",
@@ -245,7 +247,7 @@ def test_generate_after_load_samples_the_same(models):
     for name, opts in (("full-f32", []), ("lminf-q8", [*ATTENTION["lminf"], "--kv-type", "q8"]),
                        ("dynamic-sinks-f16", [*ROPE["dynamic"], *ATTENTION["sinks"], "--kv-type",
                                               "f16"]),
-                       ("memory-true-f16", [*MEMORY, "--memory-true-pos", "--kv-type", "f16"])):
+                       ("memory-true-f16", [*MEMORY, "--memory-distance", 1000, "--kv-type", "f16"])):
         common = ["--chunk", CHUNK, "-n", 30, *SAMPLING, *opts]
         state = d / f"gen-{name}.state"
         # no prompt after the load: sampling starts from the saved logits

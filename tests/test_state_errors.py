@@ -22,7 +22,7 @@ import make_seeds  # noqa: E402  (the byte-level tokenizer of the fuzz seeds)
 TEXT = "Hello world, this is a tiny corpus for a tiny tokenizer."
 CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 
-# model.h StateHeader (version 3): (name, struct code) in order, then sections[13] of
+# model.h StateHeader (version 4): (name, struct code) in order, then sections[13] of
 # (offset, size).
 HEADER_FIELDS = [("magic", "I"), ("version", "I"), ("model_fingerprint", "Q"), ("file_size", "Q"),
                  ("n_layers", "I"), ("vocab_size", "I"), ("kv_type", "I"), ("lminf", "I"),
@@ -31,7 +31,7 @@ HEADER_FIELDS = [("magic", "I"), ("version", "I"), ("model_fingerprint", "Q"), (
                  ("row_bytes", "Q"), ("n_tokens", "Q"), ("kind", "I"), ("chat_template", "I"),
                  ("n_kv_heads", "I"), ("head_dim", "I"),
                  ("memory", "I"), ("memory_block", "I"), ("memory_blocks", "I"),
-                 ("memory_true_pos", "I"), ("memory_positions", "Q")]
+                 ("memory_distance", "I"), ("memory_positions", "Q")]
 SECTIONS = ["layer_config", "slots", "rope_len", "tokens", "logits", "sink_keys", "sink_values",
             "keys", "values", "mem_keys", "mem_values", "mem_bounds", "mem_bound_scales"]
 SECTIONS_AT = 160
@@ -131,14 +131,14 @@ def load_bytes(models, tmp_path, blob, *options):
 # ----------------------------------------------------------------------------
 # Files that are not a whole state file
 
-def test_layout_of_version_3(state, memory_state):
+def test_layout_of_version_4(state, memory_state):
     """The header is 368 bytes, the sections follow it in order, each at the next 4096-byte
     boundary, as long as the counts say: without a memory its four sections are empty; with one,
     n_layers x n_tokens rows of row_bytes and ceil(n_tokens / B) blocks of 2 kv_dim int8 steps
     and n_kv_heads float scales."""
     for blob, memory in ((state[1], False), (memory_state[1], True)):
         h = header(blob)
-        assert h["version"] == 3 and h["memory"] == memory, h
+        assert h["version"] == 4 and h["memory"] == memory, h
         assert h["n_kv_heads"] * h["head_dim"] == h["kv_dim"], h
         at = HEADER_SIZE
         for name, (off, size) in sections(blob).items():
@@ -177,9 +177,10 @@ def test_cut_at_every_section_boundary_is_refused(models, state, memory_state, t
 def test_wrong_magic_and_version_are_refused(models, state, tmp_path):
     blob = state[1]
     refused(load_bytes(models, tmp_path, b"LRSX" + blob[4:]), "not a longrun state file")
-    for version in (1, 2, 4):   # 1: before the context memory's sections, 2: float32 bounds
+    # 1: before the context memory's sections, 2: float32 bounds, 3: memory keys at angle 0
+    for version in (1, 2, 3, 5):
         refused(load_bytes(models, tmp_path, patch(blob, 4, "<I", version)),
-                f"version {version}; this longrun reads version 3", "save the state again")
+                f"version {version}; this longrun reads version 4", "save the state again")
     refused(load_bytes(models, tmp_path, b"\0" * len(blob)), "not a longrun state file")
 
 
@@ -220,8 +221,6 @@ SETTINGS = {   # name: (the saving run's options, the loading run's, what the me
                      "holds a context memory of 4-position blocks, this run's are 8: add "
                      "--memory-block 4"),
     "memory-blocks": (MEMORY, [*MEMORY, "--memory-blocks", 3], "--memory-blocks 2; this run has 3"),
-    "memory-true-pos": ([*MEMORY, "--memory-true-pos"], MEMORY,
-                        "was saved with --memory-true-pos; this run is without it"),
 }
 
 
@@ -276,7 +275,7 @@ def test_a_header_field_out_of_line_is_refused(models, state, tmp_path):
             "sections are not where", damaged)
     # a memory's fields on a state without one: refused before any is named as an option
     for name, value in [("memory", 1), ("memory", 2), ("memory_block", 4), ("memory_blocks", 2),
-                        ("memory_true_pos", 1), ("memory_positions", h["n_tokens"])]:
+                        ("memory_distance", 32), ("memory_positions", h["n_tokens"])]:
         r = load_bytes(models, tmp_path, patch(blob, *field(name), value))
         assert damaged in refused(r), (name, value)
 
@@ -288,7 +287,8 @@ def test_a_memory_header_field_out_of_line_is_refused(models, memory_state, tmp_
     h = header(blob)
     options = [*MEMORY, "--kv-type", "f16"]
     changes = [("memory", 2), ("memory_block", 0), ("memory_block", 1 << 20),
-               ("memory_blocks", 1 << 20), ("memory_true_pos", 2),
+               ("memory_blocks", 1 << 20), ("memory_distance", 0),
+               ("memory_distance", 1 << 31),
                ("memory_positions", h["n_tokens"] - 1), ("memory_positions", h["n_tokens"] + 1),
                ("memory_positions", 0), ("memory_positions", 2**63), ("n_kv_heads", 2**32 - 1)]
     for name, value in changes:

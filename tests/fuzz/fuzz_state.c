@@ -8,7 +8,7 @@
 //   bit 0      0: full attention; 1: --window 4 --sinks 2
 //   bits 1-2   --kv-type (f32, f16, q8; modulo their count)
 //   bit 3      with bit 0: --memory --memory-block 2 --memory-blocks 2 (the rows in RAM)
-//   bit 4      with bit 3: --memory-true-pos
+//   bit 4      with bit 3: --memory-distance 1000 (true distances), else 5 (W + B - 1)
 // and the chunk is 4 (--chunk 4: a state saved with another is refused, as by state_context()).
 #include "fuzz.h"
 
@@ -70,7 +70,7 @@ static void load_and_step(uint8_t settings, const char *path) {
     RopeOptions rope = {0};
     build_transformer(&tr, &mf, model_path, &rope, &attn, context, o.chunk, 0);
     if ((settings & 1) && (settings & 8))
-        tr.memory = new_memory(&tr.cache, 2, 2, (settings >> 4) & 1);
+        tr.memory = new_memory(&tr.cache, 2, 2, (settings >> 4) & 1 ? 1000 : 5);
     LoadedState loaded;
     load_state(&tr, path, &loaded);
     size_t pos = loaded.header.n_tokens;

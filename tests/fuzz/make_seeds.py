@@ -14,7 +14,7 @@ sample/     option bytes and float32 logits for fuzz_sample: greedy, a tiny temp
 state/      fuzz_state's settings byte, then a state file ./run --save-state wrote from
             model/llama-f32.bin: full attention (f32 cache, -c 16), --window 4 --sinks 2 with a
             q8 cache, and with a context memory (--memory-block 2 --memory-blocks 2: f16 far,
-            q8 at true positions); all --chunk 4. ./run must be built (LONGRUN_BIN names
+            q8 at true distances); all --chunk 4. ./run must be built (LONGRUN_BIN names
             another). Only these: `python -c "import make_seeds; make_seeds.write_state_seeds()"`
             in tests/fuzz.
 """
@@ -130,7 +130,7 @@ def write_sample_seeds():
 
 def write_state_seeds():
     """A settings byte (see fuzz_state.c: bit 0 window + sinks, bits 1-2 the KV type, bit 3 the
-    context memory, bit 4 its true positions), then the state ./run saved after a prompt of
+    context memory, bit 4 its blocks at true distances), then the state ./run saved after a prompt of
     token ids, with those settings. Small contexts and windows keep each file a few pages (its
     sections are page-aligned)."""
     run = os.environ.get("LONGRUN_BIN", os.path.join(ROOT, "run"))
@@ -139,7 +139,8 @@ def write_state_seeds():
              "window-sinks-q8": (1 | 2 << 1, ["--window", "4", "--sinks", "2", "--kv-type", "q8"], 13)}
     memory = ["--window", "4", "--sinks", "2", "--memory", "--memory-block", "2", "--memory-blocks", "2"]
     cases["memory-f16"] = (1 | 1 << 1 | 1 << 3, [*memory, "--kv-type", "f16"], 13)
-    cases["memory-true-q8"] = (1 | 2 << 1 | 1 << 3 | 1 << 4, [*memory, "--memory-true-pos", "--kv-type", "q8"], 14)
+    cases["memory-near-q8"] = (1 | 2 << 1 | 1 << 3 | 1 << 4, [*memory, "--memory-distance", "1000", "--kv-type", "q8"],
+                               14)
     with tempfile.TemporaryDirectory() as tmp:
         for name, (settings, options, n) in cases.items():
             state = os.path.join(tmp, name)
