@@ -588,12 +588,12 @@ static LayerRope layer_rope(const Rope *r, const Config *c, int layer) {
     return rope;
 }
 
-// Channel pair i's angle at position pos, pos * inv_freq[i], as its cos and sin times the
-// attention factor (rope_rotate() says why in double).
+// Channel pair i's angle at position pos, pos * inv_freq[i], as its cos and sin
+// (rope_rotate() says why in double).
 static void rope_angle(const LayerRope *rope, int i, size_t pos, float *c, float *s) {
     double angle = (double)pos * rope->inv_freq[i];
-    *c = (float)cos(angle) * rope->attn_factor;
-    *s = (float)sin(angle) * rope->attn_factor;
+    *c = (float)cos(angle);
+    *s = (float)sin(angle);
 }
 
 // Turn channel pair i of each head of vec by the angle whose cos and sin are c and s.
@@ -620,7 +620,7 @@ static void rope_rotate(float *vec, int n_heads, int head_dim, const LayerRope *
     for (int i = 0; i < half; i++) {
         float c, s;
         rope_angle(rope, i, pos, &c, &s);
-        rope_turn(vec, n_heads, head_dim, half, i, c, s);
+        rope_turn(vec, n_heads, head_dim, half, i, c * rope->attn_factor, s * rope->attn_factor);
     }
 }
 
@@ -1437,7 +1437,9 @@ static size_t memory_positions(const ContextMemory *m, const KVCache *kv, int la
 
 // Kv head g's rows of memory positions pos[0 .. n-1] (ascending) as floats, placed for a chunk
 // of T queries at pos0..: keys (n, H) turned by D + T - 1 - d(s) from the p % B they are stored
-// at (memory_block_distance(); one set of angles per block), values (n, H) as stored.
+// at (memory_block_distance(); one set of angles per block; a pure turn, for the stored keys
+// carry RoPE's attention factor already), values (n, H) as stored. A decoded token's blocks
+// farther than D need no turn at all.
 static void memory_place(ContextMemory *m, const KVCache *kv, const LayerRope *rope, int layer,
                          int g, const size_t *pos, size_t n, int T, size_t pos0, float *keys,
                          float *values) {
@@ -1456,12 +1458,11 @@ static void memory_place(ContextMemory *m, const KVCache *kv, const LayerRope *r
         row = memory_row(kv, ml->value, pos[j], g, value);
         if (row != value) memcpy(value, row, (size_t)H * sizeof(float));
         size_t start = pos[j] / m->block * m->block;
-        if (start != block) {
-            size_t turn = m->distance + (last - pos0) - memory_block_distance(m, start, last);
+        size_t turn = m->distance + (last - pos0) - memory_block_distance(m, start, last);
+        if (turn && start != block)
             for (int i = 0; i < half; i++) rope_angle(rope, i, turn, &angles[i], &angles[half + i]);
-            block = start;
-        }
-        for (int i = 0; i < half; i++)
+        block = start;
+        for (int i = 0; turn && i < half; i++)
             rope_turn(key, 1, H, half, i, angles[i], angles[half + i]);
     }
 }

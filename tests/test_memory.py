@@ -1,7 +1,8 @@
 """The context memory (--memory: InfLLM's blocks, Xiao et al. 2024, retrieved by Quest's bound,
 Tang et al. 2024).
 
-1. Exactness on tiny random models (Llama and Qwen2, GQA 4/2, 80 tokens, chunks of 8 and of 1),
+1. Exactness on tiny random models (Llama, Llama with YaRN x4 and Qwen2, GQA 4/2, 80 tokens,
+   chunks of 8 and of 1),
    for every KV cache type. With --reference (the plain loops):
    (a) --window 16 --sinks 0 --memory --memory-distance 1000 (every block at its true
        distance) with every block retrievable is full attention (and full attention is HF's,
@@ -68,7 +69,10 @@ MEMORY_ONE = [*SINKS_WINDOW, "--memory", "--memory-blocks", 1, "--memory-block",
 
 def families():
     from transformers import LlamaConfig, Qwen2Config
-    return {"llama_gqa": LlamaConfig(**TINY, rope_theta=5e5), "qwen2_bias": Qwen2Config(**TINY, rope_theta=1e6)}
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+    return {"llama_gqa": LlamaConfig(**TINY, rope_theta=5e5), "qwen2_bias": Qwen2Config(**TINY, rope_theta=1e6),
+            # YaRN's attention factor (1.14 here) scales keys and queries once each, in the memory too
+            "llama_yarn": LlamaConfig(**TINY, rope_theta=5e5, rope_scaling=yarn)}
 
 
 @pytest.fixture(scope="module", params=list(families()))
