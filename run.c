@@ -1437,18 +1437,16 @@ static size_t memory_positions(const ContextMemory *m, const KVCache *kv, int la
 
 // Kv head g's rows of memory positions pos[0 .. n-1] (ascending) as floats, placed for a chunk
 // of T queries at pos0..: keys (n, H) turned by D + T - 1 - d(s) from the p % B they are stored
-// at (memory_block_distance(); one set of angles per block; a pure turn, for the stored keys
-// carry RoPE's attention factor already), values (n, H) as stored. A decoded token's blocks
-// farther than D need no turn at all.
-static void memory_place(ContextMemory *m, const KVCache *kv, const LayerRope *rope, int layer,
-                         int g, const size_t *pos, size_t n, int T, size_t pos0, float *keys,
-                         float *values) {
+// at (memory_block_distance(); one set of angles per block, cos then sin of each channel pair
+// into angles (rotary_dim); a pure turn, for the stored keys carry RoPE's attention factor
+// already), values (n, H) as stored. A decoded token's blocks farther than D need no turn.
+static void memory_place(const ContextMemory *m, const KVCache *kv, const LayerRope *rope,
+                         int layer, int g, const size_t *pos, size_t n, int T, size_t pos0,
+                         float *keys, float *values, float *angles) {
     const MemoryLayer *ml = &m->layers[layer];
     int H = kv->head_dim;
     int half = rope->rotary_dim / 2;
     size_t last = pos0 + (size_t)T - 1;
-    float *angles = memory_scratch(m, SCRATCH_ANGLES, max_size(2 * (size_t)half, 1),
-                                   sizeof(float));   // cos, then sin, of each channel pair
     size_t block = SIZE_MAX;   // whose angles those are
     for (size_t j = 0; j < n; j++) {
         float *key = keys + j * H;
@@ -1491,11 +1489,21 @@ static MemoryKeys chunk_memory(ContextMemory *m, const KVCache *kv, const LayerR
     float *keys = memory_scratch(m, SCRATCH_PLACED, mul_size(rows, 2 * (size_t)kv->head_dim,
                                                              "memory"), sizeof(float));
     float *values = keys + rows * kv->head_dim;
-    for (int g = 0; g < kv->n_kv_heads; g++) {
-        size_t *list = pos + (size_t)g * stride;
-        size_t at = (size_t)g * stride * kv->head_dim;
-        n[g] = memory_positions(m, kv, layer, g, pos0 + (size_t)T - 1, list);
-        memory_place(m, kv, rope, layer, g, list, n[g], T, pos0, keys + at, values + at);
+    size_t angle_floats = max_size((size_t)rope->rotary_dim, 1);
+    float *angles = memory_scratch(m, SCRATCH_ANGLES, mul_size(n_threads(), angle_floats,
+                                                               "memory"), sizeof(float));
+    for (int g = 0; g < kv->n_kv_heads; g++)
+        n[g] = memory_positions(m, kv, layer, g, pos0 + (size_t)T - 1, pos + (size_t)g * stride);
+    int pieces = (int)((stride + m->block - 1) / m->block);   // a job: B rows of one kv head
+    PARALLEL_FOR
+    for (int job = 0; job < kv->n_kv_heads * pieces; job++) {
+        int g = job / pieces;
+        size_t i0 = (size_t)(job % pieces) * m->block;
+        if (i0 >= n[g]) continue;
+        size_t at = (size_t)g * stride + i0;
+        memory_place(m, kv, rope, layer, g, pos + at, min_size(n[g] - i0, m->block), T, pos0,
+                     keys + at * kv->head_dim, values + at * kv->head_dim,
+                     angles + (size_t)thread_id() * angle_floats);
     }
     MemoryKeys mk = {.q_mem = q_mem, .pos = pos, .n = n, .keys = keys, .values = values,
                      .stride = stride};
@@ -1735,7 +1743,9 @@ static void chunk_rows(ChunkRows *r, const KVCache *kv, ContextMemory *m, const 
     r->n_mem = memory_positions(m, kv, layer, g, last, r->mem_pos);
     r->lo = first.lo;
     r->n_window = last - first.lo + 1;
-    memory_place(m, kv, rope, layer, g, r->mem_pos, r->n_mem, T, pos0, r->kbuf, r->vbuf);
+    float *angles = memory_scratch(m, SCRATCH_ANGLES, max_size((size_t)rope->rotary_dim, 1),
+                                   sizeof(float));
+    memory_place(m, kv, rope, layer, g, r->mem_pos, r->n_mem, T, pos0, r->kbuf, r->vbuf, angles);
     for (size_t i = 0; i < r->n_mem; i++) {
         r->keys[i] = r->kbuf + i * H;
         r->values[i] = r->vbuf + i * H;
