@@ -17,11 +17,65 @@
 // holds the whole forward pass to the reference blocks.
 
 // ----------------------------------------------------------------------------
+// The SIMD fence: AVX2 with FMA and F16C, and on top of it AVX-512 with VNNI where the
+// compiler targets it (-march=native on Intel since Ice Lake, AMD since Zen 4); AArch64's NEON
+// (every AArch64 processor has it); or none (every other machine, and the portable test
+// builds). Each kernel below that comes more than once has its versions side by side; an
+// AVX-512 machine runs the AVX2 version of every kernel that has no AVX-512 one.
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define HAVE_AVX2 1
+#define HAVE_NEON 0
+#include <immintrin.h>
+
+// AVX-512 (F, BW, VL) with VNNI: 512-bit vectors and vpdpwssd on them, 32 int16 products
+// summed in pairs into 16 int32 lanes per instruction.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512VNNI__)
+#define HAVE_AVX512 1
+#else
+#define HAVE_AVX512 0
+#endif
+
+// acc + the products of a's and b's int16 pairs, each pair summed (int32 lanes): one vpdpwssd
+// where the processor has AVX-VNNI (Intel since Alder Lake), else vpmaddwd and vpaddd. Exact
+// either way: a pair's products stay below 2^31 in every use here. (AVX-512 machines run their
+// own q8 kernels, the only users.)
+#if HAVE_AVX512
+#define KERNEL_SET "AVX-512 + VNNI, AVX2 + FMA + F16C"
+#elif defined(__AVXVNNI__)
+#define madd_pairs(acc, a, b) _mm256_dpwssd_avx_epi32(acc, a, b)
+#define KERNEL_SET "AVX2 + FMA + F16C + AVX-VNNI"
+#else
+#define madd_pairs(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#define KERNEL_SET "AVX2 + FMA + F16C"
+#endif
+
+// The sum of a vector's 8 floats.
+static float hsum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#define HAVE_AVX2 0
+#define HAVE_AVX512 0
+#define HAVE_NEON 1
+#define KERNEL_SET "NEON"
+#include <arm_neon.h>
+#else
+#define HAVE_AVX2 0
+#define HAVE_AVX512 0
+#define HAVE_NEON 0
+#define KERNEL_SET "portable C"
+#endif
+
+// ----------------------------------------------------------------------------
 // Scratch, allocated once for the longest chunk
 
 #define MM_R 5        // weight rows per float tile (gemm_tile)
 #define MM_T 24       // tokens per float tile
-#define Q8_R 2        // weight rows per q8 tile (q8_tile)
+#define Q8_R (HAVE_AVX512 ? 8 : 2)   // weight rows per q8 tile (q8_tile; AVX-512: 32 registers)
 #define Q8_T 32       // tokens per q8 tile
 #define ATT_QT 16     // queries per attention tile: the vector width of its loops
 #define ATT_KB 64     // keys per block
@@ -82,47 +136,6 @@ static void free_kernel_work(KernelWork *kw) {
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
     free(kw);
 }
-
-// ----------------------------------------------------------------------------
-// The SIMD fence: AVX2 with FMA and F16C; AArch64's NEON (every AArch64 processor has it); or
-// none (every other machine, and the portable test builds). Each kernel below that comes more
-// than once has its versions side by side.
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define HAVE_AVX2 1
-#define HAVE_NEON 0
-#include <immintrin.h>
-
-// acc + the products of a's and b's int16 pairs, each pair summed (int32 lanes): one vpdpwssd
-// where the processor has VNNI (AVX-VNNI, or AVX-512 VNNI on 256-bit vectors), else vpmaddwd
-// and vpaddd. Exact either way: a pair's products stay below 2^31 in every use here.
-#if defined(__AVXVNNI__)
-#define madd_pairs(acc, a, b) _mm256_dpwssd_avx_epi32(acc, a, b)
-#define KERNEL_SET "AVX2 + FMA + F16C + AVX-VNNI"
-#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define madd_pairs(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)
-#define KERNEL_SET "AVX2 + FMA + F16C + AVX512-VNNI"
-#else
-#define madd_pairs(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
-#define KERNEL_SET "AVX2 + FMA + F16C"
-#endif
-
-// The sum of a vector's 8 floats.
-static float hsum8(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
-#elif defined(__aarch64__) && defined(__ARM_NEON)
-#define HAVE_AVX2 0
-#define HAVE_NEON 1
-#define KERNEL_SET "NEON"
-#include <arm_neon.h>
-#else
-#define HAVE_AVX2 0
-#define HAVE_NEON 0
-#define KERNEL_SET "portable C"
-#endif
 
 static const char *kernel_set(void) { return KERNEL_SET; }
 
@@ -246,8 +259,21 @@ static void quantize_activations(int16_t *q, float *d, const float *x, size_t n)
 // One q8_0 row (cols int8s, cols / 32 scales dw) dotted with quantized activations (qx, dx):
 // decode's product for q8_0 weights. AVX2 widens 16 weights to int16 and multiplies pairs
 // into int32 sums (vpmaddwd); measured on an AMD EPYC, 2 threads, 57 MB of q8_0 rows: 26.7 GB/s,
-// against 10.8 for float activations.
-#if HAVE_AVX2
+// against 10.8 for float activations. AVX-512 widens a whole 32-block and sums it in one
+// vpdpwssd.
+#if HAVE_AVX512
+static float q8_dot(const int8_t *qw, const float *dw, const int16_t *qx, const float *dx,
+                    size_t cols) {
+    __m512 acc = _mm512_setzero_ps();
+    for (size_t b = 0; b < cols / LR_Q8_BLOCK; b++) {
+        __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qw + 32 * b)));
+        __m512i x = _mm512_loadu_si512(qx + 32 * b);
+        __m512i sum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, x);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(dw[b] * dx[b]), _mm512_cvtepi32_ps(sum), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+#elif HAVE_AVX2
 static float q8_dot(const int8_t *qw, const float *dw, const int16_t *qx, const float *dx,
                     size_t cols) {
     __m256 acc = _mm256_setzero_ps();
@@ -299,7 +325,39 @@ static float q8_dot(const int8_t *qw, const float *dw, const int16_t *qx, const 
 // (cols / 32, Q8_T). A k pair of one row, broadcast, meets the same pair of 8 tokens in one
 // vpmaddwd; 8 int32 vectors of sums stay in registers through a block, then become floats.
 // Measured on an AMD EPYC: 41-50 G multiply-adds/s per core, against 31-33 for gemm_tile.
-#if HAVE_AVX2
+// AVX-512 takes 8 rows (Q8_R) and 16 tokens a vector: 16 sums of 16 int32 lanes each, so a
+// token pair loaded meets 8 rows, not 2.
+#if HAVE_AVX512
+static void q8_tile(float acc[Q8_R][Q8_T], const int16_t *panel, const float *dw,
+                    const int16_t *xt, const float *dx, size_t cols) {
+    memset(acc, 0, sizeof(float) * Q8_R * Q8_T);
+    for (size_t b = 0; b < cols / LR_Q8_BLOCK; b++) {
+        __m512i sum[Q8_R][Q8_T / 16];
+        for (int r = 0; r < Q8_R; r++)
+            for (int v = 0; v < Q8_T / 16; v++) sum[r][v] = _mm512_setzero_si512();
+        for (size_t kp = b * LR_Q8_BLOCK / 2; kp < (b + 1) * LR_Q8_BLOCK / 2; kp++) {
+            __m512i x[Q8_T / 16];
+            for (int v = 0; v < Q8_T / 16; v++)
+                x[v] = _mm512_loadu_si512(xt + (kp * Q8_T + 16 * v) * 2);
+            for (int r = 0; r < Q8_R; r++) {
+                int32_t pair;
+                memcpy(&pair, panel + (kp * Q8_R + r) * 2, 4);
+                __m512i w = _mm512_set1_epi32(pair);
+                for (int v = 0; v < Q8_T / 16; v++)
+                    sum[r][v] = _mm512_dpwssd_epi32(sum[r][v], w, x[v]);
+            }
+        }
+        for (int r = 0; r < Q8_R; r++)
+            for (int v = 0; v < Q8_T / 16; v++) {
+                __m512 d = _mm512_mul_ps(_mm512_set1_ps(dw[b * Q8_R + r]),
+                                         _mm512_loadu_ps(dx + b * Q8_T + 16 * v));
+                __m512 a = _mm512_loadu_ps(&acc[r][16 * v]);
+                a = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sum[r][v]), a);
+                _mm512_storeu_ps(&acc[r][16 * v], a);
+            }
+    }
+}
+#elif HAVE_AVX2
 static void q8_tile(float acc[Q8_R][Q8_T], const int16_t *panel, const float *dw,
                     const int16_t *xt, const float *dx, size_t cols) {
     __m256 a[Q8_R][Q8_T / 8];
