@@ -51,6 +51,11 @@
 #define KERNEL_SET "AVX2 + FMA + F16C"
 #endif
 
+// Unroll a 32-block's 16 k pairs: without it GCC (12) copies every accumulator of q8_tile
+// from one register to another each step, and spills two (1B-shaped model, pp512, 2 threads:
+// AVX-512 141 -> 167 tokens/s, AVX2 68 -> 92).
+#define UNROLL_BLOCK _Pragma("GCC unroll 16")
+
 // The sum of a vector's 8 floats.
 static float hsum8(__m256 v) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -76,7 +81,7 @@ static float hsum8(__m256 v) {
 #define MM_R 5        // weight rows per float tile (gemm_tile)
 #define MM_T 24       // tokens per float tile
 #define Q8_R (HAVE_AVX512 ? 8 : 2)   // weight rows per q8 tile (q8_tile; AVX-512: 32 registers)
-#define Q8_T 32       // tokens per q8 tile
+#define Q8_T 32   // tokens per q8 tile
 #define ATT_QT 16     // queries per attention tile: the vector width of its loops
 #define ATT_KB 64     // keys per block
 #define ATT_KS 4      // keys per call of tile_scores
@@ -335,6 +340,7 @@ static void q8_tile(float acc[Q8_R][Q8_T], const int16_t *panel, const float *dw
         __m512i sum[Q8_R][Q8_T / 16];
         for (int r = 0; r < Q8_R; r++)
             for (int v = 0; v < Q8_T / 16; v++) sum[r][v] = _mm512_setzero_si512();
+        UNROLL_BLOCK
         for (size_t kp = b * LR_Q8_BLOCK / 2; kp < (b + 1) * LR_Q8_BLOCK / 2; kp++) {
             __m512i x[Q8_T / 16];
             for (int v = 0; v < Q8_T / 16; v++)
@@ -347,14 +353,15 @@ static void q8_tile(float acc[Q8_R][Q8_T], const int16_t *panel, const float *dw
                     sum[r][v] = _mm512_dpwssd_epi32(sum[r][v], w, x[v]);
             }
         }
-        for (int r = 0; r < Q8_R; r++)
-            for (int v = 0; v < Q8_T / 16; v++) {
-                __m512 d = _mm512_mul_ps(_mm512_set1_ps(dw[b * Q8_R + r]),
-                                         _mm512_loadu_ps(dx + b * Q8_T + 16 * v));
+        for (int v = 0; v < Q8_T / 16; v++) {
+            __m512 x_scale = _mm512_loadu_ps(dx + b * Q8_T + 16 * v);
+            for (int r = 0; r < Q8_R; r++) {
+                __m512 d = _mm512_mul_ps(_mm512_set1_ps(dw[b * Q8_R + r]), x_scale);
                 __m512 a = _mm512_loadu_ps(&acc[r][16 * v]);
                 a = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sum[r][v]), a);
                 _mm512_storeu_ps(&acc[r][16 * v], a);
             }
+        }
     }
 }
 #elif HAVE_AVX2
@@ -365,6 +372,7 @@ static void q8_tile(float acc[Q8_R][Q8_T], const int16_t *panel, const float *dw
     for (size_t b = 0; b < cols / LR_Q8_BLOCK; b++) {
         __m256i sum[Q8_R][Q8_T / 8];
         memset(sum, 0, sizeof(sum));
+        UNROLL_BLOCK
         for (size_t kp = b * LR_Q8_BLOCK / 2; kp < (b + 1) * LR_Q8_BLOCK / 2; kp++) {
             __m256i x[Q8_T / 8];
             for (int v = 0; v < Q8_T / 8; v++)
