@@ -156,6 +156,11 @@ build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h tests/fuzz/no-coverage.
 # llama-cpp-python sdist (PyPI), the same SmolLM2 GGUF requantized to Q8_0 by its llama-quantize,
 # then tools/bench_compare.py runs both engines at the same settings and prints the ratio table.
 LLAMA_CPP_PYTHON ?= 0.3.36
+# On a CPU that lists AMX, llama.cpp is built without its AMX tile path: a virtual machine may
+# list amx_tile while the tile instructions fault (llama-bench died of SIGILL in tileloadd on
+# one), and longrun has no AMX path either. `make bench-compare LLAMA_NO_AMX=` keeps it.
+LLAMA_NO_AMX ?= $(if $(shell grep -qw amx_tile /proc/cpuinfo 2>/dev/null && echo y),\
+  -mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 LLAMA_DIR = build/llama.cpp
 LLAMA_BENCH = $(LLAMA_DIR)/build/bin/llama-bench
 SMOLLM2_Q8_GGUF = models/SmolLM2-135M-Instruct.Q8_0.gguf
@@ -165,7 +170,8 @@ $(LLAMA_BENCH): | $(VENV)/.export
 	tar xzf build/llama-cpp-python/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C build/llama-cpp-python
 	mv build/llama-cpp-python/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp $(LLAMA_DIR)
 	cmake -S $(LLAMA_DIR) -B $(LLAMA_DIR)/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+	  "-DCMAKE_C_FLAGS=$(LLAMA_NO_AMX)" "-DCMAKE_CXX_FLAGS=$(LLAMA_NO_AMX)"
 	cmake --build $(LLAMA_DIR)/build -j2 --target llama-bench llama-quantize
 $(SMOLLM2_Q8_GGUF): $(SMOLLM2_GGUF) $(LLAMA_BENCH)
 	$(LLAMA_DIR)/build/bin/llama-quantize --allow-requantize $(SMOLLM2_GGUF) $@.tmp Q8_0
@@ -187,7 +193,7 @@ BENCH_COMPARE = $(VPY) tools/bench_compare.py --run ./run --llama-bench $(LLAMA_
 bench-compare: run $(SMOLLM2) $(SMOLLM2_Q8_GGUF) $(BENCH_1B) $(BENCH_1B_Q8_GGUF)
 	$(BENCH_COMPARE) --model $(SMOLLM2) --gguf $(SMOLLM2_Q8_GGUF)
 	$(BENCH_COMPARE) --model $(BENCH_1B) --gguf $(BENCH_1B_Q8_GGUF) \
-	  --name "Llama-3.2-1B shape (random weights)" --long 4096 --long-reps 3 --depth 8192
+	  --name "Llama-3.2-1B shape (random weights)" --long 4096 --depth 8192
 
 clean:
 	rm -f run run-debug run-asan

@@ -10,11 +10,12 @@
 //   dot_i8()          = a float-by-int8 dot product (the context memory's block scores)
 //
 // Most kernels are plain C shaped so the compiler vectorizes it. The few it does not find by
-// itself are written again behind one fence: AVX2 intrinsics (HAVE_AVX2), AArch64 NEON ones
-// (HAVE_NEON), and beside them the portable twin, which every other machine compiles.
-// tests/test_kernels.py builds the AVX2 and portable versions, tests/test_aarch64.py the NEON
-// ones (under qemu), and both hold them to double-precision references; tests/test_reference.py
-// holds the whole forward pass to the reference blocks.
+// itself are written again behind one fence: AVX-512 intrinsics (HAVE_AVX512: the q8_0
+// products), AVX2 ones (HAVE_AVX2), AArch64 NEON ones (HAVE_NEON), and beside them the portable
+// twin, which every other machine compiles. tests/test_kernels.py builds the AVX-512, AVX2 and
+// portable versions (those the CPU can run), tests/test_aarch64.py the NEON ones (under qemu),
+// and both hold them to double-precision references; tests/test_reference.py holds the whole
+// forward pass to the reference blocks.
 
 // ----------------------------------------------------------------------------
 // The SIMD fence: AVX2 with FMA and F16C, and on top of it AVX-512 with VNNI where the

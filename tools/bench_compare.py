@@ -6,7 +6,7 @@ per prefill token over the layers' matrices, attention not counted). Speed is pr
 asserted: this is not a test.
 
     python tools/bench_compare.py --run ./run --model M.bin --llama-bench B --gguf M.gguf
-        [--name NAME] [--threads 2] [--reps 3] [--long-reps 1] [--long 4096,16384] [--depth 16384]
+        [--name NAME] [--threads 2] [--reps 3] [--long-reps 3] [--long 4096,16384] [--depth 16384]
 
 `make bench-compare` builds llama.cpp from the llama-cpp-python sdist and calls this."""
 import argparse
@@ -54,6 +54,33 @@ def llama(args, prompt, gen, depth, extra=()):
     return rows, rss
 
 
+def peaks(threads):
+    """(float GFLOP/s, int16 pair G multiply-adds/s, read GB/s) of this machine, by tools/peaks.c."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    exe = os.path.join(here, "..", "build", "peaks")
+    os.makedirs(os.path.dirname(exe), exist_ok=True)
+    subprocess.run([os.environ.get("CC", "cc"), "-O3", "-march=native", "-fopenmp", "-o", exe,
+                    os.path.join(here, "peaks.c")], check=True)
+    out = subprocess.run([exe], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, OMP_NUM_THREADS=str(threads))).stdout
+    print(out.strip())
+    flops, madds, read = (float(x) for x in re.findall(r"([\d.]+) (?:GFLOP/s|G multiply|GB/s)", out))
+    return flops, madds, read
+
+
+def cpu_line():
+    """The CPU's model name and the SIMD flags that choose longrun's kernels."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return "CPU: unknown"
+    name = re.search(r"model name\s*:\s*(.*)", info)
+    flags = re.search(r"flags\s*:\s*(.*)", info)
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni")
+    have = [f for f in wanted if flags and f in flags.group(1).split()]
+    return f"CPU: {name.group(1) if name else 'unknown'}; flags: {' '.join(have) or 'none of ' + ' '.join(wanted)}"
+
+
 def cell(figure):
     mean, sd = figure
     return f"{mean:.1f} ± {sd:.1f}"
@@ -68,7 +95,7 @@ def main():
     ap.add_argument("--name", default="SmolLM2-135M-Instruct", help="the model's name in the table")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3, help="repetitions of pp512 and tg128")
-    ap.add_argument("--long-reps", type=int, default=1, help="repetitions of the long prefills and the deep decode")
+    ap.add_argument("--long-reps", type=int, default=3, help="repetitions of the long prefills and the deep decode")
     ap.add_argument("--long", default="4096,16384", help="the long prefill lengths")
     ap.add_argument("--depth", type=int, default=16384, help="the deep decode's depth (f16 KV)")
     args = ap.parse_args()
@@ -104,9 +131,15 @@ def main():
           f"{rss_ours / rss_theirs:.2f}x |")
     tg, pp = rows[len(longs) + 1][1][0], rows[0][1][0]
     tg_theirs, pp_theirs = rows[len(longs) + 1][2][0], rows[0][2][0]
-    print(f"\nlongrun decode reads {weights_mb:.1f} MB of weights per token: {tg * weights_mb / 1e3:.1f} GB/s at tg128 "
-          f"(llama.cpp {tg_theirs * weights_mb / 1e3:.1f} GB/s at the same size); prefill pp512 does "
-          f"{2 * params * pp / 1e9:.1f} GFLOP/s of matrix products (llama.cpp {2 * params * pp_theirs / 1e9:.1f})")
+    print(f"\n{cpu_line()}")
+    flops_peak, madds_peak, read_peak = peaks(args.threads)
+    gbs, gbs_theirs = tg * weights_mb / 1e3, tg_theirs * weights_mb / 1e3
+    gflops, gflops_theirs = 2 * params * pp / 1e9, 2 * params * pp_theirs / 1e9
+    print(f"longrun decode reads {weights_mb:.1f} MB of weights per token: {gbs:.1f} GB/s at tg128, "
+          f"{100 * gbs / read_peak:.0f}% of the measured read rate (llama.cpp {gbs_theirs:.1f} GB/s, "
+          f"{100 * gbs_theirs / read_peak:.0f}%); prefill pp512 does {gflops:.1f} GFLOP/s of matrix "
+          f"products, {100 * gflops / (2 * madds_peak):.0f}% of the int16 pair multiply-add peak "
+          f"(llama.cpp {gflops_theirs:.1f}, {100 * gflops_theirs / (2 * madds_peak):.0f}%)")
 
 
 if __name__ == "__main__":
