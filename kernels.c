@@ -57,14 +57,6 @@
 // AVX-512 141 -> 167 tokens/s, AVX2 68 -> 92).
 #define UNROLL_BLOCK _Pragma("GCC unroll 16")
 
-// The attention tile's plain loops, 32 queries wide, in 512-bit vectors (GCC otherwise
-// prefers 256-bit ones on Intel).
-#if HAVE_AVX512
-#define WIDE_VECTORS __attribute__((target("prefer-vector-width=512")))
-#else
-#define WIDE_VECTORS
-#endif
-
 // The sum of a vector's 8 floats.
 static float hsum8(__m256 v) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -75,15 +67,21 @@ static float hsum8(__m256 v) {
 #define HAVE_AVX2 0
 #define HAVE_AVX512 0
 #define HAVE_NEON 1
-#define WIDE_VECTORS
 #define KERNEL_SET "NEON"
 #include <arm_neon.h>
 #else
 #define HAVE_AVX2 0
 #define HAVE_AVX512 0
 #define HAVE_NEON 0
-#define WIDE_VECTORS
 #define KERNEL_SET "portable C"
+#endif
+
+// The attention tile's plain loops, 32 queries wide, in 512-bit vectors on AVX-512 (GCC
+// otherwise prefers 256-bit ones on Intel); elsewhere the compiler's own choice.
+#if HAVE_AVX512
+#define WIDE_VECTORS __attribute__((target("prefer-vector-width=512")))
+#else
+#define WIDE_VECTORS
 #endif
 
 // ----------------------------------------------------------------------------
@@ -91,8 +89,8 @@ static float hsum8(__m256 v) {
 
 #define MM_R 5        // weight rows per float tile (gemm_tile)
 #define MM_T 24       // tokens per float tile
-#define Q8_R (HAVE_AVX512 ? 8 : 2)   // weight rows per q8 tile (q8_tile; AVX-512: 32 registers)
-#define Q8_T 32   // tokens per q8 tile
+#define Q8_R (HAVE_AVX512 ? 8 : 2)   // weight rows per q8 tile (AVX-512 has 32 registers)
+#define Q8_T 32       // tokens per q8 tile
 #define ATT_QT 32     // queries per attention tile: the vector width of its loops
 #define ATT_KB 64     // keys per block
 #define ATT_KS 4      // keys per call of tile_scores
@@ -342,7 +340,8 @@ static float q8_dot(const int8_t *qw, const float *dw, const int16_t *qx, const 
 // vpmaddwd; 8 int32 vectors of sums stay in registers through a block, then become floats.
 // Measured on an AMD EPYC: 41-50 G multiply-adds/s per core, against 31-33 for gemm_tile.
 // AVX-512 takes 8 rows (Q8_R) and 16 tokens a vector: 16 sums of 16 int32 lanes each, so a
-// token pair loaded meets 8 rows, not 2.
+// token pair loaded meets 8 rows, not 2. The float sums wait in acc between blocks: with the
+// int32 sums, the tokens and the row's pair, 16 more vectors would not fit the 32 registers.
 #if HAVE_AVX512
 static void q8_tile(float acc[Q8_R][Q8_T], const int16_t *panel, const float *dw,
                     const int16_t *xt, const float *dx, size_t cols) {

@@ -5,7 +5,8 @@ built portably (-O2, no -march, one thread: the portable C beside the intrinsics
 without AVX-512 (-mno-avx512f: the AVX2 kernels, with AVX-VNNI's vpdpwssd where the CPU has it),
 natively without either (-mno-avxvnni too: AVX2's vpmaddwd + vpaddd), and under ASan/UBSan,
 both ways. Each build names its kernel set; on an x86 machine with AVX2 the native builds must
-name the set this CPU has (/proc/cpuinfo), and a set the CPU lacks is printed as not exercised. AArch64's NEON: test_aarch64.py."""
+name the set this CPU has (/proc/cpuinfo), and a set the CPU lacks is printed as not exercised.
+AArch64's NEON: test_aarch64.py."""
 import os
 import subprocess
 
