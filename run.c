@@ -970,7 +970,8 @@ typedef struct {
 
 // The scratch buffers of the memory's per-chunk work.
 typedef enum {
-    SCRATCH_MEAN, SCRATCH_SPLIT, SCRATCH_SCORES, SCRATCH_BEST,   // memory_select()
+    SCRATCH_MEAN, SCRATCH_SPLIT,                         // memory_select()
+    SCRATCH_RUN_BEST, SCRATCH_RUN_SCORE,                 // its runs: select_run()
     SCRATCH_ROW_PTRS, SCRATCH_ROWS, SCRATCH_POSITIONS,   // attention_memory(): the chunk's rows
     SCRATCH_WEIGHTS, SCRATCH_LISTS,                      // attention_memory(): per thread
     SCRATCH_KERNEL_POSITIONS, SCRATCH_KERNEL_COUNTS,     // chunk_memory()
@@ -1354,16 +1355,48 @@ static void memory_rewind(ContextMemory *m, const KVCache *kv, int layer, size_t
     ml->scored_end = pos0;
 }
 
+// Decode reads every block's bounds once a token (at 128K tokens, 2,048 blocks of 2 kv_dim
+// bytes a layer: 24 MB for SmolLM2), faster than the processor's own prefetching brings them
+// in: memory_select() asks for the bounds BOUNDS_AHEAD blocks on while it scores one.
+enum { BOUNDS_AHEAD = 8, CACHE_LINE = 64 };
+
+static void prefetch_bytes(const void *p, size_t n) {
+    for (size_t at = 0; at < n; at += CACHE_LINE) __builtin_prefetch((const char *)p + at);
+}
+
 static int compare_ints(const void *a, const void *b) {
     return (*(const int *)a > *(const int *)b) - (*(const int *)a < *(const int *)b);
+}
+
+// One thread's share of memory_select(): blocks first .. end-1 scored, and for each kv head
+// g the K best of them (keep_best(); fewer if the run is shorter) in best and best_score (K
+// each) at g K. The list's length is known, not counted: no count shared between threads.
+static void select_run(const ContextMemory *m, const MemoryLayer *ml, const KVCache *kv,
+                       const float *mean, const float *split, int group, size_t first,
+                       size_t end, int *best, float *best_score) {
+    int G = kv->n_kv_heads;
+    int K = m->top_k;
+    int H = kv->head_dim;
+    for (size_t b = first; b < end; b++) {
+        int n = (int)min_size(b - first, (size_t)K);   // keep_best() fills the list first
+        if (b + BOUNDS_AHEAD < end && m->score == SCORE_QUEST)
+            prefetch_bytes(ml->bounds + (b + BOUNDS_AHEAD) * 2 * kv->kv_dim, 2 * kv->kv_dim);
+        for (int g = 0; g < G; g++) {
+            float score = chunk_score(m, ml, kv, b, g, group, mean + (size_t)g * group * H,
+                                      split + (size_t)g * 2 * H);
+            size_t at = (size_t)g * K;
+            keep_best(best + at, best_score + at, n, K, (int)b, score);
+        }
+    }
 }
 
 // A chunk's retrieval in one layer: for each kv head, the K blocks with the best summed score
 // over its query heads (q_score: (T, q_dim), the chunk's queries rotated to
 // memory_score_angle()) among the blocks holding a position between the sinks and the last
-// query's window (infllm: among the complete blocks, those with representatives). The scores
-// of all blocks are computed first (split across the threads: at 1M tokens decode scans 16K
-// blocks a layer), then each kv head keeps its K best.
+// query's window (infllm: among the complete blocks, those with representatives); equal
+// scores go to the lower block. At 1M tokens decode scans 16K blocks a layer, so each thread
+// takes a run of them and keeps its own K best (select_run()); merged in block order, the
+// runs' lists give the K that one pass over all blocks would.
 static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const float *q_score,
                           const Config *c, int T, size_t pos0) {
     MemoryLayer *ml = &m->layers[layer];
@@ -1375,33 +1408,38 @@ static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const 
     if (m->score == SCORE_INFLLM) end_block = min_size(end_block, ml->n_complete);
     size_t n_blocks = end_block > first_block ? end_block - first_block : 0;
     int H = c->head_dim;
-    int group = c->n_heads / c->n_kv_heads;
+    int G = c->n_kv_heads;
+    int K = m->top_k;
+    int group = c->n_heads / G;
+    int runs = n_blocks >= 64 ? n_threads() : 1;
+    size_t lists = mul_size((size_t)runs * G, max_size(K, 1), "memory");   // (runs, G, K)
     float *mean = memory_scratch(m, SCRATCH_MEAN, (size_t)c->q_dim, sizeof(float));
     float *split = memory_scratch(m, SCRATCH_SPLIT, 2 * (size_t)c->kv_dim, sizeof(float));
-    float *scores = memory_scratch(m, SCRATCH_SCORES, max_size(n_blocks * c->n_kv_heads, 1),
-                                   sizeof(float));   // (n_kv_heads, n_blocks)
-    float *best_score = memory_scratch(m, SCRATCH_BEST, max_size(m->top_k, 1), sizeof(float));
+    int *run_best = memory_scratch(m, SCRATCH_RUN_BEST, lists, sizeof(int));
+    float *run_score = memory_scratch(m, SCRATCH_RUN_SCORE, lists + max_size(K, 1), sizeof(float));
     memset(mean, 0, (size_t)c->q_dim * sizeof(float));
     for (int t = 0; t < T; t++)   // each head's mean query (q_dim)
         for (int i = 0; i < c->q_dim; i++) mean[i] += q_score[(size_t)t * c->q_dim + i] / T;
-    for (int g = 0; g < c->n_kv_heads; g++) {   // (n_kv_heads, 2, H)
+    for (int g = 0; g < G; g++) {   // (n_kv_heads, 2, H)
         float *pos = split + (size_t)g * 2 * H;
         split_queries(mean + (size_t)g * group * H, group, H, pos, pos + H);
     }
-    PARALLEL_FOR_IF(n_blocks >= 64)
-    for (size_t i = 0; i < n_blocks; i++)
-        for (int g = 0; g < c->n_kv_heads; g++) {
-            const float *group_mean = mean + (size_t)g * group * H;
-            const float *group_split = split + (size_t)g * 2 * H;
-            scores[(size_t)g * n_blocks + i] = chunk_score(m, ml, kv, first_block + i, g, group,
-                                                           group_mean, group_split);
-        }
-    for (int g = 0; g < c->n_kv_heads; g++) {
-        int *best = ml->chosen + (size_t)g * m->top_k;
+    PARALLEL_FOR_IF(runs > 1)
+    for (int r = 0; r < runs; r++) {
+        size_t at = (size_t)r * G * K;
+        select_run(m, ml, kv, mean, split, group, first_block + n_blocks * r / runs,
+                   first_block + n_blocks * (r + 1) / runs, run_best + at, run_score + at);
+    }
+    float *best_score = run_score + lists;   // (K) the merge's
+    for (int g = 0; g < G; g++) {
+        int *best = ml->chosen + (size_t)g * K;
         int n = 0;
-        for (size_t i = 0; i < n_blocks; i++)
-            n = keep_best(best, best_score, n, m->top_k, (int)(first_block + i),
-                          scores[(size_t)g * n_blocks + i]);
+        for (int r = 0; r < runs; r++) {
+            size_t at = ((size_t)r * G + g) * K;
+            size_t length = n_blocks * (r + 1) / runs - n_blocks * r / runs;
+            for (int j = 0; j < (int)min_size(length, (size_t)K); j++)
+                n = keep_best(best, best_score, n, K, run_best[at + j], run_score[at + j]);
+        }
         qsort(best, n, sizeof(int), compare_ints);
         ml->n_chosen[g] = n;
     }

@@ -170,11 +170,19 @@ def test_memory_asan(tiny_model):
 # ---------------------------------------------------------------------------------------------
 # memory_select() and the bounds, through tests/memory_driver.c
 
+def openmp():
+    """-fopenmp if the compiler has it (the Makefile's rule): memory_select() splits its blocks
+    across the threads (OMP_NUM_THREADS, set by driver_lines()) from 64 of them on."""
+    r = subprocess.run([os.environ.get("CC", "cc"), "-fopenmp", "-x", "c", "-", "-o", os.devnull],
+                       input="int main(void){return 0;}", capture_output=True, text=True)
+    return ["-fopenmp"] if r.returncode == 0 else []
+
+
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
     exe = str(tmp_path_factory.mktemp("memory") / "memory_driver")
     r = subprocess.run([os.environ.get("CC", "cc"), "-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-g",
-                        "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-o", exe,
+                        "-fsanitize=address,undefined", "-fno-sanitize-recover=all", *openmp(), "-o", exe,
                         os.path.join(ROOT, "tests", "memory_driver.c"), "-lm"], capture_output=True, text=True)
     assert r.returncode == 0, f"compiling memory_driver.c failed:\n{r.stderr}"
     return exe
@@ -195,7 +203,8 @@ def stored(keys, kv, H):
 def driver_lines(exe, args, *arrays):
     """memory_driver.c run with args, the arrays' floats on stdin: its output lines."""
     stdin = " ".join(f"{v:.9g}" for v in np.concatenate([a.ravel() for a in arrays]))
-    r = subprocess.run([exe, *map(str, args)], input=stdin, capture_output=True, text=True)
+    r = subprocess.run([exe, *map(str, args)], input=stdin, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "3"})
     assert r.returncode == 0 and not r.stderr, r.stderr
     return r.stdout.splitlines()
 
@@ -320,6 +329,26 @@ def test_planted_block_is_chosen(driver, kv):
     _, scores, chosen = expected(stored(keys, kv, H), q, n_kv, group, H, B, K, n_sink, W, N, T)
     assert got["score"][1, 3] == got["score"][1, 6] and got["chosen"][1] == [3] == chosen[1]
     assert got["chosen"] == chosen
+
+
+@pytest.mark.parametrize("kv", KV_TYPES)
+def test_select_across_threads(driver, kv):
+    """98 eligible blocks: three threads take a run each and keep their own K best, merged
+    after. Six copies of one block, in all three runs, tie for the top: K = 5 must keep the
+    five lowest of them, as one pass over the blocks would."""
+    n_kv, group, H, B, K, n_sink, W, N, T = 2, 2, 8, 2, 5, 2, 6, 203, 1
+    rng = np.random.default_rng(12)
+    keys = rng.normal(0, 0.1, (N, n_kv, H)).astype(np.float32)
+    q = rng.normal(0, 1, (T, n_kv, group, H)).astype(np.float32)
+    copies = [10, 30, 50, 70, 85, 95]
+    keys[10 * B:11 * B] = q.mean(0).sum(1) * rng.uniform(1, 2, (B, 1, 1)).astype(np.float32)
+    for b in copies[1:]:
+        keys[b * B:(b + 1) * B] = keys[10 * B:11 * B]
+    keys, q = keys.reshape(N, -1), q.reshape(T, -1)
+    got = call_driver(driver, kv, n_kv, group, H, B, K, n_sink, W, N, T, 8, keys, q)
+    _, scores, chosen = expected(stored(keys, kv, H), q, n_kv, group, H, B, K, n_sink, W, N, T)
+    assert len({b for _, b in scores}) == 98
+    assert got["chosen"] == chosen == {0: copies[:5], 1: copies[:5]}
 
 
 # ---------------------------------------------------------------------------------------------
