@@ -400,3 +400,17 @@ def test_every_option_and_mode_is_documented():
     for mode in re.findall(r"[a-z]+", modes):
         assert f"`{mode}`" in readme(), f"mode {mode} is not documented in README.md"
     print(f"\n[docs] {len(options)} options and every mode documented")
+
+
+def test_every_function_the_readme_names_exists():
+    """README's walkthrough names functions as `name()`; each must be defined in a source (the
+    C files, export.py, tools/): a renamed or deleted function cannot leave the text behind."""
+    sources = [os.path.join(ROOT, n) for n in SOURCES + ["export.py"]]
+    sources += glob.glob(os.path.join(ROOT, "tools", "*.[ch]"))
+    sources += glob.glob(os.path.join(ROOT, "tools", "*.py"))
+    text = "\n".join(open(p, encoding="utf-8").read() for p in sources)
+    named = set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)\(\)`", readme()))
+    assert len(named) > 50, sorted(named)
+    missing = sorted(n for n in named
+                     if not re.search(rf"(\b{n}\s*\(|def {n}\b|#define {n}\()", text))
+    assert not missing, f"README names functions no source defines: {missing}"
