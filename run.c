@@ -971,7 +971,7 @@ typedef struct {
 // The scratch buffers of the memory's per-chunk work.
 typedef enum {
     SCRATCH_MEAN, SCRATCH_SPLIT,                         // memory_select()
-    SCRATCH_RUN_BEST, SCRATCH_RUN_SCORE,                 // its runs: select_run()
+    SCRATCH_RUN_BEST, SCRATCH_RUN_SCORE,                 // select_run()'s lists; the merge's
     SCRATCH_ROW_PTRS, SCRATCH_ROWS, SCRATCH_POSITIONS,   // attention_memory(): the chunk's rows
     SCRATCH_WEIGHTS, SCRATCH_LISTS,                      // attention_memory(): per thread
     SCRATCH_KERNEL_POSITIONS, SCRATCH_KERNEL_COUNTS,     // chunk_memory()
@@ -1307,7 +1307,8 @@ static float bound_score(const MemoryLayer *ml, const KVCache *kv, size_t b, int
     return ml->bound_scale[at] * dot_i8(split, steps, 2 * kv->head_dim);
 }
 
-// Keep the K best (block, score) pairs in best (sorted by score, ties to the lower block).
+// Keep the K best (block, score) pairs in best (sorted by score, ties to the earlier one).
+// While n < k the pair is always added: j calls from empty hold min(j, k) pairs.
 static int keep_best(int *best, float *best_score, int n, int k, int b, float score) {
     if (k == 0 || (n == k && score <= best_score[k - 1])) return n;   // ties: the lower stays
     int at = k - 1;   // the worst's place, or a new one
@@ -1362,6 +1363,7 @@ enum { BOUNDS_AHEAD = 8, CACHE_LINE = 64 };
 
 static void prefetch_bytes(const void *p, size_t n) {
     for (size_t at = 0; at < n; at += CACHE_LINE) __builtin_prefetch((const char *)p + at);
+    if (n) __builtin_prefetch((const char *)p + n - 1);   // the last line, if p is not aligned
 }
 
 static int compare_ints(const void *a, const void *b) {
@@ -1370,7 +1372,8 @@ static int compare_ints(const void *a, const void *b) {
 
 // One thread's share of memory_select(): blocks first .. end-1 scored, and for each kv head
 // g the K best of them (keep_best(); fewer if the run is shorter) in best and best_score (K
-// each) at g K. The list's length is known, not counted: no count shared between threads.
+// each) at g K. The list's length is known, not counted: no count shared between threads. A
+// NaN score (a damaged key or query) ranks last, so every order of the blocks gives one K.
 static void select_run(const ContextMemory *m, const MemoryLayer *ml, const KVCache *kv,
                        const float *mean, const float *split, int group, size_t first,
                        size_t end, int *best, float *best_score) {
@@ -1378,16 +1381,22 @@ static void select_run(const ContextMemory *m, const MemoryLayer *ml, const KVCa
     int K = m->top_k;
     int H = kv->head_dim;
     for (size_t b = first; b < end; b++) {
-        int n = (int)min_size(b - first, (size_t)K);   // keep_best() fills the list first
+        int n = (int)min_size(b - first, (size_t)K);   // each list's length so far
         if (b + BOUNDS_AHEAD < end && m->score == SCORE_QUEST)
             prefetch_bytes(ml->bounds + (b + BOUNDS_AHEAD) * 2 * kv->kv_dim, 2 * kv->kv_dim);
         for (int g = 0; g < G; g++) {
             float score = chunk_score(m, ml, kv, b, g, group, mean + (size_t)g * group * H,
                                       split + (size_t)g * 2 * H);
+            if (isnan(score)) score = -INFINITY;
             size_t at = (size_t)g * K;
             keep_best(best + at, best_score + at, n, K, (int)b, score);
         }
     }
+}
+
+// Where run r of n blocks cut into `runs` starts (run `runs` starts at n).
+static size_t run_start(size_t n, int r, int runs) {
+    return n * (size_t)r / (size_t)runs;
 }
 
 // A chunk's retrieval in one layer: for each kv head, the K blocks with the best summed score
@@ -1395,8 +1404,8 @@ static void select_run(const ContextMemory *m, const MemoryLayer *ml, const KVCa
 // memory_score_angle()) among the blocks holding a position between the sinks and the last
 // query's window (infllm: among the complete blocks, those with representatives); equal
 // scores go to the lower block. At 1M tokens decode scans 16K blocks a layer, so each thread
-// takes a run of them and keeps its own K best (select_run()); merged in block order, the
-// runs' lists give the K that one pass over all blocks would.
+// takes a run of them and keeps its own K best (select_run()); merged run by run (tied blocks
+// reach keep_best() lowest first, as in one pass), the runs' lists give one pass's K.
 static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const float *q_score,
                           const Config *c, int T, size_t pos0) {
     MemoryLayer *ml = &m->layers[layer];
@@ -1416,7 +1425,8 @@ static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const 
     float *mean = memory_scratch(m, SCRATCH_MEAN, (size_t)c->q_dim, sizeof(float));
     float *split = memory_scratch(m, SCRATCH_SPLIT, 2 * (size_t)c->kv_dim, sizeof(float));
     int *run_best = memory_scratch(m, SCRATCH_RUN_BEST, lists, sizeof(int));
-    float *run_score = memory_scratch(m, SCRATCH_RUN_SCORE, lists + max_size(K, 1), sizeof(float));
+    size_t scores = add_size(lists, max_size(K, 1), "memory");   // and the merge's K
+    float *run_score = memory_scratch(m, SCRATCH_RUN_SCORE, scores, sizeof(float));
     memset(mean, 0, (size_t)c->q_dim * sizeof(float));
     for (int t = 0; t < T; t++)   // each head's mean query (q_dim)
         for (int i = 0; i < c->q_dim; i++) mean[i] += q_score[(size_t)t * c->q_dim + i] / T;
@@ -1427,8 +1437,9 @@ static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const 
     PARALLEL_FOR_IF(runs > 1)
     for (int r = 0; r < runs; r++) {
         size_t at = (size_t)r * G * K;
-        select_run(m, ml, kv, mean, split, group, first_block + n_blocks * r / runs,
-                   first_block + n_blocks * (r + 1) / runs, run_best + at, run_score + at);
+        select_run(m, ml, kv, mean, split, group, first_block + run_start(n_blocks, r, runs),
+                   first_block + run_start(n_blocks, r + 1, runs), run_best + at,
+                   run_score + at);
     }
     float *best_score = run_score + lists;   // (K) the merge's
     for (int g = 0; g < G; g++) {
@@ -1436,8 +1447,9 @@ static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const 
         int n = 0;
         for (int r = 0; r < runs; r++) {
             size_t at = ((size_t)r * G + g) * K;
-            size_t length = n_blocks * (r + 1) / runs - n_blocks * r / runs;
-            for (int j = 0; j < (int)min_size(length, (size_t)K); j++)
+            size_t length = run_start(n_blocks, r + 1, runs) - run_start(n_blocks, r, runs);
+            int listed = (int)min_size(length, (size_t)K);
+            for (int j = 0; j < listed; j++)
                 n = keep_best(best, best_score, n, K, run_best[at + j], run_score[at + j]);
         }
         qsort(best, n, sizeof(int), compare_ints);

@@ -200,19 +200,20 @@ def stored(keys, kv, H):
     return (scale * q).astype(np.float32).reshape(keys.shape)
 
 
-def driver_lines(exe, args, *arrays):
-    """memory_driver.c run with args, the arrays' floats on stdin: its output lines."""
+def driver_lines(exe, args, *arrays, threads=3):
+    """memory_driver.c run with args, the arrays' floats on stdin, on `threads` threads: its
+    output lines."""
     stdin = " ".join(f"{v:.9g}" for v in np.concatenate([a.ravel() for a in arrays]))
     r = subprocess.run([exe, *map(str, args)], input=stdin, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "3"})
+                       env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     assert r.returncode == 0 and not r.stderr, r.stderr
     return r.stdout.splitlines()
 
 
-def call_driver(exe, kv, n_kv, group, H, B, K, n_sink, W, N, T, step, keys, q):
+def call_driver(exe, kv, n_kv, group, H, B, K, n_sink, W, N, T, step, keys, q, threads=3):
     args = [kv, n_kv, group, H, B, K, n_sink, W, N, T, step]
     out = {"stored": {}, "bounds": {}, "score": {}, "single": {}, "chosen": {}}
-    for line in driver_lines(exe, args, keys, q):
+    for line in driver_lines(exe, args, keys, q, threads=threads):
         tag, *f = line.split()
         if tag == "stored":
             out[tag][int(f[0])] = np.array(f[1:], dtype=np.float32)
@@ -331,11 +332,13 @@ def test_planted_block_is_chosen(driver, kv):
     assert got["chosen"] == chosen
 
 
+@pytest.mark.parametrize("threads", [3, 100])
 @pytest.mark.parametrize("kv", KV_TYPES)
-def test_select_across_threads(driver, kv):
-    """98 eligible blocks: three threads take a run each and keep their own K best, merged
-    after. Six copies of one block, in all three runs, tie for the top: K = 5 must keep the
-    five lowest of them, as one pass over the blocks would."""
+def test_select_across_threads(driver, kv, threads):
+    """98 eligible blocks: each thread takes a run and keeps its own K best, merged after (100
+    threads: runs of one block, some empty, each shorter than K). Six copies of one block, in
+    all three runs of 3 threads, tie for the top: K = 5 must keep the five lowest of them, as
+    one pass over the blocks would. (Built without OpenMP, one pass is all there is.)"""
     n_kv, group, H, B, K, n_sink, W, N, T = 2, 2, 8, 2, 5, 2, 6, 203, 1
     rng = np.random.default_rng(12)
     keys = rng.normal(0, 0.1, (N, n_kv, H)).astype(np.float32)
@@ -345,10 +348,30 @@ def test_select_across_threads(driver, kv):
     for b in copies[1:]:
         keys[b * B:(b + 1) * B] = keys[10 * B:11 * B]
     keys, q = keys.reshape(N, -1), q.reshape(T, -1)
-    got = call_driver(driver, kv, n_kv, group, H, B, K, n_sink, W, N, T, 8, keys, q)
+    got = call_driver(driver, kv, n_kv, group, H, B, K, n_sink, W, N, T, 8, keys, q, threads)
     _, scores, chosen = expected(stored(keys, kv, H), q, n_kv, group, H, B, K, n_sink, W, N, T)
     assert len({b for _, b in scores}) == 98
     assert got["chosen"] == chosen == {0: copies[:5], 1: copies[:5]}
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_select_nan_ranks_last(driver, threads):
+    """An infinite key in block 98 (the last eligible) gives its bounds an infinite scale and
+    its score NaN: the block ranks last, and the K chosen are numpy's best of the others,
+    whatever the threads (without that rule the NaN took the list's last place)."""
+    n_kv, group, H, B, K, n_sink, W, N, T = 2, 2, 8, 2, 5, 2, 6, 203, 1
+    rng = np.random.default_rng(13)
+    keys = rng.normal(0, 1, (N, n_kv * H)).astype(np.float32)
+    q = rng.normal(0, 1, (T, n_kv * group * H)).astype(np.float32)
+    damaged = keys.copy()
+    damaged[98 * B, 3] = np.inf   # kv head 0
+    got = call_driver(driver, "f32", n_kv, group, H, B, K, n_sink, W, N, T, 8, damaged, q,
+                      threads)
+    _, scores, _ = expected(keys, q, n_kv, group, H, B, K, n_sink, W, N, T)
+    ranked = sorted((b for g, b in scores if g == 0 and b != 98),
+                    key=lambda b: (-scores[0, b], b))
+    assert np.isnan(got["score"][0, 98])
+    assert got["chosen"][0] == sorted(ranked[:K])
 
 
 # ---------------------------------------------------------------------------------------------
