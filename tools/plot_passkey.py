@@ -53,21 +53,27 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    placed = {}   # (x, y): labels already there, so a series on top of another stays readable
+    markers = "osD^v<>"
     for i, path in enumerate(a.tables):
         results = read_table(path)
         xs = sorted(results)
         ys = [100 * results[x][0] / results[x][1] for x in xs]
         label = a.label[i] if a.label else os.path.basename(path)
-        ax.plot(xs, ys, marker="o", label=label)
+        ax.plot(xs, ys, marker=markers[i % len(markers)], label=label,
+                linewidth=max(3.5 - 0.6 * i, 1), markersize=max(9 - 1.2 * i, 4))
         for x, y in zip(xs, ys):
+            above = placed.get((x, y), 0)
+            placed[(x, y)] = above + 1
             ax.annotate(f"{results[x][0]}/{results[x][1]}", (x, y), textcoords="offset points",
-                        xytext=(0, 6), ha="center", fontsize=7)
+                        xytext=(0, 6 + 9 * above), ha="center", fontsize=7,
+                        color=ax.lines[-1].get_color())
     if a.trained:
         ax.axvline(a.trained, color="grey", linestyle=":", label="trained context")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("keys found (%)")
-    ax.set_ylim(-5, 112)
+    ax.set_ylim(-5, 124)
     ax.set_title(a.title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
