@@ -1357,8 +1357,9 @@ static void memory_rewind(ContextMemory *m, const KVCache *kv, int layer, size_t
 }
 
 // Decode reads every block's bounds once a token (at 128K tokens, 2,048 blocks of 2 kv_dim
-// bytes a layer: 24 MB for SmolLM2), faster than the processor's own prefetching brings them
-// in: memory_select() asks for the bounds BOUNDS_AHEAD blocks on while it scores one.
+// bytes a layer: 24 MB for SmolLM2), and the scan waited on its loads (perf), so select_run()
+// asks for the bounds BOUNDS_AHEAD blocks on while it scores one (decode at 128K: 67 -> 70
+// tokens/s).
 enum { BOUNDS_AHEAD = 8, CACHE_LINE = 64 };
 
 static void prefetch_bytes(const void *p, size_t n) {
