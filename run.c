@@ -970,8 +970,8 @@ typedef struct {
 
 // The scratch buffers of the memory's per-chunk work.
 typedef enum {
-    SCRATCH_MEAN, SCRATCH_SPLIT,                         // memory_select()
-    SCRATCH_RUN_BEST, SCRATCH_RUN_SCORE,                 // select_run()'s lists; the merge's
+    SCRATCH_MEAN, SCRATCH_SPLIT, SCRATCH_BEST,           // memory_select()
+    SCRATCH_RUN_BEST, SCRATCH_RUN_SCORE,                 // select_run()'s lists
     SCRATCH_ROW_PTRS, SCRATCH_ROWS, SCRATCH_POSITIONS,   // attention_memory(): the chunk's rows
     SCRATCH_WEIGHTS, SCRATCH_LISTS,                      // attention_memory(): per thread
     SCRATCH_KERNEL_POSITIONS, SCRATCH_KERNEL_COUNTS,     // chunk_memory()
@@ -1307,9 +1307,11 @@ static float bound_score(const MemoryLayer *ml, const KVCache *kv, size_t b, int
     return ml->bound_scale[at] * dot_i8(split, steps, 2 * kv->head_dim);
 }
 
-// Keep the K best (block, score) pairs in best (sorted by score, ties to the earlier one).
-// While n < k the pair is always added: j calls from empty hold min(j, k) pairs.
+// Keep the K best (block, score) pairs in best (sorted by score, ties to the earlier one; a
+// NaN score, from a damaged key or query, ranks last, so every order of the pairs gives one
+// K). While n < k the pair is always added: j calls from empty hold min(j, k) pairs.
 static int keep_best(int *best, float *best_score, int n, int k, int b, float score) {
+    if (isnan(score)) score = -INFINITY;
     if (k == 0 || (n == k && score <= best_score[k - 1])) return n;   // ties: the lower stays
     int at = k - 1;   // the worst's place, or a new one
     if (n < k) at = n;
@@ -1373,8 +1375,7 @@ static int compare_ints(const void *a, const void *b) {
 
 // One thread's share of memory_select(): blocks first .. end-1 scored, and for each kv head
 // g the K best of them (keep_best(); fewer if the run is shorter) in best and best_score (K
-// each) at g K. The list's length is known, not counted: no count shared between threads. A
-// NaN score (a damaged key or query) ranks last, so every order of the blocks gives one K.
+// each) at g K. The list's length is known, not counted: no count shared between threads.
 static void select_run(const ContextMemory *m, const MemoryLayer *ml, const KVCache *kv,
                        const float *mean, const float *split, int group, size_t first,
                        size_t end, int *best, float *best_score) {
@@ -1388,7 +1389,6 @@ static void select_run(const ContextMemory *m, const MemoryLayer *ml, const KVCa
         for (int g = 0; g < G; g++) {
             float score = chunk_score(m, ml, kv, b, g, group, mean + (size_t)g * group * H,
                                       split + (size_t)g * 2 * H);
-            if (isnan(score)) score = -INFINITY;
             size_t at = (size_t)g * K;
             keep_best(best + at, best_score + at, n, K, (int)b, score);
         }
@@ -1426,8 +1426,8 @@ static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const 
     float *mean = memory_scratch(m, SCRATCH_MEAN, (size_t)c->q_dim, sizeof(float));
     float *split = memory_scratch(m, SCRATCH_SPLIT, 2 * (size_t)c->kv_dim, sizeof(float));
     int *run_best = memory_scratch(m, SCRATCH_RUN_BEST, lists, sizeof(int));
-    size_t scores = add_size(lists, max_size(K, 1), "memory");   // and the merge's K
-    float *run_score = memory_scratch(m, SCRATCH_RUN_SCORE, scores, sizeof(float));
+    float *run_score = memory_scratch(m, SCRATCH_RUN_SCORE, lists, sizeof(float));
+    float *best_score = memory_scratch(m, SCRATCH_BEST, max_size(K, 1), sizeof(float));
     memset(mean, 0, (size_t)c->q_dim * sizeof(float));
     for (int t = 0; t < T; t++)   // each head's mean query (q_dim)
         for (int i = 0; i < c->q_dim; i++) mean[i] += q_score[(size_t)t * c->q_dim + i] / T;
@@ -1442,7 +1442,6 @@ static void memory_select(ContextMemory *m, const KVCache *kv, int layer, const 
                    first_block + run_start(n_blocks, r + 1, runs), run_best + at,
                    run_score + at);
     }
-    float *best_score = run_score + lists;   // (K) the merge's
     for (int g = 0; g < G; g++) {
         int *best = ml->chosen + (size_t)g * K;
         int n = 0;
